@@ -1,0 +1,222 @@
+"""The adapted modules: a Linear / LayerNorm wrapper that adds a bias delta and a LoRA update, and a
+layer gate that lets a forward pass start above, or stop at, a given layer.
+
+A wrapper's delta comes from one of two places:
+- its own parameters (training: one adapter, `attach()`ed, trained by the optimizer);
+- the current `Route` (serving: the engine's bank puts each module's per-row tensors in a context
+  variable for one forward pass, so one backbone serves rows of many adapters at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Delta:
+    """One module's update for one forward pass. Unbatched (shared by every row) or per-row:
+    bias (out,) or (B, 1, out); A (r, in) or (B, r, in); B (out, r) or (B, out, r), already scaled."""
+
+    bias: torch.Tensor | None = None
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        per_row = self.bias is not None and self.bias.dim() == 3 or self.A is not None and self.A.dim() == 3
+        if per_row:
+            rows = (self.bias if self.bias is not None else self.A).shape[0]
+            if x.dim() != 3 or x.shape[0] != rows:
+                raise MixedBatchUnsupported(f"input of shape {tuple(x.shape)} is not per-row over {rows} rows")
+        if self.A is not None:
+            # (B, T, in) @ (B, in, r) -> (B, T, r) @ (B, r, out) -> (B, T, out); unbatched broadcasts.
+            y = y + (x @ self.A.transpose(-1, -2)) @ self.B.transpose(-1, -2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class MixedBatchUnsupported(RuntimeError):
+    """A module sees an input that is not laid out per row (e.g. DeBERTa's shared relative-position
+    projection): the engine then runs that batch one adapter group at a time instead."""
+
+
+@dataclass
+class Route:
+    """Per-forward routing: deltas by module key, and which layers run."""
+
+    deltas: dict[str, Delta] = field(default_factory=dict)
+    skip_below: int = 0  # layers with a smaller index pass their input through
+    inject: torch.Tensor | None = None  # hidden states fed to layer `skip_below` instead of its input
+    stop_at: int | None = None  # layers >= stop_at pass through; the input of layer stop_at is captured
+    captured: torch.Tensor | None = None
+
+
+_ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("spafit_route", default=None)
+
+
+@contextlib.contextmanager
+def route(r: Route) -> Iterator[Route]:
+    token = _ROUTE.set(r)
+    try:
+        yield r
+    finally:
+        _ROUTE.reset(token)
+
+
+class AdaptedLinear(nn.Module):
+    """y = x W^T + b (+ bias_delta) (+ scaling * dropout(x) A^T B^T). W and b are the frozen base."""
+
+    def __init__(self, base: nn.Linear, key: str):
+        super().__init__()
+        self.base = base
+        self.key = key
+        self.bias_delta: nn.Parameter | None = None
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.scaling = 1.0
+        self.lora_dropout: nn.Module = nn.Identity()
+
+    # Some model code reads `.weight` / `.bias` of its linears directly: keep them reachable.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def attach(self, *, bias: bool, rank: int = 0, scaling: float = 1.0, dropout: float = 0.0) -> None:
+        """Give this module trainable adapter parameters. LoRA starts as a no-op: B = 0 (as in the paper),
+        A ~ Kaiming-uniform; the bias delta starts at zero."""
+        w = self.base.weight
+        if bias:
+            self.bias_delta = nn.Parameter(torch.zeros(self.out_features, dtype=w.dtype, device=w.device))
+        if rank:
+            self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
+            nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+            self.scaling = scaling
+            self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.base.weight, self.base.bias)
+        if self.lora_A is not None:
+            y = y + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        if self.bias_delta is not None:
+            y = y + self.bias_delta
+        r = _ROUTE.get()
+        if r is not None and (d := r.deltas.get(self.key)) is not None:
+            y = d.apply(x, y)
+        return y
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear with this module's own delta folded in (for the standalone export)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=True,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            w = self.base.weight.clone()
+            if self.lora_A is not None:
+                w += self.scaling * (self.lora_B @ self.lora_A)
+            out.weight.copy_(w)
+            b = self.base.bias.clone() if self.base.bias is not None else torch.zeros_like(out.bias)
+            if self.bias_delta is not None:
+                b += self.bias_delta
+            out.bias.copy_(b)
+        return out
+
+
+class AdaptedLayerNorm(nn.Module):
+    """LayerNorm with an optional bias delta (BitFit trains LayerNorm biases too)."""
+
+    def __init__(self, base: nn.LayerNorm, key: str):
+        super().__init__()
+        self.base = base
+        self.key = key
+        self.bias_delta: nn.Parameter | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def attach(self, *, bias: bool, **_: object) -> None:
+        if bias:
+            w = self.base.weight
+            self.bias_delta = nn.Parameter(torch.zeros_like(w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.bias_delta is not None:
+            y = y + self.bias_delta
+        r = _ROUTE.get()
+        if r is not None and (d := r.deltas.get(self.key)) is not None:
+            y = d.apply(x, y)
+        return y
+
+    def merged(self) -> nn.LayerNorm:
+        b = self.base
+        out = nn.LayerNorm(b.normalized_shape, eps=b.eps, elementwise_affine=True,
+                           device=b.weight.device, dtype=b.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(b.weight)
+            out.bias.copy_(b.bias + (self.bias_delta if self.bias_delta is not None else 0))
+        return out
+
+
+class LayerGate(nn.Module):
+    """Wraps encoder layer `index`. Under a Route it can pass its input through (layers below the point
+    where a cached or shared hidden state is injected, or above a capture point), so that the frozen
+    prefix is computed once. Outside a Route it is the layer itself."""
+
+    def __init__(self, layer: nn.Module, index: int):
+        super().__init__()
+        self.layer = layer
+        self.index = index
+        self._tuple_len: int | None = None  # 0: the layer returns a tensor; n: a tuple of n
+
+    def _passthrough(self, hidden: torch.Tensor):
+        if not self._tuple_len:
+            return hidden
+        return (hidden,) + (None,) * (self._tuple_len - 1)
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        r = _ROUTE.get()
+        if r is None:
+            return self._run(hidden, *args, **kwargs)
+        if r.stop_at is not None and self.index >= r.stop_at:
+            if self.index == r.stop_at:
+                r.captured = hidden
+            if self._tuple_len is None:  # learn the output format once, on a real call
+                self._run(hidden, *args, **kwargs)
+            return self._passthrough(hidden)
+        if self.index < r.skip_below:
+            if self._tuple_len is None:
+                self._run(hidden, *args, **kwargs)
+            return self._passthrough(hidden)
+        if r.inject is not None and self.index == r.skip_below:
+            hidden = r.inject
+        return self._run(hidden, *args, **kwargs)
+
+    def _run(self, hidden, *args, **kwargs):
+        out = self.layer(hidden, *args, **kwargs)
+        if self._tuple_len is None:
+            self._tuple_len = len(out) if isinstance(out, tuple) else 0
+        return out

@@ -1,0 +1,43 @@
+"""Tiny randomly initialised encoders (and a matching WordPiece tokenizer) for fast CPU tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "a", "is", "was", "not", "very",
+         "fine", "plot", "actor", "boring", "fun", "love", "hate", "it", "this", "and", "but", "ok"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS] + [f"w{i}" for i in range(64 - 5 - len(WORDS))]
+
+
+def tiny_config(arch: str = "bert", layers: int = 4, hidden: int = 32):
+    from transformers import (BertConfig, DebertaV2Config, DistilBertConfig, ElectraConfig,
+                              RobertaConfig, XLMRobertaConfig)
+
+    common = dict(vocab_size=len(VOCAB), max_position_embeddings=64, pad_token_id=0)
+    if arch == "distilbert":
+        return DistilBertConfig(dim=hidden, n_layers=layers, n_heads=4, hidden_dim=2 * hidden, **common)
+    cls = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig,
+           "electra": ElectraConfig, "deberta-v2": DebertaV2Config}[arch]
+    kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
+              type_vocab_size=2, **common)
+    if arch == "electra":
+        kw["embedding_size"] = hidden
+    if arch in ("roberta", "xlm-roberta"):
+        kw.update(bos_token_id=2, eos_token_id=3, max_position_embeddings=70)
+    return cls(**kw)
+
+
+def make_tiny_model(path: Path, arch: str = "bert", layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """Write a randomly initialised `arch` encoder and a BERT WordPiece tokenizer to `path`."""
+    from transformers import AutoModel, BertTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(tiny_config(arch, layers, hidden))
+    model.save_pretrained(path)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    BertTokenizer(str(vocab), do_lower_case=True).save_pretrained(path)
+    return path
