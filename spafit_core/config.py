@@ -56,7 +56,7 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
-            raise ConfigError(f"method name must be one of {', '.join(METHODS)}; got {self.name!r}", field="name")
+            raise ConfigError(f"name: method must be one of {', '.join(METHODS)}; got {self.name!r}", field="name")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"rank must be an integer >= 1; got {self.rank!r}", field="rank")
         if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha <= 0:
@@ -69,7 +69,7 @@ class MethodConfig:
         for t in targets:
             if t not in TARGET_ROLES:
                 raise ConfigError(
-                    f"unknown LoRA target {t!r}; allowed: {', '.join(TARGET_ROLES)}", field="targets"
+                    f"targets: unknown LoRA target {t!r}; allowed: {', '.join(TARGET_ROLES)}", field="targets"
                 )
         object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
         for name in ("n1", "n2"):

@@ -107,6 +107,18 @@ class SpafitModel(nn.Module):
         tok = load_tokenizer(base_model) if with_tokenizer else None
         return cls(hf, method, task, base_model_name=base_model, tokenizer=tok)
 
+    @classmethod
+    def skeleton(cls, base_model: str, method: MethodConfig, task: TaskSpec) -> SpafitModel:
+        """The model's structure on the meta device, from the config alone (no weights are read):
+        enough for expected tensor shapes and parameter counts."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        config = AutoConfig.from_pretrained(resolve_model_path(base_model), num_labels=task.num_labels,
+                                            problem_type=task.task_type)
+        with quiet_transformers(), torch.device("meta"):
+            hf = AutoModelForSequenceClassification.from_config(config)
+        return cls(hf, method, task, base_model_name=base_model, base_fingerprint="meta")
+
     def _attach(self) -> None:
         c, plan = self.method_config, self.plan
         for spec in self.stack.layers:

@@ -11,17 +11,18 @@ WORDS = ["good", "bad", "great", "awful", "movie", "film", "the", "a", "is", "wa
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS] + [f"w{i}" for i in range(64 - 5 - len(WORDS))]
 
 
-def tiny_config(arch: str = "bert", layers: int = 4, hidden: int = 32):
+def tiny_config(arch: str = "bert", layers: int = 4, hidden: int = 32, dropout: float = 0.1):
     from transformers import (BertConfig, DebertaV2Config, DistilBertConfig, ElectraConfig,
                               RobertaConfig, XLMRobertaConfig)
 
     common = dict(vocab_size=len(VOCAB), max_position_embeddings=64, pad_token_id=0)
     if arch == "distilbert":
-        return DistilBertConfig(dim=hidden, n_layers=layers, n_heads=4, hidden_dim=2 * hidden, **common)
+        return DistilBertConfig(dim=hidden, n_layers=layers, n_heads=4, hidden_dim=2 * hidden, dropout=dropout,
+                                attention_dropout=dropout, **common)
     cls = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig,
            "electra": ElectraConfig, "deberta-v2": DebertaV2Config}[arch]
     kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
-              type_vocab_size=2, **common)
+              type_vocab_size=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **common)
     if arch == "electra":
         kw["embedding_size"] = hidden
     if arch in ("roberta", "xlm-roberta"):
@@ -29,13 +30,14 @@ def tiny_config(arch: str = "bert", layers: int = 4, hidden: int = 32):
     return cls(**kw)
 
 
-def make_tiny_model(path: Path, arch: str = "bert", layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+def make_tiny_model(path: Path, arch: str = "bert", layers: int = 4, hidden: int = 32, seed: int = 0,
+                    dropout: float = 0.1) -> Path:
     """Write a randomly initialised `arch` encoder and a BERT WordPiece tokenizer to `path`."""
     from transformers import AutoModel, BertTokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(tiny_config(arch, layers, hidden))
+    model = AutoModel.from_config(tiny_config(arch, layers, hidden, dropout))
     model.save_pretrained(path)
     vocab = path / "vocab.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")

@@ -1,0 +1,225 @@
+"""The adapter format: `adapter_config.json` + `adapter.safetensors` (only the trained tensors).
+
+The config names the method and its parameters, the base model and a fingerprint of its weights, the
+task and its label map, and the sha256 of the weights file. Loading verifies the sha256, the fingerprint
+and every shape, and refuses a mismatch with a clear error. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import __version__
+from .config import MethodConfig, TaskSpec
+from .errors import AdapterError, AdapterMismatchError, ConfigError
+from .model import SpafitModel, check_shapes
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+FORMAT = "spafit-adapter"
+FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; anything this large is not ours
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def adapter_config(model: SpafitModel, weights: bytes, *, max_seq_length: int = 128,
+                   metrics: dict | None = None, training: dict | None = None) -> dict[str, Any]:
+    import transformers
+
+    base_cfg = model.hf.config
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "transformers_version": transformers.__version__,
+        "method": model.method_config.to_dict(),
+        "stratification": {"num_layers": model.plan.num_layers, "n1": model.plan.n1, "n2": model.plan.n2,
+                           "layer_groups": [model.plan.group(i) for i in range(model.plan.num_layers)]},
+        "base_model": {
+            "name": model.base_model_name,
+            "fingerprint": model.base_fingerprint,
+            "model_type": getattr(base_cfg, "model_type", None),
+            "architecture": type(model.hf.base_model).__name__,
+            "num_layers": model.stack.num_layers,
+            "hidden_size": getattr(base_cfg, "hidden_size", None) or getattr(base_cfg, "dim", None),
+        },
+        "task": model.task.to_dict(),
+        "max_seq_length": max_seq_length,
+        "param_counts": model.param_counts(),
+        "metrics": metrics or {},
+        "training": training or {},
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_hex(weights), "size_bytes": len(weights)},
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def serialize(model: SpafitModel, *, max_seq_length: int = 128, metrics: dict | None = None,
+              training: dict | None = None, dtype: torch.dtype | None = None) -> tuple[dict, bytes]:
+    """(config, weights bytes) of the model's trained tensors; `dtype` may halve them for storage."""
+    tensors = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous()
+               for k, v in sorted(model.adapter_state_dict().items())}
+    weights = st_save(tensors, metadata={"format": FORMAT})
+    cfg = adapter_config(model, weights, max_seq_length=max_seq_length, metrics=metrics, training=training)
+    return cfg, weights
+
+
+def save_adapter(model: SpafitModel, path: str | Path, **kwargs) -> dict[str, Any]:
+    """Write the adapter folder; returns its config."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg, weights = serialize(model, **kwargs)
+    (path / WEIGHTS_FILE).write_bytes(weights)
+    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return cfg
+
+
+def parse_config(raw: bytes | str | dict) -> dict[str, Any]:
+    """Check an adapter config's structure and types; raise AdapterError saying what is wrong."""
+    if isinstance(raw, bytes | str):
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        try:
+            cfg = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    else:
+        cfg = raw
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise AdapterError(f"{CONFIG_FILE} is not a SPAFIT adapter config (expected format={FORMAT!r})")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"unsupported adapter format_version {cfg.get('format_version')!r}; "
+                           f"this library reads version {FORMAT_VERSION}")
+    for key in ("method", "base_model", "task", "weights"):
+        if not isinstance(cfg.get(key), dict):
+            raise AdapterError(f"{CONFIG_FILE} lacks the {key!r} section", field=key)
+    try:
+        MethodConfig.from_dict(cfg["method"])
+        TaskSpec.from_dict(cfg["task"])
+    except (ConfigError, TypeError) as e:
+        raise AdapterError(f"{CONFIG_FILE} has an invalid method or task: {e}",
+                           field=getattr(e, "field", None)) from None
+    for key in ("name", "fingerprint"):
+        if not isinstance(cfg["base_model"].get(key), str):
+            raise AdapterError(f"{CONFIG_FILE}: base_model.{key} must be a string", field=f"base_model.{key}")
+    if not isinstance(cfg["weights"].get("sha256"), str):
+        raise AdapterError(f"{CONFIG_FILE}: weights.sha256 must be a string", field="weights.sha256")
+    return cfg
+
+
+def load_weights(cfg: dict, weights: bytes) -> dict[str, torch.Tensor]:
+    """Tensors of a weights blob, after checking its sha256 against the config. safetensors only."""
+    digest = sha256_hex(weights)
+    if digest != cfg["weights"]["sha256"]:
+        raise AdapterError(f"{WEIGHTS_FILE} does not match its recorded sha256 (got {digest[:12]}…, "
+                           f"expected {cfg['weights']['sha256'][:12]}…): the file was altered or corrupted")
+    try:
+        return st_load(weights)
+    except (SafetensorError, Exception) as e:  # a malformed header raises various errors
+        raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
+
+
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter folder, verified against its own sha256."""
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise AdapterError(f"{path} has no {CONFIG_FILE}")
+    if not w_path.is_file():
+        others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" ({', '.join(others)} found: pickled weights are never loaded)" if others else ""
+        raise AdapterError(f"{path} has no {WEIGHTS_FILE}{hint}")
+    cfg = parse_config(cfg_path.read_bytes())
+    return cfg, load_weights(cfg, w_path.read_bytes())
+
+
+def check_fingerprint(cfg: dict, fingerprint: str) -> None:
+    want = cfg["base_model"]["fingerprint"]
+    if want != fingerprint:
+        raise AdapterMismatchError(
+            f"adapter was trained on base model {cfg['base_model']['name']!r} with weights {want[:19]}…, "
+            f"but the loaded backbone's weights are {fingerprint[:19]}…: use the same base model",
+            field="base_model", detail={"expected": want, "actual": fingerprint})
+
+
+def model_from_adapter(cfg: dict, tensors: dict[str, torch.Tensor], *, base_model: str | None = None,
+                       with_tokenizer: bool = True) -> SpafitModel:
+    """A SpafitModel on a fresh backbone with the adapter loaded; `base_model` overrides where the base
+    weights come from (a local folder, say), the fingerprint still has to match."""
+    model = SpafitModel.from_pretrained(base_model or cfg["base_model"]["name"],
+                                        MethodConfig.from_dict(cfg["method"]), TaskSpec.from_dict(cfg["task"]),
+                                        with_tokenizer=with_tokenizer)
+    check_fingerprint(cfg, model.base_fingerprint)
+    model.load_adapter_state_dict(tensors)
+    model.eval()
+    return model
+
+
+def load_adapter(path: str | Path, *, base_model: str | None = None) -> SpafitModel:
+    cfg, tensors = read_adapter(path)
+    model = model_from_adapter(cfg, tensors, base_model=base_model)
+    model.max_seq_length = cfg.get("max_seq_length", 128)
+    return model
+
+
+# ----------------------------------------------------------------------- single-file transport
+def pack(cfg: dict, weights: bytes) -> bytes:
+    """A zip of the two files (deterministic: fixed timestamps), for download and import."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in ((CONFIG_FILE, json.dumps(cfg, indent=2, sort_keys=True).encode() + b"\n"),
+                           (WEIGHTS_FILE, weights)):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+    return buf.getvalue()
+
+
+def unpack(data: bytes, *, max_bytes: int = 256 << 20) -> tuple[dict, bytes]:
+    """(config, weights bytes) from a zip made by `pack` (or by zipping an adapter folder). Exactly the
+    two files, no paths, bounded sizes: anything else is refused before it is decompressed."""
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise AdapterError("adapter upload is not a zip of adapter_config.json and adapter.safetensors") from None
+    with z:
+        infos = {Path(i.filename).name: i for i in z.infolist() if not i.is_dir()}
+        extra = sorted(set(infos) - {CONFIG_FILE, WEIGHTS_FILE})
+        if extra:
+            raise AdapterError(f"adapter archive may hold only {CONFIG_FILE} and {WEIGHTS_FILE}; found {extra}"
+                               + (" (pickled weights are never loaded)" if any(
+                                   e.endswith((".bin", ".pt", ".pkl", ".pickle")) for e in extra) else ""))
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if name not in infos:
+                raise AdapterError(f"adapter archive lacks {name}")
+            if infos[name].file_size > max_bytes:
+                raise AdapterError(f"{name} is larger than the limit of {max_bytes} bytes")
+        cfg = parse_config(z.read(infos[CONFIG_FILE]))
+        weights = z.read(infos[WEIGHTS_FILE])
+    return cfg, weights
+
+
+def verify(cfg: dict, weights: bytes, *, fingerprint: str, expected_shapes: dict[str, tuple] | None) -> dict:
+    """Everything a registry checks before accepting an adapter: sha256, base model, tensor names and
+    shapes, finite values. Returns the tensors."""
+    tensors = load_weights(cfg, weights)
+    check_fingerprint(cfg, fingerprint)
+    if expected_shapes is not None:
+        check_shapes(expected_shapes, {k: tuple(v.shape) for k, v in tensors.items()})
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise AdapterError(f"adapter tensor {bad[0]} holds NaN or infinite values")
+    return tensors

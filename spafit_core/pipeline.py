@@ -1,0 +1,158 @@
+"""From data to a trained adapter in one call: read and validate the data, build the model, train,
+evaluate. This is what the CLI's `spafit train` and the service's worker run.
+
+    from spafit_core import MethodConfig, TrainConfig, finetune
+    result = finetune("train.csv", validation="val.csv", method=MethodConfig(n1=2, n2=4),
+                      train_config=TrainConfig(epochs=3))
+    result.save("my-adapter/")        # adapter_config.json + adapter.safetensors, a few hundred KB
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backbone import DEFAULT_BASE_MODEL
+from .config import MethodConfig, TaskSpec, TrainConfig
+from .errors import DataError
+from .model import SpafitModel
+from .train import Encoded, TrainResult, encode, set_seed, train
+
+
+@dataclass
+class FinetuneResult:
+    model: SpafitModel
+    train_result: TrainResult
+    report: dict[str, Any]  # validation reports of the data, with truncated-row counts
+    max_seq_length: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> dict:
+        from .adapter import save_adapter
+
+        return save_adapter(self.model, path, max_seq_length=self.max_seq_length, metrics=self.metrics,
+                            training=self.training_summary())
+
+    def serialize(self) -> tuple[dict, bytes]:
+        from .adapter import serialize
+
+        return serialize(self.model, max_seq_length=self.max_seq_length, metrics=self.metrics,
+                         training=self.training_summary())
+
+    def training_summary(self) -> dict[str, Any]:
+        r = self.train_result
+        return {"best_epoch": r.best_epoch, "steps": r.steps, "train_seconds": round(r.train_seconds, 3),
+                "stopped_early": r.stopped_early, "truncated_rows": r.truncated_rows,
+                "main_metric": r.main_metric, "history": r.history}
+
+
+def _as_table(data, split: str, fmt: str | None):
+    from . import data as data_mod
+
+    if isinstance(data, data_mod.Table):
+        return data
+    return data_mod.load_table(str(data), split=split, format=fmt)
+
+
+def prepare(
+    train_data,
+    validation=None,
+    *,
+    text_fields: list[str] | None = None,
+    label_field: str | None = None,
+    task_type: str | None = None,
+    format: str | None = None,
+):
+    """Read + validate both splits; returns (train table, validation table or None, TaskSpec, fields,
+    report). Raises DataError listing the problems when the data cannot be trained on."""
+    from . import data as data_mod
+    from .glue import glue_task_for
+
+    preset = glue_task_for(train_data) if isinstance(train_data, str) else None
+    if preset is not None:
+        text_fields = text_fields or list(preset.text_fields)
+        label_field = label_field or preset.label_field
+        task_type = task_type or preset.task_type
+    train_table = _as_table(train_data, "train", format)
+    if validation is None and preset is not None:
+        validation = train_data  # the preset knows its validation split
+        val_table = _as_table(validation, preset.validation_splits[0], format)
+    else:
+        val_table = _as_table(validation, "validation", format) if validation is not None else None
+    text_fields, label_field = data_mod.infer_fields(train_table.columns, text_fields, label_field)
+    if label_field is None:
+        raise DataError(f"no label column found; columns are {train_table.columns}: pass label_field",
+                        field="label_field")
+    task_type = task_type or _infer_task_type(train_table, label_field)
+    rep = data_mod.validate(train_table, text_fields, label_field, task_type)
+    if not rep.ok:
+        raise DataError("training data has problems: " + "; ".join(p.message for p in rep.errors[:5]),
+                        detail={"report": rep.to_dict()})
+    labels = tuple(preset.labels) if preset is not None and preset.labels else \
+        tuple(data_mod.label_names(train_table, label_field, task_type))
+    task = TaskSpec(task_type=task_type, labels=() if task_type == "regression" else labels)
+    report = {"train": rep.to_dict()}
+    if val_table is not None:
+        vrep = data_mod.validate(val_table, text_fields, label_field, task_type, train_labels=list(task.labels))
+        if not vrep.ok:
+            raise DataError("validation data has problems: " + "; ".join(p.message for p in vrep.errors[:5]),
+                            detail={"report": vrep.to_dict()})
+        report["validation"] = vrep.to_dict()
+    return train_table, val_table, task, text_fields, label_field, report
+
+
+def _infer_task_type(table, label_field: str) -> str:
+    values = [r.get(label_field) for r in table.records[:1000]]
+    if any(isinstance(v, list) or (isinstance(v, str) and "|" in v) for v in values):
+        return "multi_label_classification"
+    floats = [v for v in values if isinstance(v, float) and not float(v).is_integer()]
+    if floats:
+        return "regression"
+    return "single_label_classification"
+
+
+def finetune(
+    train_data,
+    validation=None,
+    *,
+    base_model: str = DEFAULT_BASE_MODEL,
+    method: MethodConfig | None = None,
+    train_config: TrainConfig | None = None,
+    text_fields: list[str] | None = None,
+    label_field: str | None = None,
+    task_type: str | None = None,
+    metrics: list[str] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint_path: str | Path | None = None,
+) -> FinetuneResult:
+    """Fine-tune `base_model` with `method` on `train_data` (a CSV/TSV/JSONL path, "glue/<task>",
+    an HF dataset, or a data.Table) and evaluate on `validation` each epoch."""
+    from . import data as data_mod
+    from .glue import glue_task_for
+
+    method = method or MethodConfig()
+    cfg = train_config or TrainConfig()
+    train_table, val_table, task, text_fields, label_field, report = prepare(
+        train_data, validation, text_fields=text_fields, label_field=label_field, task_type=task_type)
+    preset = glue_task_for(train_data) if isinstance(train_data, str) else None
+    if metrics is None and preset is not None:
+        metrics = list(preset.metrics)
+    set_seed(cfg.seed)  # the head and LoRA A are initialised from it
+    model = SpafitModel.from_pretrained(base_model, method, task)
+    tr = _encode(data_mod.to_examples(train_table, text_fields, label_field, task), model, cfg, task)
+    va = _encode(data_mod.to_examples(val_table, text_fields, label_field, task), model, cfg, task) \
+        if val_table is not None else None
+    report["train"]["truncated_rows"] = tr.truncated
+    if va is not None:
+        report["validation"]["truncated_rows"] = va.truncated
+    result = train(model, tr, cfg, validation=va, metrics=metrics, callback=callback,
+                   should_stop=should_stop, checkpoint_path=checkpoint_path)
+    return FinetuneResult(model=model, train_result=result, report=report, max_seq_length=cfg.max_seq_length,
+                          metrics=result.metrics)
+
+
+def _encode(examples, model: SpafitModel, cfg: TrainConfig, task: TaskSpec) -> Encoded:
+    return encode(examples, model.tokenizer, cfg.max_seq_length, task.task_type)

@@ -1,0 +1,442 @@
+"""The training loop: AdamW over the trainable tensors only, linear warmup + decay, gradient accumulation
+and clipping, evaluation each epoch with the task's metric, best-epoch selection, early stopping,
+seeds, AMP on CUDA, a progress callback, a cooperative stop flag, and resumable checkpoints.
+
+A checkpoint is one safetensors file: trained tensors, the best epoch's tensors, optimizer moments and
+RNG states as tensors, everything else (step, epoch, scheduler, history, Python/NumPy RNG) as JSON in the
+file's metadata. No pickle. It is written atomically, so a run killed at any point resumes from the
+last complete checkpoint; the data order of each epoch is a function of (seed, epoch), so skipping the
+batches already done reproduces the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig
+from .errors import ConfigError, TrainingCancelled
+from .model import SpafitModel
+
+Event = dict[str, Any]
+CHECKPOINT_FORMAT = "spafit-checkpoint"
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- tokenised data
+@dataclass
+class Encoded:
+    """Tokenised examples, unpadded. `features[i]` holds input_ids (and token_type_ids where the model
+    uses them); `labels` is a tensor (long ids, float values or float multi-hot rows)."""
+
+    features: list[dict[str, list[int]]]
+    labels: torch.Tensor | None
+    truncated: int  # rows longer than max_length, truncated (reported, never silent)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+def encode(examples, tokenizer, max_length: int, task_type: str) -> Encoded:
+    texts, pairs = list(examples.texts), examples.text_pairs
+    args = (texts, list(pairs)) if pairs is not None else (texts,)
+    full = tokenizer(*args, truncation=False, add_special_tokens=True)["input_ids"]
+    truncated = sum(1 for ids in full if len(ids) > max_length)
+    enc = tokenizer(*args, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    features = [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+    labels = None
+    if examples.labels is not None and len(examples.labels):
+        dtype = torch.long if task_type == "single_label_classification" else torch.float32
+        labels = torch.tensor(examples.labels, dtype=dtype)
+    return Encoded(features, labels, truncated)
+
+
+def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest row: input_ids (B, T), attention_mask (B, T), token_type_ids (B, T)."""
+    T = max(len(f["input_ids"]) for f in features)
+    out: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        pad = pad_id if key == "input_ids" else 0
+        out[key] = torch.tensor([f[key] + [pad] * (T - len(f[key])) for f in features], dtype=torch.long)
+    out["attention_mask"] = torch.tensor([[1] * len(f["input_ids"]) + [0] * (T - len(f["input_ids"]))
+                                          for f in features], dtype=torch.long)
+    return out
+
+
+def loss_fn(task_type: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    if task_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    if task_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def predictions(task_type: str, logits: torch.Tensor) -> np.ndarray:
+    if task_type == "regression":
+        return logits.float().squeeze(-1).cpu().numpy()
+    if task_type == "multi_label_classification":
+        return (logits.float() > 0).int().cpu().numpy()
+    return logits.argmax(-1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- frozen-prefix cache
+class PrefixCache:
+    """Hidden states entering the first trained layer, per example, unpadded, in `dtype`.
+    Memory: sum over examples of (tokens x hidden x bytes per element); see `nbytes`."""
+
+    def __init__(self, model: SpafitModel, data: Encoded, batch_size: int, device: torch.device,
+                 dtype: torch.dtype, pad_id: int):
+        self.states: list[torch.Tensor] = []
+        model.eval()
+        for start in range(0, len(data), batch_size):
+            feats = data.features[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(feats, pad_id).items()}
+            hidden = model.prefix_hidden(batch)  # (B, T, H)
+            for i, f in enumerate(feats):
+                self.states.append(hidden[i, : len(f["input_ids"])].to(dtype).clone())
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.states)
+
+    def batch(self, indices: list[int], dtype: torch.dtype) -> torch.Tensor:
+        rows = [self.states[i] for i in indices]
+        T = max(r.shape[0] for r in rows)
+        out = rows[0].new_zeros((len(rows), T, rows[0].shape[-1]), dtype=dtype)  # pad positions are masked
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+        return out
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]  # the best epoch's validation metrics (empty without validation data)
+    best_epoch: int | None
+    history: list[dict[str, Any]]  # one entry per epoch: loss, metrics, seconds
+    steps: int
+    train_seconds: float
+    truncated_rows: int
+    stopped_early: bool
+    prefix_cache_bytes: int = 0
+    resumed_from_step: int = 0
+    main_metric: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stopped(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(
+    model: SpafitModel,
+    train_data: Encoded,
+    cfg: TrainConfig,
+    *,
+    validation: Encoded | None = None,
+    metrics: list[str] | None = None,
+    callback: Callable[[Event], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint_path: str | Path | None = None,
+) -> TrainResult:
+    """Train `model` in place; on return it holds the best epoch's tensors (by the first of `metrics`
+    on `validation`, else the last epoch's). With `checkpoint_path`, state is saved there every
+    `cfg.checkpoint_every_steps` steps and each epoch's end, and an existing checkpoint is resumed.
+    `should_stop()` is polled each step; when true, TrainingCancelled is raised and nothing is saved."""
+    from .metrics import HIGHER_IS_BETTER, compute_metrics, default_metrics
+
+    if len(train_data) == 0:
+        raise ConfigError("the training set is empty", field="train_dataset")
+    task_type = model.task.task_type
+    metrics = metrics or default_metrics(task_type, model.task.num_labels)
+    main = metrics[0]
+    higher_better = HIGHER_IS_BETTER.get(main, True)
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed)
+    model.to(device)
+    pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
+    emit = callback or (lambda e: None)
+
+    use_cache = cfg.prefix_cache and not model.plan.full and model.plan.first_trained_layer > 0 and \
+        model.plan.first_trained_layer < model.stack.num_layers
+    if cfg.prefix_cache and not use_cache:
+        emit({"type": "log", "message": "prefix cache not used: no frozen layers below a trained one"})
+    model.prefix_eval = use_cache
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr_for(model.method_config.name),
+    )
+    steps_per_epoch = math.ceil(math.ceil(len(train_data) / cfg.batch_size) / cfg.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else
+        max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+
+    amp_dtype = _amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_metric": None, "best_epoch": None,
+             "bad_epochs": 0, "history": [], "train_seconds": 0.0}
+    best_tensors: dict[str, torch.Tensor] | None = None
+    resumed_from = 0
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    if ckpt is not None and ckpt.exists():
+        state, best_tensors = load_checkpoint(ckpt, model, optimizer, scheduler, cfg)
+        resumed_from = state["step"]
+        emit({"type": "resumed", "step": resumed_from, "epoch": state["epoch"]})
+
+    cache = None
+    if use_cache:
+        t0 = time.perf_counter()
+        cache = PrefixCache(model, train_data, cfg.eval_batch_size or 2 * cfg.batch_size, device,
+                            getattr(torch, cfg.prefix_cache_dtype), pad_id)
+        emit({"type": "log", "message": f"prefix cache: {len(train_data)} examples, {cache.nbytes} bytes, "
+                                        f"{time.perf_counter() - t0:.2f}s"})
+
+    def save(at_epoch_end: bool) -> None:
+        if ckpt is not None:
+            save_checkpoint(ckpt, model, optimizer, scheduler, state, best_tensors, cfg)
+            emit({"type": "checkpoint", "step": state["step"], "epoch": state["epoch"],
+                  "path": str(ckpt), "epoch_end": at_epoch_end})
+
+    stopped_early = False
+    start_time = time.perf_counter()
+    base_seconds = state["train_seconds"]
+    steps_done_this_run = 0
+    try:
+        while state["epoch"] < cfg.epochs:
+            epoch = state["epoch"]
+            model.train()
+            order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            batches = [order[i: i + cfg.batch_size].tolist() for i in range(0, len(order), cfg.batch_size)]
+            # A resumed run continues the interrupted epoch at the next micro-batch, with the same order.
+            running, count = 0.0, 0
+            epoch_t0 = time.perf_counter()
+            for b_idx in range(state["batch_in_epoch"], len(batches)):
+                if should_stop is not None and should_stop():
+                    raise _Stopped
+                idx = batches[b_idx]
+                batch = {k: v.to(device) for k, v in collate([train_data.features[i] for i in idx], pad_id).items()}
+                labels = train_data.labels[idx].to(device)
+                prefix = cache.batch(idx, model.hf.dtype).to(device) if cache is not None else None
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(batch, prefix_hidden=prefix)
+                    loss = loss_fn(task_type, logits, labels) / cfg.gradient_accumulation_steps
+                (scaler.scale(loss) if scaler else loss).backward()
+                running += loss.item() * cfg.gradient_accumulation_steps
+                count += 1
+                last_in_epoch = b_idx == len(batches) - 1
+                state["batch_in_epoch"] = b_idx + 1
+                if (b_idx + 1) % cfg.gradient_accumulation_steps and not last_in_epoch:
+                    continue
+                if cfg.max_grad_norm is not None:
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                steps_done_this_run += 1
+                elapsed = base_seconds + time.perf_counter() - start_time
+                if state["step"] % cfg.log_every_steps == 0 or state["step"] == total_steps:
+                    per_step = (time.perf_counter() - start_time) / steps_done_this_run
+                    emit({"type": "progress", "step": state["step"], "total_steps": total_steps,
+                          "epoch": epoch + (b_idx + 1) / len(batches), "loss": running / max(count, 1),
+                          "lr": scheduler.get_last_lr()[0], "elapsed_seconds": elapsed,
+                          "eta_seconds": per_step * (total_steps - state["step"])})
+                if cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0 \
+                        and not last_in_epoch:
+                    state["train_seconds"] = elapsed
+                    save(False)
+
+            entry = {"epoch": epoch + 1, "loss": running / max(count, 1), "step": state["step"],
+                     "seconds": time.perf_counter() - epoch_t0}
+            if validation is not None and len(validation):
+                scores = evaluate(model, validation, metrics, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                                  device=device, amp_dtype=amp_dtype, pad_id=pad_id, compute=compute_metrics)
+                entry["metrics"] = scores
+                value = scores[main]
+                better = state["best_metric"] is None or (value > state["best_metric"] if higher_better
+                                                          else value < state["best_metric"])
+                if better:
+                    state["best_metric"], state["best_epoch"], state["bad_epochs"] = value, epoch + 1, 0
+                    best_tensors = {k: v.detach().cpu().clone() for k, v in model.adapter_state_dict().items()}
+                else:
+                    state["bad_epochs"] += 1
+                emit({"type": "eval", "epoch": epoch + 1, "step": state["step"], "metrics": scores,
+                      "main_metric": main, "is_best": better})
+            state["history"].append(entry)
+            state["epoch"] = epoch + 1
+            state["batch_in_epoch"] = 0
+            state["train_seconds"] = base_seconds + time.perf_counter() - start_time
+            patience = cfg.early_stopping_patience
+            if patience is not None and state["bad_epochs"] >= patience and state["epoch"] < cfg.epochs:
+                stopped_early = True
+                emit({"type": "early_stop", "epoch": state["epoch"], "best_epoch": state["best_epoch"]})
+                save(True)
+                break
+            save(True)
+    except _Stopped:
+        raise TrainingCancelled(f"training stopped by request at step {state['step']}") from None
+
+    if best_tensors is not None:
+        model.load_adapter_state_dict(best_tensors)
+    model.eval()
+    best_metrics = {}
+    if state["best_epoch"] is not None:
+        best_metrics = state["history"][state["best_epoch"] - 1].get("metrics", {})
+    return TrainResult(
+        metrics=best_metrics, best_epoch=state["best_epoch"], history=state["history"], steps=state["step"],
+        train_seconds=state["train_seconds"], truncated_rows=train_data.truncated, stopped_early=stopped_early,
+        prefix_cache_bytes=cache.nbytes if cache is not None else 0, resumed_from_step=resumed_from,
+        main_metric=main if validation is not None else None,
+    )
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or amp == "no":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16 if amp == "auto" else None
+
+
+@torch.no_grad()
+def predict_logits(model: SpafitModel, data: Encoded, *, batch_size: int = 64, device: torch.device | None = None,
+                   amp_dtype: torch.dtype | None = None, pad_id: int = 0) -> torch.Tensor:
+    device = device or next(model.parameters()).device
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in collate(data.features[start:start + batch_size], pad_id).items()}
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out.append(model(batch).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: SpafitModel, data: Encoded, metrics: list[str], *, batch_size: int = 64,
+             device: torch.device | None = None, amp_dtype: torch.dtype | None = None, pad_id: int = 0,
+             compute=None) -> dict[str, float]:
+    if compute is None:
+        from .metrics import compute_metrics as compute
+    was_training = model.training
+    logits = predict_logits(model, data, batch_size=batch_size, device=device, amp_dtype=amp_dtype, pad_id=pad_id)
+    model.train(was_training)
+    preds = predictions(model.task.task_type, logits)
+    return {k: float(v) for k, v in compute(model.task.task_type, preds, data.labels.numpy(), metrics).items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model: SpafitModel, optimizer, scheduler, state: dict,
+                    best: dict[str, torch.Tensor] | None, cfg: TrainConfig) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.adapter_state_dict().items():
+        tensors[f"adapter/{k}"] = v.detach().cpu().contiguous()
+    for k, v in (best or {}).items():
+        tensors[f"best/{k}"] = v.contiguous()
+    opt_state = optimizer.state_dict()
+    for pid, pstate in opt_state["state"].items():
+        for name, value in pstate.items():
+            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"optim/{pid}/{name}"] = t.detach().cpu().contiguous()
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = s
+    np_state = np.random.get_state()
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "state": state,
+        "train_config": cfg.to_dict(),
+        "optimizer_param_groups": opt_state["param_groups"],
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "python_rng": _py_rng_to_json(random.getstate()),
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"spafit": json.dumps(meta)})
+        os.replace(tmp, path)  # atomic: a reader sees the old checkpoint or the new one, never half
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["spafit"])
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not a SPAFIT training checkpoint")
+    return meta
+
+
+def load_checkpoint(path: Path, model: SpafitModel, optimizer, scheduler, cfg: TrainConfig):
+    meta = read_checkpoint_meta(path)
+    tensors = load_file(str(path))
+    model.load_adapter_state_dict({k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")})
+    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
+    opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["optimizer_param_groups"]}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, pid, name = k.split("/", 2)
+            opt_state["state"].setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict(opt_state)
+    sched = scheduler.state_dict()
+    sched.update(meta["scheduler"])
+    scheduler.load_state_dict(sched)
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_py_rng_from_json(meta["python_rng"]))
+    n = meta["numpy_rng"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    return meta["state"], best
+
+
+def _py_rng_to_json(state: tuple) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def _py_rng_from_json(data: list) -> tuple:
+    return (data[0], tuple(data[1]), data[2])

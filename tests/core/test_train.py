@@ -1,0 +1,187 @@
+"""The training loop on tiny random encoders: what changes, what must not, and resumability."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spafit_core import MethodConfig, TaskSpec, TrainConfig
+from spafit_core.errors import TrainingCancelled
+from spafit_core.model import SpafitModel
+from spafit_core.train import encode, set_seed, train
+from tests.core.conftest import toy_examples
+
+LABELS = ("neg", "pos")
+
+
+def make(path, name="spafit", task=TaskSpec(labels=LABELS), seed=0, **kw):
+    set_seed(seed)
+    kw.setdefault("rank", 4)
+    return SpafitModel.from_pretrained(path, MethodConfig(name=name, **kw), task)
+
+
+def data(model, n=48, seed=0, **kw):
+    return encode(toy_examples(n, seed, model.task.task_type, **kw), model.tokenizer, 32, model.task.task_type)
+
+
+def cfg(**kw):
+    base = dict(epochs=2, batch_size=8, learning_rate=5e-3, log_every_steps=1, seed=3)
+    return TrainConfig(**(base | kw))
+
+
+def base_weights(model):
+    adapter = {id(p) for m in model.adapted.values() for p in m.parameters(recurse=False)}
+    return {n: p.detach().clone() for n, p in model.hf.base_model.named_parameters() if id(p) not in adapter}
+
+
+def test_training_changes_only_what_the_method_allows(tiny_bert):
+    m = make(tiny_bert, n1=1, n2=3)
+    before_base = base_weights(m)
+    before_adapter = {k: v.clone() for k, v in m.adapter_state_dict().items()}
+    train(m, data(m), cfg())
+    # Every backbone weight, group 1 included, is bit-identical.
+    for n, p in m.hf.base_model.named_parameters():
+        if n in before_base:
+            assert torch.equal(p, before_base[n]), n
+    after = m.adapter_state_dict()
+    assert set(after) == set(before_adapter)
+    group2 = [k for k in after if k.startswith(("encoder.layer.1.", "encoder.layer.2."))]
+    assert group2 and all(k.endswith(".bias_delta") for k in group2)  # group 2: biases only
+    assert all(not torch.equal(after[k], before_adapter[k]) for k in group2)
+    assert not any(k.startswith("encoder.layer.0.") for k in after)  # group 1: nothing
+    lora_b = [k for k in after if k.startswith("encoder.layer.3.") and k.endswith("lora_B")]
+    assert len(lora_b) == 4 and all(after[k].abs().sum() > 0 for k in lora_b)
+
+
+def test_training_reduces_loss_and_reports_the_best_epoch(tiny_bert):
+    """A random tiny backbone learns slowly; real learning is tested on MiniLM (test_minilm.py)."""
+    m = make(tiny_bert, n1=0, n2=0)
+    result = train(m, data(m, 64), cfg(epochs=8, learning_rate=1e-2), validation=data(m, 32, seed=1))
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < 0.85 * losses[0]
+    accs = [h["metrics"]["accuracy"] for h in result.history]
+    assert result.best_epoch == accs.index(max(accs)) + 1
+    assert result.metrics == result.history[result.best_epoch - 1]["metrics"]
+    assert result.main_metric == "accuracy"
+
+
+def test_same_seed_same_result_on_cpu(tiny_bert):
+    outs = []
+    for _ in range(2):
+        m = make(tiny_bert, n1=1, n2=2, dropout=0.1)
+        train(m, data(m), cfg())
+        outs.append(m.adapter_state_dict())
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_progress_callback_reports_step_loss_lr_eta(tiny_bert):
+    m = make(tiny_bert)
+    events = []
+    train(m, data(m, 32), cfg(), validation=data(m, 16, seed=1), callback=events.append)
+    progress = [e for e in events if e["type"] == "progress"]
+    assert [e["step"] for e in progress] == list(range(1, 9))
+    assert all(e["total_steps"] == 8 and e["loss"] > 0 and e["eta_seconds"] >= 0 for e in progress)
+    assert progress[0]["lr"] != progress[-1]["lr"]  # warmup + linear decay moves it
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["epoch"] for e in evals] == [1, 2] and "accuracy" in evals[0]["metrics"]
+
+
+def test_should_stop_cancels_between_steps(tiny_bert):
+    m = make(tiny_bert)
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(TrainingCancelled, match="step 3"):
+        train(m, data(m), cfg(), should_stop=stop)
+
+
+def test_killed_run_resumes_from_checkpoint_to_the_same_result(tiny_bert, tmp_path):
+    """A run interrupted after step 5 resumes from its step-4 checkpoint and ends bit-identical to an
+    uninterrupted run: same data order, optimizer moments, schedule and dropout RNG."""
+    c = cfg(epochs=3, checkpoint_every_steps=2)
+    ref = make(tiny_bert, n1=1, n2=2, dropout=0.1)
+    ref_result = train(ref, data(ref), c, validation=data(ref, 16, seed=1))
+
+    ckpt = tmp_path / "ckpt.safetensors"
+    first = make(tiny_bert, n1=1, n2=2, dropout=0.1)
+    steps = []
+    with pytest.raises(TrainingCancelled):
+        train(first, data(first), c, validation=data(first, 16, seed=1), checkpoint_path=ckpt,
+              callback=lambda e: steps.append(e["step"]) if e["type"] == "progress" else None,
+              should_stop=lambda: len(steps) >= 5)
+    from spafit_core.train import read_checkpoint_meta
+
+    assert read_checkpoint_meta(ckpt)["state"]["step"] == 4
+    second = make(tiny_bert, n1=1, n2=2, dropout=0.1, seed=99)  # a fresh process: other init, same seed cfg
+    events = []
+    result = train(second, data(second), c, validation=data(second, 16, seed=1), checkpoint_path=ckpt,
+                   callback=events.append)
+    assert result.resumed_from_step == 4
+    assert min(e["step"] for e in events if e["type"] == "progress") == 5  # did not start from zero
+    assert result.steps == ref_result.steps
+    a, b = ref.adapter_state_dict(), second.adapter_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_is_safetensors_without_pickle(tiny_bert, tmp_path):
+    m = make(tiny_bert)
+    ckpt = tmp_path / "c.safetensors"
+    train(m, data(m, 16), cfg(epochs=1), checkpoint_path=ckpt)
+    raw = ckpt.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + header_len])
+    assert json.loads(header["__metadata__"]["spafit"])["format"] == "spafit-checkpoint"
+    assert b"\x80\x04" not in raw[:8 + header_len]  # no pickle protocol marker in the header
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tiny_bert):
+    m = make(tiny_bert)
+    result = train(m, data(m), cfg(epochs=6, learning_rate=1e-9, early_stopping_patience=1),
+                   validation=data(m, 16, seed=1))
+    assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_prefix_cache_matches_uncached_training(tiny_dirs, tmp_path):
+    """Without dropout, caching the frozen prefix is exact up to float rounding."""
+    from tests.tiny import make_tiny_model
+
+    path = str(make_tiny_model(tmp_path / "nodrop", "bert", dropout=0.0))
+    runs = {}
+    for use in (False, True):
+        m = make(path, n1=2, n2=3)
+        r = train(m, data(m), cfg(prefix_cache=use))
+        runs[use] = (m.adapter_state_dict(), r)
+    a, b = runs[False][0], runs[True][0]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert runs[True][1].prefix_cache_bytes > 0 and runs[False][1].prefix_cache_bytes == 0
+
+
+@pytest.mark.parametrize("task_type", ["regression", "multi_label_classification"])
+def test_regression_and_multilabel_heads_train(tiny_bert, task_type):
+    task = TaskSpec(task_type=task_type, labels=() if task_type == "regression" else ("x", "y", "z"))
+    m = make(tiny_bert, task=task, n1=0, n2=2)
+    assert m.hf.config.num_labels == (1 if task_type == "regression" else 3)
+    result = train(m, data(m, 48), cfg(epochs=5), validation=data(m, 16, seed=1))
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    want = "pearson" if task_type == "regression" else "micro_f1"
+    assert want in result.metrics
+
+
+def test_text_pairs_train(tiny_bert):
+    m = make(tiny_bert)
+    d = data(m, 16, pairs=True)
+    assert any(t == 1 for t in d.features[0]["token_type_ids"])  # the pair's segment ids are there
+    train(m, d, cfg(epochs=1))
+
+
+def test_truncated_rows_are_counted(tiny_bert):
+    m = make(tiny_bert)
+    ex = toy_examples(8)
+    ex.texts[0] = " ".join(["good"] * 100)
+    enc = encode(ex, m.tokenizer, 16, "single_label_classification")
+    assert enc.truncated == 1 and max(len(f["input_ids"]) for f in enc.features) == 16
