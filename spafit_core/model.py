@@ -120,17 +120,9 @@ class SpafitModel(nn.Module):
         return cls(hf, method, task, base_model_name=base_model, base_fingerprint="meta")
 
     def _attach(self) -> None:
-        c, plan = self.method_config, self.plan
-        for spec in self.stack.layers:
-            lora_paths = {spec.roles[r] for r in c.targets} if plan.has_lora(spec.index) else set()
-            for rel in dict.fromkeys([*spec.roles.values(), *spec.biased]):
-                mod = self.adapted.get(self.stack.module_key(spec.index, rel))
-                if mod is None:
-                    continue
-                bias = plan.trains_bias(spec.index) and rel in spec.biased
-                rank = c.rank if rel in lora_paths else 0
-                if bias or rank:
-                    mod.attach(bias=bias, rank=rank, scaling=plan.scaling, dropout=c.dropout)
+        for key, (bias, rank) in planned_deltas(self.stack, self.plan).items():
+            self.adapted[key].attach(bias=bias, rank=rank, scaling=self.plan.scaling,
+                                     dropout=self.method_config.dropout)
 
     # ----------------------------------------------------------------- parameters
     def head_named_parameters(self) -> Iterable[tuple[str, nn.Parameter]]:
@@ -262,6 +254,38 @@ def _rebind(hf_copy: nn.Module, model: SpafitModel):
     """The adapted-module dict of a deep copy, found by key."""
     adapted = {m.key: m for m in hf_copy.modules() if hasattr(m, "key") and hasattr(m, "merged")}
     return model.stack, adapted
+
+
+def planned_deltas(stack, plan: ResolvedMethod) -> dict[str, tuple[bool, int]]:
+    """Module key -> (trains a bias delta, LoRA rank or 0) for every module the method adapts.
+    The one place that turns a method's plan into tensors: training attaches these, the engine
+    expects exactly these in an adapter."""
+    out: dict[str, tuple[bool, int]] = {}
+    if plan.full:
+        return out
+    c = plan.config
+    for spec in stack.layers:
+        lora_paths = {spec.roles[r] for r in c.targets} if plan.has_lora(spec.index) else set()
+        for rel in dict.fromkeys([*spec.roles.values(), *spec.biased]):
+            bias = plan.trains_bias(spec.index) and rel in spec.biased
+            rank = c.rank if rel in lora_paths else 0
+            if bias or rank:
+                out[stack.module_key(spec.index, rel)] = (bias, rank)
+    return out
+
+
+def delta_shapes(stack, plan: ResolvedMethod, adapted: dict[str, nn.Module]) -> dict[str, tuple[int, ...]]:
+    """Expected adapter tensor names and shapes for the backbone part (the head is separate)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, (bias, rank) in planned_deltas(stack, plan).items():
+        base = adapted[key].base
+        out_dim = base.out_features if isinstance(base, nn.Linear) else base.weight.shape[0]
+        if bias:
+            shapes[f"{key}.bias_delta"] = (out_dim,)
+        if rank:
+            shapes[f"{key}.lora_A"] = (rank, base.in_features)
+            shapes[f"{key}.lora_B"] = (out_dim, rank)
+    return shapes
 
 
 def check_shapes(expected: dict[str, tuple | torch.Tensor], got: dict[str, tuple]) -> None:

@@ -1,0 +1,519 @@
+"""One frozen backbone, many adapters.
+
+- `Backbone`: one frozen base model per base-model name per process, its layer stack wrapped once.
+- `AdapterBank`: adapters loaded, replaced and evicted at run time, LRU-bounded by bytes, with a
+  device tier and a CPU tier where there is a GPU. Thread-safe; load and evict are idempotent.
+- `Engine.forward`: one forward pass over rows that belong to different adapters. Each adapted module
+  gets per-row bias deltas and per-row LoRA factors (gathered, then a batched matmul); a row's delta is
+  zero wherever its adapter does not adapt that layer, so adapters with different n1/n2/rank mix.
+  Heads run per adapter group on the rows that belong to it.
+- `Engine.fan_out`: one input, many tasks: the embeddings and the layers below the smallest first
+  trained layer run once, then the batch branches.
+
+Switching the task of a request never reloads or copies the backbone: adapters only ever contribute
+deltas through the route of one forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import check_fingerprint, load_weights, parse_config
+from .backbone import canonical_model_name, fingerprint, resolve_model_path, wrap_stack
+from .config import MethodConfig, TaskSpec
+from .errors import AdapterError, AdapterNotLoadedError
+from .layers import Delta, MixedBatchUnsupported, Route, route
+from .model import HEAD, check_shapes, delta_shapes, load_hf_classifier, load_tokenizer, quiet_transformers
+from .outputs import postprocess
+from .train import collate
+
+Input = str | tuple[str, str] | dict
+
+
+# --------------------------------------------------------------------------------------- backbone
+class _BaseStub(nn.Module):
+    """Stands in for the base model inside a head-only copy of the HF classifier: returns the base
+    outputs computed once for the whole mixed batch (sliced to this head's rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = None
+
+    def forward(self, *args, **kwargs):
+        return self.outputs
+
+
+class Backbone:
+    """A frozen base model shared by every adapter trained on it."""
+
+    def __init__(self, name: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        self.name = canonical_model_name(name)
+        self.path = resolve_model_path(name)
+        hf = load_hf_classifier(name, TaskSpec(task_type="regression"))
+        self.config = hf.config
+        self.base = hf.base_model
+        self.base_prefix = hf.base_model_prefix
+        self.fingerprint = fingerprint(self.base)  # before any cast: adapters name the fp32 weights
+        self.stack, self.adapted = wrap_stack(self.base)
+        self.device = torch.device(device)
+        self.base.to(self.device, dtype=dtype)
+        self.base.eval()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.dtype = next(self.base.parameters()).dtype
+        self.tokenizer = load_tokenizer(name)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self._head_templates: dict[tuple[int, str], nn.Module] = {}
+        self._input_names = set(inspect.signature(self.base.forward).parameters)
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.base.parameters())
+
+    def head_template(self, task: TaskSpec) -> nn.Module:
+        """A head-only copy of the HF classifier for `task` (its base swapped for a stub)."""
+        key = (task.num_labels, task.task_type)
+        if key not in self._head_templates:
+            from transformers import AutoModelForSequenceClassification
+
+            cfg = copy.deepcopy(self.config)
+            cfg.num_labels, cfg.problem_type = task.num_labels, task.task_type
+            with quiet_transformers(), torch.device("meta"):
+                model = AutoModelForSequenceClassification.from_config(cfg)
+            setattr(model, model.base_model_prefix, _BaseStub())
+            model = model.to_empty(device="cpu").eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self._head_templates[key] = model
+        return self._head_templates[key]
+
+    def model_inputs(self, batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k in self._input_names}
+
+
+# --------------------------------------------------------------------------------------- adapters
+@dataclass
+class LoadedAdapter:
+    """An adapter as the engine holds it: per-module deltas (B pre-scaled), its head, its plan."""
+
+    name: str
+    sha256: str
+    config: dict
+    task: TaskSpec
+    first_trained_layer: int
+    max_seq_length: int
+    deltas: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
+    head: nn.Module
+    nbytes: int
+    device: torch.device
+    rank: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> LoadedAdapter:
+        """A copy of the tensors on `device` (the head module moves in place: one owner at a time)."""
+        def mv(t):
+            return None if t is None else t.to(device, dtype=dtype or t.dtype)
+
+        deltas = {k: (mv(b), mv(a), mv(bb)) for k, (b, a, bb) in self.deltas.items()}
+        head = self.head.to(device, dtype=dtype) if dtype is not None else self.head.to(device)
+        return LoadedAdapter(self.name, self.sha256, self.config, self.task, self.first_trained_layer,
+                             self.max_seq_length, deltas, head, self.nbytes, device, self.rank)
+
+
+def build_adapter(backbone: Backbone, name: str, cfg: dict, weights: bytes) -> LoadedAdapter:
+    """Verify (sha256, fingerprint, names and shapes, finiteness) and convert one adapter."""
+    cfg = parse_config(cfg)
+    method = MethodConfig.from_dict(cfg["method"])
+    if method.name == "full":
+        raise AdapterError("a `full` fine-tuning result carries every weight of the model; the shared-backbone "
+                           "engine serves spafit, lora and bitfit adapters", field="method.name")
+    task = TaskSpec.from_dict(cfg["task"])
+    tensors = load_weights(cfg, weights)
+    check_fingerprint(cfg, backbone.fingerprint)
+    plan = method.resolve(backbone.stack.num_layers)
+    head = copy.deepcopy(backbone.head_template(task))
+    head_shapes = {HEAD + k: tuple(v.shape) for k, v in head.state_dict().items()}
+    check_shapes(delta_shapes(backbone.stack, plan, backbone.adapted) | head_shapes,
+                 {k: tuple(v.shape) for k, v in tensors.items()})
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise AdapterError(f"adapter tensor {bad[0]} holds NaN or infinite values")
+    head.load_state_dict({k[len(HEAD):]: v for k, v in tensors.items() if k.startswith(HEAD)})
+    deltas: dict[str, list] = {}
+    for k, t in tensors.items():
+        if k.startswith(HEAD):
+            continue
+        key, _, kind = k.rpartition(".")
+        slot = deltas.setdefault(key, [None, None, None])
+        if kind == "bias_delta":
+            slot[0] = t
+        elif kind == "lora_A":
+            slot[1] = t
+        else:  # lora_B, scaled once here instead of on every forward
+            slot[2] = t * plan.scaling
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return LoadedAdapter(name, cfg["weights"]["sha256"], cfg, task, plan.first_trained_layer,
+                         int(cfg.get("max_seq_length") or 128), {k: tuple(v) for k, v in deltas.items()},
+                         head, nbytes, torch.device("cpu"), rank=method.rank if plan.lora else 0)
+
+
+class AdapterBank:
+    """Adapters by name, in an LRU bounded by bytes per tier: `device_bytes` on the backbone's device and,
+    where that is a GPU, `cpu_bytes` in host memory (an adapter evicted from the GPU is kept on the CPU
+    and moves back on its next use). A miss calls `loader(name) -> (config, weights)` if one is set."""
+
+    def __init__(self, backbone: Backbone, *, device_bytes: int = 256 << 20, cpu_bytes: int = 1 << 30,
+                 loader: Callable[[str], tuple[dict, bytes]] | None = None):
+        self.backbone = backbone
+        self.device_bytes = device_bytes
+        self.cpu_bytes = cpu_bytes if backbone.device.type != "cpu" else 0
+        self.loader = loader
+        self._lock = threading.RLock()
+        self._hot: OrderedDict[str, LoadedAdapter] = OrderedDict()  # on the backbone's device
+        self._warm: OrderedDict[str, LoadedAdapter] = OrderedDict()  # on the CPU (GPU hosts only)
+        self._loading: dict[str, threading.Event] = {}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
+
+    # -- queries
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._hot or name in self._warm
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._hot) + list(self._warm)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(a.nbytes for a in self._hot.values()) + sum(a.nbytes for a in self._warm.values())
+
+    # -- load / evict
+    def load(self, name: str, cfg: dict, weights: bytes) -> LoadedAdapter:
+        """Verify and hold an adapter. Idempotent: the same content again is a no-op; new content under
+        the same name replaces the old atomically (requests already running keep the old one)."""
+        with self._lock:
+            current = self._hot.get(name) or self._warm.get(name)
+            sha = (cfg.get("weights") or {}).get("sha256") if isinstance(cfg, dict) else None
+            if current is not None and current.sha256 == sha:
+                return current
+        adapter = build_adapter(self.backbone, name, cfg, weights)  # slow part outside the lock
+        with self._lock:
+            self._warm.pop(name, None)
+            self._hot.pop(name, None)
+            self._insert_hot(adapter.to(self.backbone.device, self.backbone.dtype))
+            self.stats["loads"] += 1
+            return self._hot[name]
+
+    def evict(self, name: str) -> bool:
+        """Drop an adapter from every tier. Idempotent; True if it was held."""
+        with self._lock:
+            found = self._hot.pop(name, None) is not None
+            found = self._warm.pop(name, None) is not None or found
+            return found
+
+    def get(self, name: str) -> LoadedAdapter:
+        """The adapter on the backbone's device, loading it through `loader` on a miss."""
+        with self._lock:
+            a = self._hot.get(name)
+            if a is not None:
+                self._hot.move_to_end(name)
+                self.stats["hits"] += 1
+                return a
+            a = self._warm.pop(name, None)
+            if a is not None:  # CPU tier hit: promote
+                self.stats["hits"] += 1
+                self._insert_hot(a.to(self.backbone.device, self.backbone.dtype))
+                return self._hot[name]
+            self.stats["misses"] += 1
+            if self.loader is None:
+                raise AdapterNotLoadedError(f"adapter {name!r} is not loaded", detail={"adapter": name})
+            event = self._loading.get(name)
+            owner = event is None
+            if owner:
+                event = self._loading[name] = threading.Event()
+        if not owner:  # another thread is loading it: wait for that instead of loading twice
+            event.wait()
+            with self._lock:
+                if name in self._hot:
+                    return self._hot[name]
+            return self.get(name)
+        try:
+            cfg, weights = self.loader(name)
+            return self.load(name, cfg, weights)
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+            event.set()
+
+    def _insert_hot(self, adapter: LoadedAdapter) -> None:
+        self._hot[adapter.name] = adapter
+        self._hot.move_to_end(adapter.name)
+        while self._bytes(self._hot) > self.device_bytes and len(self._hot) > 1:
+            old_name, old = self._hot.popitem(last=False)
+            self.stats["evictions"] += 1
+            if self.cpu_bytes:
+                self._warm[old_name] = old.to(torch.device("cpu"))
+                while self._bytes(self._warm) > self.cpu_bytes and self._warm:
+                    self._warm.popitem(last=False)
+
+    @staticmethod
+    def _bytes(tier: OrderedDict) -> int:
+        return sum(a.nbytes for a in tier.values())
+
+
+# --------------------------------------------------------------------------------------- engine
+@dataclass
+class Row:
+    adapter: LoadedAdapter
+    features: dict[str, list[int]]
+
+
+class Engine:
+    """Serves predictions for many adapters on one backbone per base model."""
+
+    def __init__(self, *, device: str = "auto", dtype: torch.dtype | None = None,
+                 device_bytes: int = 256 << 20, cpu_bytes: int = 1 << 30,
+                 loader: Callable[[str], tuple[dict, bytes]] | None = None,
+                 base_model_of: Callable[[str], str] | None = None, default_base_model: str | None = None):
+        from .train import pick_device
+
+        self.device = pick_device(device)
+        self.dtype = dtype
+        self._device_bytes, self._cpu_bytes = device_bytes, cpu_bytes
+        self._loader = loader
+        self._base_model_of = base_model_of
+        self.default_base_model = default_base_model
+        self._backbones: dict[str, Backbone] = {}
+        self._banks: dict[str, AdapterBank] = {}
+        self._lock = threading.RLock()
+        # One forward at a time: head stubs hold per-call state. Re-entrant for the per-group fallback.
+        self._forward_lock = threading.RLock()
+        self.backbone_loads = 0
+
+    # -- backbones and banks
+    def backbone(self, base_model: str | None = None) -> Backbone:
+        name = canonical_model_name(base_model or self.default_base_model)
+        with self._lock:
+            if name not in self._backbones:
+                self._backbones[name] = Backbone(name, device=self.device, dtype=self.dtype)
+                self._banks[name] = AdapterBank(self._backbones[name], device_bytes=self._device_bytes,
+                                                cpu_bytes=self._cpu_bytes, loader=self._loader)
+                self.backbone_loads += 1
+            return self._backbones[name]
+
+    def bank(self, base_model: str | None = None) -> AdapterBank:
+        bb = self.backbone(base_model)
+        return self._banks[bb.name]
+
+    def load(self, name: str, cfg: dict, weights: bytes) -> LoadedAdapter:
+        base = parse_config(cfg)["base_model"]["name"]
+        return self.bank(base).load(name, cfg, weights)
+
+    def evict(self, name: str) -> bool:
+        with self._lock:
+            banks = list(self._banks.values())
+        return any([b.evict(name) for b in banks])
+
+    def adapter(self, name: str) -> LoadedAdapter:
+        """A loaded adapter by name; on a miss the `base_model_of(name)` callback says which backbone."""
+        with self._lock:
+            banks = list(self._banks.values())
+        for b in banks:
+            if name in b:
+                return b.get(name)
+        base = self._base_model_of(name) if self._base_model_of else self.default_base_model
+        return self.bank(base).get(name)
+
+    def stats(self) -> dict[str, int]:
+        out = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "adapters": 0, "adapter_bytes": 0}
+        with self._lock:
+            for b in self._banks.values():
+                for k, v in b.stats.items():
+                    out[k] += v
+                out["adapters"] += len(b.names())
+                out["adapter_bytes"] += b.nbytes
+        return out
+
+    # -- tokenisation
+    def encode(self, adapter: LoadedAdapter, inputs: Sequence[Input]) -> list[dict[str, list[int]]]:
+        bb = self._backbone_of(adapter)
+        texts, pairs = split_inputs(inputs)
+        enc = bb.tokenizer(texts, pairs, truncation=True, max_length=adapter.max_seq_length) if pairs else \
+            bb.tokenizer(texts, truncation=True, max_length=adapter.max_seq_length)
+        keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+        return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+
+    def _backbone_of(self, adapter: LoadedAdapter) -> Backbone:
+        return self.backbone(adapter.config["base_model"]["name"])
+
+    # -- forward
+    @torch.no_grad()
+    def forward(self, rows: Sequence[Row]) -> list[torch.Tensor]:
+        """Logits per row, rows of any adapters (on one backbone) in one forward pass."""
+        if not rows:
+            return []
+        bb = self._backbone_of(rows[0].adapter)
+        if any(self._backbone_of(r.adapter) is not bb for r in rows):
+            raise AdapterError("one batch may only mix adapters of the same base model")
+        batch = {k: v.to(bb.device) for k, v in collate([r.features for r in rows], bb.pad_id).items()}
+        adapters = [r.adapter for r in rows]
+        with self._forward_lock:
+            try:
+                outputs = self._run(bb, batch, adapters, Route(deltas=gather_deltas(adapters)))
+            except MixedBatchUnsupported:  # e.g. DeBERTa's shared relative-position projections
+                return self._forward_by_group(rows)
+            return self._heads(outputs, adapters)
+
+    def _forward_by_group(self, rows: Sequence[Row]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.adapter.name, []).append(i)
+        for idx in groups.values():
+            for i, logits in zip(idx, self.forward([rows[i] for i in idx]), strict=True):
+                out[i] = logits
+        return out  # type: ignore[return-value]
+
+    def _run(self, bb: Backbone, batch: dict, adapters: Sequence[LoadedAdapter], r: Route):
+        with route(r):
+            return bb.base(**bb.model_inputs(batch))
+
+    def _heads(self, outputs, adapters: Sequence[LoadedAdapter]) -> list[torch.Tensor]:
+        """Each adapter's head on its own rows of the shared base outputs."""
+        groups: dict[int, list[int]] = {}
+        for i, a in enumerate(adapters):
+            groups.setdefault(id(a), []).append(i)
+        result: list[torch.Tensor | None] = [None] * len(adapters)
+        for idx in groups.values():
+            head = adapters[idx[0]].head
+            sel = torch.tensor(idx, device=outputs.last_hidden_state.device)
+            stub = getattr(head, head.base_model_prefix)
+            stub.outputs = _slice_output(outputs, sel)
+            try:
+                logits = head().logits.float().cpu()
+            finally:
+                stub.outputs = None
+            for j, i in enumerate(idx):
+                result[i] = logits[j]
+        return result  # type: ignore[return-value]
+
+    # -- public prediction API
+    def predict(self, name: str, inputs: Sequence[Input], top_k: int | None = None) -> list[dict[str, Any]]:
+        adapter = self.adapter(name)
+        rows = [Row(adapter, f) for f in self.encode(adapter, inputs)]
+        return [postprocess(adapter.task, logits, top_k) for logits in self.forward(rows)]
+
+    def predict_mixed(self, requests: Sequence[tuple[str, Input]], top_k: int | None = None) -> list[dict]:
+        rows = []
+        for name, inp in requests:
+            adapter = self.adapter(name)
+            rows.append(Row(adapter, self.encode(adapter, [inp])[0]))
+        return [postprocess(r.adapter.task, logits, top_k) for r, logits in zip(rows, self.forward(rows), strict=True)]
+
+    @torch.no_grad()
+    def fan_out(self, names: Sequence[str], inp: Input, top_k: int | None = None) -> dict[str, dict]:
+        """One input asked of many tasks: the shared frozen prefix runs once, then one row per task."""
+        adapters = [self.adapter(n) for n in names]
+        if not adapters:
+            return {}
+        bb = self._backbone_of(adapters[0])
+        feats = [self.encode(a, [inp])[0] for a in adapters]
+        if any(f != feats[0] for f in feats) or any(self._backbone_of(a) is not bb for a in adapters):
+            # different truncation lengths or base models: no common prefix to share
+            logits = self.forward([Row(a, f) for a, f in zip(adapters, feats, strict=True)])
+        else:
+            k = min(a.first_trained_layer for a in adapters)
+            one = {key: v.to(bb.device) for key, v in collate(feats[:1], bb.pad_id).items()}
+            many = {key: v.expand(len(adapters), -1) for key, v in one.items()}
+            with self._forward_lock:
+                with route(Route(stop_at=k)) as r:
+                    bb.base(**bb.model_inputs(one))
+                shared = r.captured.expand(len(adapters), -1, -1)  # (K, T, H), a view: no copy
+                try:
+                    outputs = self._run(bb, many, adapters,
+                                        Route(deltas=gather_deltas(adapters), skip_below=k, inject=shared))
+                    logits = self._heads(outputs, adapters)
+                except MixedBatchUnsupported:
+                    logits = None
+            if logits is None:
+                logits = self._forward_by_group([Row(a, f) for a, f in zip(adapters, feats, strict=True)])
+        return {n: postprocess(a.task, lg, top_k) for n, a, lg in zip(names, adapters, logits, strict=True)}
+
+
+def _slice_output(outputs, sel: torch.Tensor):
+    kwargs = {k: v.index_select(0, sel) for k, v in outputs.items() if isinstance(v, torch.Tensor)}
+    return type(outputs)(**kwargs)
+
+
+def split_inputs(inputs: Sequence[Input]) -> tuple[list[str], list[str] | None]:
+    texts, pairs = [], []
+    for x in inputs:
+        if isinstance(x, str):
+            texts.append(x)
+            pairs.append(None)
+        elif isinstance(x, dict):
+            texts.append(x["text"])
+            pairs.append(x.get("text_pair"))
+        else:
+            texts.append(x[0])
+            pairs.append(x[1])
+    if all(p is None for p in pairs):
+        return texts, None
+    if any(p is None for p in pairs):
+        raise AdapterError("mix of single texts and text pairs in one call; send them separately",
+                           field="inputs")
+    return texts, pairs
+
+
+def gather_deltas(adapters: Sequence[LoadedAdapter]) -> dict[str, Delta]:
+    """Per-module deltas for a batch whose row i belongs to adapters[i].
+
+    One adapter for every row: its tensors as they are (broadcast). Several: per-row tensors, built by
+    stacking each distinct adapter's tensor once (zeros where it does not adapt that module, LoRA
+    factors zero-padded to the largest rank, which adds exact zeros) and indexing by row."""
+    distinct: list[LoadedAdapter] = []
+    slot: dict[int, int] = {}
+    for a in adapters:
+        if id(a) not in slot:
+            slot[id(a)] = len(distinct)
+            distinct.append(a)
+    if len(distinct) == 1:
+        return {k: Delta(bias=b, A=A, B=B) for k, (b, A, B) in distinct[0].deltas.items()}
+    first = next((t for a in distinct for v in a.deltas.values() for t in v if t is not None), None)
+    if first is None:
+        return {}
+    device, dtype = first.device, first.dtype
+    row_slot = torch.tensor([slot[id(a)] for a in adapters], device=device)
+    keys = dict.fromkeys(k for a in distinct for k in a.deltas)
+    out: dict[str, Delta] = {}
+    for key in keys:
+        entries = [a.deltas.get(key, (None, None, None)) for a in distinct]
+        bias = A = B = None
+        biases = [e[0] for e in entries]
+        if any(b is not None for b in biases):
+            ref = next(b for b in biases if b is not None)
+            stacked = torch.stack([b if b is not None else torch.zeros_like(ref) for b in biases])  # (U, out)
+            bias = stacked.index_select(0, row_slot).unsqueeze(1)  # (B, 1, out)
+        As = [e[1] for e in entries]
+        if any(a is not None for a in As):
+            ref_a = next(a for a in As if a is not None)
+            ref_b = next(e[2] for e in entries if e[2] is not None)
+            r = max(a.shape[0] for a in As if a is not None)
+            stacked_a = torch.zeros((len(distinct), r, ref_a.shape[1]), device=device, dtype=dtype)  # (U, r, in)
+            stacked_b = torch.zeros((len(distinct), ref_b.shape[0], r), device=device, dtype=dtype)  # (U, out, r)
+            for u, e in enumerate(entries):
+                if e[1] is not None:
+                    stacked_a[u, : e[1].shape[0]] = e[1]
+                    stacked_b[u, :, : e[2].shape[1]] = e[2]
+            A = stacked_a.index_select(0, row_slot)  # (B, r, in)
+            B = stacked_b.index_select(0, row_slot)  # (B, out, r)
+        out[key] = Delta(bias=bias, A=A, B=B)
+    return out
