@@ -1,0 +1,192 @@
+"""The one place errors become HTTP responses: problem+json (RFC 9457) with a stable `type` URI.
+
+- `spafit_core.errors.SpafitError` subclasses and the `AppError` classes below -> their `status`,
+  `type` = PROBLEM_BASE + slug, `detail` = the message, plus `field` / `errors` where known;
+- request validation -> 422 listing each error's location (`body.method.rank`) and message;
+- `HTTPException` (404 for unknown routes, 405, ...) -> problem+json;
+- the database being unreachable -> 503 with Retry-After;
+- anything else -> 500 with no internals in the body, logged here with the request id.
+
+Services raise these classes; handlers never build error responses themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException
+
+from spafit_core.errors import SpafitError
+
+log = logging.getLogger("spafit.errors")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_BASE = "https://spafit.dev/problems/"
+DB_RETRY_AFTER_SECONDS = 5
+_RESERVED = {"type", "title", "status", "detail", "instance", "field", "errors"}
+
+
+class AppError(Exception):
+    """An error of the service layer (not the core). Same shape as `SpafitError`: a stable slug `type`,
+    an HTTP `status`, a message, optionally the offending `field` and a list of `errors`."""
+
+    type = "error"
+    status = 400
+    title: str | None = None  # default: derived from `type`
+
+    def __init__(self, message: str, *, field: str | None = None, errors: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.errors = errors
+        self.headers = headers or {}
+        self.extra = extra
+
+
+class InvalidInput(AppError):
+    """A request value is well-formed JSON but not acceptable (a bad cursor, an unknown scope)."""
+
+    type = "invalid-input"
+    status = 422
+
+
+class Unauthorized(AppError):
+    type = "unauthorized"
+    status = 401
+
+    def __init__(self, message: str = "a valid API key is required", **kw: Any):
+        kw.setdefault("headers", {"WWW-Authenticate": 'Bearer realm="spafit"'})
+        super().__init__(message, **kw)
+
+
+class Forbidden(AppError):
+    type = "forbidden"
+    status = 403
+
+
+class NotFound(AppError):
+    """Also what another tenant's resource looks like: never reveal that it exists."""
+
+    type = "not-found"
+    status = 404
+
+
+class Conflict(AppError):
+    type = "conflict"
+    status = 409
+
+
+class PayloadTooLarge(AppError):
+    type = "payload-too-large"
+    status = 413
+
+
+class UnsupportedMediaType(AppError):
+    type = "unsupported-media-type"
+    status = 415
+
+
+class ServiceUnavailable(AppError):
+    type = "service-unavailable"
+    status = 503
+
+
+class BlobIntegrityError(AppError):
+    """Stored bytes no longer match their sha256: corruption, never the client's fault."""
+
+    type = "blob-corrupted"
+    status = 500
+
+
+def problem_type(slug: str) -> str:
+    return PROBLEM_BASE + slug
+
+
+def _title(slug: str) -> str:
+    return slug.replace("-", " ").capitalize()
+
+
+def problem(status: int, slug: str | None, detail: str, *, request: Request | None = None,
+            title: str | None = None, headers: dict[str, str] | None = None, **members: Any) -> JSONResponse:
+    """A problem+json response. `slug=None` means "about:blank": the status code says it all (RFC 9457 4.2.1)."""
+    if slug is None:
+        body: dict[str, Any] = {"type": "about:blank", "title": title or HTTPStatus(status).phrase}
+    else:
+        body = {"type": problem_type(slug), "title": title or _title(slug)}
+    body.update(status=status, detail=detail)
+    if request is not None:
+        body["instance"] = request.url.path
+    body.update({k: v for k, v in members.items() if v is not None})
+    return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def _location(loc: tuple | list) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic errors as [{field: "body.method.rank", message, type}]."""
+    return [{"field": _location(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type", "")}
+            for e in errors]
+
+
+async def _spafit_error(request: Request, exc: SpafitError) -> JSONResponse:
+    extra = {k: v for k, v in exc.detail.items() if k not in _RESERVED}  # e.g. a DataReport's `problems`
+    return problem(exc.status, exc.type, exc.message, request=request, field=exc.field,
+                   errors=exc.detail.get("errors"), **extra)
+
+
+async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+    if exc.status >= 500:
+        log.error("%s on %s %s: %s", exc.type, request.method, request.url.path, exc.message)
+    extra = {k: v for k, v in exc.extra.items() if k not in _RESERVED}
+    return problem(exc.status, exc.type, exc.message, request=request, title=exc.title, headers=exc.headers,
+                   field=exc.field, errors=exc.errors, **extra)
+
+
+async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = validation_errors(list(exc.errors()))
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+    return problem(422, "validation-error", detail, request=request, title="Request validation failed",
+                   errors=errors)
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
+    slug = {401: Unauthorized.type, 403: Forbidden.type, 404: NotFound.type, 409: Conflict.type,
+            413: PayloadTooLarge.type}.get(exc.status_code)
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    return problem(exc.status_code, slug, detail, request=request, headers=getattr(exc, "headers", None))
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.error("database unavailable on %s %s: %s", request.method, request.url.path, exc.__class__.__name__,
+              exc_info=exc)
+    return problem(503, "database-unavailable", "the database is unreachable; retry shortly", request=request,
+                   title="Database unavailable", headers={"Retry-After": str(DB_RETRY_AFTER_SECONDS)})
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    ref = getattr(request.state, "request_id", None) or uuid.uuid4().hex  # set by RequestIdMiddleware
+    log.exception("unhandled error on %s %s (ref %s)", request.method, request.url.path, ref, exc_info=exc)
+    return problem(500, "internal-error", f"an unexpected error occurred (ref {ref})", request=request,
+                   title="Internal server error", reference=ref)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(SpafitError, _spafit_error)
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(HTTPException, _http_exception)
+    for db_error in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(db_error, _database_unavailable)
+    app.add_exception_handler(Exception, _unexpected)  # runs in ServerErrorMiddleware, outermost

@@ -1,0 +1,114 @@
+"""The FastAPI application: `create_app()` wires settings, database, metrics, readiness checks, middleware,
+error handlers and routers. Run it with `uvicorn app.main:create_app --factory`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
+
+from spafit_core import __version__
+
+from .db import Database
+from .errors import PROBLEM_MEDIA_TYPE, install_error_handlers
+from .metrics import Metrics
+from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from .routes import datasets, health
+from .services import keys, migrate
+from .services.health import Readiness, ping_broker
+from .settings import Settings, get_settings
+
+log = logging.getLogger("spafit")
+
+AUTH_OFF_BANNER = """
+****************************************************************************************
+*  AUTH IS OFF: embedded/local mode (SPAFIT_MODE=embedded). Every request acts as the  *
+*  built-in 'local' tenant with all scopes. Do not expose this port beyond localhost.  *
+*  For a shared deployment set SPAFIT_MODE=server (auth on, Postgres, Redis).          *
+****************************************************************************************"""
+
+
+def _configure_logging(level: str) -> None:
+    log.setLevel(level.upper())
+    if not log.handlers and not logging.getLogger().handlers:  # uvicorn only configures its own loggers
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+
+
+def _database_check(db: Database) -> None:
+    db.ping()
+    migrate.check_current(db.engine)
+
+
+def _startup(settings: Settings, db: Database) -> None:
+    if settings.auto_migrate:
+        migrate.upgrade(settings.database_url)
+    if not settings.auth_enabled:
+        log.warning(AUTH_OFF_BANNER)
+        with db.session() as session:
+            keys.ensure_local_tenant(session)
+    log.info("spafit %s ready: mode=%s database=%s", __version__, settings.mode, db.engine.url.render_as_string())
+
+
+def _problem_openapi(app: FastAPI) -> dict[str, Any]:
+    """OpenAPI with every 4xx/5xx response filed under application/problem+json."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for code, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if code[:1] in "45" and "application/json" in content:
+                    content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    _configure_logging(settings.log_level)
+    db = Database.from_settings(settings)
+    metrics = Metrics()
+    readiness = Readiness(timeout=settings.readiness_timeout)
+    readiness.add("database", partial(_database_check, db))
+    readiness.add("broker", partial(ping_broker, settings.broker_url, key_prefix=settings.broker_key_prefix,
+                                    timeout=settings.readiness_timeout))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(_startup, settings, db)
+        yield
+        db.dispose()
+
+    app = FastAPI(title="SPAFIT", version=__version__, lifespan=lifespan,
+                  description="Fine-tune SPAFIT adapters and serve every task from one frozen backbone. "
+                  "Errors are application/problem+json (RFC 9457) with a stable `type`.")
+    app.state.settings = settings
+    app.state.db = db
+    app.state.metrics = metrics
+    app.state.readiness = readiness
+
+    install_error_handlers(app)
+    # add_middleware puts each new one outside the previous: the last added runs first.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key",
+                                          "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Retry-After"])
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
+
+    app.include_router(health.router)
+    app.include_router(datasets.router)
+    app.openapi = partial(_problem_openapi, app)  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,61 @@
+"""Prometheus metrics. Each app owns a `Metrics` on its own CollectorRegistry (`app.state.metrics`), so
+several apps in one process (tests) never clash. Parts that come later use the objects defined here:
+
+    request.app.state.metrics.jobs_submitted.inc()
+    metrics.predict_duration.labels(stage="forward").observe(seconds)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        # HTTP (recorded by middleware.MetricsMiddleware); `route` is the template, e.g. /v1/datasets/{dataset_id}
+        self.http_request_duration = Histogram(
+            "spafit_http_request_duration_seconds", "HTTP request latency by route template and status.",
+            ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.http_requests_in_flight = Gauge(
+            "spafit_http_requests_in_flight", "HTTP requests being served.", registry=r)
+        self.ready = Gauge("spafit_ready", "1 if the named readiness check passed on its last run.", ["check"],
+                           registry=r)
+        # Datasets
+        self.datasets_created = Counter("spafit_datasets_created", "Datasets registered.", ["source"], registry=r)
+        # Jobs (the jobs part increments these)
+        self.jobs_submitted = Counter("spafit_jobs_submitted", "Fine-tuning jobs accepted.", registry=r)
+        self.jobs_finished = Counter("spafit_jobs_finished", "Jobs that reached a final status.", ["status"],
+                                     registry=r)
+        self.jobs_by_status = Gauge("spafit_jobs", "Jobs per status (refreshed by the jobs part).", ["status"],
+                                    registry=r)
+        # Predict / engine (the predict part records these)
+        self.predict_requests = Counter("spafit_predict_requests", "Predict requests by outcome.", ["outcome"],
+                                        registry=r)
+        self.predict_inputs = Histogram("spafit_predict_inputs", "Inputs per predict request.",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.predict_duration = Histogram("spafit_predict_duration_seconds", "Predict time by stage "
+                                          "(queue, tokenize, forward, total).", ["stage"], buckets=LATENCY_BUCKETS,
+                                          registry=r)
+        self.engine_batch_size = Histogram("spafit_engine_batch_size", "Inputs per batched forward pass.",
+                                           buckets=BATCH_BUCKETS, registry=r)
+        self.engine_queue_depth = Gauge("spafit_engine_queue_depth", "Requests waiting for the engine.", registry=r)
+        self.adapters_loaded = Gauge("spafit_adapters_loaded", "Adapters resident in the engine's bank.",
+                                     registry=r)
+        self.adapter_loads = Counter("spafit_adapter_loads", "Adapter loads into the bank by outcome.", ["outcome"],
+                                     registry=r)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text format."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

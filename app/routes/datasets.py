@@ -1,0 +1,114 @@
+"""/v1/datasets: upload (multipart CSV / TSV / JSONL) or import (JSON naming a Hugging Face dataset),
+list, get, delete. Tenant-scoped; another tenant's dataset is a 404."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from ..deps import MetricsDep, SessionDep, SettingsDep, TrainPrincipal
+from ..errors import PayloadTooLarge, UnsupportedMediaType
+from ..schemas import DatasetOut, DatasetUploadFields, HfDatasetCreate, Page, problem_responses
+from ..services import datasets
+from ..services.pagination import DEFAULT_LIMIT, MAX_LIMIT
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+READ_CHUNK = 1 << 20
+
+_UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {"type": "string", "format": "binary", "description": "CSV, TSV or JSON Lines"},
+                       **{k: {"type": "string", "description": v.description or ""}
+                          for k, v in DatasetUploadFields.model_fields.items()}}}},
+    "application/json": {"schema": {"$ref": "#/components/schemas/HfDatasetCreate"}},
+}}}
+
+
+def _invalid(e: ValidationError, *prefix: str) -> RequestValidationError:
+    return RequestValidationError([{**err, "loc": ("body", *prefix, *err["loc"])} for err in e.errors()])
+
+
+def _text_fields(value: str | None) -> list[str] | None:
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass  # validated below as a string, which fails with a clear message
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+async def _read_capped(upload: UploadFile, limit: int) -> bytes:
+    buf = bytearray()
+    while chunk := await upload.read(READ_CHUNK):
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLarge(f"the file is larger than the {limit}-byte upload limit", field="file",
+                                  limit_bytes=limit)
+    return bytes(buf)
+
+
+async def dataset_source(request: Request, settings: SettingsDep) -> datasets.Upload | HfDatasetCreate:
+    """The body of POST /v1/datasets: a multipart upload, or JSON `{hf: {name, split, config_name}}`."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        try:
+            return HfDatasetCreate.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise _invalid(e) from None
+    if content_type != "multipart/form-data":
+        raise UnsupportedMediaType("send the file as multipart/form-data, or JSON {hf: {...}} as application/json")
+    async with request.form(max_files=1, max_fields=20) as form:
+        upload = form.get("file")
+        fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+        try:
+            parsed = DatasetUploadFields.model_validate({**fields, "text_fields": _text_fields(fields.get("text_fields"))})
+        except ValidationError as e:
+            raise _invalid(e) from None
+        if not isinstance(upload, UploadFile):
+            raise RequestValidationError([{"type": "missing", "loc": ("body", "file"),
+                                           "msg": "a file part named 'file' is required", "input": None}])
+        content = await _read_capped(upload, settings.max_upload_bytes)
+        return datasets.Upload(content=content, filename=upload.filename, fields=parsed)
+
+
+@router.post("", status_code=201, response_model=DatasetOut, summary="Upload or import a dataset",
+             responses=problem_responses(401, 403, 413, 415, 422), openapi_extra=_UPLOAD_BODY)
+def create_dataset(*, principal: TrainPrincipal,
+                   source: Annotated[datasets.Upload | HfDatasetCreate, Depends(dataset_source)],
+                   session: SessionDep, settings: SettingsDep, metrics: MetricsDep) -> Any:
+    # Server-side paths are only for the local user of an embedded, auth-off service, never for key holders.
+    dataset = datasets.create(session, principal.tenant_id, source, allow_local_paths=not settings.auth_enabled)
+    metrics.datasets_created.labels(dataset.source).inc()
+    return dataset
+
+
+@router.get("", response_model=Page[DatasetOut], summary="List datasets, newest first",
+            responses=problem_responses(401, 403, 422))
+def list_datasets(*, principal: TrainPrincipal, session: SessionDep,
+                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+                  cursor: Annotated[str | None, Query(max_length=500)] = None) -> Any:
+    items, next_cursor = datasets.list_page(session, principal.tenant_id, limit=limit, cursor=cursor)
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="Get a dataset",
+            responses=problem_responses(401, 403, 404, 422))
+def get_dataset(*, dataset_id: uuid.UUID, principal: TrainPrincipal, session: SessionDep) -> Any:
+    return datasets.get(session, principal.tenant_id, dataset_id)
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response, summary="Delete a dataset",
+               responses=problem_responses(401, 403, 404, 409, 422))
+def delete_dataset(*, dataset_id: uuid.UUID, principal: TrainPrincipal, session: SessionDep) -> Response:
+    datasets.delete(session, principal.tenant_id, dataset_id)
+    return Response(status_code=204)

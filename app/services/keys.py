@@ -1,0 +1,114 @@
+"""Tenants and API keys: create, list, revoke, authenticate. The CLI's `keys create|list|revoke` and the
+auth dependency call these; mutating functions commit their own transaction."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..errors import Conflict, InvalidInput, NotFound, Unauthorized
+from ..models import ApiKey, Tenant, utcnow
+from ..security import Principal, check_scopes, hash_secret, new_key, parse_key, verify_secret
+from ..settings import SCOPES
+
+# The built-in tenant every request acts as when auth is off (embedded mode only).
+LOCAL_TENANT_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
+LOCAL_TENANT_NAME = "local"
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # write last_used_at at most this often per key
+_DUMMY_HASH = hash_secret("not-a-key")
+
+
+def local_principal() -> Principal:
+    return Principal(tenant_id=LOCAL_TENANT_ID, key_id=None, scopes=frozenset(SCOPES))
+
+
+def create_tenant(session: Session, name: str) -> Tenant:
+    tenant = Tenant(name=name)
+    session.add(tenant)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(f"tenant {name!r} already exists", field="name") from None
+    return tenant
+
+
+def get_tenant(session: Session, name_or_id: str | uuid.UUID) -> Tenant:
+    """A tenant by id or by name."""
+    try:
+        tenant = session.get(Tenant, uuid.UUID(str(name_or_id)))
+    except ValueError:
+        tenant = session.scalar(select(Tenant).where(Tenant.name == str(name_or_id)))
+    if tenant is None:
+        raise NotFound(f"tenant {name_or_id!s} not found")
+    return tenant
+
+
+def ensure_local_tenant(session: Session) -> Tenant:
+    """The built-in `local` tenant, created on first use (idempotent, safe if two processes race)."""
+    tenant = session.get(Tenant, LOCAL_TENANT_ID)
+    if tenant is not None:
+        return tenant
+    session.add(Tenant(id=LOCAL_TENANT_ID, name=LOCAL_TENANT_NAME))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+    return session.get(Tenant, LOCAL_TENANT_ID)
+
+
+def create_key(session: Session, tenant: Tenant | uuid.UUID, name: str, scopes: list[str]) -> tuple[ApiKey, str]:
+    """A new key for `tenant`: (row, plaintext). The plaintext is not stored: show it once."""
+    try:
+        scopes = check_scopes(scopes)
+    except ValueError as e:
+        raise InvalidInput(str(e), field="scopes") from None
+    tenant_id = tenant.id if isinstance(tenant, Tenant) else tenant
+    prefix, secret, plaintext = new_key()
+    key = ApiKey(tenant_id=tenant_id, name=name, prefix=prefix, secret_hash=hash_secret(secret), scopes=scopes)
+    session.add(key)
+    session.commit()
+    return key, plaintext
+
+
+def list_keys(session: Session, tenant_id: uuid.UUID, *, include_revoked: bool = True) -> list[ApiKey]:
+    query = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at, ApiKey.id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(query))
+
+
+def revoke_key(session: Session, tenant_id: uuid.UUID, key: uuid.UUID | str) -> ApiKey:
+    """Revoke a key of `tenant_id` by id or prefix. Idempotent: revoking twice keeps the first time."""
+    try:
+        row = session.get(ApiKey, uuid.UUID(str(key)))
+    except ValueError:
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == str(key)))
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound(f"API key {key!s} not found")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.commit()
+    return row
+
+
+def authenticate(session: Session, plaintext: str) -> Principal:
+    """The principal of a presented key; `Unauthorized` if it is malformed, unknown, wrong or revoked."""
+    parsed = parse_key(plaintext)
+    if parsed is None:
+        raise Unauthorized("malformed API key; expected spafit_<prefix>_<secret>")
+    prefix, secret = parsed
+    key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    # Compare even when the prefix is unknown, so timing does not tell which prefixes exist.
+    ok = verify_secret(secret, key.secret_hash if key is not None else _DUMMY_HASH)
+    if key is None or not ok or key.revoked_at is not None:
+        raise Unauthorized("invalid or revoked API key")
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
+        key.last_used_at = now
+        session.commit()
+    return Principal(tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes))

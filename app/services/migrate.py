@@ -1,0 +1,63 @@
+"""Apply the Alembic migrations programmatically (the CLI's `db upgrade`, the embedded server's startup)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+import migrations
+
+from ..db import make_engine
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config for `url` that works from any working directory and from an installed package."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.attributes["url"] = url  # not a main option: URL-encoded passwords contain '%'
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "-1") -> None:
+    """Step back to `revision` ("-1": one revision, "base": drop everything)."""
+    command.downgrade(alembic_config(url), revision)
+
+
+@lru_cache
+def head() -> str | None:
+    """The newest revision this code knows."""
+    return ScriptDirectory.from_config(alembic_config("")).get_current_head()
+
+
+def current(url: str) -> str | None:
+    """The revision the database is at (None: never migrated)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def is_current(url: str) -> bool:
+    return current(url) == head()
+
+
+def check_current(engine: Engine) -> None:
+    """Raise unless the database behind `engine` is migrated to this code's head (a real query)."""
+    with engine.connect() as conn:
+        at = MigrationContext.configure(conn).get_current_revision()
+    expected = head()
+    if at != expected:
+        raise RuntimeError(f"database schema is at revision {at or 'none'}, this code needs {expected}; "
+                           "run `spafit db upgrade`")

@@ -1,0 +1,53 @@
+"""Sample files and assertions shared by the API tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from typing import Any
+
+PROBLEM_TYPE_BASE = "https://spafit.dev/problems/"
+SENTIMENT = [("a great film", "pos"), ("boring and slow", "neg"), ("I loved it", "pos"), ("awful acting", "neg"),
+             ("fun plot", "pos"), ("not good", "neg"), ("very fine", "pos"), ("hate it", "neg"),
+             ("superb", "pos"), ("dull", "neg"), ("a classic", "pos"), ("a mess", "neg")]
+
+
+def csv_bytes(rows=SENTIMENT, header=("text", "label")) -> bytes:
+    return ("\n".join([",".join(header), *(f'"{t}",{label}' for t, label in rows)]) + "\n").encode()
+
+
+def unique_csv() -> bytes:
+    """A valid CSV no other test uploads (blobs are shared by content, across tenants)."""
+    return csv_bytes([*SENTIMENT, (f"unique {secrets.token_hex(8)}", "pos")])
+
+
+def tsv_bytes(rows=SENTIMENT, header=("sentence", "label")) -> bytes:
+    return ("\n".join(["\t".join(header), *(f"{t}\t{label}" for t, label in rows)]) + "\n").encode()
+
+
+def jsonl_bytes(rows=SENTIMENT) -> bytes:
+    return "".join(json.dumps({"text": t, "label": label}) + "\n" for t, label in rows).encode()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def upload(client: Any, content: bytes, filename: str = "train.csv", headers: dict | None = None, **fields: Any):
+    return client.post("/v1/datasets", files={"file": (filename, content)}, data=fields, headers=headers or {})
+
+
+def assert_problem(response: Any, status: int, slug: str | None = None) -> dict[str, Any]:
+    """The response is RFC 9457 problem+json with the given status (and type slug); returns the body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    for member in ("type", "title", "status", "detail"):
+        assert member in body, body
+    assert body["status"] == status
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    if slug is not None:
+        assert body["type"] == PROBLEM_TYPE_BASE + slug, body
+    return body

@@ -1,0 +1,36 @@
+"""The OpenAPI document lists every route, its security and its problem+json error responses."""
+
+from __future__ import annotations
+
+EXPECTED = {
+    ("post", "/v1/datasets"): {"401", "403", "413", "415", "422"},
+    ("get", "/v1/datasets"): {"401", "403", "422"},
+    ("get", "/v1/datasets/{dataset_id}"): {"401", "403", "404", "422"},
+    ("delete", "/v1/datasets/{dataset_id}"): {"401", "403", "404", "409", "422"},
+    ("get", "/readyz"): {"503"},
+    ("get", "/healthz"): set(),
+    ("get", "/metrics"): set(),
+}
+
+
+def test_openapi_lists_every_route_with_its_problem_responses(client):
+    spec = client.get("/openapi.json").json()
+    ops = {(method, path): op for path, item in spec["paths"].items() for method, op in item.items()}
+    assert set(ops) == set(EXPECTED)
+    for key, codes in EXPECTED.items():
+        responses = ops[key]["responses"]
+        assert codes <= set(responses), (key, set(responses))
+        for code in codes:
+            content = responses[code]["content"]
+            assert list(content) == ["application/problem+json"], (key, code, content)
+            assert content["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+def test_openapi_documents_both_upload_bodies_and_the_key_headers(client):
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+    assert "file" in body["multipart/form-data"]["schema"]["properties"]
+    schemes = spec["components"]["securitySchemes"]
+    assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
