@@ -212,7 +212,7 @@ class TaskSpec:
 @dataclass
 class TrainConfig:
     """Optimisation settings. Defaults suit adapters on a small encoder; `learning_rate=None` picks a
-    per-method default (2e-5 for full fine-tuning, 5e-4 for adapters, as in the LoRA and BitFit papers)."""
+    per-method default (2e-5 for full fine-tuning, 1e-3 for adapters and biases, the range the LoRA and BitFit papers use)."""
 
     epochs: int = 3
     batch_size: int = 16
@@ -265,7 +265,7 @@ class TrainConfig:
     def lr_for(self, method: str) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 2e-5 if method == "full" else 5e-4
+        return 2e-5 if method == "full" else 1e-3
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

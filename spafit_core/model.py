@@ -96,7 +96,7 @@ class SpafitModel(nn.Module):
                 require_roles(self.stack, method.targets)
             self.stack, self.adapted = wrap_stack(base, self.stack)
             self._attach()
-        for name, p in self.head_named_parameters():
+        for _, p in self.head_named_parameters():
             p.requires_grad_(True)
 
     # ----------------------------------------------------------------- construction

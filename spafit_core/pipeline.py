@@ -48,12 +48,21 @@ class FinetuneResult:
                 "main_metric": r.main_metric, "history": r.history}
 
 
-def _as_table(data, split: str, fmt: str | None):
+def _as_table(data, split: str, fmt: str | None, data_dir: str | None = None):
     from . import data as data_mod
 
     if isinstance(data, data_mod.Table):
         return data
-    return data_mod.load_table(str(data), split=split, format=fmt)
+    return data_mod.load_table(str(data), split=split, format=fmt, data_dir=data_dir)
+
+
+def glue_task_for(spec):
+    """The GLUE preset named by a "glue/<task>" spec, else None."""
+    if not isinstance(spec, str) or not spec.lower().startswith("glue/"):
+        return None
+    from .glue import get_glue_task
+
+    return get_glue_task(spec)
 
 
 def prepare(
@@ -64,24 +73,24 @@ def prepare(
     label_field: str | None = None,
     task_type: str | None = None,
     format: str | None = None,
+    data_dir: str | None = None,
 ):
     """Read + validate both splits; returns (train table, validation table or None, TaskSpec, fields,
-    report). Raises DataError listing the problems when the data cannot be trained on."""
+    report). Raises DataError listing the problems when the data cannot be trained on. A "glue/<task>"
+    spec brings its fields, labels and validation split (from the hub, or GLUE TSVs in `data_dir`)."""
     from . import data as data_mod
-    from .glue import glue_task_for
 
-    preset = glue_task_for(train_data) if isinstance(train_data, str) else None
+    preset = glue_task_for(train_data)
     if preset is not None:
         text_fields = text_fields or list(preset.text_fields)
         label_field = label_field or preset.label_field
         task_type = task_type or preset.task_type
-    train_table = _as_table(train_data, "train", format)
+    train_table = _as_table(train_data, "train", format, data_dir)
     if validation is None and preset is not None:
-        validation = train_data  # the preset knows its validation split
-        val_table = _as_table(validation, preset.validation_splits[0], format)
+        val_table = _as_table(train_data, preset.validation_splits[0], format, data_dir)
     else:
-        val_table = _as_table(validation, "validation", format) if validation is not None else None
-    text_fields, label_field = data_mod.infer_fields(train_table.columns, text_fields, label_field)
+        val_table = _as_table(validation, "validation", format, data_dir) if validation is not None else None
+    text_fields, label_field = data_mod.infer_fields(train_table, text_fields, label_field)
     if label_field is None:
         raise DataError(f"no label column found; columns are {train_table.columns}: pass label_field",
                         field="label_field")
@@ -104,11 +113,17 @@ def prepare(
 
 
 def _infer_task_type(table, label_field: str) -> str:
-    values = [r.get(label_field) for r in table.records[:1000]]
+    """Lists (or "a|b" cells) mean multi-label; numbers with a fractional part mean regression."""
+    values = [r.get(label_field) for r in table.records[:2000] if r.get(label_field) not in (None, "")]
     if any(isinstance(v, list) or (isinstance(v, str) and "|" in v) for v in values):
         return "multi_label_classification"
-    floats = [v for v in values if isinstance(v, float) and not float(v).is_integer()]
-    if floats:
+    numbers = []
+    for v in values:
+        try:
+            numbers.append(float(v))
+        except (TypeError, ValueError):
+            return "single_label_classification"
+    if numbers and any(not x.is_integer() for x in numbers):
         return "regression"
     return "single_label_classification"
 
@@ -127,17 +142,18 @@ def finetune(
     callback: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     checkpoint_path: str | Path | None = None,
+    data_dir: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune `base_model` with `method` on `train_data` (a CSV/TSV/JSONL path, "glue/<task>",
-    an HF dataset, or a data.Table) and evaluate on `validation` each epoch."""
+    "hf:<id>", a local HF dataset folder, or a data.Table) and evaluate on `validation` each epoch."""
     from . import data as data_mod
-    from .glue import glue_task_for
 
     method = method or MethodConfig()
     cfg = train_config or TrainConfig()
     train_table, val_table, task, text_fields, label_field, report = prepare(
-        train_data, validation, text_fields=text_fields, label_field=label_field, task_type=task_type)
-    preset = glue_task_for(train_data) if isinstance(train_data, str) else None
+        train_data, validation, text_fields=text_fields, label_field=label_field, task_type=task_type,
+        data_dir=data_dir)
+    preset = glue_task_for(train_data)
     if metrics is None and preset is not None:
         metrics = list(preset.metrics)
     set_seed(cfg.seed)  # the head and LoRA A are initialised from it

@@ -12,8 +12,14 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS] + [f"w{i}" for i 
 
 
 def tiny_config(arch: str = "bert", layers: int = 4, hidden: int = 32, dropout: float = 0.1):
-    from transformers import (BertConfig, DebertaV2Config, DistilBertConfig, ElectraConfig,
-                              RobertaConfig, XLMRobertaConfig)
+    from transformers import (
+        BertConfig,
+        DebertaV2Config,
+        DistilBertConfig,
+        ElectraConfig,
+        RobertaConfig,
+        XLMRobertaConfig,
+    )
 
     common = dict(vocab_size=len(VOCAB), max_position_embeddings=64, pad_token_id=0)
     if arch == "distilbert":

@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from spafit_core import AdapterError, AdapterMismatchError, MethodConfig, TaskSpec, TrainConfig
-from spafit_core.adapter import (CONFIG_FILE, WEIGHTS_FILE, load_adapter, pack, read_adapter, save_adapter,
-                                 serialize, unpack, verify)
+from spafit_core.adapter import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_adapter,
+    pack,
+    read_adapter,
+    save_adapter,
+    serialize,
+    unpack,
+    verify,
+)
 from spafit_core.model import SpafitModel
 from spafit_core.train import encode, set_seed, train
 from tests.core.conftest import toy_examples

@@ -9,7 +9,7 @@ from spafit_core import ConfigError, MethodConfig, TaskSpec, UnsupportedArchitec
 from spafit_core.model import SpafitModel
 
 ARCHS = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta-v2"]
-H, I, L, R, C = 32, 64, 4, 2, 3  # tiny config: hidden, intermediate, layers; rank; classes
+H, FFN, L, R, C = 32, 64, 4, 2, 3  # tiny config: hidden, intermediate, layers; rank; classes
 
 
 def build(path, name="spafit", **kw):
@@ -19,7 +19,7 @@ def build(path, name="spafit", **kw):
 
 def bias_per_layer() -> int:
     # q, k, v, attention output (H each) + FFN in (I) + FFN out (H) + two LayerNorms (H each)
-    return 4 * H + I + H + 2 * H
+    return 4 * H + FFN + H + 2 * H
 
 
 def lora_per_layer(targets: int = 4, rank: int = R) -> int:
@@ -47,7 +47,7 @@ def test_baselines_parameter_counts_match_closed_form(tiny_dirs, arch):
     assert full.param_counts()["total"] == sum(p.numel() for p in full.hf.parameters())
     wide = build(path, "lora", targets=("query", "value", "ffn_in", "ffn_out"), rank=4)
     # query/value: 4 * (H + H) each; ffn_in: 4 * (H + I); ffn_out: 4 * (I + H)
-    assert wide.param_counts()["without_head"] == L * (2 * 4 * 2 * H + 2 * 4 * (H + I))
+    assert wide.param_counts()["without_head"] == L * (2 * 4 * 2 * H + 2 * 4 * (H + FFN))
 
 
 def test_head_is_trained_and_embeddings_frozen(tiny_bert):
@@ -145,7 +145,7 @@ def test_missing_target_role_names_architecture(tiny_dirs):
     assert stack.layers[0].roles["query"] == "attention.q_lin"
     from dataclasses import replace
 
-    broken = replace(stack, layers=tuple(replace(l, roles={k: v for k, v in l.roles.items() if k != "ffn_in"})
-                                         for l in stack.layers))
+    broken = replace(stack, layers=tuple(replace(layer, roles={k: v for k, v in layer.roles.items() if k != "ffn_in"})
+                                         for layer in stack.layers))
     with pytest.raises(UnsupportedArchitectureError, match="ffn_in"):
         require_roles(broken, ("ffn_in",))
