@@ -20,6 +20,7 @@ from .errors import Forbidden, Unauthorized
 from .metrics import Metrics
 from .security import Principal
 from .services import keys
+from .services.serving import Serving
 from .settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer spafit_<prefix>_<secret>`")
@@ -38,6 +39,10 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
 def get_session(request: Request) -> Iterator[Session]:
     """A session per request, closed (and rolled back if uncommitted) at the end. Services commit."""
     with request.app.state.db.session() as session:
@@ -48,6 +53,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 SessionDep = Annotated[Session, Depends(get_session)]
+ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
 def get_principal(

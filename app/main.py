@@ -3,6 +3,7 @@ error handlers and routers. Run it with `uvicorn app.main:create_app --factory`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,9 +21,11 @@ from .db import Database
 from .errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
-from .routes import datasets, health
+from .routes import datasets, health, jobs, predict, tasks
+from .services import jobs as job_service
 from .services import keys, migrate
 from .services.health import Readiness, ping_broker
+from .services.serving import Serving
 from .settings import Settings, get_settings
 
 log = logging.getLogger("spafit")
@@ -58,6 +61,21 @@ def _startup(settings: Settings, db: Database) -> None:
     log.info("spafit %s ready: mode=%s database=%s", __version__, settings.mode, db.engine.url.render_as_string())
 
 
+async def _requeue_loop(app: FastAPI) -> None:
+    """Every `job_requeue_interval_s`: re-send orphaned jobs (see services.jobs.requeue_orphans) and refresh
+    the jobs-by-status gauge. Harmless with several API replicas: claims are atomic."""
+    settings: Settings = app.state.settings
+    while True:
+        await asyncio.sleep(settings.job_requeue_interval_s)
+        try:
+            await run_in_threadpool(job_service.requeue_orphans, app.state.db, app.state.send_job, settings)
+            counts = await run_in_threadpool(job_service.count_by_status, app.state.db)
+            for status, n in counts.items():
+                app.state.metrics.jobs_by_status.labels(status=status).set(n)
+        except Exception:  # the database may be away; try again next round
+            log.warning("job requeue round failed", exc_info=True)
+
+
 def _problem_openapi(app: FastAPI) -> dict[str, Any]:
     """OpenAPI with every 4xx/5xx response filed under application/problem+json."""
     if app.openapi_schema:
@@ -82,11 +100,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     readiness.add("database", partial(_database_check, db))
     readiness.add("broker", partial(ping_broker, settings.broker_url, key_prefix=settings.broker_key_prefix,
                                     timeout=settings.readiness_timeout))
+    serving = Serving(settings, db, metrics)
+    if settings.preload_base_model:  # otherwise the backbone loads on the first predict, unwaited for
+        readiness.add("engine", serving.check_ready)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_startup, settings, db)
+        serving.start()
+        requeue = asyncio.create_task(_requeue_loop(app))
         yield
+        requeue.cancel()
+        await run_in_threadpool(serving.stop)
         db.dispose()
 
     app = FastAPI(title="SPAFIT", version=__version__, lifespan=lifespan,
@@ -96,6 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = db
     app.state.metrics = metrics
     app.state.readiness = readiness
+    app.state.serving = serving
+    app.state.send_job = job_service.Broker(settings)
 
     install_error_handlers(app)
     # add_middleware puts each new one outside the previous: the last added runs first.
@@ -110,5 +137,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    app.include_router(tasks.router)
+    app.include_router(predict.router)
     app.openapi = partial(_problem_openapi, app)  # type: ignore[method-assign]
     return app

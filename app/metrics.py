@@ -7,6 +7,8 @@ several apps in one process (tests) never clash. Parts that come later use the o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -15,6 +17,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -55,7 +59,44 @@ class Metrics:
                                      registry=r)
         self.adapter_loads = Counter("spafit_adapter_loads", "Adapter loads into the bank by outcome.", ["outcome"],
                                      registry=r)
+        self.adapter_bytes = Gauge("spafit_adapter_bytes", "Bytes of the adapters resident in the engine's bank.",
+                                   registry=r)
+        self.backbones_loaded = Gauge("spafit_backbones_loaded", "Frozen backbones loaded by the engine.",
+                                      registry=r)
+
+    def watch_engine(self, stats: Callable[[], dict[str, int]], queue_depth: Callable[[], int]) -> None:
+        """Read the engine's state at scrape time: `stats()` gives the bank's counters (hits, misses,
+        evictions, loads, adapters, adapter_bytes, backbones), `queue_depth()` the rows waiting."""
+        self.engine_queue_depth.set_function(queue_depth)
+        self.adapters_loaded.set_function(lambda: stats()["adapters"])
+        self.adapter_bytes.set_function(lambda: stats()["adapter_bytes"])
+        self.backbones_loaded.set_function(lambda: stats()["backbones"])
+        self.registry.register(_EngineCacheCollector(stats))
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text format."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _EngineCacheCollector(Collector):
+    """`spafit_engine_cache_total{event}`: the adapter bank's own counters (hit, miss, eviction, load)."""
+
+    EVENTS = (("hit", "hits"), ("miss", "misses"), ("eviction", "evictions"), ("load", "loads"))
+
+    def __init__(self, stats: Callable[[], dict[str, int]]):
+        self.stats = stats
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        stats = self.stats()
+        for event, key in self.EVENTS:
+            family.add_metric([event], stats.get(key, 0))
+        yield family
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily("spafit_engine_cache", "Adapter bank events since the engine started.",
+                                   labels=["event"])

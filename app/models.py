@@ -33,6 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 JOB_FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+JOB_KINDS = ("train", "sweep", "trial")  # a sweep is a parent whose trials are jobs of their own
 DATASET_SOURCES = ("upload", "hf")
 
 # Stable constraint names, so migrations can refer to (and drop) them on every backend.
@@ -179,10 +180,12 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),  # finding stale running jobs
         CheckConstraint(_one_of("status", JOB_STATUSES), name="status"),
+        CheckConstraint(_one_of("kind", JOB_KINDS), name="kind"),
     )
 
     id: Mapped[uuid.UUID] = _id()
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    kind: Mapped[str] = mapped_column(String(8), default="train")
     task_name: Mapped[str] = mapped_column(String(64))
     task_type: Mapped[str] = mapped_column(String(40), default="single_label_classification")
     base_model: Mapped[str] = mapped_column(String(300))
@@ -208,7 +211,13 @@ class Job(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(200))
     claimed_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
+    # When the job was last handed to the broker, and which broker incarnation took it: a broker that
+    # restarted without persistence (new epoch) lost the message, so the job is sent again.
+    enqueued_at: Mapped[datetime | None]
+    broker_epoch: Mapped[str | None] = mapped_column(String(64))
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), ForeignKey("blobs.sha256"))
+    # A sweep trial's trained adapter (packed zip), kept until the sweep registers the best trial.
+    result_sha256: Mapped[str | None] = mapped_column(String(64), ForeignKey("blobs.sha256"))
     parent_job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"), index=True)  # sweep trials
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

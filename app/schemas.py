@@ -109,3 +109,94 @@ def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a route: each status documented with the Problem schema (main.py's OpenAPI hook
     files it under application/problem+json)."""
     return {code: {"model": Problem, "description": _STATUS_TEXT.get(code, "Error")} for code in codes}
+
+
+# ----------------------------------------------------------------------------------- tasks and predict
+MAX_FANOUT_TASKS = 32  # tasks in one POST /v1/predict: each is one more row per input in the fan-out pass
+
+
+class AdapterVersionOut(BaseModel):
+    """One immutable adapter version of a task."""
+
+    id: uuid.UUID = Field(description="the version's id (also the name the engine holds the adapter under)")
+    version: int
+    active: bool = Field(description="whether predict serves this version now")
+    sha256: str = Field(description="sha256 of the adapter weights (adapter.safetensors)")
+    size_bytes: int = Field(description="size of the adapter weights")
+    base_model: str
+    base_fingerprint: str = Field(description="sha256 over the base model's weights the adapter was trained on")
+    method: dict[str, Any] = Field(description="the method and its parameters (spafit n1/n2/rank, lora, bitfit)")
+    task_type: TaskType
+    labels: list[str] = Field(description="the label map: index -> label (empty for regression)")
+    trainable_params: int | None = Field(default=None, description="trainable parameters, head included")
+    param_counts: dict[str, Any] | None = Field(
+        default=None, description="total, without_head, head, per_group, base_model, trainable_fraction")
+    metrics: dict[str, Any] | None = Field(default=None, description="validation metrics recorded at training")
+    max_seq_length: int | None = None
+    job_id: uuid.UUID | None = Field(default=None, description="the job that trained it; null when imported")
+    created_at: datetime
+
+
+class TaskOut(BaseModel):
+    """A task and the adapter version predict serves."""
+
+    name: str
+    version_count: int
+    active_version: AdapterVersionOut | None = Field(description="null until a version exists or is activated")
+    created_at: datetime
+    updated_at: datetime
+
+
+class TextPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    text_pair: str | None = Field(default=None, description="the second text of a sentence-pair task")
+
+
+PredictInput = str | TextPair
+
+
+class PredictRequest(BaseModel):
+    """`POST /v1/tasks/{task}/predict`. Limits (inputs per request, characters per text) are the service's
+    `max_predict_inputs` and `max_input_chars` settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[PredictInput] = Field(min_length=1, description="texts, or {text, text_pair} objects; "
+                                       "one request holds only one of the two kinds")
+    top_k: int | None = Field(default=None, ge=1, description="class scores to return per input "
+                              "(default: all, best first)")
+
+
+class FanOutRequest(BaseModel):
+    """`POST /v1/predict`: every input asked of every task; the backbone's shared prefix runs once per input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(min_length=1, max_length=MAX_FANOUT_TASKS, description="task names, each once")
+    inputs: list[PredictInput] = Field(min_length=1, description="texts, or {text, text_pair} objects")
+    top_k: int | None = Field(default=None, ge=1)
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(BaseModel):
+    label: str | None = Field(description="the best label (null for regression)")
+    score: float = Field(description="its probability (the value for regression)")
+    scores: list[LabelScore] = Field(description="labels with their probabilities, best first (top_k of them)")
+    labels: list[str] | None = Field(default=None, description="multi-label: every label at or above 0.5")
+    value: float | None = Field(default=None, description="regression: the predicted value")
+
+
+class TaskPredictions(BaseModel):
+    task: str
+    version: int = Field(description="the adapter version that answered")
+    predictions: list[Prediction] = Field(description="one per input, in order")
+
+
+class FanOutResponse(BaseModel):
+    results: list[TaskPredictions] = Field(description="one per task, in the order asked")

@@ -90,9 +90,56 @@ class Settings(BaseSettings):
         default="sentence-transformers/all-MiniLM-L6-v2",
         description="Backbone used when a job names none (the packaged MiniLM loads without network).",
     )
+    allowed_base_models: Annotated[list[str], NoDecode, BeforeValidator(_split_origins)] = Field(
+        default_factory=list,
+        description="In server mode, base models that are local folders must be listed here (comma-separated); "
+        "hub ids (`owner/name`) and the packaged MiniLM are always allowed. Embedded mode allows any folder.",
+    )
     job_max_attempts: int = Field(
         default=3, ge=1, description="Times a job is tried (first run + retries after worker loss) before it fails."
     )
+    job_visibility_timeout: int = Field(
+        default=7 * 24 * 3600, ge=60,
+        description="Seconds the broker waits for a worker to acknowledge a job before re-delivering it (Redis "
+        "`visibility_timeout`). Must exceed the longest job, or a long run would be delivered twice.",
+    )
+    job_heartbeat_interval_s: float = Field(
+        default=5.0, gt=0, description="How often a training worker records that it is alive and checks for cancel."
+    )
+    job_heartbeat_stale_s: float = Field(
+        default=60.0, gt=0,
+        description="A running job whose heartbeat is older than this is considered orphaned: it is re-queued and "
+        "resumed from its last checkpoint.",
+    )
+    job_requeue_interval_s: float = Field(
+        default=30.0, gt=0,
+        description="How often the API looks for orphaned jobs (stale running jobs, queued jobs whose broker "
+        "message may be lost) and sends them to the broker again. Duplicates are harmless: claims are atomic.",
+    )
+    checkpoint_every_steps: int = Field(
+        default=50, ge=1, description="Training steps between resumable checkpoints (also saved at every epoch end)."
+    )
+    job_log_every_steps: int = Field(default=5, ge=1, description="Training steps between progress events.")
+    engine_device: str = Field(default="auto", description="Device of the serving engine: auto, cpu, cuda, cuda:N.")
+    engine_cache_bytes: int = Field(
+        default=256 * MiB, ge=1,
+        description="Adapter bytes held on the engine's device (LRU, by bytes). A miss loads from the registry.",
+    )
+    engine_cpu_cache_bytes: int = Field(
+        default=1024 * MiB, ge=0,
+        description="On a GPU host, adapter bytes kept in host memory after eviction from the GPU (second tier).",
+    )
+    preload_base_model: bool = Field(
+        default=True, description="Load the default backbone when the API starts (else on the first predict)."
+    )
+    batch_max_size: int = Field(default=32, ge=1, description="Most rows in one serving forward pass.")
+    batch_max_wait_ms: float = Field(default=5.0, ge=0, description="How long a row waits for others to batch with.")
+    batch_max_tokens: int = Field(default=16384, ge=64, description="Most padded tokens in one forward pass.")
+    batch_max_queue: int = Field(
+        default=2048, ge=1, description="Rows waiting to be served; beyond it predict answers 503 with Retry-After."
+    )
+    predict_timeout_s: float = Field(default=30.0, gt=0, description="Longest a predict request may take.")
+    max_input_chars: int = Field(default=20000, ge=1, description="Longest text accepted in one predict input.")
     cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_origins)] = Field(
         default_factory=list,
         description="Browser origins allowed by CORS, comma-separated or a JSON list; empty disables CORS.",

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -49,3 +53,35 @@ def make_tiny_model(path: Path, arch: str = "bert", layers: int = 4, hidden: int
     vocab.write_text("\n".join(VOCAB) + "\n")
     BertTokenizer(str(vocab), do_lower_case=True).save_pretrained(path)
     return path
+
+
+def toy_examples(n: int = 48, seed: int = 0, task_type: str = "single_label_classification", pairs=False):
+    """A learnable toy task: label 1 iff the sentence contains a positive word."""
+    rng = random.Random(seed)
+    pos, neg = ["good", "great", "fine", "fun", "love"], ["bad", "awful", "boring", "hate"]
+    filler = [w for w in WORDS if w not in pos + neg]
+    texts, labels = [], []
+    for i in range(n):
+        y = i % 2
+        words = rng.sample(filler, rng.randint(2, 6)) + [rng.choice(pos if y else neg)]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        if task_type == "regression":
+            labels.append(float(y) + rng.random() * 0.1)
+        elif task_type == "multi_label_classification":
+            labels.append([float(y), float(1 - y), float(len(words) > 4)])
+        else:
+            labels.append(y)
+    text_pairs = [" ".join(rng.sample(filler, 3)) for _ in texts] if pairs else None
+    return SimpleNamespace(texts=texts, text_pairs=text_pairs, labels=labels)
+
+
+def toy_csv(n: int = 48, seed: int = 0, labels=("negative", "positive")) -> bytes:
+    """The toy task as a CSV upload (text,label) with string labels."""
+    ex = toy_examples(n, seed)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["text", "label"])
+    for text, y in zip(ex.texts, ex.labels, strict=True):
+        w.writerow([text, labels[y]])
+    return buf.getvalue().encode()

@@ -61,6 +61,7 @@ def is_referenced(session: Session, sha: str) -> bool:
         exists().where(Dataset.sha256 == sha),
         exists().where(AdapterVersion.blob_sha256 == sha),
         exists().where(Job.checkpoint_sha256 == sha),
+        exists().where(Job.result_sha256 == sha),
     ))))
 
 

@@ -233,7 +233,8 @@ def test_hf_import_from_a_local_folder_in_embedded_mode(tmp_path, monkeypatch):
     HFDataset.from_dict({"sentence": [t for t, _ in SENTIMENT], "label": [int(lbl == "pos") for _, lbl in SENTIMENT]},
                         features=features).save_to_disk(str(tmp_path / "sst"))
     monkeypatch.chdir(tmp_path)
-    with TestClient(create_app(Settings(_env_file=None, data_dir=tmp_path / "data"))) as client:
+    with TestClient(create_app(Settings(_env_file=None, data_dir=tmp_path / "data",
+                                            preload_base_model=False))) as client:
         r = client.post("/v1/datasets", json={"hf": {"name": str(tmp_path / "sst"), "split": "train"}, "name": "sst"})
     assert r.status_code == 201, r.text
     body = r.json()

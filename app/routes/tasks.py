@@ -1,0 +1,103 @@
+"""/v1/tasks: the adapter registry as clients see it. List and inspect tasks and their versions, roll back
+(activate an older version), delete, download a version as a zip and import one trained elsewhere.
+Tenant-scoped; another tenant's task is a 404. Reading needs any key; changing or downloading needs `train`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+
+from ..deps import ServingDep, SessionDep, TenantDep, TrainPrincipal
+from ..errors import UnsupportedMediaType
+from ..schemas import AdapterVersionOut, Page, TaskOut, problem_responses
+from ..services import registry
+from ..services.pagination import DEFAULT_LIMIT, MAX_LIMIT
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+TaskName = Annotated[str, Path(pattern=f"^{registry.TASK_NAME.pattern}$", description=registry.TASK_NAME_RULE)]
+ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/octet-stream")
+
+_ZIP_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/zip": {"schema": {"type": "string", "format": "binary",
+                                   "description": "adapter_config.json + adapter.safetensors, as downloaded"}}}}}
+_ZIP_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "the adapter archive; `ETag` is its sha256"},
+    304: {"description": "`If-None-Match` names this archive's ETag"},
+}
+
+
+async def adapter_archive(request: Request) -> bytes:
+    """The body of PUT /v1/tasks/{task}/adapter: the zip itself (its size is capped by the body limit)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ZIP_TYPES:
+        raise UnsupportedMediaType("send the adapter zip as the request body with Content-Type: application/zip")
+    return await request.body()
+
+
+@router.get("", response_model=Page[TaskOut], summary="List tasks, newest first",
+            responses=problem_responses(401, 422))
+def list_tasks(*, principal: TenantDep, session: SessionDep,
+               limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+               cursor: Annotated[str | None, Query(max_length=500)] = None) -> Any:
+    tasks, next_cursor = registry.list_page(session, principal.tenant_id, limit=limit, cursor=cursor)
+    return {"items": registry.tasks_out(session, tasks), "next_cursor": next_cursor}
+
+
+@router.get("/{task}", response_model=TaskOut, summary="A task and its active version",
+            responses=problem_responses(401, 404, 422))
+def get_task(*, task: TaskName, principal: TenantDep, session: SessionDep) -> Any:
+    return registry.task_out(session, registry.get_task(session, principal.tenant_id, task))
+
+
+@router.get("/{task}/versions", response_model=Page[AdapterVersionOut], summary="A task's versions, newest first",
+            responses=problem_responses(401, 404, 422))
+def list_versions(*, task: TaskName, principal: TenantDep, session: SessionDep,
+                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+                  cursor: Annotated[str | None, Query(max_length=500)] = None) -> Any:
+    row = registry.get_task(session, principal.tenant_id, task)
+    versions, next_cursor = registry.versions_page(session, row, limit=limit, cursor=cursor)
+    return {"items": [registry.version_out(v, active=v.id == row.active_version_id) for v in versions],
+            "next_cursor": next_cursor}
+
+
+@router.post("/{task}/versions/{version}/activate", response_model=TaskOut,
+             summary="Serve this version from now on (roll back or forward)",
+             responses=problem_responses(401, 403, 404, 422))
+def activate_version(*, task: TaskName, version: Annotated[int, Path(ge=1)], principal: TrainPrincipal,
+                     session: SessionDep) -> Any:
+    registry.activate(session, principal.tenant_id, task, version)
+    return registry.task_out(session, registry.get_task(session, principal.tenant_id, task))
+
+
+@router.delete("/{task}", status_code=204, response_class=Response,
+               summary="Delete a task and all its versions", responses=problem_responses(401, 403, 404, 422))
+def delete_task(*, task: TaskName, principal: TrainPrincipal, session: SessionDep, serving: ServingDep) -> Response:
+    serving.evict(registry.delete_task(session, principal.tenant_id, task))
+    return Response(status_code=204)
+
+
+@router.get("/{task}/adapter", response_class=Response, summary="Download a version as a zip",
+            responses={**_ZIP_RESPONSE, **problem_responses(401, 403, 404, 409, 422)})
+def download_adapter(*, task: TaskName, principal: TrainPrincipal, session: SessionDep,
+                     version: Annotated[int | None, Query(ge=1, description="default: the active version")] = None,
+                     if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    archive, sha, number = registry.archive(session, principal.tenant_id, task, version)
+    etag = f'"{sha}"'
+    headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+    if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
+        return Response(status_code=304, headers=headers)
+    headers["Content-Disposition"] = f'attachment; filename="{task}-v{number}.zip"'
+    return Response(archive, media_type="application/zip", headers=headers)
+
+
+@router.put("/{task}/adapter", status_code=201, response_model=AdapterVersionOut,
+            summary="Import an adapter trained elsewhere as the task's new, active version",
+            responses=problem_responses(401, 403, 413, 415, 422), openapi_extra=_ZIP_BODY)
+def import_adapter(*, task: TaskName, response: Response, archive: Annotated[bytes, Depends(adapter_archive)],
+                   principal: TrainPrincipal, session: SessionDep, serving: ServingDep) -> Any:
+    version = serving.import_adapter(session, principal.tenant_id, task, archive)
+    response.headers["Location"] = f"/v1/tasks/{task}"
+    return registry.version_out(version, active=True)

@@ -1,0 +1,121 @@
+"""Request and response models of /v1/jobs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .schemas import TaskType
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class SweepIn(BaseModel):
+    """A search over SPAFIT's stratification: every combination of the listed values is one trial."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n1: list[int | float] | None = Field(default=None, max_length=12, description="values of n1 to try")
+    n2: list[int | float] | None = Field(default=None, max_length=12, description="values of n2 to try")
+    rank: list[int] | None = Field(default=None, max_length=6, description="values of rank to try")
+    max_trials: int = Field(default=16, ge=1, le=64, description="cap on the number of trials")
+    max_trainable_params: int | None = Field(
+        default=None, ge=1, description="only trials under this trainable-parameter budget are eligible")
+
+
+class MethodIn(BaseModel):
+    """SPAFIT and its baselines. n1/n2: an int is a layer index, a float a fraction of the depth L."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["spafit", "lora", "bitfit"] = Field(
+        default="spafit", description="`full` fine-tuning is not offered: it yields a whole model, not an adapter")
+    n1: int | float | None = Field(default=None, description="first bias-only layer (default L/3)")
+    n2: int | float | None = Field(default=None, description="first LoRA layer (default 2L/3)")
+    rank: int = Field(default=8, description="LoRA rank (>= 1)")
+    alpha: float = Field(default=16.0, description="LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = Field(default=0.0, description="dropout on the LoRA input, in [0, 1)")
+    targets: list[str] | None = Field(
+        default=None, description="LoRA targets among query, key, value, attention_output, ffn_in, ffn_out "
+        "(default: the four attention projections)")
+    group3_bias: bool = Field(default=True, description="also train biases in the LoRA layers")
+    sweep: SweepIn | None = Field(default=None, description="train several stratifications and keep the best")
+
+
+class HyperparametersIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=3, ge=1, le=100)
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    learning_rate: float | None = Field(default=None, gt=0, lt=1, description="default: 1e-3 for adapters")
+    max_seq_length: int = Field(default=128, ge=8, le=8192)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    seed: int = Field(default=42, ge=0)
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    prefix_cache: bool = Field(default=False, description="SPAFIT: compute the frozen prefix once per example")
+    checkpoint_every_steps: int | None = Field(default=None, ge=1, description="default: the server's setting")
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(description="the task the adapter serves; created on first success", examples=["sentiment"])
+    base_model: str | None = Field(default=None, max_length=300, description="default: the server's backbone")
+    train_dataset: uuid.UUID
+    validation_dataset: uuid.UUID | None = None
+    text_fields: list[str] | None = Field(default=None, min_length=1, max_length=2)
+    label_field: str | None = None
+    task_type: TaskType | None = Field(default=None, description="default: the training dataset's")
+    method: MethodIn = Field(default_factory=MethodIn)
+    hyperparameters: HyperparametersIn = Field(default_factory=HyperparametersIn)
+
+
+class Progress(BaseModel):
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    kind: Literal["train", "sweep", "trial"] = Field(
+        description="`sweep`: a parent whose trials are jobs of their own (see its `trial` events)")
+    task: str
+    task_type: str
+    base_model: str
+    status: JobStatus
+    progress: Progress | None
+    metrics: dict[str, Any] | None = Field(description="the latest evaluation metrics")
+    error: JobError | None = Field(description="why the job failed, in words")
+    adapter_version: int | None = Field(description="the version of the task this job produced")
+    attempts: int
+    cancel_requested: bool
+    method: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    train_dataset: uuid.UUID
+    validation_dataset: uuid.UUID | None
+    text_fields: list[str]
+    label_field: str | None
+    parent_job: uuid.UUID | None = None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobEventOut(BaseModel):
+    seq: int
+    type: str = Field(description="status | progress | eval | checkpoint | trial | log | ...")
+    data: dict[str, Any]
+    created_at: datetime

@@ -1,0 +1,323 @@
+"""Fine-tuning jobs: create (validated, idempotent), read, list, cancel, and hand them to the broker.
+
+The job row is the truth; the broker message only says "look at job X". Sending is therefore safe to
+repeat: `requeue_orphans` re-sends jobs whose message may have been lost (a broker restart loses queued
+messages when it keeps nothing on disk) and running jobs whose worker stopped sending heartbeats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from spafit_core.errors import ConfigError, DataError
+
+from ..db import Database
+from ..errors import Conflict, NotFound
+from ..models import AdapterVersion, Dataset, Job, utcnow
+from ..schemas_jobs import JobCreate, JobOut
+from ..settings import Settings
+from . import events, registry
+from .pagination import paginate
+
+log = logging.getLogger("spafit.jobs")
+
+Sender = Callable[[uuid.UUID], None]
+
+
+def _model_depth(base_model: str) -> int | None:
+    """The layer count of a base model whose config is on this machine (None for a hub id not cached:
+    the worker checks it then)."""
+    from spafit_core.backbone import resolve_model_path
+
+    path = Path(resolve_model_path(base_model)) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for key in ("num_hidden_layers", "n_layers", "num_layers"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
+def check_base_model(name: str, settings: Settings) -> str:
+    """Hub ids and the packaged model are fine anywhere; a local folder only in embedded mode or when
+    listed in SPAFIT_ALLOWED_BASE_MODELS (clients must not make the server read arbitrary paths)."""
+    from spafit_core.backbone import canonical_model_name
+
+    if name in settings.allowed_base_models or settings.mode == "embedded":
+        return name
+    if canonical_model_name(name) == settings.default_base_model or name == settings.default_base_model:
+        return name
+    if _HUB_ID.fullmatch(name) and ".." not in name and not Path(name).exists():
+        return name
+    raise ConfigError(f"base_model {name!r} is not a Hugging Face Hub id (owner/name) or an allowed model",
+                      field="base_model")
+
+
+def _check_method(method: dict, base_model: str) -> dict:
+    from spafit_core.config import MethodConfig
+
+    body = {k: v for k, v in method.items() if k != "sweep" and v is not None}
+    try:
+        cfg = MethodConfig.from_dict(body)
+        depth = _model_depth(base_model)
+        if depth is not None:
+            cfg.resolve(depth)
+    except ConfigError as e:
+        raise ConfigError(e.message, field=f"method.{e.field}" if e.field else "method") from None
+    return cfg.to_dict()
+
+
+def _check_dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID, field: str) -> Dataset:
+    ds = session.get(Dataset, dataset_id)
+    if ds is None or ds.tenant_id != tenant_id:
+        raise NotFound(f"{field} {dataset_id} not found", field=field)
+    return ds
+
+
+def request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Settings, *,
+           idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Validate and store a queued job. Returns (job, created); with an Idempotency-Key already used for
+    the same body, the existing job and False; for another body, 409."""
+    digest = request_hash(body)
+    if idempotency_key is not None:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id,
+                                                    Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            return _replay(existing, digest), False
+    registry.check_task_name(body.task)
+    base_model = check_base_model(body.base_model or settings.default_base_model, settings)
+    train = _check_dataset(session, tenant_id, body.train_dataset, "train_dataset")
+    val = _check_dataset(session, tenant_id, body.validation_dataset, "validation_dataset") \
+        if body.validation_dataset else None
+    text_fields = body.text_fields or list(train.text_fields)
+    label_field = body.label_field or train.label_field
+    for ds, name in ((train, "train_dataset"), (val, "validation_dataset")):
+        if ds is None:
+            continue
+        missing = [c for c in [*text_fields, label_field] if c is not None and c not in ds.columns]
+        if missing:
+            raise DataError(f"{name} has no column(s) {missing}; its columns are {ds.columns}",
+                            field="text_fields" if label_field not in missing else "label_field")
+    if label_field is None:
+        raise DataError(f"no label column: pass label_field (columns: {train.columns})", field="label_field")
+    method = _check_method(body.method.model_dump(), base_model)
+    hp = body.hyperparameters.model_dump(exclude_none=True)
+    from spafit_core.config import TrainConfig
+
+    try:
+        TrainConfig.from_dict(hp)
+    except ConfigError as e:
+        raise ConfigError(e.message, field=f"hyperparameters.{e.field}") from None
+    sweep = body.method.sweep is not None
+    if sweep:
+        if method["name"] != "spafit":
+            raise ConfigError("a sweep searches SPAFIT's n1/n2/rank: use method.name 'spafit'", field="method.sweep")
+        method["sweep"] = body.method.sweep.model_dump()
+    job = Job(tenant_id=tenant_id, kind="sweep" if sweep else "train", task_name=body.task, task_type=body.task_type or train.task_type
+              or "single_label_classification", base_model=base_model, train_dataset_id=train.id,
+              validation_dataset_id=val.id if val else None, text_fields=text_fields, label_field=label_field,
+              method=method, hyperparameters=hp, status="running" if sweep else "queued",
+              idempotency_key=idempotency_key, request_hash=digest, max_attempts=settings.job_max_attempts,
+              started_at=utcnow() if sweep else None)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:  # the same Idempotency-Key, created concurrently
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id,
+                                                    Job.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        return _replay(existing, digest), False
+    if sweep:
+        from . import sweeps
+
+        trials = sweeps.create_trials(session, job, _model_depth(base_model))
+        session.flush()
+        events.append_in(session, job.id, "status", {"status": "running", "trials": len(trials)})
+    else:
+        events.append_in(session, job.id, "status", {"status": "queued"})
+    session.commit()
+    return job, True
+
+
+def to_dispatch(session: Session, job: Job) -> list[uuid.UUID]:
+    """The jobs to hand to the broker for a new job: itself, or a sweep's trials (a group: they run in
+    parallel on as many workers as there are)."""
+    if job.kind != "sweep":
+        return [job.id]
+    return list(session.scalars(select(Job.id).where(Job.parent_job_id == job.id)))
+
+
+def _replay(job: Job, digest: str) -> Job:
+    if job.request_hash != digest:
+        raise Conflict("this Idempotency-Key was already used for a different job request",
+                       field="Idempotency-Key", job_id=str(job.id))
+    return job
+
+
+def get(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def list_page(session: Session, tenant_id: uuid.UUID, *, status: str | None, task: str | None, limit: int,
+              cursor: str | None) -> tuple[list[Job], str | None]:
+    stmt = select(Job).where(Job.tenant_id == tenant_id, Job.parent_job_id.is_(None))
+    if status:
+        stmt = stmt.where(Job.status == status)
+    if task:
+        stmt = stmt.where(Job.task_name == task)
+    return paginate(session, stmt, Job, limit=limit, cursor=cursor)
+
+
+def cancel(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """A queued job is cancelled at once; a running one is flagged and stops at its next step, leaving
+    no adapter. A finished job cannot be cancelled (409)."""
+    job = get(session, tenant_id, job_id)
+    res = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
+                          .values(status="cancelled", cancel_requested=True, finished_at=utcnow()))
+    if res.rowcount == 1:
+        events.append_in(session, job.id, "status", {"status": "cancelled", "reason": "cancelled while queued"})
+    else:
+        res = session.execute(update(Job).where(Job.id == job.id, Job.status == "running")
+                              .values(cancel_requested=True))
+        if res.rowcount == 1:
+            events.append_in(session, job.id, "cancel_requested", {})
+        else:
+            session.rollback()
+            raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be cancelled")
+    # Sweep trials follow their parent.
+    session.execute(update(Job).where(Job.parent_job_id == job.id, Job.status == "queued")
+                    .values(status="cancelled", cancel_requested=True, finished_at=utcnow()))
+    session.execute(update(Job).where(Job.parent_job_id == job.id, Job.status == "running")
+                    .values(cancel_requested=True))
+    session.commit()
+    if job.kind == "sweep":  # trials cancelled while queued never run: settle the sweep here
+        from ..db import Database
+        from . import sweeps
+
+        sweeps.settle(Database(session.get_bind()), job.id)
+    session.refresh(job)
+    return job
+
+
+def to_out(session: Session, job: Job) -> JobOut:
+    version = session.scalar(select(AdapterVersion.version).where(AdapterVersion.id == job.adapter_version_id)) \
+        if job.adapter_version_id else None
+    return JobOut(
+        id=job.id, kind=job.kind, task=job.task_name, task_type=job.task_type, base_model=job.base_model, status=job.status,
+        progress=job.progress, metrics=job.metrics,
+        error={"type": job.error_type, "message": job.error_message or ""} if job.error_type else None,
+        adapter_version=version, attempts=job.attempts, cancel_requested=job.cancel_requested,
+        method=job.method, hyperparameters=job.hyperparameters, train_dataset=job.train_dataset_id,
+        validation_dataset=job.validation_dataset_id, text_fields=job.text_fields, label_field=job.label_field,
+        parent_job=job.parent_job_id, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at)
+
+
+# ------------------------------------------------------------------------------------------ broker
+class Broker:
+    """Sends `spafit.train_adapter(job_id)` to the training queue and tells the broker's incarnation
+    (`epoch`): Redis' run_id changes when it restarts, and a Redis that keeps nothing on disk has then lost
+    every queued message. Brokers that persist messages have one fixed epoch."""
+
+    def __init__(self, settings: Settings):
+        from worker.celery_app import TRAINING_QUEUE, make_celery
+
+        self._app = make_celery(settings)
+        self._queue = TRAINING_QUEUE
+        self._url = settings.broker_url
+        self._timeout = settings.readiness_timeout
+
+    def send(self, job_id: uuid.UUID) -> None:
+        self._app.send_task("spafit.train_adapter", args=[str(job_id)], queue=self._queue)
+
+    __call__ = send
+
+    def epoch(self) -> str:
+        if not self._url.startswith(("redis://", "rediss://")):
+            return "persistent"
+        import redis
+
+        client = redis.Redis.from_url(self._url, socket_connect_timeout=self._timeout, socket_timeout=self._timeout)
+        try:
+            return str(client.info("server")["run_id"])
+        finally:
+            client.close()
+
+
+def _epoch(send: Sender) -> str | None:
+    epoch = getattr(send, "epoch", None)
+    try:
+        return epoch() if epoch is not None else None
+    except Exception:
+        return None
+
+
+def dispatch(send: Sender, job_id: uuid.UUID, db: Database | None = None) -> bool:
+    """Send, but never fail the request over it: a job whose message did not go out (or went to a broker
+    that has since lost it) is found and re-sent by `requeue_orphans`."""
+    try:
+        send(job_id)
+    except Exception as e:  # broker down: the job row is safe
+        log.warning("could not send job %s to the broker (%s); it will be re-sent", job_id, e)
+        return False
+    if db is not None:
+        with db.transaction() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow(), broker_epoch=_epoch(send)))
+    return True
+
+
+def requeue_orphans(db: Database, send: Sender, settings: Settings) -> list[uuid.UUID]:
+    """Re-send (1) queued jobs never handed to the broker, or handed to a broker incarnation that no longer
+    exists, and (2) running jobs whose heartbeat went stale (their worker died where no re-delivery
+    happens, e.g. its whole machine). Sending twice is harmless: the worker's claim is atomic."""
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.job_heartbeat_stale_s)
+    epoch = _epoch(send)
+    with db.session() as s:
+        lost_queued = (Job.status == "queued") & (Job.kind != "sweep") & (Job.cancel_requested.is_(False)) & (
+            Job.enqueued_at.is_(None) | ((Job.broker_epoch != epoch) if epoch is not None else False))
+        dead_running = (Job.status == "running") & (Job.kind != "sweep") & (Job.heartbeat_at.is_(None) | (Job.heartbeat_at < stale)) & (
+            Job.enqueued_at.is_(None) | (Job.enqueued_at < stale))
+        ids = list(s.scalars(select(Job.id).where(or_(lost_queued, dead_running)).limit(500)))
+    sent = [i for i in ids if dispatch(send, i, db)]
+    if sent:
+        log.info("re-sent %d orphaned job(s) to the broker", len(sent))
+    return sent
+
+
+def count_by_status(db: Database) -> dict[str, int]:
+    from sqlalchemy import func
+
+    from ..models import JOB_STATUSES
+
+    with db.session() as s:
+        counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+    return {status: counts.get(status, 0) for status in JOB_STATUSES}

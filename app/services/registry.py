@@ -1,0 +1,228 @@
+"""The adapter registry: tasks per tenant and their immutable adapter versions.
+
+A version's weights (adapter.safetensors) are a content-addressed blob; its config is a JSON column.
+Registering a version checks the adapter's own sha256 first; the unique `job_id` makes it impossible for
+one job to register two versions. A new version becomes the task's active one; `activate` rolls back.
+Everything is tenant-scoped: another tenant's task is `NotFound`, like a missing one.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..errors import Conflict, NotFound
+from ..models import AdapterVersion, Job, Task
+from ..schemas import AdapterVersionOut, TaskOut
+from . import blobs
+from .pagination import paginate
+
+TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+TASK_NAME_RULE = "1-64 characters: lowercase letters, digits, '-' and '_', starting with a letter or digit"
+
+
+def check_task_name(name: str) -> str:
+    from spafit_core.errors import ConfigError
+
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ConfigError(f"invalid task name {name!r}: {TASK_NAME_RULE}", field="task")
+    return name
+
+
+def get_task(session: Session, tenant_id: uuid.UUID, name: str) -> Task:
+    task = session.scalar(select(Task).where(Task.tenant_id == tenant_id, Task.name == name))
+    if task is None:
+        raise NotFound(f"task {name!r} not found")
+    return task
+
+
+def get_or_create_task(session: Session, tenant_id: uuid.UUID, name: str) -> Task:
+    check_task_name(name)
+    task = session.scalar(select(Task).where(Task.tenant_id == tenant_id, Task.name == name))
+    if task is not None:
+        return task
+    try:
+        with session.begin_nested():
+            task = Task(tenant_id=tenant_id, name=name)
+            session.add(task)
+            session.flush()
+    except IntegrityError:  # created concurrently
+        task = session.scalar(select(Task).where(Task.tenant_id == tenant_id, Task.name == name))
+    return task
+
+
+def register_version(session: Session, tenant_id: uuid.UUID, task_name: str, cfg: dict, weights: bytes, *,
+                     job_id: uuid.UUID | None = None, activate: bool = True) -> AdapterVersion:
+    """Store an adapter as the task's next version (inside the caller's transaction). A job that already
+    registered one gets that one back instead of a second."""
+    from spafit_core.adapter import load_weights, parse_config
+
+    cfg = parse_config(cfg)
+    load_weights(cfg, weights)  # sha256 and safetensors structure; never a pickle
+    if job_id is not None:
+        existing = session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
+        if existing is not None:
+            return existing
+    task = get_or_create_task(session, tenant_id, task_name)
+    # Lock the task row so two registrations cannot take the same number (Postgres; SQLite serialises writers).
+    session.execute(select(Task.id).where(Task.id == task.id).with_for_update())
+    number = (session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.task_id == task.id))
+              or 0) + 1
+    sha = blobs.put(session, weights)
+    version = AdapterVersion(
+        task_id=task.id, version=number, blob_sha256=sha, config=cfg, size_bytes=len(weights),
+        metrics=cfg.get("metrics") or None, param_counts=cfg.get("param_counts"), method=cfg["method"],
+        base_model=cfg["base_model"]["name"], base_fingerprint=cfg["base_model"]["fingerprint"], job_id=job_id,
+    )
+    session.add(version)
+    session.flush()
+    if activate:
+        task.active_version_id = version.id
+    return version
+
+
+def versions(session: Session, task: Task) -> list[AdapterVersion]:
+    return list(session.scalars(select(AdapterVersion).where(AdapterVersion.task_id == task.id)
+                                .order_by(AdapterVersion.version)))
+
+
+def get_version(session: Session, task: Task, number: int) -> AdapterVersion:
+    v = session.scalar(select(AdapterVersion).where(AdapterVersion.task_id == task.id,
+                                                    AdapterVersion.version == number))
+    if v is None:
+        raise NotFound(f"task {task.name!r} has no version {number}")
+    return v
+
+
+def active_version(session: Session, task: Task) -> AdapterVersion:
+    if task.active_version_id is None:
+        raise Conflict(f"task {task.name!r} has no active adapter version yet")
+    v = session.get(AdapterVersion, task.active_version_id)
+    if v is None:
+        raise Conflict(f"task {task.name!r} has no active adapter version")
+    return v
+
+
+def activate(session: Session, tenant_id: uuid.UUID, name: str, number: int) -> AdapterVersion:
+    task = get_task(session, tenant_id, name)
+    version = get_version(session, task, number)
+    task.active_version_id = version.id
+    session.commit()
+    return version
+
+
+def delete_task(session: Session, tenant_id: uuid.UUID, name: str) -> list[uuid.UUID]:
+    """Delete a task, its versions and their blobs (unless referenced elsewhere). Jobs stay, as history,
+    without their adapter link. Returns the deleted version ids (for the engine to evict)."""
+    task = get_task(session, tenant_id, name)
+    vs = versions(session, task)
+    ids = [v.id for v in vs]
+    shas = {v.blob_sha256 for v in vs}
+    task.active_version_id = None
+    session.flush()
+    for job in session.scalars(select(Job).where(Job.adapter_version_id.in_(ids))):
+        job.adapter_version_id = None
+    for v in vs:
+        session.delete(v)
+    session.delete(task)
+    session.flush()
+    for sha in shas:
+        blobs.delete_if_unreferenced(session, sha)
+    session.commit()
+    return ids
+
+
+def version_payload(session: Session, version_id: uuid.UUID) -> tuple[dict, bytes]:
+    """(config, weights) of a version, the weights verified against their content address."""
+    v = session.get(AdapterVersion, version_id)
+    if v is None:
+        raise NotFound(f"adapter version {version_id} not found")
+    return v.config, blobs.get(session, v.blob_sha256)
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def list_page(session: Session, tenant_id: uuid.UUID, *, limit: int, cursor: str | None) -> tuple[list[Task], str | None]:
+    return paginate(session, select(Task).where(Task.tenant_id == tenant_id), Task, limit=limit, cursor=cursor)
+
+
+def versions_page(session: Session, task: Task, *, limit: int,
+                  cursor: str | None) -> tuple[list[AdapterVersion], str | None]:
+    return paginate(session, select(AdapterVersion).where(AdapterVersion.task_id == task.id), AdapterVersion,
+                    limit=limit, cursor=cursor)
+
+
+def active_versions(session: Session, tenant_id: uuid.UUID,
+                    names: Sequence[str]) -> list[tuple[Task, AdapterVersion]]:
+    """(task, active version) for each name, in order, in one query. `NotFound` for the first unknown task,
+    `Conflict` for the first one without an active version."""
+    rows = session.execute(
+        select(Task, AdapterVersion)
+        .outerjoin(AdapterVersion, AdapterVersion.id == Task.active_version_id)
+        .where(Task.tenant_id == tenant_id, Task.name.in_(set(names)))
+    ).all()
+    found = {task.name: (task, version) for task, version in rows}
+    for name in names:
+        if name not in found:
+            raise NotFound(f"task {name!r} not found")
+    for name in names:
+        if found[name][1] is None:
+            raise Conflict(f"task {name!r} has no active adapter version yet")
+    return [found[name] for name in names]
+
+
+def served_base_models(session: Session) -> set[str]:
+    """Base models of every registered version: the backbones this deployment already serves."""
+    return set(session.scalars(select(AdapterVersion.base_model).distinct()))
+
+
+def version_out(version: AdapterVersion, *, active: bool) -> AdapterVersionOut:
+    cfg = version.config or {}
+    task = cfg.get("task") or {}
+    counts = version.param_counts or None
+    return AdapterVersionOut(
+        id=version.id, version=version.version, active=active, sha256=version.blob_sha256,
+        size_bytes=version.size_bytes, base_model=version.base_model, base_fingerprint=version.base_fingerprint,
+        method=version.method, task_type=task.get("task_type", "single_label_classification"),
+        labels=list(task.get("labels") or []), trainable_params=(counts or {}).get("total"), param_counts=counts,
+        metrics=version.metrics, max_seq_length=cfg.get("max_seq_length"), job_id=version.job_id,
+        created_at=version.created_at)
+
+
+def tasks_out(session: Session, tasks: Sequence[Task]) -> list[TaskOut]:
+    """Tasks with their active versions and version counts (two queries for any number of tasks)."""
+    ids = [t.id for t in tasks]
+    counts = dict(session.execute(select(AdapterVersion.task_id, func.count()).where(AdapterVersion.task_id.in_(ids))
+                                  .group_by(AdapterVersion.task_id)).tuples().all()) if ids else {}
+    active_ids = [t.active_version_id for t in tasks if t.active_version_id is not None]
+    active = {v.id: v for v in session.scalars(select(AdapterVersion).where(AdapterVersion.id.in_(active_ids)))} \
+        if active_ids else {}
+    out = []
+    for t in tasks:
+        v = active.get(t.active_version_id) if t.active_version_id is not None else None
+        out.append(TaskOut(name=t.name, version_count=counts.get(t.id, 0),
+                           active_version=version_out(v, active=True) if v is not None else None,
+                           created_at=t.created_at, updated_at=t.updated_at))
+    return out
+
+
+def task_out(session: Session, task: Task) -> TaskOut:
+    return tasks_out(session, [task])[0]
+
+
+def archive(session: Session, tenant_id: uuid.UUID, name: str, number: int | None = None) -> tuple[bytes, str, int]:
+    """(zip, its sha256, version number) of a version, the active one by default: the same format
+    `spafit_core.adapter.unpack` reads, so a download imports back as it is."""
+    from spafit_core.adapter import pack
+
+    task = get_task(session, tenant_id, name)
+    version = get_version(session, task, number) if number is not None else active_version(session, task)
+    cfg, weights = version_payload(session, version.id)
+    data = pack(cfg, weights)
+    return data, blobs.sha256_hex(data), version.version

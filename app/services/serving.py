@@ -1,0 +1,333 @@
+"""Serving: one `Serving` per API process (`app.state.serving`) owns the engine (one frozen backbone per base
+model, adapters hot-swapped under their version id), the micro-batcher and their metrics.
+
+Every request resolves its task's active version from the registry, so an activation made through any API
+replica is served by the next request everywhere, without a restart. The engine loads a version it does not
+hold through `registry.version_payload` (the blob is verified on every read). torch is imported lazily, when
+the engine is first needed: importing this module does not import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from spafit_core.errors import (
+    AdapterError,
+    AdapterMismatchError,
+    OverloadedError,
+    RequestTimeoutError,
+    SpafitError,
+)
+
+from ..db import Database
+from ..errors import AppError, NotFound, ServiceUnavailable
+from ..metrics import Metrics
+from ..models import AdapterVersion
+from ..settings import Settings
+from . import registry
+
+if TYPE_CHECKING:
+    from spafit_core.batching import MicroBatcher
+    from spafit_core.engine import Engine
+
+log = logging.getLogger("spafit.serving")
+
+RETRY_AFTER_SECONDS = 1  # a full queue drains in well under a second at serving batch sizes
+Input = str | dict[str, str]  # a text, or {text, text_pair}
+
+
+class Overloaded(ServiceUnavailable):
+    """The engine's queue is full: retry after `Retry-After` seconds."""
+
+    type = "overloaded"
+
+
+@dataclass(frozen=True)
+class Served:
+    """A task's active version, as the engine serves it."""
+
+    task: str
+    version: int
+    adapter: str  # the engine's name for it: the version id
+    base_model: str
+
+
+class Serving:
+    def __init__(self, settings: Settings, db: Database, metrics: Metrics):
+        self.settings = settings
+        self.db = db
+        self.metrics = metrics
+        self._lock = threading.Lock()  # engine and batcher creation, shutdown
+        self._engine: Engine | None = None
+        self._batcher: MicroBatcher | None = None
+        self._stopped = False
+        self._backbone_ready = threading.Event()
+        self._preload_error: str | None = None
+        self._fan_out_rows = 0  # rows of fan-out requests in flight (they bypass the batcher's queue)
+        self._fan_out_lock = threading.Lock()
+        metrics.watch_engine(self.stats, self.queue_depth)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """With `preload_base_model`, load the default backbone in a background thread (readiness waits
+        for it); otherwise the engine starts on the first request that needs it."""
+        if self.settings.preload_base_model:
+            threading.Thread(target=self._preload, name="spafit-preload", daemon=True).start()
+
+    def _preload(self) -> None:
+        name = self.settings.default_base_model
+        start = time.perf_counter()
+        try:
+            self.engine.backbone(name)
+        except Exception as e:  # reported by the readiness check
+            if self._stopped:  # shut down before the engine started: nothing failed
+                return
+            self._preload_error = f"{type(e).__name__}: {e}"
+            log.exception("loading the backbone %s failed", name)
+            return
+        self._backbone_ready.set()
+        log.info("backbone %s loaded in %.1fs", name, time.perf_counter() - start)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            batcher = self._batcher
+        if batcher is not None:
+            batcher.stop()
+
+    def check_ready(self) -> None:
+        """The readiness check "engine": the default backbone is loaded."""
+        if self._preload_error is not None:
+            raise RuntimeError(f"loading {self.settings.default_base_model} failed: {self._preload_error}")
+        if not self._backbone_ready.is_set():
+            raise RuntimeError(f"still loading the backbone {self.settings.default_base_model}")
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, created (and the batcher started) on first use. Blocking: call it from a thread."""
+        self._ensure_started()
+        assert self._engine is not None
+        return self._engine
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        self._ensure_started()
+        assert self._batcher is not None
+        return self._batcher
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            if self._stopped:
+                raise ServiceUnavailable("the service is shutting down", headers={"Retry-After": "5"})
+            if self._engine is not None:
+                return
+            from spafit_core.batching import BatchingConfig, MicroBatcher
+            from spafit_core.engine import Engine
+
+            s = self.settings
+            engine = Engine(device=s.engine_device, device_bytes=s.engine_cache_bytes,
+                            cpu_bytes=s.engine_cpu_cache_bytes, loader=self._load,
+                            base_model_of=self._base_model_of, default_base_model=s.default_base_model)
+            config = BatchingConfig(max_batch_size=s.batch_max_size, max_wait_ms=s.batch_max_wait_ms,
+                                    max_tokens=s.batch_max_tokens, max_queue=s.batch_max_queue,
+                                    timeout_s=s.predict_timeout_s)
+            self._batcher = MicroBatcher(engine, config, on_batch=self._on_batch).start()
+            self._engine = engine
+            log.info("engine started on %s", engine.device)
+
+    # ------------------------------------------------------------------------------ engine callbacks
+    def _load(self, name: str) -> tuple[dict, bytes]:
+        """The bank's loader on a miss: a version's config and verified weights from the registry."""
+        try:
+            with self.db.session() as session:
+                payload = registry.version_payload(session, uuid.UUID(name))
+        except Exception as e:
+            self.metrics.adapter_loads.labels(outcome=getattr(e, "type", "error")).inc()
+            raise
+        self.metrics.adapter_loads.labels(outcome="ok").inc()
+        return payload
+
+    def _base_model_of(self, name: str) -> str:
+        with self.db.session() as session:
+            base = session.scalar(select(AdapterVersion.base_model).where(AdapterVersion.id == uuid.UUID(name)))
+        if base is None:
+            raise NotFound(f"adapter version {name} not found")
+        return base
+
+    def _on_batch(self, rows: int, tokens: int, seconds: float) -> None:
+        self.metrics.engine_batch_size.observe(rows)
+        self.metrics.predict_duration.labels(stage="forward").observe(seconds)
+
+    def stats(self) -> dict[str, int]:
+        engine = self._engine
+        if engine is None:
+            return {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "adapters": 0, "adapter_bytes": 0,
+                    "backbones": 0}
+        return {**engine.stats(), "backbones": engine.backbone_loads}
+
+    def queue_depth(self) -> int:
+        batcher = self._batcher
+        return (batcher.depth if batcher is not None else 0) + self._fan_out_rows
+
+    # ------------------------------------------------------------------------------------- predict
+    def resolve(self, session: Session, tenant_id: uuid.UUID, tasks: Sequence[str]) -> list[Served]:
+        """The active version of each task, from the registry (404 unknown, 409 none active)."""
+        return [Served(task=t.name, version=v.version, adapter=str(v.id), base_model=v.base_model)
+                for t, v in registry.active_versions(session, tenant_id, tasks)]
+
+    async def predict(self, session: Session, tenant_id: uuid.UUID, task: str, inputs: Sequence[Input],
+                      top_k: int | None = None) -> dict[str, Any]:
+        """One task over `inputs`, batched with whatever else is in flight (any tasks)."""
+        with self._measure(len(inputs)):
+            served = await self._resolve(session, tenant_id, [task])
+            batcher = await asyncio.to_thread(lambda: self.batcher)
+            try:
+                predictions = await batcher.predict(served[0].adapter, inputs, top_k,
+                                                    timeout_s=self.settings.predict_timeout_s)
+            except OverloadedError as e:
+                raise self._overloaded(e.message) from None
+            return {"task": task, "version": served[0].version, "predictions": predictions}
+
+    async def fan_out(self, session: Session, tenant_id: uuid.UUID, tasks: Sequence[str],
+                      inputs: Sequence[Input], top_k: int | None = None) -> list[dict[str, Any]]:
+        """Every input asked of every task: per input, the frozen prefix runs once and branches into one row
+        per task (tasks on different base models branch per backbone). One result per task, in order."""
+        with self._measure(len(inputs)):
+            served = await self._resolve(session, tenant_id, tasks)
+            engine = await asyncio.to_thread(lambda: self.engine)
+            rows = len(inputs) * len(served)
+            with self._fan_out_lock:
+                if self.queue_depth() + rows > self.settings.batch_max_queue:
+                    raise self._overloaded(f"prediction queue is full ({self.queue_depth()} rows waiting); "
+                                           "retry shortly")
+                self._fan_out_rows += rows
+            timeout = self.settings.predict_timeout_s
+            work = asyncio.get_running_loop().run_in_executor(
+                None, self._fan_out_sync, engine, served, inputs, top_k, time.monotonic() + timeout)
+            # The rows leave the count when the work ends, however it ends (even after a 504 or a disconnect).
+            work.add_done_callback(lambda f: self._fan_out_done(f, rows))
+            done, _ = await asyncio.wait({work}, timeout=timeout)  # on timeout the work is left to stop itself
+            if not done:
+                raise RequestTimeoutError(f"prediction did not finish within {timeout:.1f}s")
+            return work.result()
+
+    def _fan_out_sync(self, engine: Engine, served: list[Served], inputs: Sequence[Input], top_k: int | None,
+                      deadline: float) -> list[dict[str, Any]]:
+        groups: dict[str, list[Served]] = {}
+        for s in served:  # the shared prefix only exists within one backbone
+            groups.setdefault(s.base_model, []).append(s)
+        per_task: dict[str, list[dict]] = {s.adapter: [] for s in served}
+        for inp in inputs:
+            if time.monotonic() > deadline:  # the caller has had its 504: stop spending the engine on it
+                raise RequestTimeoutError("prediction timed out")
+            for group in groups.values():
+                start = time.perf_counter()
+                out = engine.fan_out([s.adapter for s in group], inp, top_k)
+                self._on_batch(len(group), 0, time.perf_counter() - start)
+                for s in group:
+                    per_task[s.adapter].append(out[s.adapter])
+        return [{"task": s.task, "version": s.version, "predictions": per_task[s.adapter]} for s in served]
+
+    def _fan_out_done(self, work: asyncio.Future, rows: int) -> None:
+        with self._fan_out_lock:
+            self._fan_out_rows -= rows
+        if not work.cancelled():
+            work.exception()  # retrieved: an abandoned (timed out) call's error is not worth a log line
+
+    async def _resolve(self, session: Session, tenant_id: uuid.UUID, tasks: Sequence[str]) -> list[Served]:
+        served = await asyncio.to_thread(self.resolve, session, tenant_id, tasks)
+        session.close()  # hand the connection back: it is not needed while the engine works
+        return served
+
+    def _overloaded(self, message: str) -> Overloaded:
+        return Overloaded(message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                          queue_depth=self.queue_depth())
+
+    def _measure(self, n_inputs: int) -> _Measure:
+        return _Measure(self.metrics, n_inputs)
+
+    def evict(self, version_ids: Sequence[uuid.UUID]) -> None:
+        """Drop versions from the engine (a deleted task). Idempotent; a no-op before the engine starts."""
+        engine = self._engine
+        if engine is not None:
+            for vid in version_ids:
+                engine.evict(str(vid))
+
+    # -------------------------------------------------------------------------------------- import
+    def import_adapter(self, session: Session, tenant_id: uuid.UUID, task: str, archive: bytes) -> AdapterVersion:
+        """Register an adapter trained elsewhere (a zip from `spafit_core.adapter.pack`) as the task's next,
+        active version, after the checks any version passes: the archive holds exactly the config and the
+        safetensors weights (never a pickle), the weights match their sha256, the base model is one this
+        service serves and its fingerprint matches, every tensor has the backbone's shape and is finite."""
+        cfg, weights = self._unpack(archive)
+        self._check_base_model(session, cfg["base_model"]["name"])
+        self.verify(cfg, weights)
+        version = registry.register_version(session, tenant_id, task, cfg, weights, activate=True)
+        session.commit()
+        return version
+
+    def verify(self, cfg: dict, weights: bytes) -> None:
+        """Build the adapter against the real backbone (sha256, fingerprint, names and shapes, finiteness)
+        without holding it: the engine loads it on its first predict like any other version."""
+        from spafit_core.engine import build_adapter
+
+        build_adapter(self.engine.backbone(cfg["base_model"]["name"]), "import", cfg, weights)
+
+    def _unpack(self, archive: bytes) -> tuple[dict, bytes]:
+        from spafit_core.adapter import unpack
+
+        try:
+            return unpack(archive, max_bytes=2 * (self.settings.max_request_bytes or len(archive)))
+        except AdapterError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as e:
+            # a damaged member (CRC mismatch, truncated stream), an encrypted one, an unknown compression
+            raise AdapterError(f"adapter archive is damaged or unreadable: {e}") from None
+
+    def _check_base_model(self, session: Session, name: str) -> None:
+        from spafit_core.backbone import canonical_model_name
+
+        allowed = {canonical_model_name(self.settings.default_base_model), *registry.served_base_models(session)}
+        if canonical_model_name(name) not in allowed:
+            raise AdapterMismatchError(
+                f"adapter was trained on base model {name!r}, which this service does not serve; it serves "
+                f"{canonical_model_name(self.settings.default_base_model)!r} and the base models of adapters "
+                "trained here", field="base_model.name")
+
+
+class _Measure:
+    """Counts a predict request by outcome and times it (stage "total")."""
+
+    def __init__(self, metrics: Metrics, n_inputs: int):
+        self.metrics = metrics
+        self.n_inputs = n_inputs
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+        self.metrics.predict_inputs.observe(self.n_inputs)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            outcome = "ok"
+        elif isinstance(exc, Overloaded):
+            outcome = "overloaded"
+        elif isinstance(exc, RequestTimeoutError):
+            outcome = "timeout"
+        elif isinstance(exc, AppError | SpafitError) and exc.status < 500:
+            outcome = "rejected"
+        else:
+            outcome = "error"
+        self.metrics.predict_requests.labels(outcome=outcome).inc()
+        self.metrics.predict_duration.labels(stage="total").observe(time.perf_counter() - self.start)

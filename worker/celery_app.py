@@ -1,0 +1,48 @@
+"""The Celery application. Tasks take job ids, never payloads; job state lives in the database.
+
+Reliability settings, and the trap each one designs out:
+- `task_acks_late` + `task_reject_on_worker_lost`: a worker killed mid-job leaves its message unacked,
+  so the job is re-delivered and resumes from its last checkpoint. Re-delivery has no built-in cap, so
+  the job row counts attempts and fails the job after `job_max_attempts` (poison jobs do not loop).
+- `worker_prefetch_multiplier=1`: a worker reserves one training job at a time.
+- `visibility_timeout` above the longest job: Redis otherwise re-delivers an unacked message after 1 h
+  and a long run trains twice. The worker's atomic claim on the job row is the second line of defence.
+- Queues: `training` (one process per GPU, a fresh child per job: CUDA never initialised in a parent
+  that forks) apart from `light` work.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.settings import Settings, get_settings
+
+TRAINING_QUEUE = "training"
+LIGHT_QUEUE = "light"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    s = settings or get_settings()
+    app = Celery("spafit", broker=s.broker_url, include=["worker.tasks"])
+    transport_options: dict = {"visibility_timeout": s.job_visibility_timeout}
+    if s.broker_key_prefix:
+        transport_options["global_keyprefix"] = s.broker_key_prefix
+    if s.broker_url.startswith("sqla+"):
+        transport_options["polling_interval"] = 0.2  # the embedded SQLite broker polls
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=LIGHT_QUEUE,
+        task_routes={"spafit.train_adapter": {"queue": TRAINING_QUEUE}},
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,  # results live in the jobs table
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+celery_app = make_celery()
