@@ -21,7 +21,7 @@ from .db import Database
 from .errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
-from .routes import datasets, health, jobs, predict, tasks
+from .routes import dashboard, datasets, health, jobs, predict, tasks
 from .services import jobs as job_service
 from .services import keys, migrate
 from .services.health import Readiness, ping_broker
@@ -140,5 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(tasks.router)
     app.include_router(predict.router)
+    app.include_router(dashboard.router)
+    app.mount(dashboard.ASSETS_PATH, dashboard.assets(), name="dashboard-assets")
     app.openapi = partial(_problem_openapi, app)  # type: ignore[method-assign]
     return app

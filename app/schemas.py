@@ -99,7 +99,8 @@ class DatasetUploadFields(BaseModel):
     task_type: TaskType = "single_label_classification"
 
 
-_STATUS_TEXT = {400: "Bad request", 401: "Missing or invalid API key", 403: "The API key lacks the required scope",
+_STATUS_TEXT = {400: "The body could not be parsed (e.g. JSON that is not UTF-8)", 401: "Missing or invalid API key",
+                403: "The API key lacks the required scope",
                 404: "Not found (or another tenant's)", 409: "Conflict with the current state",
                 413: "Request body or upload too large", 415: "Unsupported content type",
                 422: "Invalid request or data", 503: "A dependency (database, broker, engine) is unavailable"}
@@ -133,6 +134,9 @@ class AdapterVersionOut(BaseModel):
         default=None, description="total, without_head, head, per_group, base_model, trainable_fraction")
     metrics: dict[str, Any] | None = Field(default=None, description="validation metrics recorded at training")
     max_seq_length: int | None = None
+    stratification: dict[str, Any] | None = Field(
+        default=None, description="num_layers, n1, n2 and layer_groups: the SPAFIT group of each layer "
+        "(1 frozen, 2 bias-only, 3 LoRA + bias)")
     job_id: uuid.UUID | None = Field(default=None, description="the job that trained it; null when imported")
     created_at: datetime
 

@@ -191,7 +191,8 @@ def version_out(version: AdapterVersion, *, active: bool) -> AdapterVersionOut:
         size_bytes=version.size_bytes, base_model=version.base_model, base_fingerprint=version.base_fingerprint,
         method=version.method, task_type=task.get("task_type", "single_label_classification"),
         labels=list(task.get("labels") or []), trainable_params=(counts or {}).get("total"), param_counts=counts,
-        metrics=version.metrics, max_seq_length=cfg.get("max_seq_length"), job_id=version.job_id,
+        metrics=version.metrics, max_seq_length=cfg.get("max_seq_length"),
+        stratification=cfg.get("stratification"), job_id=version.job_id,
         created_at=version.created_at)
 
 
