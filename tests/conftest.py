@@ -209,3 +209,7 @@ def tenant_key(db: Any) -> Callable[..., TenantKey]:
             return TenantKey(tenant_id=tenant_id, key_id=row.id, key=plaintext, scopes=list(row.scopes))
 
     return make
+
+
+# The service as real processes (worker, live server, a trained job), shared by every test folder.
+from tests.live import live_server, live_server_process, make_key, tiny_base, trained, worker, worker_env  # noqa: E402,F401

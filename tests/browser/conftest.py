@@ -21,8 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-# The worker fixtures are shared with tests/worker: same tiny backbone, same environment, a real worker.
-from tests.worker.conftest import ROOT, tiny_base, worker, worker_env  # noqa: F401
+from tests.live import ROOT
 
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -35,7 +35,7 @@ def test_compose_services_and_dependencies_exist(compose):
     assert {"postgres", "redis", "migrate", "api", "worker"} <= set(services)
     for name, svc in services.items():
         deps = svc.get("depends_on", {})
-        for dep, cond in (deps.items() if isinstance(deps, dict) else ((d, {}) for d in deps)):
+        for dep in deps:
             assert dep in services, f"{name} depends on unknown service {dep}"
         for vol in svc.get("volumes", []):
             source = vol.split(":", 1)[0]

@@ -1,0 +1,201 @@
+"""Every API call as a `Call` spec, in one place: path, method, body, retry safety and response model.
+The sync and async resources only execute these."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import httpx
+
+from ._base import Call, dump, predict_inputs, resource_id
+from .models import (
+    AdapterVersion,
+    Dataset,
+    FanOutPredictions,
+    Health,
+    Hyperparameters,
+    Job,
+    JobEvent,
+    Method,
+    Page,
+    Readiness,
+    Task,
+    TaskPredictions,
+)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors")
+FileInput = str | os.PathLike[str] | bytes | BinaryIO
+
+
+def _seg(value: Any) -> str:
+    return quote(str(value), safe="")
+
+
+# ------------------------------------------------------------------------------------------------ health
+def health() -> Call[Health]:
+    return Call("GET", "/healthz", model=Health)
+
+
+def ready() -> Call[Readiness]:
+    return Call("GET", "/readyz", model=Readiness)
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def _read(source: FileInput) -> tuple[str, bytes]:
+    if isinstance(source, bytes):
+        return "data.csv", source
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        return path.name, path.read_bytes()
+    return Path(getattr(source, "name", "data.csv")).name, source.read()
+
+
+def upload_dataset(source: FileInput, *, name: str | None, text_fields: list[str] | str | None,
+                   label_field: str | None, task_type: str | None, format: str | None) -> Call[Dataset]:
+    filename, content = _read(source)
+    if isinstance(text_fields, str):
+        text_fields = [text_fields]
+    fields = {"name": name, "label_field": label_field, "task_type": task_type, "format": format,
+              "text_fields": json.dumps(list(text_fields)) if text_fields else None}
+    # Not retried: the service takes no Idempotency-Key here, so a retry could make a second dataset.
+    return Call("POST", "/v1/datasets", files={"file": (filename, content)},
+                data={k: v for k, v in fields.items() if v is not None}, model=Dataset)
+
+
+def get_dataset(dataset: Any) -> Call[Dataset]:
+    return Call("GET", f"/v1/datasets/{_seg(resource_id(dataset))}", model=Dataset)
+
+
+def list_datasets(*, limit: int | None, cursor: str | None) -> Call[Page[Dataset]]:
+    return Call("GET", "/v1/datasets", params={"limit": limit, "cursor": cursor}, model=Page[Dataset])
+
+
+def delete_dataset(dataset: Any) -> Call[None]:
+    return Call("DELETE", f"/v1/datasets/{_seg(resource_id(dataset))}")
+
+
+# -------------------------------------------------------------------------------------------------- jobs
+def create_job(*, task: str, train_dataset: Any, validation_dataset: Any, method: Method | dict[str, Any] | None,
+               hyperparameters: Hyperparameters | dict[str, Any] | None, base_model: str | None,
+               text_fields: list[str] | None, label_field: str | None, task_type: str | None,
+               idempotency_key: str | None) -> Call[Job]:
+    body: dict[str, Any] = {"task": task, "train_dataset": resource_id(train_dataset)}
+    optional = {"validation_dataset": resource_id(validation_dataset) if validation_dataset is not None else None,
+                "method": dump(method), "hyperparameters": dump(hyperparameters), "base_model": base_model,
+                "text_fields": text_fields, "label_field": label_field, "task_type": task_type}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    # The key is fixed here, once per call, so every retry of this call is the same request to the service.
+    key = idempotency_key or f"spafit-client-{uuid.uuid4()}"
+    return Call("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, model=Job)
+
+
+def get_job(job: Any) -> Call[Job]:
+    return Call("GET", f"/v1/jobs/{_seg(resource_id(job))}", model=Job)
+
+
+def list_jobs(*, status: str | None, task: str | None, limit: int | None,
+              cursor: str | None) -> Call[Page[Job]]:
+    return Call("GET", "/v1/jobs", params={"status": status, "task": task, "limit": limit, "cursor": cursor},
+                model=Page[Job])
+
+
+def cancel_job(job: Any) -> Call[Job]:
+    # Safe to repeat: a second cancel of the same job changes nothing (a finished job answers 409).
+    return Call("POST", f"/v1/jobs/{_seg(resource_id(job))}/cancel", retry=True, model=Job)
+
+
+def job_events(job: Any, *, after: int, limit: int | None) -> Call[list[JobEvent]]:
+    return Call("GET", f"/v1/jobs/{_seg(resource_id(job))}/events", params={"after": after, "limit": limit},
+                model=list[JobEvent])
+
+
+def stream_job_events(job: Any, *, after: int, last_event_id: int | None) -> Call[httpx.Response]:
+    headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+    if last_event_id:
+        headers["Last-Event-ID"] = str(last_event_id)
+    return Call("GET", f"/v1/jobs/{_seg(resource_id(job))}/events", params={"after": after}, headers=headers, raw=True)
+
+
+# ------------------------------------------------------------------------------------------------- tasks
+def list_tasks(*, limit: int | None, cursor: str | None) -> Call[Page[Task]]:
+    return Call("GET", "/v1/tasks", params={"limit": limit, "cursor": cursor}, model=Page[Task])
+
+
+def get_task(task: str) -> Call[Task]:
+    return Call("GET", f"/v1/tasks/{_seg(task)}", model=Task)
+
+
+def list_versions(task: str, *, limit: int | None, cursor: str | None) -> Call[Page[AdapterVersion]]:
+    return Call("GET", f"/v1/tasks/{_seg(task)}/versions", params={"limit": limit, "cursor": cursor},
+                model=Page[AdapterVersion])
+
+
+def activate_version(task: str, version: int) -> Call[Task]:
+    # Safe to repeat: activating the version that is already active changes nothing.
+    return Call("POST", f"/v1/tasks/{_seg(task)}/versions/{int(version)}/activate", retry=True, model=Task)
+
+
+def delete_task(task: str) -> Call[None]:
+    return Call("DELETE", f"/v1/tasks/{_seg(task)}")
+
+
+def download_adapter(task: str, *, version: int | None) -> Call[httpx.Response]:
+    return Call("GET", f"/v1/tasks/{_seg(task)}/adapter", params={"version": version},
+                headers={"Accept": "application/zip, application/problem+json"}, raw=True)
+
+
+def adapter_archive(source: FileInput) -> bytes:
+    """A zip as the service takes it, from a zip (path, bytes or file) or an adapter folder (zipped here)."""
+    if isinstance(source, str | os.PathLike) and Path(source).is_dir():
+        folder = Path(source)
+        missing = [n for n in ADAPTER_FILES if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} is not an adapter folder: it lacks {', '.join(missing)}")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for n in ADAPTER_FILES:
+                z.write(folder / n, arcname=n)
+        return buf.getvalue()
+    return _read(source)[1]
+
+
+def import_adapter(task: str, archive: bytes) -> Call[AdapterVersion]:
+    # Not retried: every import registers a new version, so a repeat could register two.
+    return Call("PUT", f"/v1/tasks/{_seg(task)}/adapter", content=archive,
+                headers={"Content-Type": "application/zip"}, retry=False, model=AdapterVersion)
+
+
+def save_archive(response: httpx.Response, task: str, path: str | os.PathLike[str] | None) -> Path:
+    """Write a downloaded archive to `path` (a folder: the service's file name inside it)."""
+    disposition = response.headers.get("content-disposition", "")
+    filename = disposition.partition('filename="')[2].rstrip('"') or f"{task}.zip"
+    target = Path(path) if path is not None else Path(filename)
+    if target.is_dir():
+        target = target / Path(filename).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(response.content)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------- predict
+# Predictions change nothing on the service, so these POSTs are retried like GETs (a full queue answers
+# 503 with Retry-After precisely so that clients come back).
+def predict(task: str, inputs: Any, *, top_k: int | None) -> Call[TaskPredictions]:
+    body: dict[str, Any] = {"inputs": predict_inputs(inputs)}
+    if top_k is not None:
+        body["top_k"] = top_k
+    return Call("POST", f"/v1/tasks/{_seg(task)}/predict", json=body, retry=True, model=TaskPredictions)
+
+
+def predict_many(tasks: list[str], inputs: Any, *, top_k: int | None) -> Call[FanOutPredictions]:
+    body: dict[str, Any] = {"tasks": list(tasks), "inputs": predict_inputs(inputs)}
+    if top_k is not None:
+        body["top_k"] = top_k
+    return Call("POST", "/v1/predict", json=body, retry=True, model=FanOutPredictions)

@@ -1,0 +1,209 @@
+"""Everything the SDK raises, and the one place an HTTP error becomes a typed exception.
+
+The service answers errors as problem+json (RFC 9457): `type` (a stable URI, branch on it), `title`,
+`status`, `detail`, and where known `field` (the offending input) and `errors` (one entry per problem).
+`error_from_response` picks the class by status; every member of the body stays on the exception.
+
+    SpafitError
+    ├── SpafitAPIError                 the service answered with an error
+    │   ├── BadRequestError            any other 4xx (400, 415, ...)
+    │   ├── AuthenticationError        401: missing or invalid API key
+    │   ├── PermissionDeniedError      403: the key lacks a scope
+    │   ├── NotFoundError              404 (also another tenant's resource)
+    │   ├── ConflictError              409
+    │   ├── PayloadTooLargeError       413
+    │   ├── ValidationError            422: `field` / `errors` say what
+    │   ├── RateLimitError             429
+    │   └── ServerError                5xx
+    │       └── OverloadedError        503: busy or a dependency is down; `retry_after`
+    ├── APIConnectionError             no answer at all (also a builtin ConnectionError)
+    │   └── APITimeoutError            no answer in time (also a builtin TimeoutError)
+    ├── JobFailed                      jobs.wait(): the job failed; `error_type`, `message`
+    ├── JobCancelled                   jobs.wait(): the job was cancelled
+    └── WaitTimeout                    jobs.wait(timeout=...) ran out (also a builtin TimeoutError)
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from .models import Job
+
+PROBLEM_BASE = "https://spafit.dev/problems/"
+
+
+class SpafitError(Exception):
+    """Base class of every exception this SDK raises."""
+
+
+class SpafitAPIError(SpafitError):
+    """The service answered with an error status. Members of the problem+json body are attributes."""
+
+    def __init__(self, status: int, type: str = "about:blank", title: str = "", detail: str = "", *,
+                 field: str | None = None, errors: list[dict[str, Any]] | None = None,
+                 body: dict[str, Any] | None = None, headers: httpx.Headers | None = None):
+        self.status = status
+        self.type = type
+        self.title = title
+        self.detail = detail
+        self.field = field
+        self.errors = errors
+        self.body = body or {}
+        self.headers = headers if headers is not None else httpx.Headers()
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.status} {self.title or 'Error'}"
+        if self.detail:
+            text += f": {self.detail}"
+        if self.field and self.field not in self.detail:
+            text += f" (field: {self.field})"
+        return text
+
+    @property
+    def slug(self) -> str:
+        """The stable part of `type`: `not-found`, `invalid-dataset`, ..."""
+        return self.type.removeprefix(PROBLEM_BASE)
+
+    @property
+    def request_id(self) -> str | None:
+        value: str | None = self.headers.get("x-request-id")
+        return value
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the service asked us to wait (the Retry-After header), if it did."""
+        return parse_retry_after(self.headers.get("retry-after"))
+
+
+class BadRequestError(SpafitAPIError):
+    """A 4xx without a more specific class (400, 415, ...)."""
+
+
+class AuthenticationError(SpafitAPIError):
+    """401: the API key is missing, unknown or revoked."""
+
+
+class PermissionDeniedError(SpafitAPIError):
+    """403: the API key is valid but lacks the scope (train, predict, admin) the call needs."""
+
+
+class NotFoundError(SpafitAPIError):
+    """404: no such resource for this tenant (another tenant's looks the same)."""
+
+
+class ConflictError(SpafitAPIError):
+    """409: the resource's state forbids it (cancelling a finished job, reusing an idempotency key)."""
+
+
+class PayloadTooLargeError(SpafitAPIError):
+    """413: the upload or request body is over the service's limit."""
+
+
+class ValidationError(SpafitAPIError):
+    """422: the request is well-formed but not acceptable; `field` and `errors` say where."""
+
+
+class RateLimitError(SpafitAPIError):
+    """429: too many requests; `retry_after` says when to come back."""
+
+
+class ServerError(SpafitAPIError):
+    """5xx: the service failed; the body carries a reference to quote."""
+
+
+class OverloadedError(ServerError):
+    """503: the prediction queue is full or a dependency (database, broker, engine) is unavailable."""
+
+
+class APIConnectionError(SpafitError, builtins.ConnectionError):
+    """The service could not be reached (refused, reset, DNS) after the retries allowed."""
+
+    def __init__(self, message: str, *, url: str | None = None):
+        super().__init__(message)
+        self.url = url
+
+
+class APITimeoutError(APIConnectionError, builtins.TimeoutError):
+    """The service did not answer within the client's timeout."""
+
+
+class JobFailed(SpafitError):
+    """The job ended in `failed`; `error_type` is the service's slug (e.g. `invalid-dataset`)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.error_type = job.error.type if job.error else "unknown"
+        self.message = job.error.message if job.error else "the job failed"
+        super().__init__(f"job {job.id} failed ({self.error_type}): {self.message}")
+
+
+class JobCancelled(SpafitError):
+    """The job ended in `cancelled`."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        super().__init__(f"job {job.id} was cancelled")
+
+
+class WaitTimeout(SpafitError, builtins.TimeoutError):
+    """`jobs.wait(timeout=...)` ran out before the job finished (the job goes on)."""
+
+    def __init__(self, job_id: str, timeout: float):
+        self.job_id = job_id
+        self.timeout = timeout
+        super().__init__(f"job {job_id} did not finish within {timeout:g}s")
+
+
+_BY_STATUS: dict[int, type[SpafitAPIError]] = {
+    401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError, 409: ConflictError,
+    413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError, 503: OverloadedError,
+}
+
+
+def error_from_response(response: httpx.Response) -> SpafitAPIError:
+    """The exception for an error response: its class from the status, its fields from problem+json
+    (or, for a body that is not JSON, the status line and the text)."""
+    status = response.status_code
+    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else BadRequestError)
+    try:
+        body = json.loads(response.content) if response.content else {}
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    detail = body.get("detail")
+    if not isinstance(detail, str):
+        detail = json.dumps(detail) if detail is not None else response.text[:500].strip()
+    return cls(status, str(body.get("type") or "about:blank"), str(body.get("title") or response.reason_phrase),
+               detail, field=body.get("field"), errors=body.get("errors"), body=body, headers=response.headers)
+
+
+def error_from_transport(exc: httpx.TransportError, url: str | None = None) -> APIConnectionError:
+    """A connection-level failure as the SDK's wrapper (timeouts apart from the rest)."""
+    where = f" {url}" if url else ""
+    if isinstance(exc, httpx.TimeoutException):
+        return APITimeoutError(f"timed out talking to{where}: {exc.__class__.__name__}", url=url)
+    return APIConnectionError(f"could not reach{where}: {exc}", url=url)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
