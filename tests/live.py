@@ -169,8 +169,8 @@ def live_server_process(worker_env: dict[str, str], tmp_path_factory) -> Iterato
 
 
 @pytest.fixture(scope="session")
-def live_server(live_server_process: LiveServer) -> LiveServer:
-    """The live server, ready (`/readyz` answers 200)."""
+def live_server(live_server_process: LiveServer, worker: WorkerProcess) -> LiveServer:
+    """The live server, ready (`/readyz` answers 200), with the session's worker running (both boot at once)."""
     return live_server_process.wait_ready()
 
 

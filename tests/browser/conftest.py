@@ -37,7 +37,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LiveServer:
+class ServerProcess:
     """`python -m app.cli serve --no-worker` as a child process, its log in a file."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
@@ -46,14 +46,14 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def launch(self) -> LiveServer:
+    def launch(self) -> ServerProcess:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         return self
 
-    def wait_ready(self, timeout: float = 60) -> LiveServer:
+    def wait_ready(self, timeout: float = 60) -> ServerProcess:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -83,27 +83,17 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")[-n:]
 
 
-@pytest.fixture(scope="session")
-def live_server(request, worker_env: dict[str, str], tmp_path_factory) -> Iterator[LiveServer]:  # noqa: F811
-    """The API in server mode (auth on) on the worker's database, broker and backbone, and the worker."""
-    server = LiveServer(worker_env, tmp_path_factory.mktemp("live-server") / "serve.log").launch()
-    try:
-        request.getfixturevalue("worker")  # both processes start at once
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    yield server
-    server.stop()
+# The API in server mode with the session's worker is tests/live.py's `live_server`, shared with the SDK and
+# CLI tests.
 
 
 @pytest.fixture(scope="session")
-def embedded_server(tmp_path_factory, tiny_base: str) -> Iterator[LiveServer]:  # noqa: F811
+def embedded_server(tmp_path_factory, tiny_base: str) -> Iterator[ServerProcess]:
     """A second API in embedded mode (auth off, SQLite, no worker): what `spafit serve` gives a local user."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPAFIT_") or k.startswith("SPAFIT_TEST_")}
     env.update({"SPAFIT_DATA_DIR": str(tmp_path_factory.mktemp("embedded-data")), "SPAFIT_DEFAULT_BASE_MODEL": tiny_base,
                 "PYTHONPATH": str(ROOT)})
-    server = LiveServer(env, tmp_path_factory.mktemp("embedded-server") / "serve.log").launch()
+    server = ServerProcess(env, tmp_path_factory.mktemp("embedded-server") / "serve.log").launch()
     try:
         server.wait_ready()
     except BaseException:
@@ -214,7 +204,7 @@ class Api:
 
 
 @pytest.fixture
-def api(live_server: LiveServer) -> Iterator[Callable[[str], Api]]:
+def api(live_server: Any) -> Iterator[Callable[[str], Api]]:
     clients: list[Api] = []
 
     def make(key: str) -> Api:
