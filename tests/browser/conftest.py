@@ -114,8 +114,10 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
+    # Package scope, not session: playwright's sync API keeps an asyncio loop running on the main
+    # thread while it is open, and every later `asyncio.run` in the suite would then fail.
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
