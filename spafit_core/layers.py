@@ -28,18 +28,39 @@ class Delta:
     A: torch.Tensor | None = None
     B: torch.Tensor | None = None
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, y: torch.Tensor, *, fresh: bool = True) -> torch.Tensor:
+        """y + x A^T B^T + bias. With autograd off and `y` a fresh output of the module's own op, `y` is
+        updated in place: the LoRA product accumulates into it inside the matmul (no temporaries)."""
         per_row = self.bias is not None and self.bias.dim() == 3 or self.A is not None and self.A.dim() == 3
         if per_row:
             rows = (self.bias if self.bias is not None else self.A).shape[0]
             if x.dim() != 3 or x.shape[0] != rows:
                 raise MixedBatchUnsupported(f"input of shape {tuple(x.shape)} is not per-row over {rows} rows")
+        inplace = fresh and not torch.is_grad_enabled() and y.is_contiguous()
         if self.A is not None:
-            # (B, T, in) @ (B, in, r) -> (B, T, r) @ (B, r, out) -> (B, T, out); unbatched broadcasts.
-            y = y + (x @ self.A.transpose(-1, -2)) @ self.B.transpose(-1, -2)
+            xa = x @ self.A.transpose(-1, -2)  # (B, T, r): (B, T, in) @ (B, in, r), or broadcast (r, in)
+            if not inplace:
+                y = y + xa @ self.B.transpose(-1, -2)
+            elif per_row:
+                y.baddbmm_(xa, self.B.transpose(-1, -2))  # (B, T, out) += (B, T, r) @ (B, r, out)
+            else:
+                y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), self.B.t())
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias) if inplace else y + self.bias
         return y
+
+    def fold_bias(self, bias: torch.Tensor | None, *, per_row: bool = True) -> tuple[torch.Tensor | None, Delta | None]:
+        """(the bias for the module's own op, what is left to `apply` after it). An unbatched bias delta
+        folds into the module's bias. With `per_row` and autograd off, the module's bias moves into the
+        per-row one instead (its matmul then writes no bias; the per-row add writes both)."""
+        if self.bias is None:
+            return bias, self
+        if self.bias.dim() == 1:
+            rest = Delta(A=self.A, B=self.B) if self.A is not None else None
+            return (self.bias if bias is None else bias + self.bias), rest
+        if per_row and bias is not None and not torch.is_grad_enabled():
+            return None, Delta(self.bias + bias, self.A, self.B)
+        return bias, self
 
 
 class MixedBatchUnsupported(RuntimeError):
@@ -114,13 +135,20 @@ class AdaptedLinear(nn.Module):
             self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias)
-        if self.lora_A is not None:
-            y = y + (self.lora_dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
-        if self.bias_delta is not None:
-            y = y + self.bias_delta
         r = _ROUTE.get()
-        if r is not None and (d := r.deltas.get(self.key)) is not None:
+        d = r.deltas.get(self.key) if r is not None else None
+        bias = self.base.bias  # bias deltas fold into the linear's own bias: no extra pass over y
+        if self.bias_delta is not None:
+            bias = self.bias_delta if bias is None else bias + self.bias_delta
+        if d is not None:
+            bias, d = d.fold_bias(bias)
+        y = F.linear(x, self.base.weight, bias)
+        if self.lora_A is not None:
+            h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+            # y + scaling * h B^T in one op: (N, out) + (N, r) @ (r, out)
+            y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
+                            alpha=self.scaling).view(y.shape)
+        if d is not None:
             y = d.apply(x, y)
         return y
 
@@ -163,12 +191,24 @@ class AdaptedLayerNorm(nn.Module):
             self.bias_delta = nn.Parameter(torch.zeros_like(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.bias_delta is not None:
-            y = y + self.bias_delta
         r = _ROUTE.get()
-        if r is not None and (d := r.deltas.get(self.key)) is not None:
-            y = d.apply(x, y)
+        d = r.deltas.get(self.key) if r is not None else None
+        b = self.base
+        if type(b).forward is not nn.LayerNorm.forward:  # a subclass with its own forward: no folding
+            y = b(x)
+            fresh = self.bias_delta is not None
+            if fresh:
+                y = y + self.bias_delta
+        else:  # bias deltas fold into the normalisation's own bias
+            fresh = True
+            bias = b.bias
+            if self.bias_delta is not None:
+                bias = self.bias_delta if bias is None else bias + self.bias_delta
+            if d is not None:
+                bias, d = d.fold_bias(bias, per_row=False)
+            y = F.layer_norm(x, b.normalized_shape, b.weight, bias, b.eps)
+        if d is not None:
+            y = d.apply(x, y, fresh=fresh)
         return y
 
     def merged(self) -> nn.LayerNorm:
