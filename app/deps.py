@@ -67,7 +67,12 @@ def get_principal(
     presented = bearer.credentials if bearer is not None else api_key
     if not presented:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
-    return keys.authenticate(session, presented)
+    principal = keys.authenticate(session, presented)
+    # End the key lookup's transaction: its pooled connection must not stay checked out while the request waits
+    # for a thread for its other dependencies. Under load every thread was waiting for a connection and every
+    # connection for a thread, until the 30 s pool timeout. The handler's queries take one again when they run.
+    session.rollback()
+    return principal
 
 
 TenantDep = Annotated[Principal, Depends(get_principal)]  # any valid key; tenant_id scopes every query

@@ -5,6 +5,7 @@
 - request validation -> 422 listing each error's location (`body.method.rank`) and message;
 - `HTTPException` (404 for unknown routes, 405, ...) -> problem+json;
 - the database being unreachable -> 503 with Retry-After;
+- a value the database cannot store (NUL characters, an out-of-range number) -> 422;
 - anything else -> 500 with no internals in the body, logged here with the request id.
 
 Services raise these classes; handlers never build error responses themselves.
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError as DatabaseDataError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
@@ -175,6 +177,15 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
                    title="Database unavailable", headers={"Retry-After": str(DB_RETRY_AFTER_SECONDS)})
 
 
+async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
+    """A value the database refuses to store or compare (text with NUL characters, a number out of its column's
+    range) that got past validation: the client's input, so 422, and the transaction was rolled back."""
+    log.warning("database refused a value on %s %s: %s", request.method, request.url.path,
+                str(getattr(exc, "orig", exc)).splitlines()[0][:200])
+    return problem(422, InvalidInput.type, "a value in the request cannot be stored: text with NUL (\\x00) "
+                   "characters, or a number out of range", request=request)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     ref = getattr(request.state, "request_id", None) or uuid.uuid4().hex  # set by RequestIdMiddleware
     log.exception("unhandled error on %s %s (ref %s)", request.method, request.url.path, ref, exc_info=exc)
@@ -189,4 +200,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_exception)
     for db_error in (OperationalError, InterfaceError, PoolTimeoutError):
         app.add_exception_handler(db_error, _database_unavailable)
+    app.add_exception_handler(DatabaseDataError, _unstorable)
     app.add_exception_handler(Exception, _unexpected)  # runs in ServerErrorMiddleware, outermost

@@ -9,6 +9,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
+DB_INT_MAX = 2**31 - 1  # the largest version number or event seq the registry can hold (INTEGER columns)
 TaskType = Literal["single_label_classification", "multi_label_classification", "regression"]
 DatasetFormat = Literal["csv", "tsv", "jsonl"]
 
@@ -99,7 +100,7 @@ class DatasetUploadFields(BaseModel):
     task_type: TaskType = "single_label_classification"
 
 
-_STATUS_TEXT = {400: "The body could not be parsed (e.g. JSON that is not UTF-8)", 401: "Missing or invalid API key",
+_STATUS_TEXT = {400: "The body could not be parsed (JSON that is not UTF-8, broken multipart)", 401: "Missing or invalid API key",
                 403: "The API key lacks the required scope",
                 404: "Not found (or another tenant's)", 409: "Conflict with the current state",
                 413: "Request body or upload too large", 415: "Unsupported content type",

@@ -18,11 +18,15 @@ import socket
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.models import Job, utcnow
@@ -30,6 +34,7 @@ from app.services import blobs, events, registry, sweeps
 from app.settings import Settings
 
 log = logging.getLogger("spafit.worker")
+T = TypeVar("T")
 
 
 def worker_id() -> str:
@@ -104,12 +109,30 @@ def claim(db: Database, job_id: uuid.UUID, me: str, settings: Settings) -> Claim
 
 def _finish(db: Database, job_id: uuid.UUID, status: str, *, error: tuple[str, str] | None = None,
             event: dict | None = None, **values) -> None:
-    with db.transaction() as s:
+    """Set a final status and write its event in one transaction: a reader (the live event stream ends at a
+    final status) never sees the status without its event."""
+
+    def write(s) -> None:
         s.execute(update(Job).where(Job.id == job_id).values(
             status=status, finished_at=utcnow(), error_type=error[0] if error else None,
             error_message=error[1] if error else None, **values))
-    if event is not None:
-        events.append(db, job_id, "status", event)
+        if event is not None:
+            events.append_in(s, job_id, "status", event)
+
+    _transaction(db, write)
+
+
+def _transaction(db: Database, write: Callable[[Session], T], attempts: int = 5) -> T:
+    """`write(session)` in one transaction, run again if it lost a race for an event's seq to a concurrent
+    writer (the API appends events too): the whole transaction rolled back, so a retry is safe."""
+    for i in range(attempts):
+        try:
+            with db.transaction() as s:
+                return write(s)
+        except IntegrityError:
+            if i == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 class _Heartbeat(threading.Thread):
@@ -145,11 +168,6 @@ class _Heartbeat(threading.Thread):
 
 def run_job(db: Database, job_id: uuid.UUID | str, settings: Settings) -> str:
     """Run (or resume) a job to a final state. Returns the claim outcome or the final status."""
-    from spafit_core import MethodConfig, TrainConfig
-    from spafit_core import data as core_data
-    from spafit_core.errors import SpafitError, TrainingCancelled
-    from spafit_core.pipeline import finetune
-
     job_id = uuid.UUID(str(job_id))
     me = worker_id()
     c = claim(db, job_id, me, settings)
@@ -158,6 +176,13 @@ def run_job(db: Database, job_id: uuid.UUID | str, settings: Settings) -> str:
         if c.outcome in ("cancelled", "gave_up") and c.job is not None:
             _after_trial(db, c.job)
         return c.outcome
+    # Only now import torch and the trainer (seconds in a fresh child): a duplicate delivery of a job that
+    # is final or held by another worker is answered in milliseconds, not after a torch import.
+    from spafit_core import MethodConfig, TrainConfig
+    from spafit_core import data as core_data
+    from spafit_core.errors import SpafitError, TrainingCancelled
+    from spafit_core.pipeline import finetune
+
     job = c.job
     hb = _Heartbeat(db, job_id, me, settings.job_heartbeat_interval_s)
     hb.start()
@@ -188,7 +213,7 @@ def run_job(db: Database, job_id: uuid.UUID | str, settings: Settings) -> str:
         if job.kind == "trial":
             _finish_trial(db, job_id, cfg, weights, result)
             return "succeeded"
-        with db.transaction() as s:
+        def register(s: Session) -> None:
             version = registry.register_version(s, job.tenant_id, job.task_name, cfg, weights, job_id=job_id)
             old_ckpt = s.scalar(select(Job.checkpoint_sha256).where(Job.id == job_id))
             s.execute(update(Job).where(Job.id == job_id).values(
@@ -197,10 +222,11 @@ def run_job(db: Database, job_id: uuid.UUID | str, settings: Settings) -> str:
             if old_ckpt:
                 s.flush()
                 blobs.delete_if_unreferenced(s, old_ckpt)
-            version_no = version.version
-        events.append(db, job_id, "status", {"status": "succeeded", "adapter_version": version_no,
-                                             "metrics": result.metrics, "steps": result.train_result.steps,
-                                             "resumed_from_step": result.train_result.resumed_from_step})
+            events.append_in(s, job_id, "status", {"status": "succeeded", "adapter_version": version.version,
+                                                   "metrics": result.metrics, "steps": result.train_result.steps,
+                                                   "resumed_from_step": result.train_result.resumed_from_step})
+
+        _transaction(db, register)
         return "succeeded"
     except TrainingCancelled as e:
         if hb.lost.is_set():  # another worker owns it now; leave its state alone
@@ -229,13 +255,17 @@ def _finish_trial(db: Database, job_id: uuid.UUID, cfg: dict, weights: bytes, re
     """A sweep trial keeps its adapter as a blob for the sweep to pick from; it registers nothing."""
     from spafit_core.adapter import pack
 
-    with db.transaction() as s:
-        sha = blobs.put(s, pack(cfg, weights))
+    archive = pack(cfg, weights)
+
+    def keep(s: Session) -> None:
+        sha = blobs.put(s, archive)
         s.execute(update(Job).where(Job.id == job_id).values(
             status="succeeded", finished_at=utcnow(), result_sha256=sha, metrics=result.metrics,
             checkpoint_sha256=None))
-    events.append(db, job_id, "status", {"status": "succeeded", "metrics": result.metrics,
-                                         "trainable_params": cfg["param_counts"]["total"]})
+        events.append_in(s, job_id, "status", {"status": "succeeded", "metrics": result.metrics,
+                                               "trainable_params": cfg["param_counts"]["total"]})
+
+    _transaction(db, keep)
     sweeps.trial_finished(db, job_id)
 
 

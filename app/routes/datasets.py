@@ -82,7 +82,7 @@ async def dataset_source(request: Request, settings: SettingsDep) -> datasets.Up
 
 
 @router.post("", status_code=201, response_model=DatasetOut, summary="Upload or import a dataset",
-             responses=problem_responses(401, 403, 413, 415, 422), openapi_extra=_UPLOAD_BODY)
+             responses=problem_responses(400, 401, 403, 413, 415, 422), openapi_extra=_UPLOAD_BODY)
 def create_dataset(*, principal: TrainPrincipal,
                    source: Annotated[datasets.Upload | HfDatasetCreate, Depends(dataset_source)],
                    session: SessionDep, settings: SettingsDep, metrics: MetricsDep) -> Any:

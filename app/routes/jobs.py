@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import SessionDep, SettingsDep, TenantDep, TrainPrincipal
 from ..models import JOB_FINAL_STATUSES
-from ..schemas import Page, problem_responses
+from ..schemas import DB_INT_MAX, Page, problem_responses
 from ..schemas_jobs import JobCreate, JobEventOut, JobOut, JobStatus
 from ..services import events, jobs
 from ..services.pagination import DEFAULT_LIMIT, MAX_LIMIT
@@ -23,7 +23,7 @@ STREAM_POLL_SECONDS = 0.5
 
 
 @router.post("", status_code=202, response_model=JobOut,
-             responses=problem_responses(401, 403, 404, 409, 413, 422),
+             responses=problem_responses(400, 401, 403, 404, 409, 413, 422),
              summary="Start a fine-tuning job (202: queued)")
 def create_job(*, request: Request, response: Response, body: JobCreate, session: SessionDep,
                settings: SettingsDep, principal: TrainPrincipal,
@@ -69,12 +69,12 @@ def cancel_job(*, job_id: uuid.UUID, session: SessionDep, principal: TrainPrinci
                              "content": {"text/event-stream": {}}}},
             summary="A job's ordered events; live with Accept: text/event-stream")
 def job_events(*, job_id: uuid.UUID, request: Request, session: SessionDep, principal: TenantDep,
-               after: int = Query(default=0, ge=0, description="only events with a larger seq"),
+               after: int = Query(default=0, ge=0, le=DB_INT_MAX, description="only events with a larger seq"),
                limit: int = Query(default=1000, ge=1, le=10000),
                last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None):
     job = jobs.get(session, principal.tenant_id, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        start = min(int(last_event_id), DB_INT_MAX) if last_event_id and last_event_id.isdigit() else after
         return StreamingResponse(_stream(request, job.id, start), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return [JobEventOut.model_validate(e, from_attributes=True) for e in events.after(session, job.id, after, limit)]

@@ -27,7 +27,7 @@ from .tasks import TaskName
 router = APIRouter(tags=["predict"])
 
 _RESPONSES = {
-    **problem_responses(401, 403, 404, 409, 413, 422),
+    **problem_responses(400, 401, 403, 404, 409, 413, 422),
     503: {"model": Problem, "description": "The prediction queue is full: retry after `Retry-After` seconds"},
     504: {"model": Problem, "description": "The prediction did not finish within the service's timeout"},
 }

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
 from ..deps import ServingDep, SessionDep, TenantDep, TrainPrincipal
 from ..errors import UnsupportedMediaType
-from ..schemas import AdapterVersionOut, Page, TaskOut, problem_responses
+from ..schemas import DB_INT_MAX, AdapterVersionOut, Page, TaskOut, problem_responses
 from ..services import registry
 from ..services.pagination import DEFAULT_LIMIT, MAX_LIMIT
 
@@ -66,8 +66,8 @@ def list_versions(*, task: TaskName, principal: TenantDep, session: SessionDep,
 @router.post("/{task}/versions/{version}/activate", response_model=TaskOut,
              summary="Serve this version from now on (roll back or forward)",
              responses=problem_responses(401, 403, 404, 422))
-def activate_version(*, task: TaskName, version: Annotated[int, Path(ge=1)], principal: TrainPrincipal,
-                     session: SessionDep) -> Any:
+def activate_version(*, task: TaskName, version: Annotated[int, Path(ge=1, le=DB_INT_MAX)],
+                     principal: TrainPrincipal, session: SessionDep) -> Any:
     registry.activate(session, principal.tenant_id, task, version)
     return registry.task_out(session, registry.get_task(session, principal.tenant_id, task))
 
@@ -82,7 +82,8 @@ def delete_task(*, task: TaskName, principal: TrainPrincipal, session: SessionDe
 @router.get("/{task}/adapter", response_class=Response, summary="Download a version as a zip",
             responses={**_ZIP_RESPONSE, **problem_responses(401, 403, 404, 409, 422)})
 def download_adapter(*, task: TaskName, principal: TrainPrincipal, session: SessionDep,
-                     version: Annotated[int | None, Query(ge=1, description="default: the active version")] = None,
+                     version: Annotated[int | None, Query(ge=1, le=DB_INT_MAX,
+                                                          description="default: the active version")] = None,
                      if_none_match: Annotated[str | None, Header()] = None) -> Response:
     archive, sha, number = registry.archive(session, principal.tenant_id, task, version)
     etag = f'"{sha}"'

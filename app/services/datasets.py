@@ -56,6 +56,10 @@ def create_from_bytes(session: Session, tenant_id: uuid.UUID, content: bytes, *,
     """Register an uploaded CSV / TSV / JSON Lines file. `DataError` (422) if it is unreadable or has errors."""
     fmt = format or core_data.detect_format(filename, content[:64 * 1024])
     table = core_data.read_table(content, fmt)
+    nul = content.find(b"\x00")
+    if nul >= 0:  # valid UTF-8, but never text data (often UTF-16 without a BOM), and Postgres cannot store it
+        line = content.count(b"\n", 0, nul) + 1
+        raise DataError(f"line {line}: a NUL byte (\\x00); save the file as UTF-8 text")
     return _register(session, tenant_id, table, content, fmt, name or _basename(filename) or f"upload.{fmt}",
                      text_fields, label_field, task_type, source="upload", source_detail=None)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 Check = Callable[[], None] | Callable[[], Awaitable[None]]
+log = logging.getLogger("spafit.health")
 
 
 @dataclass
@@ -34,7 +36,7 @@ class Readiness:
     def remove(self, name: str) -> None:
         self.checks.pop(name, None)
 
-    async def _run_one(self, check: Check) -> CheckResult:
+    async def _run_one(self, name: str, check: Check) -> CheckResult:
         start = time.perf_counter()
         try:
             if inspect.iscoroutinefunction(check):
@@ -44,13 +46,23 @@ class Readiness:
         except TimeoutError:
             return CheckResult(False, _ms(start), f"timed out after {self.timeout:g}s")
         except Exception as e:  # a failing dependency, whatever it raises
-            return CheckResult(False, _ms(start), f"{type(e).__name__}: {str(e)[:200]}".strip())
+            log.warning("readiness check %s failed: %s: %s", name, type(e).__name__, e)
+            return CheckResult(False, _ms(start), _public_error(e))
         return CheckResult(True, _ms(start))
 
     async def run(self) -> dict[str, CheckResult]:
         names = list(self.checks)
-        results = await asyncio.gather(*(self._run_one(self.checks[n]) for n in names))
+        results = await asyncio.gather(*(self._run_one(n, self.checks[n]) for n in names))
         return dict(zip(names, results, strict=True))
+
+
+def _public_error(e: Exception) -> str:
+    """What /readyz (unauthenticated) may say about a failure. Our own checks raise RuntimeError with a message
+    written for operators ("run `spafit db upgrade`"); a driver's message names internal hosts, ports and
+    users, so only its type is shown: the whole error is in the server log."""
+    if type(e) is RuntimeError:
+        return f"RuntimeError: {str(e)[:200]}".strip()
+    return f"{type(e).__name__} (details in the server log)"
 
 
 def _ms(start: float) -> float:

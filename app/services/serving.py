@@ -191,6 +191,11 @@ class Serving:
                       top_k: int | None = None) -> dict[str, Any]:
         """One task over `inputs`, batched with whatever else is in flight (any tasks)."""
         with self._measure(len(inputs)):
+            if self.queue_depth() + len(inputs) > self.settings.batch_max_queue:
+                # Shed load before doing any work (a registry lookup, two thread hops, tokenising) that the
+                # batcher would refuse anyway; its own check, at submit, stays the authoritative one.
+                raise self._overloaded(f"prediction queue is full ({self.queue_depth()} rows waiting); "
+                                       "retry shortly")
             served = await self._resolve(session, tenant_id, [task])
             batcher = await asyncio.to_thread(lambda: self.batcher)
             try:
@@ -247,8 +252,11 @@ class Serving:
             work.exception()  # retrieved: an abandoned (timed out) call's error is not worth a log line
 
     async def _resolve(self, session: Session, tenant_id: uuid.UUID, tasks: Sequence[str]) -> list[Served]:
+        # Hold no pooled connection while waiting for a thread (see deps.get_principal): the threads that load
+        # adapters on a miss need connections too.
+        session.close()
         served = await asyncio.to_thread(self.resolve, session, tenant_id, tasks)
-        session.close()  # hand the connection back: it is not needed while the engine works
+        session.close()  # not needed while the engine works
         return served
 
     def _overloaded(self, message: str) -> Overloaded:

@@ -1,0 +1,412 @@
+"""Load test of `POST /v1/tasks/{task}/predict` on a live server process over loopback.
+
+Phase 1 (steady load): `--clients` concurrent clients (default 64) for `--duration` seconds (default 60), each
+sending one request after another, every request to one of 8 tasks (round robin from a random start per
+client, 1-4 inputs each). Reported: requests, errors (anything but 200, plus timeouts and connection
+errors), throughput, latency p50/p90/p99/max, and the server's resident memory sampled every second, with
+"flat" meaning the mean of the last 20% of samples is within `--rss-bound` (default 5%) of the mean of the
+first 20% (after a warm-up that is not counted).
+
+Phase 2 (queue full): the server restarted with a tiny prediction queue (`SPAFIT_BATCH_MAX_QUEUE`, default 16
+rows) under the same clients sending 8 inputs each: the overflow must be answered 503 with Retry-After, fast,
+with no timeout and no other error, and the server must answer a normal request afterwards.
+
+The server is `python -m app.cli serve --no-worker` in server mode, on a fresh Postgres database (created
+through SPAFIT_TEST_PG_URL, dropped at the end) and the local Redis (SPAFIT_TEST_REDIS_URL, its own key prefix),
+serving 8 adapters with random non-zero tensors (4 methods, 2- and 3-class heads) on the packaged MiniLM, or on
+a tiny random BERT with `--tiny`. The load generator (httpx, asyncio) runs in this process, on the same machine.
+
+    python -m benchmarks.load --quick            # about 1 minute: 16 clients, 10 s + 5 s, MiniLM
+    python -m benchmarks.load                    # the full run: 64 clients, 60 s + 15 s, MiniLM
+    python -m benchmarks.load --tiny --quick     # the tiny backbone (what tests/reliability/test_load.py runs)
+
+Results: benchmarks/results/load.json (load_quick.json with --quick, load_tiny*.json with --tiny).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# isort: off
+from benchmarks import common  # first: it sets OMP_WAIT_POLICY before torch loads (inherited by the server)
+# isort: on
+
+REPO = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get("SPAFIT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("SPAFIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+TEXTS = ["a great film with a fun plot", "boring and slow, I left early", "not bad but not great either",
+         "the actors were awful", "I loved every minute of it", "a classic", "dull", "superb soundtrack and cast",
+         "the plot was very boring and the ending made no sense at all", "ok"]
+TASKS = [  # (name, method, labels): 8 tasks of varied methods and heads
+    ("sentiment", {"name": "spafit", "n1": 2, "n2": 4, "rank": 8}, ("neg", "pos")),
+    ("topic", {"name": "spafit", "n1": 1, "n2": 3, "rank": 4}, ("sport", "art", "food")),
+    ("spam", {"name": "lora", "rank": 8}, ("ham", "spam")),
+    ("toxicity", {"name": "bitfit"}, ("ok", "toxic")),
+    ("intent", {"name": "spafit", "n1": 0, "n2": 3, "rank": 8}, ("ask", "buy", "complain")),
+    ("language", {"name": "lora", "rank": 4}, ("en", "other")),
+    ("urgency", {"name": "spafit", "n1": 2, "n2": 2, "rank": 8}, ("low", "high")),
+    ("stance", {"name": "spafit", "n1": 1, "n2": 2, "rank": 2}, ("for", "against", "neutral")),
+]
+
+
+# ------------------------------------------------------------------------------------------ the load
+@dataclass
+class Phase:
+    """What the clients saw in one phase."""
+
+    latencies_ms: list[float] = field(default_factory=list)  # of 200 answers
+    rejected_ms: list[float] = field(default_factory=list)  # of 503 answers
+    statuses: Counter = field(default_factory=Counter)
+    failures: Counter = field(default_factory=Counter)  # timeouts, connection errors, bad bodies
+    retry_after_missing: int = 0
+    inputs_ok: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ok = self.statuses.get(200, 0)
+        total = sum(self.statuses.values()) + sum(self.failures.values())
+        errors = total - ok - self.statuses.get(503, 0)
+        return {
+            "requests": total, "ok": ok, "overloaded_503": self.statuses.get(503, 0),
+            "errors": errors, "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "failures": dict(self.failures), "retry_after_missing_on_503": self.retry_after_missing,
+            "seconds": round(self.seconds, 2), "throughput_rps": round(ok / self.seconds, 1) if self.seconds else 0,
+            "inputs_per_s": round(self.inputs_ok / self.seconds, 1) if self.seconds else 0,
+            "latency_ms": _percentiles(self.latencies_ms), "rejected_latency_ms": _percentiles(self.rejected_ms),
+        }
+
+
+def _percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    v = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(v[min(len(v) - 1, int(q * len(v)))], 1)
+
+    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "max": round(v[-1], 1),
+            "mean": round(statistics.fmean(v), 1)}
+
+
+async def _client(http: Any, tasks: list[str], headers: dict, deadline: float, inputs: tuple[int, int],
+                  phase: Phase, rng: random.Random) -> None:
+    import httpx
+
+    k = rng.randrange(len(tasks))
+    while time.monotonic() < deadline:
+        task = tasks[k % len(tasks)]
+        k += 1
+        batch = [rng.choice(TEXTS) for _ in range(rng.randint(*inputs))]
+        start = time.perf_counter()
+        try:
+            r = await http.post(f"/v1/tasks/{task}/predict", json={"inputs": batch}, headers=headers)
+        except httpx.TimeoutException:
+            phase.failures["timeout"] += 1
+            continue
+        except httpx.HTTPError as e:
+            phase.failures[type(e).__name__] += 1
+            continue
+        ms = (time.perf_counter() - start) * 1000
+        phase.statuses[r.status_code] += 1
+        if r.status_code == 200:
+            body = r.json()
+            if body.get("task") != task or len(body.get("predictions", [])) != len(batch):
+                phase.failures["wrong_body"] += 1
+            phase.latencies_ms.append(ms)
+            phase.inputs_ok += len(batch)
+        elif r.status_code == 503:
+            phase.rejected_ms.append(ms)
+            if not r.headers.get("retry-after", "").isdigit():
+                phase.retry_after_missing += 1
+
+
+async def run_phase(url: str, headers: dict[str, str], tasks: list[str], *, clients: int, duration: float,
+                    inputs: tuple[int, int] = (1, 4), timeout: float = 30.0, seed: int = 0) -> Phase:
+    """`clients` concurrent clients against `url` for `duration` seconds, each on its own connection."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+        phase = Phase()
+        start = time.monotonic()
+        end = start + duration
+        await asyncio.gather(*(_client(http, tasks, headers, end, inputs, phase, random.Random(seed * 1000 + i))
+                               for i in range(clients)))
+        phase.seconds = time.monotonic() - start
+    return phase
+
+
+# ------------------------------------------------------------------------------------------ memory
+class RssSampler(threading.Thread):
+    """The resident memory of process `pid`, every `interval` seconds, from /proc."""
+
+    def __init__(self, pid: int, interval: float = 1.0):
+        super().__init__(daemon=True, name="rss-sampler")
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self._stop_evt.is_set():
+            self.samples.append((round(time.monotonic() - start, 2), rss_of(self.pid)))
+            self._stop_evt.wait(self.interval)
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop_evt.set()
+        self.join()
+        return self.samples
+
+
+def rss_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_flatness(samples: list[tuple[float, int]], bound: float) -> dict[str, Any]:
+    values = [v for _, v in samples]
+    n = max(1, len(values) // 5)
+    first, last = statistics.fmean(values[:n]), statistics.fmean(values[-n:])
+    growth = (last - first) / first
+    return {"samples": len(values), "first_20pct_mib": round(first / 2**20, 1), "last_20pct_mib": round(last / 2**20, 1),
+            "max_mib": round(max(values) / 2**20, 1), "growth": round(growth, 4), "bound": bound,
+            "flat": abs(growth) <= bound}
+
+
+# ------------------------------------------------------------------------------------------ the service
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(database_url: str, redis_url: str, prefix: str, base_model: str, data_dir: Path,
+               **settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPAFIT_") or k.startswith("SPAFIT_TEST_")}
+    env.update({"SPAFIT_MODE": "server", "SPAFIT_DATABASE_URL": database_url, "SPAFIT_BROKER_URL": redis_url,
+                "SPAFIT_BROKER_KEY_PREFIX": prefix, "SPAFIT_DEFAULT_BASE_MODEL": base_model,
+                "SPAFIT_ALLOWED_BASE_MODELS": base_model, "SPAFIT_DATA_DIR": str(data_dir),
+                "SPAFIT_ENGINE_DEVICE": "cpu", "SPAFIT_PRELOAD_BASE_MODEL": "true", "SPAFIT_LOG_LEVEL": "WARNING",
+                "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    env.update({f"SPAFIT_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+class Server:
+    """`python -m app.cli serve --no-worker` on a free port; `start()` waits for /readyz (backbone loaded)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env, self.log_path = env, log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> Server:
+        import httpx
+
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker", "--host", "127.0.0.1",
+                                      "--port", str(self.port)], cwd=REPO, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"the server was not ready in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def random_adapter(base_model: str, method: dict, labels: tuple[str, ...], seed: int) -> tuple[dict, bytes]:
+    """(config, weights) of an adapter whose every trainable tensor is random and non-zero."""
+    import torch
+
+    from spafit_core import MethodConfig, TaskSpec
+    from spafit_core.adapter import serialize
+    from spafit_core.model import SpafitModel
+    from spafit_core.train import set_seed
+
+    set_seed(seed)
+    model = SpafitModel.from_pretrained(base_model, MethodConfig(**method), TaskSpec(labels=labels))
+    with torch.no_grad():
+        for t in model.adapter_state_dict().values():
+            t.copy_(torch.randn_like(t) * 0.02)
+    return serialize(model, max_seq_length=128)
+
+
+def register_tasks(database_url: str, tenant_name: str, base_model: str) -> tuple[dict[str, str], list[str]]:
+    """A tenant, a predict key and the 8 tasks, registered as a worker registers them. (headers, task names)"""
+    from app.db import Database
+    from app.services import keys, registry
+
+    db = Database.from_url(database_url)
+    try:
+        with db.session() as s:
+            tenant = keys.create_tenant(s, tenant_name)
+            _, plaintext = keys.create_key(s, tenant.id, "load", ["predict"])
+            for i, (name, method, labels) in enumerate(TASKS):
+                cfg, weights = random_adapter(base_model, method, labels, seed=i)
+                registry.register_version(s, tenant.id, name, cfg, weights)
+            s.commit()
+    finally:
+        db.dispose()
+    return {"Authorization": f"Bearer {plaintext}"}, [name for name, _, _ in TASKS]
+
+
+@contextmanager
+def fresh_database():
+    from sqlalchemy import create_engine, make_url, text
+
+    from app.services import migrate
+    from app.settings import normalize_database_url
+
+    base = make_url(normalize_database_url(PG_ADMIN_URL))
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    name = f"spafit_load_{secrets.token_hex(4)}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = base.set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def tiny_backbone(folder: Path) -> str:
+    from transformers import AutoModel, BertConfig, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w for t in TEXTS for w in t.replace(",", "").split()})
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=160, pad_token_id=0)
+    import torch
+
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    return str(folder)
+
+
+def _health_after(url: str, headers: dict[str, str], task: str) -> dict[str, Any]:
+    import httpx
+
+    r = httpx.post(f"{url}/v1/tasks/{task}/predict", json={"inputs": ["a great film"]}, headers=headers, timeout=30)
+    return {"healthz": httpx.get(f"{url}/healthz", timeout=5).status_code, "predict": r.status_code}
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="16 clients, 10 s steady + 5 s queue-full")
+    p.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the packaged MiniLM")
+    p.add_argument("--clients", type=int, default=None)
+    p.add_argument("--duration", type=float, default=None, help="seconds of steady load (after warm-up)")
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--queue-duration", type=float, default=None)
+    p.add_argument("--queue-rows", type=int, default=16, help="SPAFIT_BATCH_MAX_QUEUE of the queue-full phase")
+    p.add_argument("--rss-bound", type=float, default=0.05)
+    p.add_argument("--out", default=None, help="result name under benchmarks/results (default: by mode)")
+    args = p.parse_args(argv)
+    clients = args.clients or (16 if args.quick else 64)
+    duration = args.duration or (10.0 if args.quick else 60.0)
+    queue_duration = args.queue_duration or (5.0 if args.quick else 15.0)
+    name = args.out or "load" + ("_tiny" if args.tiny else "") + ("_quick" if args.quick else "")
+
+    tmp = Path(tempfile.mkdtemp(prefix="spafit-load-"))
+    base = tiny_backbone(tmp / "tiny") if args.tiny else "sentence-transformers/all-MiniLM-L6-v2"
+    prefix = f"spafit_load_{secrets.token_hex(4)}:"
+    result: dict[str, Any] = {"command": common.command_line(), "machine": common.machine(),
+                              "base_model": "tiny random BERT (hidden 64, 4 layers)" if args.tiny else base,
+                              "tasks": [{"name": n, "method": m["name"], "labels": len(lab)} for n, m, lab in TASKS],
+                              "clients": clients, "loadavg_before": _loadavg()}
+    with fresh_database() as db_url:
+        common.log(f"registering {len(TASKS)} tasks on {base} ...")
+        headers, tasks = register_tasks(db_url, "load", base)
+
+        # Phase 1: steady load.
+        server = Server(server_env(db_url, REDIS_URL, prefix, base, tmp / "data"), tmp / "server.log").start()
+        try:
+            common.log(f"steady: {clients} clients, {args.warmup:g}s warm-up + {duration:g}s")
+            sampler = RssSampler(server.proc.pid)
+
+            async def steady() -> Phase:
+                # Warm-up (not counted): every adapter loaded, caches and connections hot.
+                await run_phase(server.url, headers, tasks, clients=clients, duration=args.warmup)
+                sampler.start()
+                return await run_phase(server.url, headers, tasks, clients=clients, duration=duration, seed=1)
+
+            phase = asyncio.run(steady())
+            samples = sampler.stop()
+            result["steady"] = {"duration_s": duration, "warmup_s": args.warmup, "inputs_per_request": [1, 4],
+                                **phase.summary(), "rss": rss_flatness(samples, args.rss_bound),
+                                "rss_samples_mib": [round(v / 2**20, 1) for _, v in samples],
+                                "after": _health_after(server.url, headers, tasks[0])}
+        finally:
+            server.stop()
+
+        # Phase 2: the queue full.
+        env = server_env(db_url, REDIS_URL, prefix, base, tmp / "data", batch_max_queue=args.queue_rows)
+        server = Server(env, tmp / "server-queue.log").start()
+        try:
+            common.log(f"queue full: {clients} clients x 8 inputs, queue {args.queue_rows} rows, {queue_duration:g}s")
+            phase = asyncio.run(run_phase(server.url, headers, tasks, clients=clients, duration=queue_duration,
+                                          inputs=(8, 8), seed=2))
+            result["queue_full"] = {"duration_s": queue_duration, "batch_max_queue": args.queue_rows,
+                                    "inputs_per_request": 8, **phase.summary(),
+                                    "after": _health_after(server.url, headers, tasks[0])}
+        finally:
+            server.stop()
+    result["loadavg_after"] = _loadavg()
+    path = common.write_result(name, result)
+    s, q = result["steady"], result["queue_full"]
+    common.log(f"steady: {s['requests']} requests, {s['errors']} errors, {s['throughput_rps']} req/s, "
+               f"p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms, RSS growth "
+               f"{s['rss']['growth']:+.1%} ({'flat' if s['rss']['flat'] else 'NOT flat'})")
+    common.log(f"queue full: {q['ok']} ok, {q['overloaded_503']} x 503 (Retry-After missing on "
+               f"{q['retry_after_missing_on_503']}), {q['errors']} errors, failures {q['failures']}")
+    common.log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Fault-injection tools for the reliability tests: a private Redis that can be SIGKILLed and restarted, a TCP
+proxy in front of Postgres that can be cut (whole, or at the first packet carrying a given statement), and the
+API as a real process. The session's worker, tiny backbone and keys come from tests/live.py and tests/conftest.py.
+
+Everything here touches only what it started itself: the shared Postgres and Redis of the machine are never
+stopped or cut, and the API processes started here use a broker key prefix of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.live import WORKER_SETTINGS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------- measurements
+
+_MEASURED: dict[str, dict[str, Any]] = {}
+
+
+@pytest.fixture
+def measure(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """`measure(name=value, ...)`: figures a test measured. With SPAFIT_RELIABILITY_OUT=<file.json> they are
+    written there at the end of the session (benchmarks/RELIABILITY.md quotes benchmarks/results/reliability.json)."""
+
+    def record(**values: Any) -> None:
+        _MEASURED.setdefault(request.node.nodeid, {}).update(values)
+
+    return record
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    out = os.environ.get("SPAFIT_RELIABILITY_OUT")
+    if out and _MEASURED:
+        import json
+        import platform
+
+        data = {"command": "SPAFIT_RELIABILITY_OUT=" + out + " python -m pytest tests/reliability",
+                "exit_status": int(exitstatus), "cores": os.cpu_count(), "python": platform.python_version(),
+                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()], "tests": _MEASURED}
+        Path(out).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `pred` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+# ------------------------------------------------------------------------------------------- Redis
+
+
+class RedisServer:
+    """A private `redis-server` on its own port that keeps nothing on disk, as production Redis without
+    persistence: SIGKILL loses every message it held, and a restart on the same port is a new incarnation
+    (a new run_id)."""
+
+    def __init__(self, port: int, workdir: Path):
+        self.port, self.workdir = port, workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._pings, 10, f"redis-server on port {self.port}")
+        return self
+
+    def _pings(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def run_id(self) -> str:
+        import redis
+
+        return str(redis.Redis(port=self.port).info("server")["run_id"])
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path).start()
+    yield server
+    server.stop()
+
+
+# ------------------------------------------------------------------------------------------- TCP proxy
+
+
+class TcpProxy:
+    """A TCP proxy (threads) from 127.0.0.1:<port> to `upstream`, to take a database away without touching it.
+
+    - `cut()`: stop listening and close every open connection: the database is unreachable;
+    - `restore()`: listen again on the same port;
+    - `cut_on(pattern)`: drop the next connection that sends a chunk containing `pattern` (say b"INSERT INTO
+      datasets"), before that chunk reaches the server: a connection lost in the middle of a transaction.
+    """
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._pattern: bytes | None = None
+        self.tripped = threading.Event()  # set when `cut_on` dropped a connection
+        self.accepted = 0
+        self.forwarded: list[bytes] = []  # the head of each chunk sent on to the server
+
+    def start(self) -> TcpProxy:
+        self.restore()
+        return self
+
+    def restore(self) -> None:
+        self._pattern = None
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True, name="proxy-accept").start()
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            _close(listener)  # shutdown() first: a bare close() does not wake the thread blocked in accept()
+        with self._lock:
+            conns, self._conns = set(self._conns), set()
+        for c in conns:
+            _close(c)
+
+    def cut_on(self, pattern: bytes) -> None:
+        self.tripped.clear()
+        self._pattern = pattern
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by cut()
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                _close(client)
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._conns.update((client, server))
+                self.accepted += 1
+            threading.Thread(target=self._pump, args=(client, server), daemon=True, name="proxy-pump").start()
+
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+        peers = {client: server, server: client}
+        try:
+            while True:
+                ready, _, _ = select.select(list(peers), [], [], 0.5)
+                if self._listener is None and client not in self._conns:
+                    return
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    pattern = self._pattern
+                    if src is client and pattern is not None and pattern in data:
+                        self._pattern = None
+                        self.tripped.set()
+                        return  # the statement never reaches the server
+                    if src is client:
+                        self.forwarded.append(data[:300])
+                    peers[src].sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            for s in (client, server):
+                _close(s)
+                with self._lock:
+                    self._conns.discard(s)
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
+
+
+@pytest.fixture
+def pg_proxy(pg_url: str) -> Iterator[TcpProxy]:
+    from sqlalchemy import make_url
+
+    url = make_url(pg_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
+    yield proxy
+    proxy.cut()
+
+
+def via_proxy(pg_url: str, proxy: TcpProxy) -> str:
+    from sqlalchemy import make_url
+
+    return make_url(pg_url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+
+@pytest.fixture(scope="session")
+def rel_prefix(redis_prefix: str) -> str:
+    """A broker key prefix for the API processes started here: nothing they send reaches the session's worker."""
+    return f"{redis_prefix}rel:"
+
+
+def service_env(database_url: str, broker_url: str, prefix: str, base: str, data_dir: Path,
+                **settings: Any) -> dict[str, str]:
+    """The environment of a server-mode API or worker process (the shell's SPAFIT_* variables dropped)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPAFIT_") or k.startswith("SPAFIT_TEST_")}
+    env.update({
+        "SPAFIT_MODE": "server", "SPAFIT_DATABASE_URL": database_url, "SPAFIT_BROKER_URL": broker_url,
+        "SPAFIT_BROKER_KEY_PREFIX": prefix, "SPAFIT_ALLOWED_BASE_MODELS": base, "SPAFIT_DEFAULT_BASE_MODEL": base,
+        "SPAFIT_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    })
+    env.update({f"SPAFIT_{k.upper()}": str(v) for k, v in {**WORKER_SETTINGS, **settings}.items()})
+    return env
+
+
+class ApiProcess:
+    """`python -m app.cli serve --no-worker`, as deployed: a real uvicorn process that can be SIGKILLed."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
+        self.env, self.log_path = env, log_path
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> ApiProcess:
+        import httpx
+
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"API exited early:\n{self.tail()}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout, f"the API on port {self.port}", interval=0.2)
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self.log.closed:
+            self.log.close()
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+
+# ------------------------------------------------------------------------------------------- jobs
+
+
+def job_row(db: Any, job_id: str | uuid.UUID) -> Any:
+    from app.models import Job
+
+    with db.session() as s:
+        return s.get(Job, uuid.UUID(str(job_id)))
+
+
+def job_body(train: str, val: str | None, task: str, **hp: Any) -> dict[str, Any]:
+    return {"task": task, "train_dataset": train, "validation_dataset": val,
+            "method": {"name": "spafit", "n1": 1, "n2": 2, "rank": 4},
+            "hyperparameters": {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "seed": 1, **hp}}
