@@ -57,27 +57,57 @@ def worker_env(pg_url: str, redis_url: str, redis_prefix: str, tiny_base: str, t
     return env
 
 
-class WorkerProcess:
-    """`celery worker` as the deployment runs it (same CLI entry point), its log in a file."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env, self.log_path = env, log_path
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `pred` until it returns something truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+class ChildProcess:
+    """A `python -m app.cli ...` command as deployments run it, in a child process, its output in a log file."""
+
+    what = "the process"
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+        self.args, self.env, self.log_path = args, env, log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> WorkerProcess:
+    def launch(self) -> Any:
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", "--queues", "training,light", "--concurrency", "1",
-             "--loglevel", "INFO"],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", *self.args], cwd=ROOT, env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float) -> Any:
+        """Return self once `ready()`; raise with the log's tail if the process exits or `timeout` passes."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if b" ready." in self.log_path.read_bytes():
-                return self
+        while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"{self.what} exited early:\n{self.tail()}")
+            if ready():
+                return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.what} was not ready in {timeout}s:\n{self.tail()}")
             time.sleep(0.2)
-        raise RuntimeError(f"worker not ready in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -87,10 +117,52 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        if self.proc is not None and not self.log.closed:
+            self.log.close()
 
     def tail(self, n: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
+
+
+class ApiProcess(ChildProcess):
+    """`spafit serve --no-worker` on a free port (or `port`): a real uvicorn process that can be SIGKILLed."""
+
+    what = "the API"
+
+    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(["serve", "--no-worker", "--host", "127.0.0.1", "--port", str(self.port)], env, log_path)
+
+    def wait_ready(self, timeout: float = 60, path: str = "/readyz") -> ApiProcess:
+        """Wait for `path` to answer 200: /healthz once it listens, /readyz once its dependencies are up."""
+        import httpx
+
+        def up() -> bool:
+            try:
+                return httpx.get(self.url + path, timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        return self.wait_for(up, timeout)
+
+    def start(self, timeout: float = 60) -> ApiProcess:
+        """Launch and wait until it listens (/healthz)."""
+        return self.launch().wait_ready(timeout, "/healthz")
+
+
+class WorkerProcess(ChildProcess):
+    """`celery worker` as the deployment runs it (same CLI entry point), its log in a file."""
+
+    what = "the worker"
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        super().__init__(["worker", "--queues", "training,light", "--concurrency", "1", "--loglevel", "INFO"],
+                         env, log_path)
+
+    def start(self, timeout: float = 60) -> WorkerProcess:
+        self.launch()
+        return self.wait_for(lambda: b" ready." in self.log_path.read_bytes(), timeout)
 
 
 @pytest.fixture(scope="session")
@@ -105,12 +177,6 @@ JOB_METHOD = {"name": "spafit", "n1": 1, "n2": 2, "rank": 4}
 JOB_HYPERPARAMETERS = {"epochs": 2, "batch_size": 8, "learning_rate": 5e-3, "seed": 1}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def subprocess_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
     """An environment for child processes that import the repo and the SDK from this checkout."""
     env = dict(os.environ if base is None else base)
@@ -119,57 +185,19 @@ def subprocess_env(base: dict[str, str] | None = None, **extra: str) -> dict[str
     return env
 
 
-@dataclass
-class LiveServer:
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def wait_ready(self, timeout: float = 60) -> LiveServer:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited early:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready in {timeout}s:\n{self.tail()}")
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="session")
-def live_server_process(worker_env: dict[str, str], tmp_path_factory) -> Iterator[LiveServer]:
+def live_server_process(worker_env: dict[str, str], tmp_path_factory) -> Iterator[ApiProcess]:
     """The API as deployed: `python -m app.cli serve --no-worker` (server mode, auth on) on a free port,
     started but not waited for (so that it boots while the worker does)."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("live-server") / "server.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port)],
-            # Preloading the backbone makes /readyz wait for it, while the worker boots: no slow first predict.
-            cwd=ROOT, env=subprocess_env(worker_env, SPAFIT_PRELOAD_BASE_MODEL="true"), stdout=log,
-            stderr=subprocess.STDOUT)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}", proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # Preloading the backbone makes /readyz wait for it, while the worker boots: no slow first predict.
+    server = ApiProcess(subprocess_env(worker_env, SPAFIT_PRELOAD_BASE_MODEL="true"),
+                        tmp_path_factory.mktemp("live-server") / "server.log").launch()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
-def live_server(live_server_process: LiveServer, worker: WorkerProcess) -> LiveServer:
+def live_server(live_server_process: ApiProcess, worker: WorkerProcess) -> ApiProcess:
     """The live server, ready (`/readyz` answers 200), with the session's worker running (both boot at once)."""
     return live_server_process.wait_ready()
 
@@ -209,7 +237,7 @@ class Trained:
 
 
 @pytest.fixture(scope="session")
-def trained(live_server_process: LiveServer, worker: Any, live_server: LiveServer,
+def trained(live_server_process: ApiProcess, worker: Any, live_server: ApiProcess,
             make_key: Callable[..., Any]) -> Trained:
     from tests.tiny import toy_csv
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.live import ROOT
+from tests.live import ROOT, ApiProcess
 
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -31,71 +28,19 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 EXPECTED_CONSOLE = ("status of 401", "status of 403", "status of 404", "status of 422")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m app.cli serve --no-worker` as a child process, its log in a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env, self.log_path = env, log_path
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def launch(self) -> ServerProcess:
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        return self
-
-    def wait_ready(self, timeout: float = 60) -> ServerProcess:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not up in {timeout}s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-
 # The API in server mode with the session's worker is tests/live.py's `live_server`, shared with the SDK and
 # CLI tests.
 
 
 @pytest.fixture(scope="session")
-def embedded_server(tmp_path_factory, tiny_base: str) -> Iterator[ServerProcess]:
+def embedded_server(tmp_path_factory, tiny_base: str) -> Iterator[ApiProcess]:
     """A second API in embedded mode (auth off, SQLite, no worker): what `spafit serve` gives a local user."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPAFIT_") or k.startswith("SPAFIT_TEST_")}
     env.update({"SPAFIT_DATA_DIR": str(tmp_path_factory.mktemp("embedded-data")), "SPAFIT_DEFAULT_BASE_MODEL": tiny_base,
                 "PYTHONPATH": str(ROOT)})
-    server = ServerProcess(env, tmp_path_factory.mktemp("embedded-server") / "serve.log").launch()
+    server = ApiProcess(env, tmp_path_factory.mktemp("embedded-server") / "serve.log").launch()
     try:
-        server.wait_ready()
+        server.wait_ready(path="/healthz")
     except BaseException:
         server.stop()
         raise

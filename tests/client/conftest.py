@@ -6,7 +6,7 @@ from tests.live import (  # noqa: F401
     JOB_HYPERPARAMETERS,
     JOB_METHOD,
     ROOT,
-    LiveServer,
+    ApiProcess,
     Trained,
     free_port,
     subprocess_env,

@@ -14,9 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.live import WORKER_SETTINGS
+from tests.live import WORKER_SETTINGS, ApiProcess, free_port, wait_until  # noqa: F401  (re-exported to the tests here)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,24 +53,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 "exit_status": int(exitstatus), "cores": os.cpu_count(), "python": platform.python_version(),
                 "loadavg_at_end": [round(x, 2) for x in os.getloadavg()], "tests": _MEASURED}
         Path(out).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll `pred` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 # ------------------------------------------------------------------------------------------- Redis
@@ -271,58 +251,6 @@ def service_env(database_url: str, broker_url: str, prefix: str, base: str, data
     })
     env.update({f"SPAFIT_{k.upper()}": str(v) for k, v in {**WORKER_SETTINGS, **settings}.items()})
     return env
-
-
-class ApiProcess:
-    """`python -m app.cli serve --no-worker`, as deployed: a real uvicorn process that can be SIGKILLed."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
-        self.env, self.log_path = env, log_path
-        self.port = port or free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60) -> ApiProcess:
-        import httpx
-
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"API exited early:\n{self.tail()}")
-            try:
-                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout, f"the API on port {self.port}", interval=0.2)
-        return self
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-
-    def tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
 
 
 # ------------------------------------------------------------------------------------------- jobs
