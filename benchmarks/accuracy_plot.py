@@ -1,0 +1,73 @@
+"""The accuracy benchmark's figure: the task's main test metric against trainable parameters (log scale),
+one point per method and SPAFIT split with the spread over seeds as error bars, the floors as lines.
+
+    python -m benchmarks.accuracy_plot benchmarks/results/accuracy_drugreview.json \\
+        -o benchmarks/figures/accuracy_drugreview.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MARKERS = {"spafit": "o", "lora": "s", "bitfit": "^", "full": "D"}
+COLORS = {"lora": "tab:orange", "bitfit": "tab:green", "full": "tab:red"}
+SPAFIT_COLORS = ("tab:blue", "tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink")
+
+
+def plot(data: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = data["dataset"]["metrics"][0]
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=150)
+    spafit_i = 0
+    for r in data["summary"]:
+        mean, std = r[f"test_{metric}"]
+        if r["method"] == "spafit":
+            color = SPAFIT_COLORS[spafit_i % len(SPAFIT_COLORS)]
+            label = f"SPAFIT (n1, n2) = ({r['n1']}, {r['n2']})"
+            spafit_i += 1
+        else:
+            color = COLORS[r["method"]]
+            label = {"lora": "LoRA", "bitfit": "BitFit", "full": "full fine-tuning"}[r["method"]]
+        ax.errorbar(r["params"]["total"], mean, yerr=std, fmt=MARKERS[r["method"]], color=color, ms=7,
+                    capsize=4, elinewidth=1.2, label=label)
+        if r["method"] == "spafit":
+            ax.annotate(f"({r['n1']},{r['n2']})", (r["params"]["total"], mean), textcoords="offset points",
+                        xytext=(6, 4), fontsize=7, color=color)
+    for name, f in data.get("floors", {}).items():
+        ax.axhline(f["test"][metric], color="0.35", ls=":" if name == "majority" else "--", lw=1.2,
+                   label=f["title"])
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters, classifier head included (log scale)")
+    ax.set_ylabel(f"test {metric.replace('_', '-')}")
+    seeds = sorted({len(r["seeds"]) for r in data["summary"]})
+    ds = data["dataset"]
+    ax.set_title(f"{ds['name']}: {data['settings']['base_model']} ({ds['rows']['train']} train / "
+                 f"{ds['rows']['test']} test rows), mean ± std over {'/'.join(map(str, seeds))} seed(s)",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="best", framealpha=0.9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path, help="a results JSON written by benchmarks/accuracy.py")
+    p.add_argument("-o", "--out", type=Path, default=None,
+                   help="PNG path (default: benchmarks/figures/<results name>.png)")
+    args = p.parse_args(argv)
+    out = args.out or Path(__file__).resolve().parent / "figures" / f"{args.results.stem}.png"
+    print(plot(json.loads(args.results.read_text()), out))
+
+
+if __name__ == "__main__":
+    main()
