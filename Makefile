@@ -11,13 +11,21 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: quickstart test install serve lint clean
+.PHONY: quickstart test install chromium serve lint clean
 
 quickstart: install  ## start the embedded service, fine-tune an adapter, predict with it
 	$(BIN)/spafit quickstart
 
-test: install  ## the whole test suite (needs the Postgres and Redis of the machine)
+test: install chromium  ## the whole test suite (needs the Postgres and Redis of the machine)
 	$(BIN)/python -m pytest -q
+
+# The dashboard's browser tests drive Debian's Chromium (Playwright never downloads a browser). Installed here
+# when missing and we may (root, apt); otherwise say how.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "$$SPAFIT_TEST_CHROMIUM" ] || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "the dashboard tests need Chromium: sudo apt-get install -y chromium (or SPAFIT_TEST_CHROMIUM=/path)"; exit 2; fi; }
 
 install: $(VENV)/.installed
 
