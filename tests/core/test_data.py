@@ -330,7 +330,7 @@ def test_load_table_reads_files_and_glue_presets(tmp_path):
 
 
 def test_load_hf_dataset_from_a_saved_folder_decodes_class_labels(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     features = datasets.Features({"text": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["neg", "pos"]),
                                   "tags": datasets.Sequence(datasets.ClassLabel(names=["x", "y"]))})

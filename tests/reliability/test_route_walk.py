@@ -64,16 +64,17 @@ STATIC_PUBLIC = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/
 LEAKS = ("Traceback", 'File "', "sqlalchemy", "psycopg", "site-packages")
 
 
-def _operations() -> list[tuple[str, str]]:
+def _openapi() -> dict[str, Any]:
     from app.main import create_app
     from app.settings import Settings
 
     app = create_app(Settings(_env_file=None, mode="server", database_url="postgresql://x@127.0.0.1:1/x",
                               broker_url="redis://127.0.0.1:1/0"))
-    return sorted((m.upper(), p) for p, ops in app.openapi()["paths"].items() for m in ops)
+    return app.openapi()
 
 
-OPERATIONS = _operations()
+OPENAPI = _openapi()
+OPERATIONS = sorted((m.upper(), p) for p, ops in OPENAPI["paths"].items() for m in ops)
 
 
 def _route_paths(routes: Any) -> Iterator[tuple[str, bool]]:
