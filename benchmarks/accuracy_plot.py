@@ -2,7 +2,7 @@
 one point per method and SPAFIT split with the spread over seeds as error bars, the floors as lines.
 
     python -m benchmarks.accuracy_plot benchmarks/results/accuracy_drugreview.json \\
-        -o benchmarks/figures/accuracy_drugreview.png
+        --extra benchmarks/results/accuracy_drugreview_bitfit_lr1e-2.json
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ COLORS = {"lora": "tab:orange", "bitfit": "tab:green", "full": "tab:red"}
 SPAFIT_COLORS = ("tab:blue", "tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink")
 
 
-def plot(data: dict, out: Path) -> Path:
+NAMES = {"lora": "LoRA", "bitfit": "BitFit", "full": "full fine-tuning"}
+
+
+def plot(data: dict, out: Path, extras: tuple[dict, ...] = ()) -> Path:
+    """`extras`: results files of the same data under other settings (e.g. another learning rate), drawn as
+    hollow markers labelled with their learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,12 +38,19 @@ def plot(data: dict, out: Path) -> Path:
             spafit_i += 1
         else:
             color = COLORS[r["method"]]
-            label = {"lora": "LoRA", "bitfit": "BitFit", "full": "full fine-tuning"}[r["method"]]
+            label = NAMES[r["method"]]
         ax.errorbar(r["params"]["total"], mean, yerr=std, fmt=MARKERS[r["method"]], color=color, ms=7,
                     capsize=4, elinewidth=1.2, label=label)
         if r["method"] == "spafit":
             ax.annotate(f"({r['n1']},{r['n2']})", (r["params"]["total"], mean), textcoords="offset points",
                         xytext=(6, 4), fontsize=7, color=color)
+    for extra in extras:
+        for r in extra["summary"]:
+            mean, std = r[f"test_{metric}"]
+            lr = extra["settings"]["learning_rates"][r["method"]]
+            name = f"SPAFIT ({r['n1']}, {r['n2']})" if r["method"] == "spafit" else NAMES[r["method"]]
+            ax.errorbar(r["params"]["total"], mean, yerr=std, fmt=MARKERS[r["method"]], color=COLORS.get(r["method"], "0.3"),
+                        mfc="none", ms=7, capsize=4, elinewidth=1.2, label=f"{name}, lr {lr:g}")
     for name, f in data.get("floors", {}).items():
         ax.axhline(f["test"][metric], color="0.35", ls=":" if name == "majority" else "--", lw=1.2,
                    label=f["title"])
@@ -64,9 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("results", type=Path, help="a results JSON written by benchmarks/accuracy.py")
     p.add_argument("-o", "--out", type=Path, default=None,
                    help="PNG path (default: benchmarks/figures/<results name>.png)")
+    p.add_argument("--extra", type=Path, action="append", default=[],
+                   help="another results JSON on the same data (other settings), drawn with hollow markers")
     args = p.parse_args(argv)
     out = args.out or Path(__file__).resolve().parent / "figures" / f"{args.results.stem}.png"
-    print(plot(json.loads(args.results.read_text()), out))
+    extras = tuple(json.loads(e.read_text()) for e in args.extra)
+    print(plot(json.loads(args.results.read_text()), out, extras))
 
 
 if __name__ == "__main__":
