@@ -52,12 +52,17 @@ def zoo(tiny_dirs):
     return out
 
 
-@pytest.fixture
-def engine(zoo, tiny_bert):
-    e = Engine(device="cpu", default_base_model=tiny_bert)
-    for name, (_, cfg, weights) in zoo.items():
+def loaded_engine(base_model: str, adapters: dict) -> Engine:
+    """A CPU engine on `base_model` with every (model, config, weights) of `adapters` loaded by name."""
+    e = Engine(device="cpu", default_base_model=base_model)
+    for name, (_, cfg, weights) in adapters.items():
         e.load(name, cfg, weights)
     return e
+
+
+@pytest.fixture
+def engine(zoo, tiny_bert):
+    return loaded_engine(tiny_bert, zoo)
 
 
 def reference_logits(model: SpafitModel, text: str) -> torch.Tensor:

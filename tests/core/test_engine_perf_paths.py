@@ -11,7 +11,7 @@ from torch import nn
 from spafit_core import TaskSpec
 from spafit_core.engine import Engine, Row, gather_deltas
 from spafit_core.layers import AdaptedLayerNorm, AdaptedLinear, Delta, Route, route
-from tests.core.test_engine import METHODS, TASKS, TEXTS, random_adapter
+from tests.core.test_engine import METHODS, TASKS, TEXTS, loaded_engine, random_adapter
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,7 @@ def adapters(tiny_dirs):
 
 @pytest.fixture
 def engine(adapters, tiny_bert):
-    e = Engine(device="cpu", default_base_model=tiny_bert)
-    for name, (_, cfg, w) in adapters.items():
-        e.load(name, cfg, w)
-    return e
+    return loaded_engine(tiny_bert, adapters)
 
 
 def test_an_adapter_is_one_buffer_whose_views_hold_its_tensors(engine, adapters):
