@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..db import Database
-from ..models import JobEvent, utcnow
+from ..models import Job, JobEvent, utcnow
 
 
 def _json_safe(value: Any) -> Any:
@@ -25,7 +25,11 @@ def _json_safe(value: Any) -> Any:
 
 
 def append_in(session: Session, job_id: uuid.UUID, type: str, data: dict[str, Any]) -> None:
-    """Add an event inside the caller's transaction; seq = last + 1, computed in the same statement."""
+    """Add an event inside the caller's transaction; seq = last + 1. Writers of one job (the worker's
+    progress, the API's cancel) take the job's row lock first, so they number their events one after the
+    other instead of racing for the same seq; the lock is held to the end of the caller's transaction.
+    Every writer locks the job row before the events table, so the order cannot deadlock."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
     next_seq = select(func.coalesce(func.max(JobEvent.seq), 0) + 1).where(JobEvent.job_id == job_id) \
         .scalar_subquery()
     session.execute(insert(JobEvent).from_select(
@@ -36,7 +40,8 @@ def append_in(session: Session, job_id: uuid.UUID, type: str, data: dict[str, An
 
 
 def append(db: Database, job_id: uuid.UUID, type: str, data: dict[str, Any], *, attempts: int = 5) -> None:
-    """Add an event in its own transaction, retrying if a concurrent writer took the same seq."""
+    """Add an event in its own transaction, retried on an integrity error (which the row lock of `append_in`
+    rules out on Postgres; SQLite serializes writers by itself)."""
     for i in range(attempts):
         try:
             with db.transaction() as s:
