@@ -20,12 +20,13 @@ deltas through the route of one forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,7 @@ class Backbone:
         self._layouts: dict[tuple, PackedLayout] = {}
         self._input_names = set(inspect.signature(self.base.forward).parameters)
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.base.parameters())
+        self.max_length = position_limit(self.config, self.base)  # tokens per input, at most
 
     def head_template(self, task: TaskSpec) -> nn.Module:
         """A head-only copy of the HF classifier for `task` (its base swapped for a stub)."""
@@ -110,6 +112,17 @@ class Backbone:
         if layout is None:
             layout = self._layouts.setdefault(sig, PackedLayout.of(deltas, head))
         return layout
+
+
+def position_limit(config: Any, base: nn.Module | None = None) -> int | None:
+    """The most tokens one input may have on this backbone: `max_position_embeddings`, less the offset of
+    models that number positions after the padding index (RoBERTa: 514 - 2). None where it states none.
+    (The tokenizer's `model_max_length` is advice, not a limit: training does not apply it either.)"""
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    padding_idx = getattr(getattr(base, "embeddings", None), "padding_idx", None)
+    return n - (padding_idx + 1) if isinstance(padding_idx, int) else n
 
 
 # --------------------------------------------------------------------------------------- adapters
@@ -367,13 +380,22 @@ class Row:
     features: dict[str, list[int]]
 
 
+class _Loading:
+    """A backbone load in progress: other threads that need the same base model wait for it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
 class Engine:
     """Serves predictions for many adapters on one backbone per base model."""
 
     def __init__(self, *, device: str = "auto", dtype: torch.dtype | None = None,
                  device_bytes: int = 256 << 20, cpu_bytes: int = 1 << 30,
                  loader: Callable[[str], tuple[dict, bytes]] | None = None,
-                 base_model_of: Callable[[str], str] | None = None, default_base_model: str | None = None):
+                 base_model_of: Callable[[str], str] | None = None, default_base_model: str | None = None,
+                 max_backbones: int = 4):
         from .train import pick_device
 
         self.device = pick_device(device)
@@ -382,23 +404,93 @@ class Engine:
         self._loader = loader
         self._base_model_of = base_model_of
         self.default_base_model = default_base_model
-        self._backbones: dict[str, Backbone] = {}
+        self.max_backbones = max(1, max_backbones)
+        self._backbones: OrderedDict[str, Backbone] = OrderedDict()  # LRU: least recently used first
         self._banks: dict[str, AdapterBank] = {}
+        self._loading: dict[str, _Loading] = {}
+        self._in_use: dict[str, int] = {}  # base model -> forward passes running on it (never evicted)
+        self._retired = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}  # counters of evicted banks
+        # Guards the maps above, never held while a backbone loads: a download never stalls other models.
         self._lock = threading.RLock()
         # One forward at a time: head stubs hold per-call state. Re-entrant for the per-group fallback.
         self._forward_lock = threading.RLock()
         self.backbone_loads = 0
+        self.backbone_evictions = 0
 
     # -- backbones and banks
     def backbone(self, base_model: str | None = None) -> Backbone:
+        """The backbone of `base_model` (default: the engine's), loaded on first use. The load runs outside
+        the engine's lock (predicts on other backbones go on meanwhile); concurrent callers for the same
+        model wait for one load. Past `max_backbones`, the least recently used one not running a forward
+        pass is dropped with its adapters (it loads again when next needed)."""
         name = canonical_model_name(base_model or self.default_base_model)
         with self._lock:
-            if name not in self._backbones:
-                self._backbones[name] = Backbone(name, device=self.device, dtype=self.dtype)
-                self._banks[name] = AdapterBank(self._backbones[name], device_bytes=self._device_bytes,
-                                                cpu_bytes=self._cpu_bytes, loader=self._loader)
+            bb = self._backbones.get(name)
+            if bb is not None:
+                self._backbones.move_to_end(name)
+                return bb
+            loading = self._loading.get(name)
+            owner = loading is None
+            if owner:
+                loading = self._loading[name] = _Loading()
+        if not owner:
+            loading.done.wait()
+            if loading.error is not None:
+                raise loading.error
+            return self.backbone(name)
+        try:
+            bb = Backbone(name, device=self.device, dtype=self.dtype)  # slow: outside the lock
+            bank = AdapterBank(bb, device_bytes=self._device_bytes, cpu_bytes=self._cpu_bytes, loader=self._loader)
+            with self._lock:
+                self._backbones[name] = bb
+                self._banks[name] = bank
                 self.backbone_loads += 1
-            return self._backbones[name]
+                self._trim(keep=name)
+            return bb
+        except BaseException as e:
+            loading.error = e
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+            loading.done.set()
+
+    @property
+    def backbones(self) -> list[str]:
+        """Resident backbones, least recently used first."""
+        with self._lock:
+            return list(self._backbones)
+
+    def _trim(self, keep: str | None = None) -> None:
+        """Drop least recently used backbones beyond `max_backbones`, never one in use (or `keep`). Call under
+        the lock."""
+        while len(self._backbones) > self.max_backbones:
+            victim = next((n for n in self._backbones if n != keep and not self._in_use.get(n)), None)
+            if victim is None:  # every other one is running a batch: over the bound until they finish
+                return
+            del self._backbones[victim]
+            bank = self._banks.pop(victim)
+            for k, v in bank.stats.items():
+                self._retired[k] += v
+            self.backbone_evictions += 1
+
+    @contextlib.contextmanager
+    def _using(self, base_model: str) -> Iterator[Backbone]:
+        """The backbone, marked in use (not evictable) for the block."""
+        while True:
+            bb = self.backbone(base_model)
+            with self._lock:
+                if self._backbones.get(bb.name) is bb:  # not evicted between the two steps
+                    self._in_use[bb.name] = self._in_use.get(bb.name, 0) + 1
+                    break
+        try:
+            yield bb
+        finally:
+            with self._lock:
+                self._in_use[bb.name] -= 1
+                if not self._in_use[bb.name]:
+                    del self._in_use[bb.name]
+                    self._trim()
 
     def bank(self, base_model: str | None = None) -> AdapterBank:
         bb = self.backbone(base_model)
@@ -424,7 +516,7 @@ class Engine:
         return self.bank(base).get(name)
 
     def stats(self) -> dict[str, int]:
-        out = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "adapters": 0, "adapter_bytes": 0}
+        out = {**self._retired, "adapters": 0, "adapter_bytes": 0}
         with self._lock:
             for b in self._banks.values():
                 for k, v in b.stats.items():
@@ -435,15 +527,18 @@ class Engine:
 
     # -- tokenisation
     def encode(self, adapter: LoadedAdapter, inputs: Sequence[Input]) -> list[dict[str, list[int]]]:
+        """Token ids per input, truncated to what both the adapter and the backbone allow: an adapter that
+        claims a longer `max_seq_length` than the backbone has positions still gets rows that fit."""
         bb = self._backbone_of(adapter)
         texts, pairs = split_inputs(inputs)
-        enc = bb.tokenizer(texts, pairs, truncation=True, max_length=adapter.max_seq_length) if pairs else \
-            bb.tokenizer(texts, truncation=True, max_length=adapter.max_seq_length)
+        limit = adapter.max_seq_length if bb.max_length is None else min(adapter.max_seq_length, bb.max_length)
+        enc = bb.tokenizer(texts, pairs, truncation=True, max_length=limit) if pairs else \
+            bb.tokenizer(texts, truncation=True, max_length=limit)
         keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
         return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
     def _backbone_of(self, adapter: LoadedAdapter) -> Backbone:
-        return self.backbone(adapter.config["base_model"]["name"])
+        return self.backbone(_base_of(adapter))
 
     # -- forward
     @torch.no_grad()
@@ -451,9 +546,13 @@ class Engine:
         """Logits per row, rows of any adapters (on one backbone) in one forward pass."""
         if not rows:
             return []
-        bb = self._backbone_of(rows[0].adapter)
-        if any(self._backbone_of(r.adapter) is not bb for r in rows):
+        base = _base_of(rows[0].adapter)
+        if any(_base_of(r.adapter) != base for r in rows):
             raise AdapterError("one batch may only mix adapters of the same base model")
+        with self._using(base) as bb:
+            return self._forward(bb, rows)
+
+    def _forward(self, bb: Backbone, rows: Sequence[Row]) -> list[torch.Tensor]:
         batch = {k: v.to(bb.device) for k, v in collate([r.features for r in rows], bb.pad_id).items()}
         adapters = [r.adapter for r in rows]
         with self._forward_lock:
@@ -519,28 +618,51 @@ class Engine:
         adapters = [self.adapter(n) for n in names]
         if not adapters:
             return {}
-        bb = self._backbone_of(adapters[0])
         feats = [self.encode(a, [inp])[0] for a in adapters]
-        if any(f != feats[0] for f in feats) or any(self._backbone_of(a) is not bb for a in adapters):
+        base = _base_of(adapters[0])
+        if any(f != feats[0] for f in feats) or any(_base_of(a) != base for a in adapters):
             # different truncation lengths or base models: no common prefix to share
             logits = self.forward([Row(a, f) for a, f in zip(adapters, feats, strict=True)])
         else:
-            k = min(a.first_trained_layer for a in adapters)
-            one = {key: v.to(bb.device) for key, v in collate(feats[:1], bb.pad_id).items()}
-            many = {key: v.expand(len(adapters), -1) for key, v in one.items()}
-            with self._forward_lock:
-                with route(Route(stop_at=k)) as r:
-                    bb.base(**bb.model_inputs(one))
-                shared = r.captured.expand(len(adapters), -1, -1)  # (K, T, H), a view: no copy
-                try:
-                    outputs = self._run(bb, many, adapters,
-                                        Route(deltas=gather_deltas(adapters), skip_below=k, inject=shared))
-                    logits = self._heads(bb, outputs, adapters)
-                except MixedBatchUnsupported:
-                    logits = None
+            with self._using(base) as bb:
+                logits = self._fan_out_shared(bb, adapters, feats[0])
             if logits is None:
                 logits = self._forward_by_group([Row(a, f) for a, f in zip(adapters, feats, strict=True)])
         return {n: postprocess(a.task, lg, top_k) for n, a, lg in zip(names, adapters, logits, strict=True)}
+
+    def _fan_out_shared(self, bb: Backbone, adapters: Sequence[LoadedAdapter],
+                        feats: dict[str, list[int]]) -> list[torch.Tensor] | None:
+        """Logits of one input under each adapter, the layers below the first trained one run once. None
+        where the model cannot mix adapters in one batch."""
+        k = min(a.first_trained_layer for a in adapters)
+        one = {key: v.to(bb.device) for key, v in collate([feats], bb.pad_id).items()}
+        deltas = gather_deltas(adapters)
+        with self._forward_lock:
+            if k >= bb.stack.num_layers and not deltas:  # head-only adapters: the whole base is shared
+                with route(Route()):
+                    outputs = bb.base(**bb.model_inputs(one))
+                return self._heads(bb, _expand_output(outputs, len(adapters)), adapters)
+            many = {key: v.expand(len(adapters), -1) for key, v in one.items()}
+            with route(Route(stop_at=k)) as r:
+                bb.base(**bb.model_inputs(one))
+            if r.captured is None:  # no layer at index k ran (k is past the stack): run each row in full
+                return self._forward(bb, [Row(a, feats) for a in adapters])
+            shared = r.captured.expand(len(adapters), -1, -1)  # (K, T, H), a view: no copy
+            try:
+                outputs = self._run(bb, many, adapters, Route(deltas=deltas, skip_below=k, inject=shared))
+                return self._heads(bb, outputs, adapters)
+            except MixedBatchUnsupported:
+                return None
+
+
+def _base_of(adapter: LoadedAdapter) -> str:
+    return canonical_model_name(adapter.config["base_model"]["name"])
+
+
+def _expand_output(outputs, n: int):
+    """A batch-of-one model output as a batch of `n` (views: no copy)."""
+    kwargs = {k: v.expand(n, *v.shape[1:]) for k, v in outputs.items() if isinstance(v, torch.Tensor)}
+    return type(outputs)(**kwargs)
 
 
 def _slice_output(outputs, sel: torch.Tensor):
