@@ -1,26 +1,46 @@
-"""Dynamic micro-batching of concurrent prediction requests onto the engine.
+"""Dynamic micro-batching of concurrent prediction requests onto the engine, fair between tenants and
+isolated between requests.
 
-Requests are tokenised by the caller, queued row by row in a bounded queue (a full queue raises
-OverloadedError at once: backpressure, never unbounded memory), and one worker thread drains it: it
-waits up to `max_wait_ms` for more rows, sorts what it has by length and packs batches of at most
-`max_batch_size` rows and `max_tokens` padded tokens, each batch one mixed-task forward pass.
-Rows whose deadline passed are failed with RequestTimeoutError instead of being run.
+Requests are tokenised by the caller and queued row by row, one queue per tenant. Admission is bounded twice:
+a tenant past `max_queue_per_tenant` waiting rows is refused (TenantOverloadedError: that tenant retries later),
+and the whole queue past `max_queue` rows is refused (OverloadedError). One worker thread drains the queues by
+deficit round robin: each tenant in turn may take `quantum x weight` rows, so a tenant's backlog delays only
+itself. It waits up to `max_wait_ms` for company, then packs what it took (at most `max_batch_size` rows,
+sorted by length, within `max_tokens` padded tokens) into mixed-task forward passes.
+
+Invariants a caller may rely on:
+- a request's rows are dropped, not run, once its future is done (cancelled: the client went away or timed
+  out; failed) or its deadline passed (RequestTimeoutError);
+- a failing forward pass is retried per adapter group, then per row: only the requests whose own rows fail
+  get an error (PredictionFailedError, or the engine's own SpafitError); the others get their answer;
+- the worker loop survives any exception (a cancellation racing `set_result` included); if its thread dies
+  anyway, `alive` says so and `ensure_running()` starts a new one on the same queues.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections import deque
+import uuid
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine, Input, Row
-from .errors import OverloadedError, RequestTimeoutError
+from .errors import (
+    OverloadedError,
+    PredictionFailedError,
+    RequestTimeoutError,
+    SpafitError,
+    TenantOverloadedError,
+)
 from .outputs import postprocess
+
+log = logging.getLogger("spafit.batching")
 
 
 @dataclass
@@ -28,11 +48,18 @@ class BatchingConfig:
     max_batch_size: int = 32
     max_wait_ms: float = 5.0  # how long the first row of a batch waits for company
     max_tokens: int = 16384  # rows x padded length per forward pass
-    max_queue: int = 2048  # rows waiting; beyond this requests are refused as overload
+    max_queue: int = 2048  # rows waiting, all tenants; beyond this requests are refused as overload
+    max_queue_per_tenant: int | None = None  # rows waiting of one tenant (None: max_queue)
+    quantum: int = 8  # rows a tenant of weight 1 may take per turn of the round robin
+    weights: dict[str, float] = field(default_factory=dict)  # tenant -> weight (default 1)
     timeout_s: float = 30.0  # per request, from submission
 
+    def weight(self, tenant: str) -> float:
+        return max(self.weights.get(tenant, 1.0), 1e-3)  # a zero weight would never be served
 
-@dataclass
+
+
+@dataclass(eq=False)
 class _Request:
     adapter_name: str
     top_k: int | None
@@ -40,6 +67,7 @@ class _Request:
     future: Future
     results: list[Any]
     remaining: int
+    tenant: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -60,79 +88,181 @@ class MicroBatcher:
         self.engine = engine
         self.config = config or BatchingConfig()
         self.on_batch = on_batch  # (rows, padded tokens, seconds) after each forward pass
-        self._queue: deque[_Item] = deque()
+        self._queues: dict[str, deque[_Item]] = {}  # tenant -> its rows, oldest first
+        self._ring: deque[str] = deque()  # tenants with rows waiting, in serving order
+        self._deficit: dict[str, float] = {}
+        self._in_turn = False  # the tenant at the head of the ring is in the middle of its turn
+        self._rows = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
-        self.stats = {"batches": 0, "rows": 0, "timeouts": 0, "overloads": 0}
+        self.stats = {"batches": 0, "rows": 0, "timeouts": 0, "overloads": 0, "tenant_overloads": 0,
+                      "dropped": 0, "retries": 0, "failed_rows": 0, "loop_errors": 0, "restarts": 0}
+        self.served: Counter[str] = Counter()  # rows run, by tenant
 
     # -- lifecycle
     def start(self) -> MicroBatcher:
-        if self._thread is None:
-            self._running = True
-            self._thread = threading.Thread(target=self._loop, name="spafit-batcher", daemon=True)
-            self._thread.start()
+        with self._cond:
+            if self._thread is None:
+                self._running = True
+                self._spawn()
         return self
+
+    def _spawn(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="spafit-batcher", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         with self._cond:
             self._running = False
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=10)
+        with self._cond:
             self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running (False once stopped, or if it died)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def ensure_running(self) -> bool:
+        """Start a new worker thread if a started batcher's thread died; True if it did."""
+        with self._cond:
+            if not self._running or self.alive:
+                return False
+            self.stats["restarts"] += 1
+            log.error("the batcher thread had died: restarted (%d rows waiting)", self._rows)
+            self._spawn()
+            return True
 
     @property
     def depth(self) -> int:
         with self._cond:
-            return len(self._queue)
+            return self._rows
+
+    def depths(self) -> dict[str, int]:
+        """Rows waiting, by tenant (tenants with none are left out)."""
+        with self._cond:
+            return {t: len(q) for t, q in self._queues.items() if q}
 
     # -- submission
+    def admit(self, tenant: str, rows: int) -> None:
+        """Raise if `rows` more rows of `tenant` would not be accepted now (the check `submit` makes)."""
+        with self._cond:
+            self._admit(tenant, rows)
+
+    def _admit(self, tenant: str, rows: int) -> None:
+        cfg = self.config
+        waiting = len(self._queues.get(tenant, ()))
+        if cfg.max_queue_per_tenant is not None and waiting + rows > cfg.max_queue_per_tenant:
+            self.stats["tenant_overloads"] += 1
+            raise TenantOverloadedError(f"this tenant has {waiting} rows waiting (at most {cfg.max_queue_per_tenant}"
+                                        "); retry shortly", detail={"tenant_queue_depth": waiting})
+        if self._rows + rows > cfg.max_queue:
+            self.stats["overloads"] += 1
+            raise OverloadedError(f"prediction queue is full ({self._rows} rows waiting); retry shortly",
+                                  detail={"queue_depth": self._rows})
+
     def submit(self, adapter_name: str, inputs: Sequence[Input], top_k: int | None = None,
-               timeout_s: float | None = None) -> Future:
-        """Queue a request; the future resolves to one prediction per input."""
+               timeout_s: float | None = None, tenant: str = "") -> Future:
+        """Queue a request; the future resolves to one prediction per input. Cancelling the future takes its
+        rows out of the queue."""
         adapter = self.engine.adapter(adapter_name)  # loads on a miss, in the caller's thread
         features = self.engine.encode(adapter, inputs)
         fut: Future = Future()
         req = _Request(adapter_name, top_k, time.monotonic() + (timeout_s or self.config.timeout_s), fut,
-                       [None] * len(features), len(features))
+                       [None] * len(features), len(features), tenant)
         if not features:
             fut.set_result([])
             return fut
         with self._cond:
-            if len(self._queue) + len(features) > self.config.max_queue:
-                self.stats["overloads"] += 1
-                raise OverloadedError(f"prediction queue is full ({len(self._queue)} rows waiting); retry shortly",
-                                      detail={"queue_depth": len(self._queue)})
-            self._queue.extend(_Item(req, i, Row(adapter, f)) for i, f in enumerate(features))
+            self._admit(tenant, len(features))
+            queue = self._queues.get(tenant)
+            if queue is None:
+                queue = self._queues[tenant] = deque()
+                self._ring.append(tenant)
+                self._deficit[tenant] = 0.0
+            queue.extend(_Item(req, i, Row(adapter, f)) for i, f in enumerate(features))
+            self._rows += len(features)
             self._cond.notify()
+        fut.add_done_callback(lambda f: self._withdraw(req) if f.cancelled() else None)
         return fut
 
+    def _withdraw(self, req: _Request) -> None:
+        """A cancelled request's rows leave the queue at once (they no longer count against any limit)."""
+        with self._cond:
+            queue = self._queues.get(req.tenant)
+            if not queue:
+                return
+            kept = deque(it for it in queue if it.request is not req)
+            dropped = len(queue) - len(kept)
+            if dropped:
+                self._queues[req.tenant] = kept
+                self._rows -= dropped
+                self.stats["dropped"] += dropped
+                if not kept:
+                    self._forget(req.tenant)
+
+    def _forget(self, tenant: str) -> None:
+        """Take a tenant with no rows left out of the round robin. Call under the lock."""
+        if self._ring and self._ring[0] == tenant:
+            self._in_turn = False
+        self._ring.remove(tenant)
+        del self._queues[tenant]
+        del self._deficit[tenant]
+
     async def predict(self, adapter_name: str, inputs: Sequence[Input], top_k: int | None = None,
-                      timeout_s: float | None = None) -> list[dict]:
+                      timeout_s: float | None = None, tenant: str = "") -> list[dict]:
+        """`submit` and wait. Cancelling the awaiting task (a client that went away) cancels the request,
+        whose rows are then dropped before they run."""
         timeout = timeout_s or self.config.timeout_s
         loop = asyncio.get_running_loop()
         # Loading an adapter on a miss and tokenising are blocking: keep them off the event loop.
-        fut = await loop.run_in_executor(None, self.submit, adapter_name, inputs, top_k, timeout)
+        fut = await loop.run_in_executor(None, self.submit, adapter_name, inputs, top_k, timeout, tenant)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=timeout + 1.0)
         except TimeoutError:
             raise RequestTimeoutError(f"prediction did not finish within {timeout:.1f}s") from None
+        finally:
+            fut.cancel()  # a no-op once resolved; otherwise (timeout, cancelled) its rows leave the queue
 
     # -- the worker
     def _take(self) -> list[_Item]:
+        """Up to `max_batch_size` rows by deficit round robin over the tenants' queues."""
         cfg = self.config
-        window = 4 * cfg.max_batch_size  # gather a little more than one batch, to group by length
         with self._cond:
-            while self._running and not self._queue:
+            while self._running and not self._rows:
                 self._cond.wait(timeout=0.5)
             if not self._running:
                 return []
             deadline = time.monotonic() + cfg.max_wait_ms / 1000
-            while len(self._queue) < cfg.max_batch_size and (left := deadline - time.monotonic()) > 0:
+            while self._rows < cfg.max_batch_size and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(timeout=left)
-            n = min(len(self._queue), window)
-            return [self._queue.popleft() for _ in range(n)]
+            items: list[_Item] = []
+            while len(items) < cfg.max_batch_size and self._ring:
+                tenant = self._ring[0]
+                if not self._in_turn:  # a new turn: the tenant's quantum joins what it did not use
+                    self._deficit[tenant] += cfg.quantum * cfg.weight(tenant)
+                    self._in_turn = True
+                queue = self._queues[tenant]
+                while queue and self._deficit[tenant] >= 1 and len(items) < cfg.max_batch_size:
+                    it = queue.popleft()
+                    self._rows -= 1
+                    if it.request.future.done():  # cancelled or failed meanwhile: costs nothing
+                        self.stats["dropped"] += 1
+                        continue
+                    self._deficit[tenant] -= 1
+                    items.append(it)
+                if not queue:
+                    self._forget(tenant)
+                elif self._deficit[tenant] < 1:  # turn used up: next tenant
+                    self._ring.rotate(-1)
+                    self._in_turn = False
+                # else the batch is full mid-turn: the tenant goes on next time, with what it has left
+            return items
 
     def _pack(self, items: list[_Item]) -> list[list[_Item]]:
         """Length-sorted batches within max_batch_size rows and max_tokens padded tokens."""
@@ -151,47 +281,106 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while self._running:
-            items = self._take()
-            now = time.monotonic()
-            live = []
-            for it in items:
-                if it.request.future.done():
-                    continue
-                if it.request.deadline < now:
-                    self.stats["timeouts"] += 1
-                    _fail(it.request, RequestTimeoutError("prediction timed out in the queue"))
-                else:
-                    live.append(it)
-            for batch in self._pack(live):
-                self._run(batch)
+            items: list[_Item] = []
+            try:
+                items = self._take()
+                now = time.monotonic()
+                live = []
+                for it in items:
+                    if it.request.future.done():  # an earlier row of its request timed out just now
+                        continue
+                    if it.request.deadline < now:
+                        self.stats["timeouts"] += 1
+                        _fail(it.request, RequestTimeoutError("prediction timed out in the queue"))
+                    else:
+                        live.append(it)
+                for batch in self._pack(live):
+                    self._run(batch)
+            except Exception as e:  # a bug of ours, not of a request: fail what we hold, keep serving
+                self.stats["loop_errors"] += 1
+                ref = uuid.uuid4().hex
+                log.exception("the batcher failed on %d rows (ref %s); serving goes on", len(items), ref)
+                for it in items:
+                    _fail(it.request, PredictionFailedError(f"the prediction failed (ref {ref})",
+                                                            detail={"reference": ref}))
+                time.sleep(0.01)  # never spin on a failure that repeats
 
     def _run(self, batch: list[_Item]) -> None:
+        """One forward pass; if it fails, the same rows again per adapter, then per row (`_isolate`)."""
+        batch = [it for it in batch if not it.request.future.done()]  # e.g. another row of it failed alone
+        if not batch:
+            return
         t0 = time.perf_counter()
         try:
             logits = self.engine.forward([it.row for it in batch])
-        except Exception as e:  # fail this batch's requests, keep serving
-            for it in batch:
-                _fail(it.request, e)
+        except Exception as e:
+            self._isolate(batch, e)
             return
         seconds = time.perf_counter() - t0
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
+        for it in batch:
+            self.served[it.request.tenant] += 1
         if self.on_batch is not None:
-            self.on_batch(len(batch), len(batch) * max(it.length for it in batch), seconds)
+            try:
+                self.on_batch(len(batch), len(batch) * max(it.length for it in batch), seconds)
+            except Exception:
+                log.exception("the batch callback failed")
         for it, lg in zip(batch, logits, strict=True):
             req = it.request
-            pred = postprocess(it.row.adapter.task, lg, req.top_k)
+            try:
+                pred = postprocess(it.row.adapter.task, lg, req.top_k)
+            except Exception as e:
+                _fail(req, _row_error(e, [it]))
+                continue
             with req.lock:
                 req.results[it.index] = pred
                 req.remaining -= 1
                 done = req.remaining == 0
-            if done and not req.future.done():
-                req.future.set_result(req.results)
+            if done:
+                _resolve(req.future, req.results)
+
+    def _isolate(self, batch: list[_Item], error: Exception) -> None:
+        """A forward pass failed: run each adapter's rows apart, and a failing adapter's rows one by one, so
+        that only the rows that fail on their own fail their requests."""
+        groups: dict[str, list[_Item]] = {}
+        for it in batch:
+            groups.setdefault(it.row.adapter.name, []).append(it)
+        if len(groups) > 1:
+            parts = list(groups.values())
+        elif len(batch) > 1:
+            parts = [[it] for it in batch]
+        else:
+            self.stats["failed_rows"] += 1
+            _fail(batch[0].request, _row_error(error, batch))
+            return
+        self.stats["retries"] += 1
+        for part in parts:
+            self._run(part)
+
+
+def _row_error(error: Exception, items: list[_Item]) -> SpafitError:
+    """The error a request gets for a row that failed alone: the engine's own SpafitError, or one that names
+    a log line with the cause."""
+    if isinstance(error, SpafitError):
+        return error
+    ref = uuid.uuid4().hex
+    it = items[0]
+    log.error("a prediction row failed alone (ref %s): adapter %s, %d tokens", ref, it.row.adapter.name, it.length,
+              exc_info=error)
+    return PredictionFailedError(f"the prediction failed on this input (ref {ref}); other requests were served",
+                                 detail={"reference": ref})
+
+
+def _resolve(fut: Future, result: Any) -> None:
+    try:
+        fut.set_result(result)
+    except InvalidStateError:  # cancelled (or failed) by another thread since: nobody is waiting for it
+        pass
 
 
 def _fail(req: _Request, exc: Exception) -> None:
-    if not req.future.done():
-        try:
-            req.future.set_exception(exc)
-        except Exception:  # already resolved by a racing thread
-            pass
+    try:
+        req.future.set_exception(exc)
+    except InvalidStateError:  # already resolved or cancelled by a racing thread
+        pass

@@ -80,7 +80,7 @@ def test_packing_respects_rows_tokens_and_sorts_by_length(engine):
     batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=3, max_tokens=40))
     texts = ["ok", "good movie", " ".join(["good"] * 12), "the plot was very boring and bad", "fine", "bad"]
     batcher.submit("t0", texts)
-    items = list(batcher._queue)
+    items = list(batcher._queues[""])
     batches = batcher._pack(items)
     assert sum(len(b) for b in batches) == len(texts)
     for b in batches:
@@ -100,3 +100,189 @@ def test_async_predict(engine):
         assert len(out) == 6 and all(len(o) == 1 for o in out)
     finally:
         batcher.stop()
+
+
+# ------------------------------------------------------------------------------ isolation and supervision
+POISON = "awful actor"
+
+
+def _poisoned_forward(engine, monkeypatch, poison: str = POISON):
+    """engine.forward fails for any batch holding a row of `poison`'s tokens (as a row that breaks the model
+    would); records each batch's (adapter names, rows) otherwise."""
+    bad = engine.encode(engine.adapter("t0"), [poison])[0]["input_ids"]
+    forward = engine.forward
+    calls: list[list[tuple[str, int]]] = []
+
+    def poisoned(rows):
+        calls.append([(r.adapter.name, len(r.features["input_ids"])) for r in rows])
+        if any(r.features["input_ids"] == bad for r in rows):
+            raise RuntimeError("The size of tensor a (1024) must match the size of tensor b (512)")
+        return forward(rows)
+
+    monkeypatch.setattr(engine, "forward", poisoned)
+    return calls
+
+
+def test_a_batch_with_one_poisoned_row_answers_every_other_row(engine, monkeypatch):
+    from spafit_core.errors import PredictionFailedError
+
+    want = {f"t{i}": engine.predict(f"t{i}", TEXTS[:3]) for i in range(4)}
+    calls = _poisoned_forward(engine, monkeypatch)
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=32, max_wait_ms=1))
+    good = {f"t{i}": batcher.submit(f"t{i}", TEXTS[:3]) for i in range(4)}  # queued before the thread starts:
+    bad = batcher.submit("t1", ["good movie", POISON])  # one batch holds every row
+    batcher.start()
+    try:
+        for name, fut in good.items():
+            got = fut.result(timeout=30)
+            assert [p["label"] for p in got] == [p["label"] for p in want[name]]
+            assert all(abs(p["score"] - d["score"]) <= 1e-5 for p, d in zip(got, want[name], strict=True))
+        with pytest.raises(PredictionFailedError, match="ref [0-9a-f]{32}") as err:
+            bad.result(timeout=30)
+        assert err.value.status == 500 and err.value.type == "prediction-failed"
+    finally:
+        batcher.stop()
+    assert len(calls[0]) == 14  # the first pass held all 14 rows; then per adapter, then t1's rows one by one
+    assert batcher.stats["failed_rows"] == 1 and batcher.stats["retries"] == 2
+
+
+def test_the_loop_survives_an_exception_and_fails_only_the_rows_it_held(engine, monkeypatch):
+    from spafit_core.errors import PredictionFailedError
+
+    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1))
+    pack = batcher._pack
+    boom = iter([True])
+    monkeypatch.setattr(batcher, "_pack", lambda items: (_ for _ in ()).throw(KeyError("bug"))
+                        if next(boom, False) else pack(items))
+    batcher.on_batch = lambda *a: 1 / 0  # a failing metrics callback must not cost an answer either
+    batcher.start()
+    try:
+        with pytest.raises(PredictionFailedError):
+            batcher.submit("t0", TEXTS[:2]).result(timeout=30)
+        assert len(batcher.submit("t1", TEXTS[:2]).result(timeout=30)) == 2
+        assert batcher.alive and batcher.stats["loop_errors"] == 1
+    finally:
+        batcher.stop()
+
+
+def test_the_loop_survives_a_cancellation_racing_set_result(engine, monkeypatch):
+    """The client's cancel lands between the batcher's last check and set_result (InvalidStateError)."""
+    import spafit_core.batching as batching
+    from concurrent.futures import Future
+
+    raced = []
+
+    class RacyFuture(Future):
+        def set_result(self, result):
+            if not raced:
+                raced.append(self.cancel())  # the cancel wins the race
+            return super().set_result(result)
+
+    monkeypatch.setattr(batching, "Future", RacyFuture)
+    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1)).start()
+    try:
+        first = batcher.submit("t0", TEXTS[:2])
+        for _ in range(200):
+            if first.done():
+                break
+            threading.Event().wait(0.02)
+        assert raced == [True] and first.cancelled()
+        assert len(batcher.submit("t1", TEXTS[:3]).result(timeout=30)) == 3  # the thread lives on
+        assert batcher.alive
+    finally:
+        batcher.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
+def test_a_dead_batcher_thread_is_seen_and_restarted_on_the_same_queue(engine, monkeypatch):
+    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1))
+    take = batcher._take
+    monkeypatch.setattr(batcher, "_take", lambda: (_ for _ in ()).throw(SystemExit("killed")))
+    batcher.start()
+    batcher._thread.join(10)
+    assert not batcher.alive
+    fut = batcher.submit("t2", TEXTS[:2])  # waits in the queue meanwhile
+    monkeypatch.setattr(batcher, "_take", take)
+    assert batcher.ensure_running() and batcher.alive and batcher.stats["restarts"] == 1
+    try:
+        assert len(fut.result(timeout=30)) == 2
+        assert not batcher.ensure_running()  # alive: nothing to do
+    finally:
+        batcher.stop()
+    assert not batcher.ensure_running()  # stopped on purpose: not restarted
+
+
+def test_rows_of_cancelled_requests_are_dropped_before_they_run(engine, monkeypatch):
+    calls = _poisoned_forward(engine, monkeypatch, poison="unused")
+    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1))  # not started yet
+    gone = batcher.submit("t0", TEXTS[:3], tenant="a")
+    kept = batcher.submit("t1", TEXTS[:2], tenant="a")
+    assert batcher.depth == 5
+    assert gone.cancel()
+    assert batcher.depth == 2 and batcher.stats["dropped"] == 3  # out of the queue and of the tenant's count
+
+    async def client_goes_away():  # an awaiting task cancelled (the HTTP client disconnected)
+        task = asyncio.ensure_future(batcher.predict("t2", TEXTS[:4], tenant="a"))
+        while batcher.depth < 6:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(client_goes_away())
+    assert batcher.depth == 2 and batcher.stats["dropped"] == 7
+    batcher.start()
+    try:
+        assert len(kept.result(timeout=30)) == 2
+    finally:
+        batcher.stop()
+    assert [name for call in calls for name, _ in call] == ["t1", "t1"]
+
+
+# ------------------------------------------------------------------------------ fair shares
+def test_a_tenants_backlog_delays_only_itself(engine, monkeypatch):
+    calls = _poisoned_forward(engine, monkeypatch, poison="unused")
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, quantum=4))
+    flood = [batcher.submit("t0", TEXTS[:4], tenant="a") for _ in range(16)]  # 64 rows first
+    quiet = batcher.submit("t1", TEXTS[:3], tenant="b")  # 3 rows after them
+    batcher.start()
+    try:
+        quiet.result(timeout=30)
+        for f in flood:
+            f.result(timeout=30)
+    finally:
+        batcher.stop()
+    assert "t1" in {name for name, _ in calls[0]}  # b's rows ran in the very first pass, not after a's 64
+    assert batcher.served == {"a": 64, "b": 3}
+
+
+def test_weights_share_the_engine_in_proportion(engine, monkeypatch):
+    calls = _poisoned_forward(engine, monkeypatch, poison="unused")
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, quantum=2,
+                                                  weights={"heavy": 3.0}))
+    futures = [batcher.submit("t0", TEXTS[:4], tenant="heavy") for _ in range(12)]
+    futures += [batcher.submit("t1", TEXTS[:4], tenant="light") for _ in range(12)]
+    batcher.start()
+    try:
+        for f in futures:
+            f.result(timeout=30)
+    finally:
+        batcher.stop()
+    first = [name for call in calls[:4] for name, _ in call]  # 32 rows while both had a backlog
+    assert first.count("t0") == 24 and first.count("t1") == 8
+
+
+def test_a_tenant_over_its_share_is_refused_apart_from_a_full_queue(engine):
+    from spafit_core.errors import TenantOverloadedError
+
+    batcher = MicroBatcher(engine, BatchingConfig(max_queue=20, max_queue_per_tenant=12))  # not started
+    batcher.submit("t0", TEXTS[:6], tenant="a")
+    batcher.submit("t0", TEXTS[:6], tenant="a")
+    with pytest.raises(TenantOverloadedError, match="12 rows waiting") as err:
+        batcher.submit("t0", TEXTS[:1], tenant="a")
+    assert err.value.status == 429
+    batcher.submit("t1", TEXTS[:6], tenant="b")  # another tenant still gets in
+    batcher.submit("t1", TEXTS[:2], tenant="c")
+    with pytest.raises(OverloadedError, match="queue is full"):  # the whole queue: 503 for anyone
+        batcher.submit("t1", TEXTS[:1], tenant="d")
+    assert batcher.depths() == {"a": 12, "b": 6, "c": 2}
+    assert batcher.stats["tenant_overloads"] == 1 and batcher.stats["overloads"] == 1
