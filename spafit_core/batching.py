@@ -296,7 +296,7 @@ class MicroBatcher:
                         live.append(it)
                 for batch in self._pack(live):
                     self._run(batch)
-            except Exception as e:  # a bug of ours, not of a request: fail what we hold, keep serving
+            except Exception:  # a bug of ours, not of a request: fail what we hold, keep serving
                 self.stats["loop_errors"] += 1
                 ref = uuid.uuid4().hex
                 log.exception("the batcher failed on %d rows (ref %s); serving goes on", len(items), ref)

@@ -167,8 +167,9 @@ def test_the_loop_survives_an_exception_and_fails_only_the_rows_it_held(engine, 
 
 def test_the_loop_survives_a_cancellation_racing_set_result(engine, monkeypatch):
     """The client's cancel lands between the batcher's last check and set_result (InvalidStateError)."""
-    import spafit_core.batching as batching
     from concurrent.futures import Future
+
+    import spafit_core.batching as batching
 
     raced = []
 
