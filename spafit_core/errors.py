@@ -45,6 +45,20 @@ class DataError(SpafitError, ValueError):
     status = 422
 
 
+class UnsafeDataSource(DataError):
+    """A dataset import names something outside a hub dataset: a server path, or a dataset card whose
+    `data_files` point outside its own repository (absolute paths, `..`, other schemes)."""
+
+    type = "unsafe-data-source"
+
+
+class ImportTooLarge(DataError):
+    """A dataset import holds more rows or bytes than the service's import limits."""
+
+    type = "import-too-large"
+    status = 413
+
+
 class AdapterError(SpafitError):
     """An adapter folder or blob is malformed, tampered with or does not fit the backbone."""
 
@@ -70,9 +84,32 @@ class OverloadedError(SpafitError):
     status = 503
 
 
+class TenantOverloadedError(SpafitError):
+    """One tenant has its share of the engine's queue waiting already: that tenant retries later, the
+    others are not affected."""
+
+    type = "tenant-queue-full"
+    status = 429
+
+
+class PredictionFailedError(SpafitError):
+    """The engine failed on these inputs even when run apart from every other request's (the other rows of
+    the batch got their answers). `reference` names the log line with the cause."""
+
+    type = "prediction-failed"
+    status = 500
+
+
 class RequestTimeoutError(SpafitError):
     type = "request-timeout"
     status = 504
+
+
+class NonFiniteError(SpafitError):
+    """Training produced a NaN or infinite loss, or an adapter holds non-finite tensors."""
+
+    type = "non-finite"
+    status = 422
 
 
 class TrainingCancelled(SpafitError):
