@@ -29,12 +29,14 @@ from sqlalchemy import (
     Uuid,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql.expression import false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 JOB_FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 JOB_KINDS = ("train", "sweep", "trial")  # a sweep is a parent whose trials are jobs of their own
 DATASET_SOURCES = ("upload", "hf")
+DATASET_STATES = ("importing", "ready", "failed")  # an upload is ready at once; an import starts importing
 
 # Stable constraint names, so migrations can refer to (and drop) them on every backend.
 NAMING = {
@@ -96,6 +98,11 @@ class Tenant(Base):
     id: Mapped[uuid.UUID] = _id()
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = _created()
+    # Signs this tenant's webhooks (`whsec_` + base64); made on first use, rotated by an admin. The previous
+    # secret also signs until `webhook_secret_rotated_at` + SPAFIT_WEBHOOK_SECRET_OVERLAP_S.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))
+    webhook_secret_rotated_at: Mapped[datetime | None]
 
 
 class ApiKey(Base):
@@ -119,6 +126,7 @@ class Blob(Base):
     worker replica reaches them with only the database shared. `data` is deferred: load it on purpose."""
 
     __tablename__ = "blobs"
+    __table_args__ = (Index("ix_blobs_created_at", "created_at"),)  # the collector's grace period
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
@@ -127,10 +135,15 @@ class Blob(Base):
 
 
 class Dataset(Base):
+    """A validated dataset. An import is created `importing` (content columns null), and a worker makes it
+    `ready` (content filled in) or `failed` (`error_type` + `error_message`). Only a ready one can train."""
+
     __tablename__ = "datasets"
     __table_args__ = (
         Index("ix_datasets_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_datasets_state_updated", "state", "updated_at"),  # finding imports whose worker was lost
         CheckConstraint(_one_of("source", DATASET_SOURCES), name="source"),
+        CheckConstraint(_one_of("state", DATASET_STATES), name="state"),
     )
 
     id: Mapped[uuid.UUID] = _id()
@@ -138,18 +151,28 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(200))
     format: Mapped[str] = mapped_column(String(16))  # csv | tsv | jsonl | hf
     task_type: Mapped[str | None] = mapped_column(String(40))
-    rows: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)  # null while importing
     columns: Mapped[list[Any]]
     text_fields: Mapped[list[Any]]
     label_field: Mapped[str | None] = mapped_column(String(200))
     label_counts: Mapped[dict[str, Any] | None]
     # The content hash is also the blob reference: the bytes live in `blobs` under this key.
-    sha256: Mapped[str] = mapped_column(String(64), ForeignKey("blobs.sha256"), index=True)
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    report: Mapped[dict[str, Any]]  # DataReport.to_dict()
+    sha256: Mapped[str | None] = mapped_column(String(64), ForeignKey("blobs.sha256"), index=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    report: Mapped[dict[str, Any]]  # DataReport.to_dict(); {} while importing
     source: Mapped[str] = mapped_column(String(8), default="upload")
-    source_detail: Mapped[dict[str, Any] | None]  # for hf: {name, split, config_name}
+    source_detail: Mapped[dict[str, Any] | None]  # for hf: {name, split, config_name, max_rows}
+    state: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    error_type: Mapped[str | None] = mapped_column(String(64))  # a stable slug when failed
+    error_message: Mapped[str | None] = mapped_column(Text)  # the reason in words, no internals
+    import_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime | None] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        """Why a failed import failed: {type, message}."""
+        return {"type": self.error_type, "message": self.error_message or ""} if self.error_type else None
 
 
 class Task(Base):
@@ -170,7 +193,9 @@ class Task(Base):
 
 class Job(Base):
     """One fine-tuning run. State lives here (not in the Celery result backend); workers claim a job by
-    setting `claimed_by`/`claimed_at`, prove liveness with `heartbeat_at` and save `checkpoint_sha256`."""
+    setting `claimed_by`/`claimed_at`, prove liveness with `heartbeat_at` and save `checkpoint_sha256`.
+    A claim increments `attempts`; (claimed_by, attempts) is the fencing token every later write of that
+    worker carries in its WHERE clause (worker/runner.py)."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -179,6 +204,7 @@ class Job(Base):
         Index("ix_jobs_tenant_task", "tenant_id", "task_name"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),  # finding stale running jobs
+        Index("ix_jobs_status_enqueued", "status", "enqueued_at"),  # finding queued jobs nobody claimed
         CheckConstraint(_one_of("status", JOB_STATUSES), name="status"),
         CheckConstraint(_one_of("kind", JOB_KINDS), name="kind"),
     )
@@ -199,7 +225,10 @@ class Job(Base):
     progress: Mapped[dict[str, Any] | None]  # {step, total_steps, epoch, eta_seconds}
     metrics: Mapped[dict[str, Any] | None]  # latest evaluation metrics
     error_type: Mapped[str | None] = mapped_column(String(64))
-    error_message: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(Text)  # in words: never SQL, paths or tracebacks
+    error_id: Mapped[str | None] = mapped_column(String(32))  # an internal error's details are in the log under it
+    # This job's wall-clock limit in seconds from its first start (within SPAFIT_JOB_TIME_LIMIT_S).
+    time_limit_s: Mapped[int | None] = mapped_column(Integer)
     adapter_version_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("adapter_versions.id", ondelete="SET NULL", use_alter=True)
     )
@@ -215,10 +244,12 @@ class Job(Base):
     # restarted without persistence (new epoch) lost the message, so the job is sent again.
     enqueued_at: Mapped[datetime | None]
     broker_epoch: Mapped[str | None] = mapped_column(String(64))
-    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), ForeignKey("blobs.sha256"))
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), ForeignKey("blobs.sha256"), index=True)
     # A sweep trial's trained adapter (packed zip), kept until the sweep registers the best trial.
-    result_sha256: Mapped[str | None] = mapped_column(String(64), ForeignKey("blobs.sha256"))
+    result_sha256: Mapped[str | None] = mapped_column(String(64), ForeignKey("blobs.sha256"), index=True)
     parent_job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"), index=True)  # sweep trials
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))  # POSTed to when the job ends (app/services/webhooks.py)
+    webhook_on_eval: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # ... and each eval
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None]
@@ -229,12 +260,46 @@ class JobEvent(Base):
     """An append-only log per job (progress, metrics, state changes); `seq` counts from 1 per job."""
 
     __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_created_at", "created_at"),)  # the collector prunes old events
 
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     type: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = _created()
+
+
+WEBHOOK_DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+
+class WebhookDelivery(Base):
+    """One webhook message (a job ended, or evaluated) and its delivery state. The row is the truth, the broker
+    message only says "try delivery X": `next_attempt_at` is when the next attempt is due (and, while an attempt
+    runs, its lease); a pending delivery overdue by more than a lease is sent to the broker again. `id` is the
+    `webhook-id` header, the same on every attempt, so receivers can drop duplicates."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),  # finding overdue deliveries
+        CheckConstraint(_one_of("status", WEBHOOK_DELIVERY_STATUSES), name="status"),
+    )
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled | job.eval
+    dedupe_key: Mapped[str] = mapped_column(String(120), unique=True)  # one message per job end / eval step
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+    finished_at: Mapped[datetime | None]
 
 
 class AdapterVersion(Base):

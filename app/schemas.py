@@ -35,35 +35,55 @@ class Page(BaseModel, Generic[T]):
 
 
 class HfSource(BaseModel):
-    name: str = Field(min_length=1, max_length=300, description="Hugging Face Hub dataset id, e.g. `glue`")
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=300, description="Hugging Face Hub dataset id (`name` or "
+                      "`owner/name`), e.g. `glue`. Local paths only in embedded mode with auth off.")
     split: str = Field(default="train", min_length=1, max_length=100)
     config_name: str | None = Field(default=None, max_length=100, description="e.g. `sst2` for `glue`")
 
 
 class HfDatasetCreate(BaseModel):
-    """JSON body of `POST /v1/datasets` that imports a Hugging Face dataset instead of uploading a file."""
+    """JSON body of `POST /v1/datasets` that imports a Hugging Face dataset instead of uploading a file. The
+    import runs in the worker: the answer is 202 with the dataset `importing`; poll it until `ready` or
+    `failed`. The service's import limits (rows and bytes) apply; `max_rows` keeps only the first rows."""
 
     model_config = ConfigDict(extra="forbid")
 
     hf: HfSource
+    max_rows: int | None = Field(default=None, ge=1, le=2**31 - 1,
+                                 description="import only the first rows of the split (at most the service's limit)")
     name: str | None = Field(default=None, max_length=200)
     text_fields: list[str] | None = Field(default=None, min_length=1, max_length=2)
     label_field: str | None = None
     task_type: TaskType = "single_label_classification"
 
 
+DatasetState = Literal["importing", "ready", "failed"]
+
+
+class DatasetError(BaseModel):
+    type: str = Field(description="a stable slug, e.g. `unsafe-data-source`, `import-too-large`, `invalid-dataset`")
+    message: str = Field(description="the reason, in words")
+
+
 class DatasetOut(BaseModel):
+    """A dataset. Uploads are `ready` at once; an import is `importing` (content fields null or empty) until
+    the worker makes it `ready` or `failed` (`error` says why). Only a ready dataset can train."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
     name: str
+    state: DatasetState = "ready"
+    error: DatasetError | None = None
     format: str
     source: str
     task_type: str | None
-    rows: int
+    rows: int | None
     columns: list[str]
-    sha256: str
-    size_bytes: int
+    sha256: str | None
+    size_bytes: int | None
     text_fields: list[str]
     label_field: str | None
     label_counts: dict[str, int] | None

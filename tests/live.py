@@ -33,6 +33,9 @@ WORKER_SETTINGS = {
     "checkpoint_every_steps": 5,
     "job_log_every_steps": 1,
     "preload_base_model": False,
+    # Webhook tests receive on loopback, and retry within a second instead of minutes.
+    "webhook_allow_private_urls": True,
+    "webhook_retry_base_s": 0.5,
 }
 
 
@@ -52,6 +55,7 @@ def worker_env(pg_url: str, redis_url: str, redis_prefix: str, tiny_base: str, t
         "SPAFIT_BROKER_KEY_PREFIX": redis_prefix, "SPAFIT_ALLOWED_BASE_MODELS": tiny_base,
         "SPAFIT_DEFAULT_BASE_MODEL": tiny_base, "SPAFIT_DATA_DIR": str(tmp_path_factory.mktemp("worker-data")),
         "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",  # no Hub here: a Hub dataset import fails at once instead of retrying for a minute
     })
     env.update({f"SPAFIT_{k.upper()}": str(v) for k, v in WORKER_SETTINGS.items()})
     return env

@@ -19,13 +19,48 @@ class DatabaseTask(Task):
     def db(self) -> Database:
         if DatabaseTask._db is None:
             DatabaseTask._db = Database.from_settings(get_settings())
+            from app.services import webhooks
+
+            # the webhook deliveries a job's end adds go to the broker once their transaction commits
+            webhooks.install_outbox(DatabaseTask._db, webhooks.broker_sender(get_settings()))
         return DatabaseTask._db
 
 
+# A hung run (stuck where it never polls its stop flag) is killed this long after the longest job may run; its
+# job, left running with a stale heartbeat, is re-sent and the claim fails it for its time limit.
+HARD_TIME_LIMIT_GRACE_S = 600
+
+
 @celery_app.task(name="spafit.train_adapter", base=DatabaseTask, bind=True, acks_late=True,
-                 reject_on_worker_lost=True)
+                 reject_on_worker_lost=True, time_limit=get_settings().job_time_limit_s + HARD_TIME_LIMIT_GRACE_S)
 def train_adapter(self: DatabaseTask, job_id: str) -> str:
-    """Run (or resume) job `job_id`; see worker.runner for the claim rules."""
+    """Run (or resume) job `job_id`; see worker.runner for the claim and fencing rules. An attempt the
+    database's absence ended is sent again once the job's heartbeat is stale (the requeuer would too)."""
     from .runner import run_job
 
-    return run_job(self.db, job_id, get_settings())
+    settings = get_settings()
+    outcome = run_job(self.db, job_id, settings)
+    if outcome == "interrupted":
+        try:
+            self.apply_async(args=[job_id], countdown=settings.job_heartbeat_stale_s + 1)
+        except Exception:  # the broker is away too: the API's requeuer re-sends the job
+            pass
+    return outcome
+
+
+@celery_app.task(name="spafit.deliver_webhook", base=DatabaseTask, bind=True, acks_late=True)
+def deliver_webhook(self: DatabaseTask, delivery_id: str) -> str:
+    """One attempt at webhook delivery `delivery_id`; a failed one sends this task again after its backoff
+    (see worker.webhooks). The delivery row, not this message, is the truth."""
+    from .webhooks import deliver
+
+    return deliver(self.db, delivery_id, get_settings())
+
+
+@celery_app.task(name="spafit.import_dataset", base=DatabaseTask, bind=True, acks_late=True,
+                 reject_on_worker_lost=True)
+def import_dataset(self: DatabaseTask, dataset_id: str) -> str:
+    """Import dataset `dataset_id` (state `importing`) from the Hub; see worker.imports."""
+    from .imports import import_dataset as run
+
+    return run(self.db, dataset_id, get_settings())

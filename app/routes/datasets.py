@@ -1,5 +1,6 @@
-"""/v1/datasets: upload (multipart CSV / TSV / JSONL) or import (JSON naming a Hugging Face dataset),
-list, get, delete. Tenant-scoped; another tenant's dataset is a 404."""
+"""/v1/datasets: upload (multipart CSV / TSV / JSONL; 201, ready) or import (JSON naming a Hugging Face Hub
+dataset; 202, importing, read by the worker), list, get, delete. Tenant-scoped; another tenant's dataset is
+a 404."""
 
 from __future__ import annotations
 
@@ -81,13 +82,20 @@ async def dataset_source(request: Request, settings: SettingsDep) -> datasets.Up
         return datasets.Upload(content=content, filename=upload.filename, fields=parsed)
 
 
-@router.post("", status_code=201, response_model=DatasetOut, summary="Upload or import a dataset",
-             responses=problem_responses(400, 401, 403, 413, 415, 422), openapi_extra=_UPLOAD_BODY)
-def create_dataset(*, principal: TrainPrincipal,
+@router.post("", status_code=201, response_model=DatasetOut, summary="Upload (201, ready) or import (202, importing)",
+             responses={202: {"model": DatasetOut, "description": "the import was accepted: the dataset is "
+                              "`importing`; poll it until it is `ready` or `failed`"},
+                        **problem_responses(400, 401, 403, 413, 415, 422, 429, 503)}, openapi_extra=_UPLOAD_BODY)
+def create_dataset(*, request: Request, response: Response, principal: TrainPrincipal,
                    source: Annotated[datasets.Upload | HfDatasetCreate, Depends(dataset_source)],
                    session: SessionDep, settings: SettingsDep, metrics: MetricsDep) -> Any:
-    # Server-side paths are only for the local user of an embedded, auth-off service, never for key holders.
-    dataset = datasets.create(session, principal.tenant_id, source, allow_local_paths=not settings.auth_enabled)
+    if isinstance(source, HfDatasetCreate):
+        dataset = datasets.start_import(session, principal.tenant_id, source, settings)
+        datasets.dispatch_import(session, request.app.state.send_import, dataset)
+        response.status_code = 202
+        response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    else:
+        dataset = datasets.create(session, principal.tenant_id, source)
     metrics.datasets_created.labels(dataset.source).inc()
     return dataset
 

@@ -1,32 +1,42 @@
 """Datasets: parse and validate with `spafit_core.data`, store the bytes as a blob and the row, in one
-transaction (a killed upload leaves nothing visible). Everything is scoped to a tenant."""
+transaction (a killed upload leaves nothing visible). Everything is scoped to a tenant.
+
+An upload is validated in the request and is `ready` at once. A Hugging Face import is only recorded in the
+request (`importing`) and read by the worker (`run_import`, task `spafit.import_dataset`), bounded in rows
+and bytes, which makes it `ready` or `failed` with a stable error type and a reason in words. With auth on
+(or in server mode) an import names a Hub dataset only: never a path of the server.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
+import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from spafit_core import data as core_data
-from spafit_core.errors import DataError
+from spafit_core.errors import DataError, SpafitError
 
-from ..errors import Conflict, NotFound
-from ..models import Dataset, Job
+from ..db import Database
+from ..errors import Conflict, DatasetNotReady, NotFound, ServiceUnavailable, TooManyImports
+from ..models import Dataset, Job, Tenant, utcnow
 from ..schemas import DatasetUploadFields, HfDatasetCreate
+from ..settings import Settings
 from . import blobs
 from .pagination import paginate
 
-# A Hub id: "name" or "owner/name". Anything else (absolute or relative paths, "..") is refused in server
-# mode, because `load_hf_dataset` also opens local files and folders of the server.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+log = logging.getLogger("spafit.datasets")
+HUB_ID = core_data.HUB_ID
+MAX_IMPORT_ATTEMPTS = 3  # deliveries of one import (a worker lost mid-import) before it fails
+ImportSender = Callable[[uuid.UUID], None]
 
 
 @dataclass(frozen=True)
@@ -38,11 +48,13 @@ class Upload:
     fields: DatasetUploadFields
 
 
-def create(session: Session, tenant_id: uuid.UUID, source: Upload | HfDatasetCreate, *,
-           allow_local_paths: bool = False) -> Dataset:
-    """Register an upload or a Hugging Face import (what POST /v1/datasets calls)."""
-    if isinstance(source, HfDatasetCreate):
-        return create_from_hf(session, tenant_id, source, allow_local_paths=allow_local_paths)
+def local_paths_allowed(settings: Settings) -> bool:
+    """Server paths are only for the local user of an embedded, auth-off service, never for key holders."""
+    return settings.mode == "embedded" and not settings.auth_enabled
+
+
+def create(session: Session, tenant_id: uuid.UUID, source: Upload) -> Dataset:
+    """Register an upload (what POST /v1/datasets calls for a multipart body)."""
     f = source.fields
     return create_from_bytes(session, tenant_id, source.content, filename=source.filename, name=f.name,
                              format=f.format, text_fields=f.text_fields, label_field=f.label_field,
@@ -60,27 +72,17 @@ def create_from_bytes(session: Session, tenant_id: uuid.UUID, content: bytes, *,
     if nul >= 0:  # valid UTF-8, but never text data (often UTF-16 without a BOM), and Postgres cannot store it
         line = content.count(b"\n", 0, nul) + 1
         raise DataError(f"line {line}: a NUL byte (\\x00); save the file as UTF-8 text")
-    return _register(session, tenant_id, table, content, fmt, name or _basename(filename) or f"upload.{fmt}",
-                     text_fields, label_field, task_type, source="upload", source_detail=None)
+    report = _checked_report(table, text_fields, label_field, task_type)
+    dataset = Dataset(tenant_id=tenant_id, name=(name or _basename(filename) or f"upload.{fmt}")[:200], format=fmt,
+                      task_type=task_type, source="upload", source_detail=None, state="ready")
+    _fill(dataset, report, blobs.put(session, content), len(content))
+    session.add(dataset)
+    session.commit()
+    return dataset
 
 
-def create_from_hf(session: Session, tenant_id: uuid.UUID, req: HfDatasetCreate, *,
-                   allow_local_paths: bool = False) -> Dataset:
-    """Import a split of a Hugging Face dataset; it is stored as JSON Lines like an upload."""
-    hf = req.hf
-    if not allow_local_paths and (not HUB_ID.fullmatch(hf.name) or ".." in hf.name or Path(hf.name).exists()):
-        raise DataError(f"{hf.name!r} is not a Hugging Face Hub dataset id (e.g. 'imdb' or 'owner/name')",
-                        field="hf.name")
-    table = core_data.load_hf_dataset(hf.name, hf.split, hf.config_name)
-    content = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in table.records).encode()
-    name = req.name or f"{hf.name}{f'/{hf.config_name}' if hf.config_name else ''}:{hf.split}"
-    return _register(session, tenant_id, table, content, "jsonl", name, req.text_fields, req.label_field,
-                     req.task_type, source="hf", source_detail=hf.model_dump())
-
-
-def _register(session: Session, tenant_id: uuid.UUID, table: core_data.Table, content: bytes, fmt: str, name: str,
-              text_fields: list[str] | None, label_field: str | None, task_type: str, *, source: str,
-              source_detail: dict[str, Any] | None) -> Dataset:
+def _checked_report(table: core_data.Table, text_fields: list[str] | None, label_field: str | None,
+                    task_type: str) -> core_data.DataReport:
     text_fields, label_field = core_data.infer_fields(table, text_fields, label_field)
     report = core_data.validate(table, text_fields, label_field, task_type)
     if not report.ok:
@@ -89,14 +91,128 @@ def _register(session: Session, tenant_id: uuid.UUID, table: core_data.Table, co
         except DataError as e:
             errors = [dataclasses.asdict(p) for p in report.errors]
             raise DataError(e.message, field=e.field, detail={"errors": errors, "report": report.to_dict()}) from None
-    sha = blobs.put(session, content)
-    dataset = Dataset(tenant_id=tenant_id, name=name[:200], format=fmt, task_type=task_type, rows=report.rows,
-                      columns=report.columns, text_fields=report.text_fields, label_field=report.label_field,
-                      label_counts=report.label_counts or None, sha256=sha, size_bytes=len(content),
-                      report=report.to_dict(), source=source, source_detail=source_detail)
+    return report
+
+
+def _fill(dataset: Dataset, report: core_data.DataReport, sha: str, size: int) -> None:
+    dataset.rows, dataset.columns, dataset.text_fields = report.rows, report.columns, report.text_fields
+    dataset.label_field, dataset.label_counts = report.label_field, report.label_counts or None
+    dataset.sha256, dataset.size_bytes, dataset.report = sha, size, report.to_dict()
+
+
+# ------------------------------------------------------------------------------------------ imports
+
+
+def start_import(session: Session, tenant_id: uuid.UUID, req: HfDatasetCreate, settings: Settings) -> Dataset:
+    """Record an import as `importing` (the worker reads it). With auth on, the name must be a Hub id
+    (`UnsafeDataSource`, 422); a tenant has at most `max_concurrent_imports` in progress (429)."""
+    hf = req.hf
+    core_data.check_source(hf.name, hub_only=not local_paths_allowed(settings))
+    if req.max_rows is not None and req.max_rows > settings.max_import_rows:
+        raise DataError(f"max_rows {req.max_rows} is above this service's import limit of "
+                        f"{settings.max_import_rows} rows", field="max_rows")
+    # One tenant's imports are counted under its row lock, so concurrent requests cannot pass the limit together.
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    running = session.scalar(select(func.count()).select_from(Dataset).where(
+        Dataset.tenant_id == tenant_id, Dataset.state == "importing"))
+    if running >= settings.max_concurrent_imports:
+        session.rollback()
+        raise TooManyImports(f"{running} dataset import(s) of this tenant are still in progress (the limit is "
+                             f"{settings.max_concurrent_imports}); wait for one to finish",
+                             headers={"Retry-After": "10"}, limit=settings.max_concurrent_imports)
+    name = req.name or f"{hf.name}{f'/{hf.config_name}' if hf.config_name else ''}:{hf.split}"
+    detail = {**hf.model_dump(), "max_rows": req.max_rows, "text_fields": req.text_fields,
+              "label_field": req.label_field}
+    dataset = Dataset(tenant_id=tenant_id, name=name[:200], format="jsonl", task_type=req.task_type, rows=None,
+                      columns=[], text_fields=list(req.text_fields or []), label_field=req.label_field,
+                      sha256=None, size_bytes=None, report={}, source="hf", source_detail=detail,
+                      state="importing")
     session.add(dataset)
     session.commit()
     return dataset
+
+
+def dispatch_import(session: Session, send: ImportSender, dataset: Dataset) -> None:
+    """Hand the import to the broker; if that fails, nothing is left behind and the client may retry (503)."""
+    try:
+        send(dataset.id)
+    except Exception as e:
+        log.warning("could not send dataset import %s to the broker (%s)", dataset.id, e)
+        session.execute(update(Dataset).where(Dataset.id == dataset.id, Dataset.state == "importing")
+                        .values(state="failed", error_type="service-unavailable",
+                                error_message="the import could not be queued; retry shortly"))
+        session.commit()
+        raise ServiceUnavailable("the import could not be queued (the broker is unreachable); retry shortly",
+                                 headers={"Retry-After": "5"}) from None
+
+
+def _fail(db: Database, dataset_id: uuid.UUID, error_type: str, message: str, report: dict | None = None) -> None:
+    with db.transaction() as s:
+        values: dict[str, Any] = {"state": "failed", "error_type": error_type[:64], "error_message": message}
+        if report is not None:
+            values["report"] = report
+        s.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.state == "importing").values(**values))
+
+
+def run_import(db: Database, dataset_id: uuid.UUID, settings: Settings) -> str:
+    """Read an `importing` dataset's Hub split, bounded, validate and store it: `ready`, or `failed` with a
+    reason. Safe to run twice (a re-delivered message): only an importing dataset is touched, and only the
+    first to finish writes. Returns the outcome: ready | failed | final | gave_up."""
+    with db.transaction() as s:
+        res = s.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.state == "importing",
+                                              Dataset.import_attempts < MAX_IMPORT_ATTEMPTS)
+                        .values(import_attempts=Dataset.import_attempts + 1, updated_at=utcnow()))
+        claimed = res.rowcount == 1
+        ds = s.get(Dataset, dataset_id)
+        if ds is None or ds.state != "importing":
+            return "final"
+        detail, task_type = dict(ds.source_detail or {}), ds.task_type or "single_label_classification"
+    if not claimed:
+        _fail(db, dataset_id, "worker-lost", f"the import stopped its worker {MAX_IMPORT_ATTEMPTS} times; "
+              "giving up")
+        return "gave_up"
+    try:
+        table = core_data.load_hf_dataset(
+            detail["name"], detail.get("split") or "train", detail.get("config_name"),
+            max_rows=detail.get("max_rows"), limit_rows=settings.max_import_rows,
+            limit_bytes=settings.max_import_bytes, hub_only=not local_paths_allowed(settings))
+        content = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in table.records).encode()
+        if b"\x00" in content:
+            raise DataError("the dataset holds NUL (\\x00) characters, which are never text data")
+        if len(content) > (settings.max_import_bytes or len(content)):  # the reader counts the same bytes
+            raise core_data.ImportTooLarge(f"the dataset is larger than {settings.max_import_bytes} bytes")
+        report = _checked_report(table, detail.get("text_fields"), detail.get("label_field"), task_type)
+    except SpafitError as e:
+        report = (e.detail or {}).get("report")
+        _fail(db, dataset_id, e.type, e.message, report if isinstance(report, dict) else None)
+        return "failed"
+    except Exception as e:  # SoftTimeLimitExceeded, or a bug: the reason in words, the internals in the log
+        timeout = type(e).__name__ == "SoftTimeLimitExceeded"
+        ref = uuid.uuid4().hex[:12]
+        log.exception("dataset import %s failed (ref %s)", dataset_id, ref)
+        _fail(db, dataset_id, "import-timeout" if timeout else "internal-error",
+              f"the import took longer than {settings.import_timeout_s:g} s" if timeout
+              else f"the import failed unexpectedly (ref {ref})")
+        return "failed"
+    with db.transaction() as s:
+        ds = s.get(Dataset, dataset_id, with_for_update=True)
+        if ds is None or ds.state != "importing":  # deleted meanwhile, or another delivery finished first
+            return "final"
+        _fill(ds, report, blobs.put(s, content), len(content))
+        ds.state, ds.error_type, ds.error_message = "ready", None, None
+    return "ready"
+
+
+def expire_stale_imports(db: Database, settings: Settings) -> int:
+    """Fail imports a worker took and then went silent on for longer than `import_timeout_s` (its process was
+    killed where no re-delivery happens). Imports no worker has taken yet wait for one."""
+    stale = utcnow() - timedelta(seconds=settings.import_timeout_s + 60)
+    with db.transaction() as s:
+        res = s.execute(update(Dataset).where(Dataset.state == "importing", Dataset.import_attempts > 0,
+                                              Dataset.updated_at < stale)
+                        .values(state="failed", error_type="worker-lost",
+                                error_message="the worker importing this dataset stopped; import it again"))
+    return res.rowcount
 
 
 def _basename(filename: str | None) -> str | None:
@@ -119,6 +235,8 @@ def list_page(session: Session, tenant_id: uuid.UUID, *, limit: int, cursor: str
 def content(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> tuple[Dataset, bytes]:
     """The dataset row and its verified bytes (what a worker reads with `read_table(bytes, dataset.format)`)."""
     dataset = get(session, tenant_id, dataset_id)
+    if dataset.state != "ready" or dataset.sha256 is None:
+        raise DatasetNotReady(f"dataset {dataset_id} is {dataset.state}, not ready", field="dataset")
     return dataset, blobs.get(session, dataset.sha256)
 
 
@@ -138,8 +256,9 @@ def delete(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Non
         session.rollback()
         raise Conflict(f"dataset {dataset_id} was just referenced by a new job; delete that first") from None
     try:
-        with session.begin_nested():
-            blobs.delete_if_unreferenced(session, sha)
+        if sha is not None:  # an import that never became ready stored nothing
+            with session.begin_nested():
+                blobs.delete_if_unreferenced(session, sha)
     except IntegrityError:  # the same bytes were just registered again: keep the blob
         pass
     session.commit()

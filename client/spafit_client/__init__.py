@@ -21,6 +21,8 @@ from .errors import (
     AuthenticationError,
     BadRequestError,
     ConflictError,
+    DatasetImportFailed,
+    ImportWaitTimeout,
     JobCancelled,
     JobFailed,
     NotFoundError,
@@ -33,6 +35,7 @@ from .errors import (
     SpafitError,
     ValidationError,
     WaitTimeout,
+    WebhookVerificationError,
 )
 from .models import (
     AdapterVersion,
@@ -53,13 +56,15 @@ from .models import (
     TaskPredictions,
 )
 from .pagination import AsyncPager, SyncPager
+from .webhooks import sign_webhook, verify_webhook
 
 __all__ = [
     "DEFAULT_BASE_URL", "AsyncClient", "Client", "RetryPolicy", "__version__",
     "APIConnectionError", "APITimeoutError", "AuthenticationError", "BadRequestError", "ConflictError",
-    "JobCancelled", "JobFailed", "NotFoundError", "OverloadedError", "PayloadTooLargeError",
+    "DatasetImportFailed", "ImportWaitTimeout", "JobCancelled", "JobFailed", "NotFoundError", "OverloadedError",
+    "PayloadTooLargeError",
     "PermissionDeniedError", "RateLimitError", "ServerError", "SpafitAPIError", "SpafitError", "ValidationError",
-    "WaitTimeout",
+    "WaitTimeout", "WebhookVerificationError", "sign_webhook", "verify_webhook",
     "AdapterVersion", "Dataset", "FanOutPredictions", "Health", "Hyperparameters", "Job", "JobError", "JobEvent",
     "LabelScore", "Method", "Page", "Prediction", "Progress", "Readiness", "Task", "TaskPredictions",
     "AsyncPager", "SyncPager",

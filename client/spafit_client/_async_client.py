@@ -33,7 +33,14 @@ from ._base import (
     stream_closed,
     stream_timeout,
 )
-from .errors import WaitTimeout, error_from_response, error_from_transport, parse_retry_after
+from .errors import (
+    DatasetImportFailed,
+    ImportWaitTimeout,
+    WaitTimeout,
+    error_from_response,
+    error_from_transport,
+    parse_retry_after,
+)
 from .models import (
     AdapterVersion,
     Dataset,
@@ -144,6 +151,35 @@ class AsyncDatasets:
         return await self._c._call(E.upload_dataset(path, name=name, text_fields=text_fields,
                                                     label_field=label_field, task_type=task_type, format=format))
 
+    async def import_hf(self, name: str, *, split: str = "train", config_name: str | None = None,
+                        max_rows: int | None = None, dataset_name: str | None = None,
+                        text_fields: list[str] | str | None = None, label_field: str | None = None,
+                        task_type: str | None = None, wait: bool = True, timeout: float | None = 600.0) -> Dataset:
+        """See `Client.datasets.import_hf`."""
+        dataset = await self._c._call(E.import_dataset(name, split=split, config_name=config_name,
+                                                       max_rows=max_rows, dataset_name=dataset_name,
+                                                       text_fields=text_fields, label_field=label_field,
+                                                       task_type=task_type))
+        return await self.wait(dataset, timeout=timeout) if wait else dataset
+
+    async def wait(self, dataset: str | Dataset, *, timeout: float | None = 600.0) -> Dataset:
+        """See `Client.datasets.wait`."""
+        from ._client import IMPORT_POLL_SECONDS
+
+        dataset_id = resource_id(dataset)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = IMPORT_POLL_SECONDS[0]
+        while True:
+            current = await self.get(dataset_id)
+            if current.state == "failed":
+                raise DatasetImportFailed(current)
+            if current.state != "importing":
+                return current
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise ImportWaitTimeout(dataset_id, timeout or 0)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, IMPORT_POLL_SECONDS[1])
+
     async def get(self, dataset: str | Dataset) -> Dataset:
         return await self._c._call(E.get_dataset(dataset))
 
@@ -162,11 +198,13 @@ class AsyncJobs:
                      validation_dataset: str | Dataset | None = None, method: Method | dict[str, Any] | None = None,
                      hyperparameters: Hyperparameters | dict[str, Any] | None = None, base_model: str | None = None,
                      text_fields: list[str] | None = None, label_field: str | None = None,
-                     task_type: str | None = None, idempotency_key: str | None = None) -> Job:
+                     task_type: str | None = None, idempotency_key: str | None = None,
+                     webhook_url: str | None = None, webhook_on_eval: bool = False) -> Job:
         return await self._c._call(E.create_job(
             task=task, train_dataset=train_dataset, validation_dataset=validation_dataset, method=method,
             hyperparameters=hyperparameters, base_model=base_model, text_fields=text_fields,
-            label_field=label_field, task_type=task_type, idempotency_key=idempotency_key))
+            label_field=label_field, task_type=task_type, idempotency_key=idempotency_key,
+            webhook_url=webhook_url, webhook_on_eval=webhook_on_eval))
 
     async def get(self, job: str | Job) -> Job:
         return await self._c._call(E.get_job(job))
@@ -178,6 +216,9 @@ class AsyncJobs:
 
     async def cancel(self, job: str | Job) -> Job:
         return await self._c._call(E.cancel_job(job))
+
+    async def delete(self, job: str | Job) -> None:
+        await self._c._call(E.delete_job(job))
 
     async def events(self, job: str | Job, *, after: int = 0, limit: int | None = None) -> builtins.list[JobEvent]:
         return await self._c._call(E.job_events(job, after=after, limit=limit))
@@ -220,6 +261,7 @@ class AsyncJobs:
         while True:
             call = E.stream_job_events(job_id, after=after, last_event_id=last)
             error: httpx.TransportError | None = None
+            resume = False
             try:
                 async with self._c._stream(call, read_timeout) as response:
                     decoder = SSEDecoder()
@@ -231,12 +273,20 @@ class AsyncJobs:
                             continue
                         if sse.event == "end":
                             return
+                        if sse.event == "reconnect":  # the stream's time is up: resume at once from `last`
+                            resume = True
+                            break
+                        if sse.id is None:  # a control event of a later service version: not a job event
+                            continue
                         event = JobEvent.model_validate_json(sse.data)
                         if event.seq > last:
                             last, failures = event.seq, 0
                             yield event
             except httpx.TransportError as e:
                 error = e
+            if resume:  # not a failure: the server ends every stream after its maximum duration
+                yield None
+                continue
             failures += 1
             url = self._c.base_url + call.path
             if failures > self._c.retry.max_retries:

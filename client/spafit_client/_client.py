@@ -31,7 +31,14 @@ from ._base import (
     stream_closed,
     stream_timeout,
 )
-from .errors import WaitTimeout, error_from_response, error_from_transport, parse_retry_after
+from .errors import (
+    DatasetImportFailed,
+    ImportWaitTimeout,
+    WaitTimeout,
+    error_from_response,
+    error_from_transport,
+    parse_retry_after,
+)
 from .models import (
     AdapterVersion,
     Dataset,
@@ -141,8 +148,11 @@ class Client:
             response.close()
 
 
+IMPORT_POLL_SECONDS = (0.25, 2.0)  # first and longest pause between polls of an importing dataset
+
+
 class Datasets:
-    """`/v1/datasets`: upload CSV / TSV / JSON Lines files; get, list, delete."""
+    """`/v1/datasets`: upload CSV / TSV / JSON Lines files, import Hugging Face Hub datasets; get, list, delete."""
 
     def __init__(self, client: Client):
         self._c = client
@@ -153,6 +163,36 @@ class Datasets:
         Fields not given are inferred (text columns, the label column, the format)."""
         return self._c._call(E.upload_dataset(path, name=name, text_fields=text_fields, label_field=label_field,
                                               task_type=task_type, format=format))
+
+    def import_hf(self, name: str, *, split: str = "train", config_name: str | None = None,
+                  max_rows: int | None = None, dataset_name: str | None = None,
+                  text_fields: list[str] | str | None = None, label_field: str | None = None,
+                  task_type: str | None = None, wait: bool = True, timeout: float | None = 600.0) -> Dataset:
+        """Import a split of a Hugging Face Hub dataset (`name` or `owner/name`). The service's worker reads
+        it (bounded by its row and byte limits; `max_rows` keeps only the first rows). With `wait` (default)
+        this returns the dataset once `ready`, or raises DatasetImportFailed (its `error_type` says why) or
+        ImportWaitTimeout; with `wait=False`, the dataset as accepted (`state` `importing`)."""
+        dataset = self._c._call(E.import_dataset(name, split=split, config_name=config_name, max_rows=max_rows,
+                                                 dataset_name=dataset_name, text_fields=text_fields,
+                                                 label_field=label_field, task_type=task_type))
+        return self.wait(dataset, timeout=timeout) if wait else dataset
+
+    def wait(self, dataset: str | Dataset, *, timeout: float | None = 600.0) -> Dataset:
+        """Poll an importing dataset until it is `ready` (returned) or `failed` (DatasetImportFailed);
+        ImportWaitTimeout after `timeout` seconds (the import goes on)."""
+        dataset_id = resource_id(dataset)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = IMPORT_POLL_SECONDS[0]
+        while True:
+            current = self.get(dataset_id)
+            if current.state == "failed":
+                raise DatasetImportFailed(current)
+            if current.state != "importing":
+                return current
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise ImportWaitTimeout(dataset_id, timeout or 0)
+            time.sleep(pause)
+            pause = min(pause * 2, IMPORT_POLL_SECONDS[1])
 
     def get(self, dataset: str | Dataset) -> Dataset:
         return self._c._call(E.get_dataset(dataset))
@@ -175,14 +215,16 @@ class Jobs:
                method: Method | dict[str, Any] | None = None,
                hyperparameters: Hyperparameters | dict[str, Any] | None = None, base_model: str | None = None,
                text_fields: list[str] | None = None, label_field: str | None = None, task_type: str | None = None,
-               idempotency_key: str | None = None) -> Job:
+               idempotency_key: str | None = None,
+               webhook_url: str | None = None, webhook_on_eval: bool = False) -> Job:
         """Queue a job that trains an adapter for `task` (202). An Idempotency-Key (a fresh uuid4 unless
         given) goes with the request, so retries of this call never start a second job; pass your own key
         to make separate calls safe to repeat too."""
         return self._c._call(E.create_job(
             task=task, train_dataset=train_dataset, validation_dataset=validation_dataset, method=method,
             hyperparameters=hyperparameters, base_model=base_model, text_fields=text_fields,
-            label_field=label_field, task_type=task_type, idempotency_key=idempotency_key))
+            label_field=label_field, task_type=task_type, idempotency_key=idempotency_key,
+            webhook_url=webhook_url, webhook_on_eval=webhook_on_eval))
 
     def get(self, job: str | Job) -> Job:
         return self._c._call(E.get_job(job))
@@ -196,6 +238,11 @@ class Jobs:
     def cancel(self, job: str | Job) -> Job:
         """Cancel a queued job at once or a running one at its next step (`cancel_requested` is set)."""
         return self._c._call(E.cancel_job(job))
+
+    def delete(self, job: str | Job) -> None:
+        """Delete a finished job with its events (409 while queued or running: cancel it first). The adapter
+        version it produced stays; its datasets can be deleted afterwards."""
+        self._c._call(E.delete_job(job))
 
     def events(self, job: str | Job, *, after: int = 0, limit: int | None = None) -> builtins.list[JobEvent]:
         """The events recorded so far (a snapshot; see `stream_events` to follow them live)."""
@@ -244,6 +291,7 @@ class Jobs:
         while True:
             call = E.stream_job_events(job_id, after=after, last_event_id=last)
             error: httpx.TransportError | None = None
+            resume = False
             try:
                 with self._c._stream(call, read_timeout) as response:
                     decoder = SSEDecoder()
@@ -255,12 +303,20 @@ class Jobs:
                             continue
                         if sse.event == "end":
                             return
+                        if sse.event == "reconnect":  # the stream's time is up: resume at once from `last`
+                            resume = True
+                            break
+                        if sse.id is None:  # a control event of a later service version: not a job event
+                            continue
                         event = JobEvent.model_validate_json(sse.data)
                         if event.seq > last:
                             last, failures = event.seq, 0
                             yield event
             except httpx.TransportError as e:
                 error = e
+            if resume:  # not a failure: the server ends every stream after its maximum duration
+                yield None
+                continue
             failures += 1
             url = self._c.base_url + call.path
             if failures > self._c.retry.max_retries:

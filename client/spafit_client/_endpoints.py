@@ -69,6 +69,19 @@ def upload_dataset(source: FileInput, *, name: str | None, text_fields: list[str
                 data={k: v for k, v in fields.items() if v is not None}, model=Dataset)
 
 
+def import_dataset(name: str, *, split: str, config_name: str | None, max_rows: int | None,
+                   dataset_name: str | None, text_fields: list[str] | str | None, label_field: str | None,
+                   task_type: str | None) -> Call[Dataset]:
+    if isinstance(text_fields, str):
+        text_fields = [text_fields]
+    body: dict[str, Any] = {"hf": {"name": name, "split": split, "config_name": config_name}}
+    optional = {"max_rows": max_rows, "name": dataset_name, "text_fields": list(text_fields) if text_fields else None,
+                "label_field": label_field, "task_type": task_type}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    # Not retried: a retry could start a second import.
+    return Call("POST", "/v1/datasets", json=body, model=Dataset)
+
+
 def get_dataset(dataset: Any) -> Call[Dataset]:
     return Call("GET", f"/v1/datasets/{_seg(resource_id(dataset))}", model=Dataset)
 
@@ -85,11 +98,13 @@ def delete_dataset(dataset: Any) -> Call[None]:
 def create_job(*, task: str, train_dataset: Any, validation_dataset: Any, method: Method | dict[str, Any] | None,
                hyperparameters: Hyperparameters | dict[str, Any] | None, base_model: str | None,
                text_fields: list[str] | None, label_field: str | None, task_type: str | None,
-               idempotency_key: str | None) -> Call[Job]:
+               idempotency_key: str | None, webhook_url: str | None = None,
+               webhook_on_eval: bool = False) -> Call[Job]:
     body: dict[str, Any] = {"task": task, "train_dataset": resource_id(train_dataset)}
     optional = {"validation_dataset": resource_id(validation_dataset) if validation_dataset is not None else None,
                 "method": dump(method), "hyperparameters": dump(hyperparameters), "base_model": base_model,
-                "text_fields": text_fields, "label_field": label_field, "task_type": task_type}
+                "text_fields": text_fields, "label_field": label_field, "task_type": task_type,
+                "webhook_url": webhook_url, "webhook_on_eval": webhook_on_eval or None}
     body.update({k: v for k, v in optional.items() if v is not None})
     # The key is fixed here, once per call, so every retry of this call is the same request to the service.
     key = idempotency_key or f"spafit-client-{uuid.uuid4()}"
@@ -109,6 +124,10 @@ def list_jobs(*, status: str | None, task: str | None, limit: int | None,
 def cancel_job(job: Any) -> Call[Job]:
     # Safe to repeat: a second cancel of the same job changes nothing (a finished job answers 409).
     return Call("POST", f"/v1/jobs/{_seg(resource_id(job))}/cancel", retry=True, model=Job)
+
+
+def delete_job(job: Any) -> Call[None]:
+    return Call("DELETE", f"/v1/jobs/{_seg(resource_id(job))}")
 
 
 def job_events(job: Any, *, after: int, limit: int | None) -> Call[list[JobEvent]]:

@@ -20,7 +20,10 @@ The service answers errors as problem+json (RFC 9457): `type` (a stable URI, bra
     │   └── APITimeoutError            no answer in time (also a builtin TimeoutError)
     ├── JobFailed                      jobs.wait(): the job failed; `error_type`, `message`
     ├── JobCancelled                   jobs.wait(): the job was cancelled
-    └── WaitTimeout                    jobs.wait(timeout=...) ran out (also a builtin TimeoutError)
+    ├── DatasetImportFailed            datasets.import_hf(): the import failed; `error_type`, `message`
+    ├── WaitTimeout                    jobs.wait(timeout=...) ran out (also a builtin TimeoutError)
+    │   └── ImportWaitTimeout          datasets.import_hf(timeout=...) / datasets.wait() ran out
+    └── WebhookVerificationError       verify_webhook(): bad or missing signature, or a stale timestamp
 """
 
 from __future__ import annotations
@@ -108,11 +111,16 @@ class PayloadTooLargeError(SpafitAPIError):
 
 
 class ValidationError(SpafitAPIError):
+    # `type` .../webhook-url-refused: the job's webhook_url is not http(s) or points inside the network.
+    # `type` .../unsafe-data-source: a dataset import named a path, or a card pointing outside the dataset.
+    # `type` .../dataset-not-ready: a job named a dataset still importing, or whose import failed.
     """422: the request is well-formed but not acceptable; `field` and `errors` say where."""
 
 
 class RateLimitError(SpafitAPIError):
-    """429: too many requests; `retry_after` says when to come back."""
+    """429: too many requests; `retry_after` says when to come back. `type` says which limit, e.g.
+    `.../too-many-jobs` (the tenant's queued + running training jobs), `.../too-many-imports` (its dataset
+    imports in progress)."""
 
 
 class ServerError(SpafitAPIError):
@@ -136,12 +144,14 @@ class APITimeoutError(APIConnectionError, builtins.TimeoutError):
 
 
 class JobFailed(SpafitError):
-    """The job ended in `failed`; `error_type` is the service's slug (e.g. `invalid-dataset`)."""
+    """The job ended in `failed`; `error_type` is the service's slug (e.g. `invalid-dataset`, `non-finite`,
+    `time-limit`, `internal-error`); `error_id`, for an internal error, is what the service's log holds it under."""
 
     def __init__(self, job: Job):
         self.job = job
         self.error_type = job.error.type if job.error else "unknown"
         self.message = job.error.message if job.error else "the job failed"
+        self.error_id = job.error.error_id if job.error else None
         super().__init__(f"job {job.id} failed ({self.error_type}): {self.message}")
 
 
@@ -153,6 +163,19 @@ class JobCancelled(SpafitError):
         super().__init__(f"job {job.id} was cancelled")
 
 
+class DatasetImportFailed(SpafitError):
+    """A dataset import ended in `failed`. `error_type` is the service's slug: `unsafe-data-source` (a path,
+    or a dataset card whose data_files point outside the dataset), `import-too-large` (over the service's
+    row or byte limit: ask for fewer with max_rows), `invalid-dataset`, `import-timeout`, `worker-lost`."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+        error = getattr(dataset, "error", None)
+        self.error_type = error.type if error else "unknown"
+        self.message = error.message if error else "the import failed"
+        super().__init__(f"dataset import {dataset.id} failed ({self.error_type}): {self.message}")
+
+
 class WaitTimeout(SpafitError, builtins.TimeoutError):
     """`jobs.wait(timeout=...)` ran out before the job finished (the job goes on)."""
 
@@ -160,6 +183,18 @@ class WaitTimeout(SpafitError, builtins.TimeoutError):
         self.job_id = job_id
         self.timeout = timeout
         super().__init__(f"job {job_id} did not finish within {timeout:g}s")
+
+
+class ImportWaitTimeout(WaitTimeout):
+    """A dataset import did not end within the timeout (the import goes on)."""
+
+    def __init__(self, dataset_id: str, timeout: float):
+        super().__init__(dataset_id, timeout)
+        self.dataset_id = dataset_id
+        self.args = (f"dataset {dataset_id} was still importing after {timeout:g}s",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 _BY_STATUS: dict[int, type[SpafitAPIError]] = {
@@ -207,3 +242,8 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+class WebhookVerificationError(SpafitError, builtins.ValueError):
+    """`verify_webhook`: a webhook whose signature does not match, whose headers are missing, or whose
+    timestamp is outside the tolerance (a replay). Answer it with a 4xx and do not act on it."""

@@ -39,18 +39,27 @@ class Readiness(SpafitModel):
 
 
 # --------------------------------------------------------------------------------------------- datasets
+class DatasetError(SpafitModel):
+    type: str
+    message: str = ""
+
+
 class Dataset(SpafitModel):
-    """An uploaded (or imported) dataset, validated on arrival; `report` is the validation report."""
+    """An uploaded (or imported) dataset, validated on arrival; `report` is the validation report.
+    `state`: `ready` (uploads at once), or for a Hub import `importing` (content fields empty) until the
+    service's worker makes it `ready` or `failed` (`error` says why)."""
 
     id: str
     name: str
+    state: str = "ready"
+    error: DatasetError | None = None
     format: str
     source: str
     task_type: str | None = None
-    rows: int
-    columns: list[str]
-    sha256: str
-    size_bytes: int
+    rows: int | None = None
+    columns: list[str] = Field(default_factory=list)
+    sha256: str | None = None
+    size_bytes: int | None = None
     text_fields: list[str]
     label_field: str | None = None
     label_counts: dict[str, int] | None = None
@@ -103,6 +112,7 @@ class Progress(SpafitModel):
 class JobError(SpafitModel):
     type: str
     message: str
+    error_id: str | None = None  # an internal error's details are in the service's log under this id
 
 
 class Job(SpafitModel):
@@ -126,6 +136,8 @@ class Job(SpafitModel):
     text_fields: list[str] = Field(default_factory=list)
     label_field: str | None = None
     parent_job: str | None = None
+    webhook_url: str | None = None
+    webhook_on_eval: bool = False
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

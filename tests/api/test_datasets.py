@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.models import Blob, Dataset, Job
 from app.services import blobs
@@ -165,11 +165,15 @@ def test_hf_body_validation_lists_field_locations(client, trainer):
     assert "body.hf.name" in [e["field"] for e in body["errors"]]
 
 
-@pytest.mark.parametrize("name", ["/etc", "../secrets", "~/data", "a/b/c"])
-def test_hf_local_paths_are_refused_when_auth_is_on(client, trainer, name):
+@pytest.mark.parametrize("name", ["/etc", "/etc/passwd", "../secrets", "~/data", "a/b/c", "./x", "..", "csv", "json",
+                                  "parquet", "hf://datasets/a/b", "file:///etc/passwd", "C:\\x", "a/../b", "tests"])
+def test_hf_local_paths_are_refused_when_auth_is_on(client, trainer, db, name):
     body = assert_problem(client.post("/v1/datasets", json={"hf": {"name": name}}, headers=trainer.headers),
-                          422, "invalid-dataset")
+                          422, "unsafe-data-source")
     assert body["field"] == "hf.name"
+    with db.session() as session:  # nothing was recorded
+        assert session.scalar(select(func.count()).select_from(Dataset)
+                              .where(Dataset.tenant_id == trainer.tenant_id)) == 0
 
 
 def test_list_paginates_newest_first_with_a_cursor(client, tenant_key):
@@ -219,25 +223,3 @@ def test_delete_dataset_used_by_a_job_is_409(client, trainer, db):
                               "conflict")
         assert str(job.id) in body["detail"]
         assert session.get(Dataset, uuid.UUID(created["id"])) is not None
-
-
-def test_hf_import_from_a_local_folder_in_embedded_mode(tmp_path, monkeypatch):
-    from datasets import ClassLabel, Features, Value
-    from datasets import Dataset as HFDataset
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-    from app.settings import Settings
-
-    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
-    HFDataset.from_dict({"sentence": [t for t, _ in SENTIMENT], "label": [int(lbl == "pos") for _, lbl in SENTIMENT]},
-                        features=features).save_to_disk(str(tmp_path / "sst"))
-    monkeypatch.chdir(tmp_path)
-    with TestClient(create_app(Settings(_env_file=None, data_dir=tmp_path / "data",
-                                            preload_base_model=False))) as client:
-        r = client.post("/v1/datasets", json={"hf": {"name": str(tmp_path / "sst"), "split": "train"}, "name": "sst"})
-    assert r.status_code == 201, r.text
-    body = r.json()
-    assert (body["name"], body["source"], body["format"], body["rows"]) == ("sst", "hf", "jsonl", len(SENTIMENT))
-    assert body["label_counts"] == {"neg": 6, "pos": 6}  # ClassLabel ids became names
-    assert body["source_detail"] == {"name": str(tmp_path / "sst"), "split": "train", "config_name": None}
