@@ -167,14 +167,33 @@ def worker(queues: str, concurrency: int, loglevel: str) -> None:
 @click.option("--worker/--no-worker", "with_worker", default=None,
               help="Also run a worker process (default: yes in embedded mode, no in server mode).")
 @click.option("--workers", "api_workers", default=1, show_default=True, type=int, help="API processes (uvicorn).")
-def serve(host: str, port: int, with_worker: bool | None, api_workers: int) -> None:
+@click.option("--insecure-bind", is_flag=True,
+              help="With auth off (embedded mode), bind a non-loopback --host anyway: everyone who reaches the "
+              "port acts as the local tenant. Also SPAFIT_INSECURE_BIND=true.")
+def serve(host: str, port: int, with_worker: bool | None, api_workers: int, insecure_bind: bool) -> None:
     """Run the HTTP API. In embedded mode (no settings at all) it also starts a worker, so one command
-    gives a working service on SQLite and a local broker."""
+    gives a working service on SQLite and a local broker. With auth off it binds only loopback addresses
+    unless told otherwise (--insecure-bind)."""
     import uvicorn
 
-    from app.settings import get_settings
+    from app.main import _configure_logging, log
+    from app.security import is_loopback
+    from app.settings import LOOPBACK_HOSTS, get_settings
 
     settings = get_settings()
+    _configure_logging(settings.log_level)
+    if not settings.auth_enabled and not is_loopback(host):
+        if not (insecure_bind or settings.insecure_bind):
+            raise click.UsageError(
+                f"auth is off (embedded mode), so --host {host} would let anyone who reaches port {port} act as "
+                "the local tenant. Bind 127.0.0.1, run server mode (SPAFIT_MODE=server: API keys), or pass "
+                "--insecure-bind to accept that.")
+        log.warning(
+            "INSECURE BIND: auth is off and the API listens on %s:%s; anyone who reaches it acts as the local "
+            "tenant (--insecure-bind)", host, port)
+        if sorted(settings.allowed_hosts) == sorted(LOOPBACK_HOSTS):
+            log.warning(
+                "only the loopback Host names are answered (SPAFIT_ALLOWED_HOSTS); add the name clients use")
     if with_worker is None:
         with_worker = settings.mode == "embedded"
     child = None
@@ -610,6 +629,72 @@ def _read_inputs(file: Any) -> list[Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ datasets
+@main.group(cls=SpafitGroup)
+def datasets() -> None:
+    """Datasets on a service: import from the Hugging Face Hub, list, show."""
+
+
+def _dataset_text(d: Any) -> str:
+    lines = [f"dataset {d.id}  {d.name}  [{d.state}]"]
+    if d.error is not None:
+        lines.append(f"error: {d.error.type}: {d.error.message}")
+    if d.state == "ready":
+        lines.append(f"rows: {d.rows}  columns: {', '.join(d.columns)}  text: {', '.join(d.text_fields)}  "
+                     f"label: {d.label_field}")
+        if d.label_counts:
+            lines.append("labels: " + ", ".join(f"{k}={v}" for k, v in d.label_counts.items()))
+    return "\n".join(lines)
+
+
+@datasets.command("import")
+@click.argument("name")
+@click.option("--split", default="train", show_default=True)
+@click.option("--config", "config_name", default=None, help="The dataset's configuration (e.g. sst2 for glue).")
+@click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Import only the first rows.")
+@click.option("--name", "dataset_name", default=None, help="Name of the dataset on the service.")
+@click.option("--text-fields", default=None, help="Text column(s), comma-separated (default: inferred).")
+@click.option("--label-field", default=None, help="Label column (default: inferred).")
+@click.option("--task-type", type=click.Choice(["single_label_classification", "multi_label_classification",
+                                                "regression"]), default=None)
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the import is ready (or failed); --no-wait prints the importing dataset.")
+@click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="Give up waiting after this many seconds (exit 7; the import goes on).")
+@remote
+def datasets_import(client: Any, name: str, split: str, config_name: str | None, max_rows: int | None,
+                    dataset_name: str | None, text_fields: str | None, label_field: str | None,
+                    task_type: str | None, wait: bool, wait_timeout: float, as_json: bool) -> None:
+    """Import a split of the Hugging Face Hub dataset NAME (`name` or `owner/name`). The service's worker
+    reads it, within the service's row and byte limits."""
+    fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields else None
+    d = client.datasets.import_hf(name, split=split, config_name=config_name, max_rows=max_rows,
+                                  dataset_name=dataset_name, text_fields=fields, label_field=label_field,
+                                  task_type=task_type, wait=wait, timeout=wait_timeout)
+    _emit(d.model_dump(mode="json"), as_json, _dataset_text(d))
+
+
+@datasets.command("show")
+@click.argument("dataset_id")
+@remote
+def datasets_show(client: Any, dataset_id: str, as_json: bool) -> None:
+    """A dataset: state, shape, fields, label counts (or why its import failed)."""
+    d = client.datasets.get(dataset_id)
+    _emit(d.model_dump(mode="json"), as_json, _dataset_text(d))
+
+
+@datasets.command("list")
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True, help="At most this many (0: all).")
+@remote
+def datasets_list(client: Any, limit: int, as_json: bool) -> None:
+    """Datasets, newest first."""
+    items = _take(client.datasets.list(limit=min(limit, 100) or 100), limit)
+    rows = [[d.id, d.name, d.state, "" if d.rows is None else str(d.rows), d.created_at.strftime("%Y-%m-%d %H:%M:%S")]
+            for d in items]
+    _emit([d.model_dump(mode="json") for d in items], as_json,
+          _table(["id", "name", "state", "rows", "created"], rows) if rows else "no datasets")
+
+
 # ------------------------------------------------------------------------------------------ jobs
 @main.group(cls=SpafitGroup)
 def jobs() -> None:
@@ -848,6 +933,23 @@ def db_upgrade(revision: str, as_json: bool) -> None:
     migrate.upgrade(url, revision)
     current = migrate.current(url)
     _emit({"revision": current}, as_json, f"database at {current}")
+
+
+@db.command("gc")
+@json_option
+def db_gc(as_json: bool) -> None:
+    """Free what nothing needs: checkpoints of finished jobs, blobs no row references (older than
+    SPAFIT_GC_BLOB_GRACE_S), events of jobs finished over SPAFIT_EVENT_RETENTION_DAYS ago. The API also runs
+    this every SPAFIT_GC_INTERVAL_S; running it by hand at the same time is safe."""
+    from app.services import retention
+    from app.settings import get_settings
+
+    database = _db()
+    try:
+        report = retention.collect(database, get_settings())
+    finally:
+        database.dispose()
+    _emit(report.to_dict(), as_json, f"gc: {report}")
 
 
 @main.group(cls=SpafitGroup)

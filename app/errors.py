@@ -76,6 +76,27 @@ class Forbidden(AppError):
     status = 403
 
 
+class UntrustedHost(AppError):
+    """The `Host` header names no host in `allowed_hosts` (a DNS-rebinding page, or a misconfigured proxy)."""
+
+    type = "untrusted-host"
+    status = 400
+
+
+class CrossOriginRefused(AppError):
+    """A state-changing browser request from another origin that carries no API key (request forgery)."""
+
+    type = "cross-origin-refused"
+    status = 403
+
+
+class WebhookUrlRefused(AppError):
+    """A webhook URL the service will not call: not http(s), or (in server mode) an address inside the network."""
+
+    type = "webhook-url-refused"
+    status = 422
+
+
 class NotFound(AppError):
     """Also what another tenant's resource looks like: never reveal that it exists."""
 
@@ -86,6 +107,34 @@ class NotFound(AppError):
 class Conflict(AppError):
     type = "conflict"
     status = 409
+
+
+class TooManyJobs(AppError):
+    """The tenant already has `max_active_jobs_per_tenant` training jobs queued or running."""
+
+    type = "too-many-jobs"
+    status = 429
+
+
+class TooManyImports(AppError):
+    """The tenant already has `max_concurrent_imports` dataset imports in progress."""
+
+    type = "too-many-imports"
+    status = 429
+
+
+class DatasetNotReady(AppError):
+    """A job named a dataset that is still importing, or whose import failed."""
+
+    type = "dataset-not-ready"
+    status = 422
+
+
+class TooManyStreams(AppError):
+    """The tenant already holds `sse_max_streams_per_tenant` live event streams (across every API replica)."""
+
+    type = "too-many-streams"
+    status = 429
 
 
 class PayloadTooLarge(AppError):

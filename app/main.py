@@ -20,12 +20,15 @@ from spafit_core import __version__
 from .db import Database
 from .errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
-from .routes import dashboard, datasets, health, jobs, predict, tasks
+from .middleware import BodyLimitMiddleware, HostOriginMiddleware, MetricsMiddleware, RequestIdMiddleware
+from .routes import dashboard, datasets, health, jobs, predict, tasks, webhooks
+from .services import datasets as dataset_service
 from .services import jobs as job_service
 from .services import keys, migrate
+from .services import webhooks as webhook_service
 from .services.health import Readiness, ping_broker
 from .services.serving import Serving
+from .services.streams import EventHub, StreamSlots
 from .settings import Settings, get_settings
 
 log = logging.getLogger("spafit")
@@ -61,6 +64,21 @@ def _startup(settings: Settings, db: Database) -> None:
     log.info("spafit %s ready: mode=%s database=%s", __version__, settings.mode, db.engine.url.render_as_string())
 
 
+def _serve_metrics(settings: Settings, metrics: Metrics) -> Any:
+    """Start the separate metrics listener (`metrics_bind`), if any; its stop function, or None. With several
+    API processes only the first binds the address; the others log it and go on (their series are not served)."""
+    if settings.metrics_listener is None:
+        return None
+    host, port = settings.metrics_listener
+    try:
+        stop = metrics.serve(host, port)
+    except OSError as e:
+        log.warning("metrics listener %s not started: %s", settings.metrics_bind, e)
+        return None
+    log.info("metrics served on http://%s/metrics (not on the API port)", settings.metrics_bind)
+    return stop
+
+
 async def _requeue_loop(app: FastAPI) -> None:
     """Every `job_requeue_interval_s`: re-send orphaned jobs (see services.jobs.requeue_orphans) and refresh
     the jobs-by-status gauge. Harmless with several API replicas: claims are atomic."""
@@ -69,11 +87,27 @@ async def _requeue_loop(app: FastAPI) -> None:
         await asyncio.sleep(settings.job_requeue_interval_s)
         try:
             await run_in_threadpool(job_service.requeue_orphans, app.state.db, app.state.send_job, settings)
+            await run_in_threadpool(dataset_service.expire_stale_imports, app.state.db, settings)
+            await run_in_threadpool(webhook_service.requeue_due, app.state.db, app.state.send_webhook, settings)
             counts = await run_in_threadpool(job_service.count_by_status, app.state.db)
             for status, n in counts.items():
                 app.state.metrics.jobs_by_status.labels(status=status).set(n)
         except Exception:  # the database may be away; try again next round
             log.warning("job requeue round failed", exc_info=True)
+
+
+async def _gc_loop(app: FastAPI) -> None:
+    """Every `gc_interval_s`: the collector (services.retention.collect: finished jobs' checkpoints, blobs nothing
+    references, old events). Scheduled here like the requeuer, so it runs in embedded mode too, where no Celery
+    beat runs; several replicas may run it at once (every step re-checks what it deletes)."""
+    from .services import retention
+
+    while True:
+        await asyncio.sleep(app.state.settings.gc_interval_s)
+        try:
+            await run_in_threadpool(retention.collect, app.state.db, app.state.settings)
+        except Exception:  # the database may be away; try again next round
+            log.warning("gc round failed", exc_info=True)
 
 
 def _problem_openapi(app: FastAPI) -> dict[str, Any]:
@@ -108,9 +142,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(_startup, settings, db)
         serving.start()
+        stop_metrics = _serve_metrics(settings, metrics)
         requeue = asyncio.create_task(_requeue_loop(app))
+        gc = asyncio.create_task(_gc_loop(app))
         yield
         requeue.cancel()
+        gc.cancel()
+        app.state.stream_slots.close()
+        if stop_metrics is not None:
+            stop_metrics()
         await run_in_threadpool(serving.stop)
         db.dispose()
 
@@ -123,6 +163,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.readiness = readiness
     app.state.serving = serving
     app.state.send_job = job_service.Broker(settings)
+    app.state.event_hub = EventHub(db, settings.sse_poll_interval_s)  # live event streams (routes/jobs.py)
+    app.state.stream_slots = StreamSlots.from_settings(settings)
+    app.state.send_import = app.state.send_job.send_import  # dataset imports run in the worker too
+    app.state.send_webhook = webhook_service.broker_sender(settings)
+    webhook_service.install_outbox(db, app.state.send_webhook)  # deliveries go out when their job's end commits
 
     install_error_handlers(app)
     # add_middleware puts each new one outside the previous: the last added runs first.
@@ -132,6 +177,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key",
                                           "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"])
+    # Outside CORS and the body cap: a foreign Host or a forged cross-origin request is refused unread.
+    app.add_middleware(HostOriginMiddleware, allowed_hosts=settings.allowed_hosts,
+                       allowed_origins=settings.cors_origins)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
 
@@ -139,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(tasks.router)
+    app.include_router(webhooks.router)
     app.include_router(predict.router)
     app.include_router(dashboard.router)
     app.mount(dashboard.ASSETS_PATH, dashboard.assets(), name="dashboard-assets")

@@ -11,11 +11,22 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 SCOPES = ("admin", "train", "predict")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+MIN_SCRAPE_TOKEN = 16  # characters of `metrics_token`: `openssl rand -hex 16` gives 32
+
+
+def _split_bind(value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:9100`) -> (host, port)."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return host, int(port)
 
 
 def _split_origins(value: object) -> object:
@@ -27,6 +38,21 @@ def _split_origins(value: object) -> object:
 
             return json.loads(value)
         return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def _split_weights(value: object) -> object:
+    """`SPAFIT_BATCH_TENANT_WEIGHTS` may be a JSON object or `tenant=weight` pairs, comma-separated."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("{"):
+            import json
+
+            return json.loads(value)
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("expected tenant=weight pairs, comma-separated, or a JSON object")
+        return {k.strip(): v.strip() for k, v in pairs}
     return value
 
 
@@ -68,6 +94,11 @@ class Settings(BaseSettings):
         description="Prefix for every broker key (kombu `global_keyprefix`), so several deployments or "
         "test sessions can share one Redis.",
     )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis holding per-tenant limits shared by every API replica (open event streams). "
+        "Default: the broker's URL when it is Redis; otherwise each process keeps its own counts (embedded).",
+    )
     auth_enabled: bool | None = Field(
         default=None,
         description="Require API keys. Default: off in embedded mode (every request acts as the built-in "
@@ -85,6 +116,24 @@ class Settings(BaseSettings):
         description="Largest request body of any kind; larger ones get 413 before they are read. "
         "Default: `max_upload_bytes` + 1 MiB (room for the multipart envelope).",
     )
+    max_import_bytes: int | None = Field(
+        default=None, ge=1,
+        description="Largest dataset a Hugging Face import may store (its rows as JSON Lines); reading stops "
+        "once it is passed and the import fails. Default: `max_upload_bytes`.",
+    )
+    max_import_rows: int = Field(
+        default=1_000_000, ge=1,
+        description="Most rows a Hugging Face import may hold; reading stops once it is passed and the import "
+        "fails (ask for fewer with the import's `max_rows`).",
+    )
+    import_timeout_s: float = Field(
+        default=900.0, gt=0,
+        description="Longest a dataset import may run in the worker; an import still `importing` this long "
+        "after it started (its worker lost) is marked failed.",
+    )
+    max_concurrent_imports: int = Field(
+        default=2, ge=1, description="Dataset imports one tenant may have `importing` at once; more get 429."
+    )
     max_predict_inputs: int = Field(default=64, ge=1, description="Most inputs in one predict request.")
     default_base_model: str = Field(
         default="sentence-transformers/all-MiniLM-L6-v2",
@@ -92,8 +141,9 @@ class Settings(BaseSettings):
     )
     allowed_base_models: Annotated[list[str], NoDecode, BeforeValidator(_split_origins)] = Field(
         default_factory=list,
-        description="In server mode, base models that are local folders must be listed here (comma-separated); "
-        "hub ids (`owner/name`) and the packaged MiniLM are always allowed. Embedded mode allows any folder.",
+        description="In server mode, the base models jobs may train on besides `default_base_model` "
+        "(comma-separated hub ids or local folders); a job naming another is refused (422). Embedded mode "
+        "allows any hub id or folder.",
     )
     job_max_attempts: int = Field(
         default=3, ge=1, description="Times a job is tried (first run + retries after worker loss) before it fails."
@@ -120,6 +170,31 @@ class Settings(BaseSettings):
         default=50, ge=1, description="Training steps between resumable checkpoints (also saved at every epoch end)."
     )
     job_log_every_steps: int = Field(default=5, ge=1, description="Training steps between progress events.")
+    job_claim_timeout_s: float = Field(
+        default=900.0, gt=0,
+        description="A queued job handed to the broker that no worker claimed within this is sent again (its "
+        "worker may have died between taking the message and claiming the job). A duplicate is a no-op.",
+    )
+    job_db_retry_s: float = Field(
+        default=60.0, ge=0,
+        description="How long a training worker retries a failed database write (progress, event, checkpoint, "
+        "result) with backoff before it ends the attempt; the job then resumes from its last checkpoint.",
+    )
+    job_time_limit_s: int = Field(
+        default=24 * 3600, ge=60,
+        description="Longest wall-clock time a job may take from its first start; a job may ask for less "
+        "(`time_limit_s`). Past it the job fails with type `time-limit`.",
+    )
+    job_max_steps: int = Field(
+        default=1_000_000, ge=1,
+        description="Most optimizer steps one job may take (epochs x steps per epoch); more is refused at "
+        "creation (422).",
+    )
+    max_active_jobs_per_tenant: int = Field(
+        default=20, ge=1,
+        description="Training jobs (and sweeps) one tenant may have queued or running at once; one more gets "
+        "429 with Retry-After. Counted in the database, so it holds across API replicas.",
+    )
     engine_device: str = Field(default="auto", description="Device of the serving engine: auto, cpu, cuda, cuda:N.")
     engine_cache_bytes: int = Field(
         default=256 * MiB, ge=1,
@@ -136,7 +211,26 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(default=5.0, ge=0, description="How long a row waits for others to batch with.")
     batch_max_tokens: int = Field(default=16384, ge=64, description="Most padded tokens in one forward pass.")
     batch_max_queue: int = Field(
-        default=2048, ge=1, description="Rows waiting to be served; beyond it predict answers 503 with Retry-After."
+        default=2048, ge=1, description="Rows waiting to be served, all tenants; beyond it predict answers 503 with "
+        "Retry-After."
+    )
+    batch_max_queue_per_tenant: int = Field(
+        default=512, ge=1,
+        description="Rows one tenant may have waiting (per API process); beyond it that tenant's predicts get 429 "
+        "with Retry-After while other tenants are served.",
+    )
+    batch_tenant_quantum: int = Field(
+        default=8, ge=1, description="Rows a tenant of weight 1 is served per turn of the deficit round robin."
+    )
+    batch_tenant_weights: Annotated[dict[str, float], NoDecode, BeforeValidator(_split_weights)] = Field(
+        default_factory=dict,
+        description="Serving weights by tenant id, `id=2,other-id=0.5` or a JSON object; unlisted tenants weigh 1. "
+        "Under contention a tenant gets rows in proportion to its weight.",
+    )
+    engine_max_backbones: int = Field(
+        default=4, ge=1,
+        description="Base models held by the serving engine at once (LRU; one running a batch is never dropped). "
+        "A dropped one loads again on its next predict.",
     )
     predict_timeout_s: float = Field(default=30.0, gt=0, description="Longest a predict request may take.")
     max_input_chars: int = Field(default=20000, ge=1, description="Longest text accepted in one predict input.")
@@ -144,10 +238,88 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Browser origins allowed by CORS, comma-separated or a JSON list; empty disables CORS.",
     )
+    allowed_hosts: Annotated[list[str] | None, NoDecode, BeforeValidator(_split_origins)] = Field(
+        default=None,
+        description="Host names the API answers to (the `Host` header; `*.example.com` matches subdomains, `*` "
+        "any); others get 400, which stops DNS rebinding. Default: the loopback names in embedded mode, `*` in "
+        "server mode (auth on: a rebound page holds no key). Set it to the public name(s) in production.",
+    )
+    insecure_bind: bool = Field(
+        default=False,
+        description="Let `spafit serve` bind a non-loopback address in embedded mode with auth off (anyone who "
+        "reaches the port acts as the `local` tenant). Same as `--insecure-bind`; logs a warning.",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token that opens `/metrics` on the API port (`Authorization: Bearer <token>`). "
+        "Server mode without it (and without `metrics_bind`) answers 404 there: metrics are closed by default.",
+    )
+    metrics_bind: str | None = Field(
+        default=None,
+        description="`host:port` of a separate, unauthenticated metrics listener (e.g. `0.0.0.0:9100` on a "
+        "private network); with it, the API port never serves `/metrics`. One per API process.",
+    )
+    sse_max_streams_per_tenant: int = Field(
+        default=16, ge=1,
+        description="Live event streams (`/v1/jobs/{id}/events`, text/event-stream) one tenant may hold open at "
+        "once, across every API replica; one more gets 429 with Retry-After.",
+    )
+    sse_max_duration_s: float = Field(
+        default=600.0, gt=0,
+        description="Longest an event stream stays open: then the server sends a `reconnect` event and closes it, "
+        "and the client resumes with `Last-Event-ID` (so streams spread over replicas and deploys finish).",
+    )
+    sse_slot_ttl_s: float = Field(
+        default=30.0, ge=1,
+        description="An open stream renews its slot (in Redis) every third of this; the slots of an API process "
+        "that died lapse after it, so a crashed replica never keeps a tenant at its cap.",
+    )
+    sse_ping_interval_s: float = Field(
+        default=15.0, gt=0, description="A quiet event stream sends a keep-alive comment this often."
+    )
+    sse_poll_interval_s: float = Field(
+        default=0.5, gt=0,
+        description="How often one poller per API process looks for new events of every watched job (one short "
+        "query for all open streams; no stream holds a database connection while it waits).",
+    )
+    event_retention_days: float = Field(
+        default=30.0, gt=0,
+        description="Events of finished jobs are pruned by the collector once older than this (the job row, its "
+        "metrics and its adapter version stay).",
+    )
+    gc_interval_s: float = Field(
+        default=3600.0, gt=0,
+        description="How often the API runs the collector (`spafit db gc` by hand): checkpoints of finished jobs, "
+        "blobs nothing references, events past `event_retention_days`.",
+    )
+    gc_blob_grace_s: float = Field(
+        default=3600.0, ge=0,
+        description="A blob nothing references is collected only once it was last stored this long ago, so bytes "
+        "written just before the row that will point at them are never taken.",
+    )
     readiness_timeout: float = Field(
         default=3.0, gt=0, description="Seconds each `/readyz` check may take before it counts as failed."
     )
     log_level: str = Field(default="INFO", description="Python logging level of the service.")
+    webhook_allow_private_urls: bool = Field(
+        default=False,
+        description="Allow job webhook URLs to loopback, link-local and private addresses in server mode (checked "
+        "at job creation and again at each send, against DNS rebinding). Embedded mode always allows loopback.",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300, description="Longest one webhook POST may take.")
+    webhook_max_attempts: int = Field(
+        default=10, ge=1, le=50, description="Times a webhook is sent before its delivery is marked failed."
+    )
+    webhook_retry_base_s: float = Field(
+        default=5.0, gt=0,
+        description="Delay before a webhook's second attempt; each later one doubles it (up to webhook_retry_max_s).",
+    )
+    webhook_retry_max_s: float = Field(default=3600.0, gt=0, description="Longest delay between two webhook attempts.")
+    webhook_secret_overlap_s: float = Field(
+        default=24 * 3600.0, ge=0,
+        description="After a tenant's webhook secret is rotated, deliveries are also signed with the previous one "
+        "for this long, so receivers can switch without losing a delivery.",
+    )
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> Settings:
@@ -163,14 +335,34 @@ class Settings(BaseSettings):
             if not embedded:
                 raise ValueError("server mode needs SPAFIT_BROKER_URL (e.g. redis://host:6379/0)")
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
+            self.redis_url = self.broker_url
         if self.auth_enabled is None:
             self.auth_enabled = not embedded
         if self.auto_migrate is None:
             self.auto_migrate = embedded
+        if not self.allowed_hosts:  # unset or empty: the mode's default
+            self.allowed_hosts = list(LOOPBACK_HOSTS) if embedded else ["*"]
+        if self.metrics_token is not None and not self.metrics_token.get_secret_value():
+            self.metrics_token = None  # an empty variable (compose's `${VAR:-}`) means unset, never "no token"
+        if self.metrics_token is not None and len(self.metrics_token.get_secret_value()) < MIN_SCRAPE_TOKEN:
+            raise ValueError(f"SPAFIT_METRICS_TOKEN must be at least {MIN_SCRAPE_TOKEN} characters")
+        if self.metrics_bind is not None and not self.metrics_bind.strip():
+            self.metrics_bind = None
+        if self.metrics_bind is not None:
+            _split_bind(self.metrics_bind)  # ValueError (a settings error) when malformed
         if self.max_request_bytes is None:
             self.max_request_bytes = self.max_upload_bytes + MiB
+        if self.max_import_bytes is None:
+            self.max_import_bytes = self.max_upload_bytes
         if self.max_request_bytes < self.max_upload_bytes:
             raise ValueError("max_request_bytes must be at least max_upload_bytes, or no upload could reach the cap")
+        bad = {t: w for t, w in self.batch_tenant_weights.items() if not 0 < w < float("inf")}
+        if bad:
+            raise ValueError(f"batch_tenant_weights must be positive and finite; got {bad}")
+        if self.batch_max_queue_per_tenant < self.max_predict_inputs:
+            raise ValueError("batch_max_queue_per_tenant must be at least max_predict_inputs, or a full request "
+                             "could never be queued")
         if not embedded:  # fail fast on anything that is only safe on one machine
             if not self.auth_enabled:
                 raise ValueError(
@@ -182,6 +374,17 @@ class Settings(BaseSettings):
             if self.broker_url.startswith("sqla+sqlite"):
                 raise ValueError("server mode needs a shared broker (e.g. Redis); the SQLite broker is for embedded mode")
         return self
+
+    @property
+    def metrics_listener(self) -> tuple[str, int] | None:
+        """(host, port) of the separate metrics listener, if one is configured."""
+        return _split_bind(self.metrics_bind) if self.metrics_bind else None
+
+    @property
+    def metrics_on_api_port(self) -> bool:
+        """Whether `/metrics` on the API port answers at all: embedded mode, or a scrape token is set, and no
+        separate listener."""
+        return self.metrics_bind is None and (self.mode == "embedded" or self.metrics_token is not None)
 
     @property
     def is_sqlite(self) -> bool:

@@ -2,7 +2,14 @@
 
 The job row is the truth; the broker message only says "look at job X". Sending is therefore safe to
 repeat: `requeue_orphans` re-sends jobs whose message may have been lost (a broker restart loses queued
-messages when it keeps nothing on disk) and running jobs whose worker stopped sending heartbeats.
+messages when it keeps nothing on disk; a worker that died after taking a message but before claiming its
+job leaves the message unacknowledged until the broker's visibility timeout), running jobs whose worker
+stopped sending heartbeats, and settles sweeps whose trials all ended.
+
+Every numeric knob of a job is bounded (schemas_jobs.py, plus what needs the base model or the dataset:
+max_seq_length against the model's positions, epochs x steps against `job_max_steps`), and one tenant may
+have at most `max_active_jobs_per_tenant` jobs queued or running, counted under a lock on the tenant's row
+so that the limit holds across API replicas.
 """
 
 from __future__ import annotations
@@ -10,21 +17,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from spafit_core.errors import ConfigError, DataError
 
 from ..db import Database
-from ..errors import Conflict, NotFound
-from ..models import AdapterVersion, Dataset, Job, utcnow
+from ..errors import Conflict, NotFound, TooManyJobs
+from ..models import AdapterVersion, Dataset, Job, Tenant, utcnow
 from ..schemas_jobs import JobCreate, JobOut
 from ..settings import Settings
 from . import events, registry
@@ -33,6 +42,10 @@ from .pagination import paginate
 log = logging.getLogger("spafit.jobs")
 
 Sender = Callable[[uuid.UUID], None]
+TOO_MANY_JOBS_RETRY_AFTER_S = 30
+# Models whose position ids start after the padding index (RoBERTa's family): pad_token_id + 1 positions are
+# never usable by a token.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "data2vec-text", "longformer")
 
 
 def _model_depth(base_model: str) -> int | None:
@@ -57,18 +70,39 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 
 
 def check_base_model(name: str, settings: Settings) -> str:
-    """Hub ids and the packaged model are fine anywhere; a local folder only in embedded mode or when
-    listed in SPAFIT_ALLOWED_BASE_MODELS (clients must not make the server read arbitrary paths)."""
+    """In server mode only the default backbone and those listed in SPAFIT_ALLOWED_BASE_MODELS (a deployment
+    decides what its workers download and hold; clients must not make the server read arbitrary paths).
+    Embedded mode takes any hub id or folder."""
     from spafit_core.backbone import canonical_model_name
 
-    if name in settings.allowed_base_models or settings.mode == "embedded":
+    if name in settings.allowed_base_models or name == settings.default_base_model \
+            or canonical_model_name(name) == canonical_model_name(settings.default_base_model):
         return name
-    if canonical_model_name(name) == settings.default_base_model or name == settings.default_base_model:
+    if settings.mode == "embedded":
         return name
-    if _HUB_ID.fullmatch(name) and ".." not in name and not Path(name).exists():
-        return name
-    raise ConfigError(f"base_model {name!r} is not a Hugging Face Hub id (owner/name) or an allowed model",
-                      field="base_model")
+    allowed = [settings.default_base_model, *settings.allowed_base_models]
+    raise ConfigError(f"base_model {name!r} is not offered by this service; allowed: {', '.join(allowed)} "
+                      "(SPAFIT_ALLOWED_BASE_MODELS)", field="base_model")
+
+
+@lru_cache(maxsize=64)
+def max_positions(base_model: str) -> int | None:
+    """The longest input (in tokens) the base model's position embeddings allow, from its config read with
+    transformers' AutoConfig (only from this machine: None for a hub model not downloaded yet)."""
+    from transformers import AutoConfig
+
+    from spafit_core.backbone import resolve_model_path
+
+    try:
+        cfg = AutoConfig.from_pretrained(resolve_model_path(base_model), local_files_only=True)
+    except Exception:  # not cached here, or not a transformers model: the worker finds out
+        return None
+    n = getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if getattr(cfg, "model_type", "") in _OFFSET_POSITIONS:
+        n -= (getattr(cfg, "pad_token_id", None) or 0) + 1
+    return n
 
 
 def _check_method(method: dict, base_model: str) -> dict:
@@ -89,7 +123,45 @@ def _check_dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID
     ds = session.get(Dataset, dataset_id)
     if ds is None or ds.tenant_id != tenant_id:
         raise NotFound(f"{field} {dataset_id} not found", field=field)
+    if ds.state != "ready":
+        from ..errors import DatasetNotReady
+
+        why = f": {ds.error_message}" if ds.state == "failed" and ds.error_message else ""
+        raise DatasetNotReady(f"{field} {dataset_id} is {ds.state}, not ready{why}", field=field, state=ds.state)
     return ds
+
+
+def _check_limits(body: JobCreate, hp: dict, train: Dataset, base_model: str, settings: Settings) -> None:
+    """What the schema alone cannot bound: the input length against the model, the number of steps, the
+    job's own time limit against the deployment's."""
+    limit = max_positions(base_model)
+    if limit is not None and hp.get("max_seq_length", 128) > limit:
+        if "max_seq_length" in body.hyperparameters.model_fields_set:
+            raise ConfigError(f"max_seq_length {hp['max_seq_length']} is longer than base model {base_model!r} "
+                              f"allows ({limit} positions)", field="hyperparameters.max_seq_length")
+        hp["max_seq_length"] = limit  # the default, shortened to what the model takes
+    per_epoch = math.ceil(math.ceil((train.rows or 0) / hp["batch_size"]) / hp.get("gradient_accumulation_steps", 1))
+    steps = per_epoch * hp["epochs"]
+    if steps > settings.job_max_steps:
+        raise ConfigError(f"{hp['epochs']} epochs x {per_epoch} steps = {steps} optimizer steps, more than the "
+                          f"{settings.job_max_steps} a job may take (SPAFIT_JOB_MAX_STEPS): fewer epochs or a "
+                          "larger batch_size", field="hyperparameters.epochs")
+    if body.time_limit_s is not None and body.time_limit_s > settings.job_time_limit_s:
+        raise ConfigError(f"time_limit_s {body.time_limit_s} is above this service's limit of "
+                          f"{settings.job_time_limit_s} s (SPAFIT_JOB_TIME_LIMIT_S)", field="time_limit_s")
+
+
+def _check_active_jobs(session: Session, tenant_id: uuid.UUID, settings: Settings) -> None:
+    """At most `max_active_jobs_per_tenant` jobs queued or running (a sweep counts once). The tenant's row is
+    locked to the end of the creating transaction, so concurrent creates on any API replica count in turn."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.parent_job_id.is_(None), Job.status.in_(("queued", "running"))))
+    if active >= settings.max_active_jobs_per_tenant:
+        raise TooManyJobs(f"this tenant already has {active} training jobs queued or running, its limit "
+                          f"(SPAFIT_MAX_ACTIVE_JOBS_PER_TENANT={settings.max_active_jobs_per_tenant}); retry when "
+                          "one has finished", headers={"Retry-After": str(TOO_MANY_JOBS_RETRY_AFTER_S)},
+                          limit=settings.max_active_jobs_per_tenant)
 
 
 def request_hash(body: JobCreate) -> str:
@@ -123,6 +195,12 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
                             field="text_fields" if label_field not in missing else "label_field")
     if label_field is None:
         raise DataError(f"no label column: pass label_field (columns: {train.columns})", field="label_field")
+    if body.webhook_url is not None:
+        from . import webhooks
+
+        webhooks.check_url(body.webhook_url, settings)
+    elif body.webhook_on_eval:
+        raise ConfigError("webhook_on_eval needs a webhook_url", field="webhook_on_eval")
     method = _check_method(body.method.model_dump(), base_model)
     hp = body.hyperparameters.model_dump(exclude_none=True)
     from spafit_core.config import TrainConfig
@@ -131,17 +209,23 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
         TrainConfig.from_dict(hp)
     except ConfigError as e:
         raise ConfigError(e.message, field=f"hyperparameters.{e.field}") from None
+    _check_limits(body, hp, train, base_model, settings)
     sweep = body.method.sweep is not None
     if sweep:
         if method["name"] != "spafit":
             raise ConfigError("a sweep searches SPAFIT's n1/n2/rank: use method.name 'spafit'", field="method.sweep")
+        if val is None:
+            raise ConfigError("a sweep keeps the trial with the best validation metric: pass validation_dataset",
+                              field="validation_dataset")
         method["sweep"] = body.method.sweep.model_dump()
+    _check_active_jobs(session, tenant_id, settings)
     job = Job(tenant_id=tenant_id, kind="sweep" if sweep else "train", task_name=body.task, task_type=body.task_type or train.task_type
               or "single_label_classification", base_model=base_model, train_dataset_id=train.id,
               validation_dataset_id=val.id if val else None, text_fields=text_fields, label_field=label_field,
               method=method, hyperparameters=hp, status="running" if sweep else "queued",
               idempotency_key=idempotency_key, request_hash=digest, max_attempts=settings.job_max_attempts,
-              started_at=utcnow() if sweep else None)
+              started_at=utcnow() if sweep else None, time_limit_s=body.time_limit_s,
+              webhook_url=body.webhook_url, webhook_on_eval=body.webhook_on_eval)
     session.add(job)
     try:
         session.flush()
@@ -233,11 +317,13 @@ def to_out(session: Session, job: Job) -> JobOut:
     return JobOut(
         id=job.id, kind=job.kind, task=job.task_name, task_type=job.task_type, base_model=job.base_model, status=job.status,
         progress=job.progress, metrics=job.metrics,
-        error={"type": job.error_type, "message": job.error_message or ""} if job.error_type else None,
+        error={"type": job.error_type, "message": job.error_message or "", "error_id": job.error_id}
+        if job.error_type else None,
         adapter_version=version, attempts=job.attempts, cancel_requested=job.cancel_requested,
         method=job.method, hyperparameters=job.hyperparameters, train_dataset=job.train_dataset_id,
         validation_dataset=job.validation_dataset_id, text_fields=job.text_fields, label_field=job.label_field,
-        parent_job=job.parent_job_id, created_at=job.created_at, started_at=job.started_at,
+        parent_job=job.parent_job_id, time_limit_s=job.time_limit_s, webhook_url=job.webhook_url, webhook_on_eval=job.webhook_on_eval,
+        created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at)
 
 
@@ -254,9 +340,17 @@ class Broker:
         self._queue = TRAINING_QUEUE
         self._url = settings.broker_url
         self._timeout = settings.readiness_timeout
+        self._import_timeout = settings.import_timeout_s
 
     def send(self, job_id: uuid.UUID) -> None:
         self._app.send_task("spafit.train_adapter", args=[str(job_id)], queue=self._queue)
+
+    def send_import(self, dataset_id: uuid.UUID) -> None:
+        """`spafit.import_dataset(dataset_id)` to the light queue, bounded in time by `import_timeout_s`."""
+        from worker.celery_app import LIGHT_QUEUE
+
+        self._app.send_task("spafit.import_dataset", args=[str(dataset_id)], queue=LIGHT_QUEUE,
+                            soft_time_limit=self._import_timeout, time_limit=self._import_timeout + 30)
 
     __call__ = send
 
@@ -296,21 +390,42 @@ def dispatch(send: Sender, job_id: uuid.UUID, db: Database | None = None) -> boo
 
 def requeue_orphans(db: Database, send: Sender, settings: Settings) -> list[uuid.UUID]:
     """Re-send (1) queued jobs never handed to the broker, or handed to a broker incarnation that no longer
-    exists, and (2) running jobs whose heartbeat went stale (their worker died where no re-delivery
-    happens, e.g. its whole machine). Sending twice is harmless: the worker's claim is atomic."""
+    exists, or handed over more than `job_claim_timeout_s` ago and still not claimed (a worker took the message
+    and died before claiming), and (2) running jobs whose heartbeat went stale (their worker died where no
+    re-delivery happens, e.g. its whole machine). Sending twice is harmless: the worker's claim is atomic.
+    Then settle sweeps whose trials all ended (idempotent)."""
     now = utcnow()
     stale = now - timedelta(seconds=settings.job_heartbeat_stale_s)
+    unclaimed_since = now - timedelta(seconds=settings.job_claim_timeout_s)
     epoch = _epoch(send)
     with db.session() as s:
         lost_queued = (Job.status == "queued") & (Job.kind != "sweep") & (Job.cancel_requested.is_(False)) & (
-            Job.enqueued_at.is_(None) | ((Job.broker_epoch != epoch) if epoch is not None else False))
+            Job.enqueued_at.is_(None) | (Job.enqueued_at < unclaimed_since)
+            | ((Job.broker_epoch != epoch) if epoch is not None else False))
         dead_running = (Job.status == "running") & (Job.kind != "sweep") & (Job.heartbeat_at.is_(None) | (Job.heartbeat_at < stale)) & (
             Job.enqueued_at.is_(None) | (Job.enqueued_at < stale))
         ids = list(s.scalars(select(Job.id).where(or_(lost_queued, dead_running)).limit(500)))
     sent = [i for i in ids if dispatch(send, i, db)]
     if sent:
         log.info("re-sent %d orphaned job(s) to the broker", len(sent))
+    settle_sweeps(db)
     return sent
+
+
+def settle_sweeps(db: Database) -> list[uuid.UUID]:
+    """Settle running sweeps whose trials are all final (their last trial's worker died before settling)."""
+    from . import sweeps
+
+    settled = []
+    for sweep_id in sweeps.unsettled(db):
+        try:
+            sweeps.settle(db, sweep_id)
+            settled.append(sweep_id)
+        except Exception:
+            log.warning("could not settle sweep %s", sweep_id, exc_info=True)
+    if settled:
+        log.info("settled %d sweep(s) whose trials had all ended", len(settled))
+    return settled
 
 
 def count_by_status(db: Database) -> dict[str, int]:
