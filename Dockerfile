@@ -2,6 +2,8 @@
 # SPAFIT service image: API, worker and CLI are the same image, started with different `spafit` commands.
 #   CPU (default):  docker build -t spafit .
 #   CUDA:           docker build -t spafit:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+# It runs SERVER mode: API keys required, Postgres + Redis. Without SPAFIT_DATABASE_URL and SPAFIT_BROKER_URL
+# it refuses to start (see docker-compose.yml); it never comes up with auth off on 0.0.0.0.
 ARG PYTHON_VERSION=3.11
 
 # ---------------------------------------------------------------------------------------------- build
@@ -30,7 +32,8 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/home/spafit/.cache/huggingface \
-    SPAFIT_DATA_DIR=/home/spafit/data
+    SPAFIT_DATA_DIR=/home/spafit/data \
+    SPAFIT_MODE=server
 USER spafit
 WORKDIR /home/spafit
 EXPOSE 8000

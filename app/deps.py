@@ -8,6 +8,7 @@ With auth on, a key comes as `Authorization: Bearer spafit_...` (or `X-API-Key: 
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.orm import Session
 
 from .db import Database
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, NotFound, Unauthorized
 from .metrics import Metrics
 from .security import Principal
 from .services import keys
@@ -78,18 +79,44 @@ def get_principal(
 TenantDep = Annotated[Principal, Depends(get_principal)]  # any valid key; tenant_id scopes every query
 
 
-def require_scope(scope: str) -> Any:
-    """A dependency (use inside Annotated) giving the Principal if its key has `scope` (admin has all)."""
+def require_scope(scope: str, *alternatives: str) -> Any:
+    """A dependency (use inside Annotated) giving the Principal if its key has `scope` or one of the
+    `alternatives` (admin has all). The 403 names `scope` as `required_scope` and lists every accepted one."""
+    accepted = (scope, *alternatives)
 
     def _check(principal: TenantDep) -> Principal:
-        if not principal.has(scope):
-            raise Forbidden(f"this API key lacks the {scope!r} scope", required_scope=scope)
+        if not any(principal.has(s) for s in accepted):
+            which = " or ".join(repr(s) for s in accepted)
+            raise Forbidden(f"this API key lacks the {which} scope", required_scope=scope,
+                            accepted_scopes=list(accepted))
         return principal
 
-    _check.__name__ = f"require_{scope}"
+    _check.__name__ = "require_" + "_or_".join(accepted)
     return Depends(_check)
 
 
+# What each scope may do (README "Scopes"): `predict` reads tasks and predicts; `train` manages datasets, jobs and
+# the adapters they produce (it also reads tasks); `admin` everything, and keys and tenants (CLI).
 TrainPrincipal = Annotated[Principal, require_scope("train")]
 PredictPrincipal = Annotated[Principal, require_scope("predict")]
+TaskReaderPrincipal = Annotated[Principal, require_scope("predict", "train")]
 AdminPrincipal = Annotated[Principal, require_scope("admin")]
+
+
+def metrics_access(
+    settings: SettingsDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Who may read `/metrics` on the API port: anyone in embedded mode without a token; with
+    `metrics_token`, whoever presents it; in server mode without one (or with a separate `metrics_bind`
+    listener), nobody: 404, as if the route did not exist."""
+    token = settings.metrics_token
+    if not settings.metrics_on_api_port:
+        raise NotFound("metrics are not served on this port; see SPAFIT_METRICS_TOKEN and SPAFIT_METRICS_BIND")
+    if token is not None:
+        presented = bearer.credentials if bearer is not None else ""
+        if not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
+            raise Unauthorized("metrics need the scrape token: `Authorization: Bearer <SPAFIT_METRICS_TOKEN>`")
+
+
+MetricsAccess = Depends(metrics_access)

@@ -73,6 +73,20 @@ class Metrics:
         self.backbones_loaded.set_function(lambda: stats()["backbones"])
         self.registry.register(_EngineCacheCollector(stats))
 
+    def serve(self, host: str, port: int) -> Callable[[], None]:
+        """Serve the exposition on a listener of its own (`metrics_bind`: a daemon thread, no auth, meant for a
+        private network); returns the function that stops it. OSError if the address is taken."""
+        from prometheus_client import start_wsgi_server
+
+        server, thread = start_wsgi_server(port, host, registry=self.registry)
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+
+        return stop
+
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text format."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

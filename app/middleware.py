@@ -1,5 +1,5 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, so streaming and contextvars are untouched):
-request ids, request metrics and the request body cap."""
+request ids, request metrics, the Host and Origin checks and the request body cap."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import re
 import time
 import uuid
 
+from urllib.parse import urlsplit
+
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import PayloadTooLarge, problem
+from .errors import CrossOriginRefused, PayloadTooLarge, UntrustedHost, problem
 from .metrics import Metrics
 
 _REQUEST_ID = re.compile(r"[\w.:-]{1,128}")
@@ -107,3 +109,93 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """A `Host` header as (lowercase name, port or None); None when malformed. IPv6 comes as `[::1]:8000`."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    else:
+        name, _, port = value.partition(":") if value.count(":") == 1 else (value, "", "")
+        if ":" in name:  # an unbracketed IPv6 address is not a valid Host header
+            return None
+    if port and not port.isdigit():
+        return None
+    name = name.rstrip(".")
+    return (name, int(port) if port else None) if name else None
+
+
+def host_allowed(name: str, patterns: list[str]) -> bool:
+    """`*` matches any name, `*.example.com` any subdomain of example.com, anything else itself."""
+    for pattern in patterns:
+        pattern = pattern.strip().lower().strip("[]").rstrip(".")
+        if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class HostOriginMiddleware:
+    """Two attacks a web page can make through its visitor's browser, refused before any routing:
+
+    - DNS rebinding: a page on evil.example points its name at 127.0.0.1 and then reads the API as its
+      own origin. The browser still sends `Host: evil.example`; a name outside `allowed_hosts` is a 400.
+    - request forgery: a page anywhere submits a form (multipart, no CORS preflight) to the API. A POST,
+      PUT, PATCH or DELETE that carries no API key and whose `Origin` is neither the API's own (same host
+      and port as `Host`) nor one of `allowed_origins` (CORS) is a 403. A request that carries a key needed a
+      preflight to send it, which only `allowed_origins` pass; clients other than browsers send no `Origin`.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str], allowed_origins: list[str]):
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+        self.any_origin = "*" in allowed_origins
+        self.allowed_origins = {o.strip().rstrip("/").lower() for o in allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        host = split_host(headers.get("host", ""))
+        if host is None or not host_allowed(host[0], self.allowed_hosts):
+            response = problem(400, UntrustedHost.type, "this service does not answer to that Host name; "
+                               "an operator may add it to SPAFIT_ALLOWED_HOSTS", request=Request(scope))
+            return await response(scope, receive, send)
+        if scope["method"] in STATE_CHANGING and not _carries_key(headers) and not self._origin_ok(headers, host):
+            response = problem(403, CrossOriginRefused.type, "a state-changing request from another origin needs "
+                               "an API key; an operator may allow the origin with SPAFIT_CORS_ORIGINS",
+                               request=Request(scope))
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _origin_ok(self, headers: Headers, host: tuple[str, int | None]) -> bool:
+        origin = headers.get("origin")
+        if origin is None:  # not a browser, or an old one; modern ones also say where a request comes from
+            return headers.get("sec-fetch-site", "same-origin").lower() in ("same-origin", "none")
+        origin = origin.strip().rstrip("/").lower()
+        if self.any_origin or origin in self.allowed_origins:
+            return True
+        try:
+            parts = urlsplit(origin)
+            port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+        except ValueError:
+            return False
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path or parts.query:
+            return False  # "null" (sandboxed frames, file://), and anything that is not an origin
+        name, host_port = host
+        # Without a port in Host, the client used the scheme's default (a TLS proxy in front: https and 443).
+        return parts.hostname.rstrip(".") == name and (port == host_port or (host_port is None and
+                                                                              port == DEFAULT_PORTS[parts.scheme]))
+
+
+def _carries_key(headers: Headers) -> bool:
+    """An API key header: only a script can set one, and only after a CORS preflight when cross-origin.
+    (`Authorization: Basic` is not one: a browser may attach remembered Basic credentials by itself.)"""
+    return "x-api-key" in headers or headers.get("authorization", "").lower().startswith("bearer ")

@@ -1,4 +1,5 @@
-"""API key format, hashing and the authenticated `Principal`. Pure functions: no database, no FastAPI.
+"""API key format, hashing, the authenticated `Principal`, and what counts as a loopback address. Pure
+functions: no database, no FastAPI.
 
 A key reads `spafit_<prefix>_<secret>`: the prefix (public, 12 hex chars) finds the row, the secret
 (256 random bits) is checked against its stored hash in constant time.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -65,3 +67,15 @@ def check_scopes(scopes: list[str] | tuple[str, ...] | set[str]) -> list[str]:
     if not scopes:
         raise ValueError(f"a key needs at least one scope of {', '.join(SCOPES)}")
     return [s for s in SCOPES if s in scopes]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the port on this machine: `localhost` or a loopback address (127.0.0.0/8,
+    ::1). `0.0.0.0`, `::`, a LAN address or any other name is not."""
+    host = host.strip().strip("[]").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,4 +1,5 @@
-"""Liveness, readiness and metrics: unauthenticated, for orchestrators and Prometheus."""
+"""Liveness, readiness and metrics, for orchestrators and Prometheus: no API key. `/metrics` is open in embedded
+mode; in server mode it needs the scrape token (`metrics_token`) or is served on its own address (`metrics_bind`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Request, Response
 
-from ..deps import MetricsDep
+from ..deps import MetricsAccess, MetricsDep
 from ..errors import problem
-from ..schemas import Health, Problem, Readiness
+from ..schemas import Health, Problem, Readiness, problem_responses
 
 router = APIRouter(tags=["health"])
 
@@ -32,8 +33,9 @@ async def readyz(*, request: Request, metrics: MetricsDep) -> Response | Readine
     return Readiness(status="ready", checks=checks)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}})
+@router.get("/metrics", summary="Prometheus metrics (server mode: with the scrape token, or closed)",
+            response_class=Response, dependencies=[MetricsAccess],
+            responses={200: {"content": {"text/plain": {}}}, **problem_responses(401, 404)})
 def metrics_endpoint(*, metrics: MetricsDep) -> Response:
     body, content_type = metrics.exposition()
     return Response(body, media_type=content_type)

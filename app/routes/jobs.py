@@ -1,25 +1,22 @@
-"""/v1/jobs: create a fine-tuning job, watch it (state, events, a live event stream), cancel it."""
+"""/v1/jobs: create a fine-tuning job, watch it (state, events, a live event stream), cancel it, delete it. Every route
+needs the `train` scope: a job shows its datasets, hyperparameters and errors, which predict-only keys never see."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..deps import SessionDep, SettingsDep, TenantDep, TrainPrincipal
-from ..models import JOB_FINAL_STATUSES
+from ..db import Database
+from ..deps import SessionDep, SettingsDep, TrainPrincipal
 from ..schemas import DB_INT_MAX, Page, problem_responses
 from ..schemas_jobs import JobCreate, JobEventOut, JobOut, JobStatus
-from ..services import events, jobs
+from ..services import events, jobs, retention, streams
 from ..services.pagination import DEFAULT_LIMIT, MAX_LIMIT
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-STREAM_POLL_SECONDS = 0.5
 
 
 @router.post("", status_code=202, response_model=JobOut,
@@ -41,7 +38,7 @@ def create_job(*, request: Request, response: Response, body: JobCreate, session
 
 @router.get("", response_model=Page[JobOut], responses=problem_responses(401, 403, 422),
             summary="List jobs, newest first")
-def list_jobs(*, session: SessionDep, principal: TenantDep,
+def list_jobs(*, session: SessionDep, principal: TrainPrincipal,
               status: JobStatus | None = None, task: str | None = Query(default=None, max_length=64),
               limit: int = Query(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
               cursor: str | None = Query(default=None, max_length=500)) -> Page[JobOut]:
@@ -52,7 +49,7 @@ def list_jobs(*, session: SessionDep, principal: TenantDep,
 
 @router.get("/{job_id}", response_model=JobOut, responses=problem_responses(401, 403, 404, 422),
             summary="A job: status, progress, metrics, error, adapter version")
-def get_job(*, job_id: uuid.UUID, session: SessionDep, principal: TenantDep) -> JobOut:
+def get_job(*, job_id: uuid.UUID, session: SessionDep, principal: TrainPrincipal) -> JobOut:
     return jobs.to_out(session, jobs.get(session, principal.tenant_id, job_id))
 
 
@@ -62,51 +59,51 @@ def cancel_job(*, job_id: uuid.UUID, session: SessionDep, principal: TrainPrinci
     return jobs.to_out(session, jobs.cancel(session, principal.tenant_id, job_id))
 
 
+@router.delete("/{job_id}", status_code=204, response_class=Response,
+               responses=problem_responses(401, 403, 404, 409, 422),
+               summary="Delete a finished job, its events and checkpoints (its adapter version stays)")
+def delete_job(*, job_id: uuid.UUID, session: SessionDep, principal: TrainPrincipal) -> Response:
+    """A succeeded, failed or cancelled job (a sweep: with its trials) is deleted with its events; the blobs
+    only it referenced (checkpoint, trial results) go with it. The adapter version it produced stays
+    registered and servable (it no longer names a job). Its datasets can then be deleted. A queued or
+    running job is a 409: cancel it first."""
+    retention.delete_job(session, principal.tenant_id, job_id)
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/events", response_model=list[JobEventOut],
-            responses={**problem_responses(401, 403, 404, 422),
-                       200: {"description": "the events as JSON, or a live stream with "
-                                            "`Accept: text/event-stream` (each event's `id` is its seq)",
+            responses={**problem_responses(401, 403, 404, 422, 429),
+                       200: {"description": "the events as JSON, or a live stream with `Accept: text/event-stream`: "
+                                            "each event's `id` is its seq; `event: end` once the job is final and "
+                                            "every event was sent; `event: reconnect` when the stream reached its "
+                                            "maximum duration (resume with `Last-Event-ID`); `: ping` comments "
+                                            "while quiet. 429: the tenant's open streams are at their cap.",
                              "content": {"text/event-stream": {}}}},
             summary="A job's ordered events; live with Accept: text/event-stream")
-def job_events(*, job_id: uuid.UUID, request: Request, session: SessionDep, principal: TenantDep,
-               after: int = Query(default=0, ge=0, le=DB_INT_MAX, description="only events with a larger seq"),
-               limit: int = Query(default=1000, ge=1, le=10000),
-               last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None):
-    job = jobs.get(session, principal.tenant_id, job_id)
-    if "text/event-stream" in request.headers.get("accept", ""):
-        start = min(int(last_event_id), DB_INT_MAX) if last_event_id and last_event_id.isdigit() else after
-        return StreamingResponse(_stream(request, job.id, start), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return [JobEventOut.model_validate(e, from_attributes=True) for e in events.after(session, job.id, after, limit)]
+async def job_events(*, job_id: uuid.UUID, request: Request, principal: TrainPrincipal,
+                     after: int = Query(default=0, ge=0, le=DB_INT_MAX, description="only events with a larger seq"),
+                     limit: int = Query(default=1000, ge=1, le=10000),
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", description=(
+                         "resume a stream after this seq (takes precedence over `after`)"))] = None):
+    # No per-request session here: a stream may stay open for minutes, and must hold no pooled connection.
+    # (The key lookup's session was already given back by get_principal.)
+    db, tenant = request.app.state.db, principal.tenant_id
+    resume = streams.parse_last_event_id(last_event_id)
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return await run_in_threadpool(_events_page, db, tenant, job_id, after, limit)
+    await run_in_threadpool(_check_job, db, tenant, job_id)
+    lease = await request.app.state.stream_slots.acquire(tenant)
+    body = streams.event_stream(db, request.app.state.event_hub, lease, job_id, after if resume is None else resume,
+                                request.app.state.settings)
+    return streams.EventStreamResponse(body, lease)
 
 
-async def _stream(request: Request, job_id: uuid.UUID, seq: int):
-    """Server-sent events until the job is final and every event has been sent (or the client leaves)."""
-    db = request.app.state.db
+def _check_job(db: Database, tenant_id: uuid.UUID, job_id: uuid.UUID) -> None:
+    with db.session() as s:
+        jobs.get(s, tenant_id, job_id)
 
-    def poll(after: int):
-        from ..models import Job
 
-        with db.session() as s:
-            rows = events.after(s, job_id, after, 500)
-            status = s.get(Job, job_id).status
-            return [(e.seq, e.type, e.data, e.created_at.isoformat()) for e in rows], status
-
-    idle = 0.0
-    while True:
-        rows, status = await run_in_threadpool(poll, seq)
-        for e_seq, e_type, data, created in rows:
-            seq = e_seq
-            payload = json.dumps({"seq": e_seq, "type": e_type, "data": data, "created_at": created})
-            yield f"id: {e_seq}\nevent: {e_type}\ndata: {payload}\n\n"
-        if not rows and status in JOB_FINAL_STATUSES:
-            yield "event: end\ndata: {}\n\n"
-            return
-        if await request.is_disconnected():
-            return
-        if not rows:
-            idle += STREAM_POLL_SECONDS
-            if idle >= 15:  # keep proxies from closing an idle stream
-                idle = 0.0
-                yield ": keep-alive\n\n"
-            await asyncio.sleep(STREAM_POLL_SECONDS)
+def _events_page(db: Database, tenant_id: uuid.UUID, job_id: uuid.UUID, after: int, limit: int) -> list[JobEventOut]:
+    with db.session() as s:
+        job = jobs.get(s, tenant_id, job_id)
+        return [JobEventOut.model_validate(e, from_attributes=True) for e in events.after(s, job.id, after, limit)]

@@ -1,6 +1,7 @@
 """/v1/tasks: the adapter registry as clients see it. List and inspect tasks and their versions, roll back
 (activate an older version), delete, download a version as a zip and import one trained elsewhere.
-Tenant-scoped; another tenant's task is a 404. Reading needs any key; changing or downloading needs `train`."""
+Tenant-scoped; another tenant's task is a 404. Reading needs `predict` or `train`; changing, downloading or
+importing needs `train` (training is what produces adapters)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
-from ..deps import ServingDep, SessionDep, TenantDep, TrainPrincipal
+from ..deps import ServingDep, SessionDep, TaskReaderPrincipal, TrainPrincipal
 from ..errors import UnsupportedMediaType
 from ..schemas import DB_INT_MAX, AdapterVersionOut, Page, TaskOut, problem_responses
 from ..services import registry
@@ -38,8 +39,8 @@ async def adapter_archive(request: Request) -> bytes:
 
 
 @router.get("", response_model=Page[TaskOut], summary="List tasks, newest first",
-            responses=problem_responses(401, 422))
-def list_tasks(*, principal: TenantDep, session: SessionDep,
+            responses=problem_responses(401, 403, 422))
+def list_tasks(*, principal: TaskReaderPrincipal, session: SessionDep,
                limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
                cursor: Annotated[str | None, Query(max_length=500)] = None) -> Any:
     tasks, next_cursor = registry.list_page(session, principal.tenant_id, limit=limit, cursor=cursor)
@@ -47,14 +48,14 @@ def list_tasks(*, principal: TenantDep, session: SessionDep,
 
 
 @router.get("/{task}", response_model=TaskOut, summary="A task and its active version",
-            responses=problem_responses(401, 404, 422))
-def get_task(*, task: TaskName, principal: TenantDep, session: SessionDep) -> Any:
+            responses=problem_responses(401, 403, 404, 422))
+def get_task(*, task: TaskName, principal: TaskReaderPrincipal, session: SessionDep) -> Any:
     return registry.task_out(session, registry.get_task(session, principal.tenant_id, task))
 
 
 @router.get("/{task}/versions", response_model=Page[AdapterVersionOut], summary="A task's versions, newest first",
-            responses=problem_responses(401, 404, 422))
-def list_versions(*, task: TaskName, principal: TenantDep, session: SessionDep,
+            responses=problem_responses(401, 403, 404, 422))
+def list_versions(*, task: TaskName, principal: TaskReaderPrincipal, session: SessionDep,
                   limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
                   cursor: Annotated[str | None, Query(max_length=500)] = None) -> Any:
     row = registry.get_task(session, principal.tenant_id, task)

@@ -55,12 +55,14 @@ def test_readiness_checks_are_pluggable(app):
     assert body["detail"] == "not ready: engine failed"
 
 
-def test_metrics_expose_latency_by_route_template_and_status(client, tenant_key):
+def test_metrics_expose_latency_by_route_template_and_status(make_settings, tenant_key):
+    token = "scrape-" + "x" * 20  # server mode serves /metrics on the API port only with the scrape token
     key = tenant_key("train")
-    created = upload(client, unique_csv(), headers=key.headers).json()
-    client.get(f"/v1/datasets/{created['id']}", headers=key.headers)
-    client.get("/no/such/path")
-    r = client.get("/metrics")
+    with TestClient(create_app(make_settings(metrics_token=token))) as client:
+        created = upload(client, unique_csv(), headers=key.headers).json()
+        client.get(f"/v1/datasets/{created['id']}", headers=key.headers)
+        client.get("/no/such/path")
+        r = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     assert "# TYPE spafit_http_request_duration_seconds histogram" in text

@@ -217,7 +217,7 @@ def test_full_queue_is_503_with_retry_after(make, base, tenant):
         assert_problem(r, 503, "overloaded")
         assert r.headers["Retry-After"] == "1"
         assert predict(client, "sentiment", ["good"], tenant.headers).status_code == 200  # one row fits
-        assert 'spafit_predict_requests_total{outcome="overloaded"} 2.0' in client.get("/metrics").text
+        assert 'spafit_predict_requests_total{outcome="overloaded"} 2.0' in _metrics_text(client)
 
 
 def test_timeout_is_504(make, base, tenant):
@@ -268,7 +268,7 @@ def test_a_corrupted_adapter_blob_is_never_served(api, tenant, db, zoo):
         session.execute(update(Blob).where(Blob.sha256 == version.blob_sha256).values(data=b"garbage"))
         session.commit()
     assert_problem(predict(api, "fragile", ["good"], tenant.headers), 500, "blob-corrupted")
-    assert 'spafit_adapter_loads_total{outcome="blob-corrupted"}' in api.get("/metrics").text
+    assert 'spafit_adapter_loads_total{outcome="blob-corrupted"}' in _metrics_text(api)
 
 
 def test_readyz_waits_for_the_backbone(api):
@@ -296,9 +296,14 @@ def test_readyz_names_a_backbone_that_failed_to_load(make, tmp_path):
 def test_metrics_count_requests_batches_and_the_adapter_cache(api, tenant):
     predict(api, "spam", TEXTS, tenant.headers)
     predict(api, "spam", TEXTS, tenant.headers)
-    text = api.get("/metrics").text
+    text = _metrics_text(api)
     assert 'spafit_predict_requests_total{outcome="ok"}' in text
     assert 'spafit_engine_cache_total{event="miss"}' in text and 'spafit_engine_cache_total{event="hit"}' in text
     assert 'spafit_adapter_loads_total{outcome="ok"}' in text
     assert "spafit_engine_batch_size_count" in text and "spafit_adapters_loaded" in text
     assert "spafit_backbones_loaded 1.0" in text
+
+
+def _metrics_text(client) -> str:
+    """The app's Prometheus exposition (server mode closes /metrics on the API port: tests/api/test_health.py)."""
+    return client.app.state.metrics.exposition()[0].decode()

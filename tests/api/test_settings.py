@@ -83,7 +83,7 @@ def test_every_setting_is_documented():
 
 def test_embedded_app_warns_that_auth_is_off_and_acts_as_the_local_tenant(no_env, caplog):
     settings = Settings(_env_file=None, preload_base_model=False)
-    with caplog.at_level(logging.WARNING, logger="spafit"), TestClient(create_app(settings)) as client:
+    with caplog.at_level(logging.WARNING, logger="spafit"), TestClient(create_app(settings), base_url="http://localhost") as client:
         r = upload(client, csv_bytes(), "train.csv")  # no key at all
         assert r.status_code == 201, r.text
         assert client.get("/v1/datasets").json()["items"][0]["id"] == r.json()["id"]

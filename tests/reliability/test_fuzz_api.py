@@ -1,8 +1,9 @@
 """Schemathesis against the service's own OpenAPI document, in-process (ASGI), with a real key, a real
 Postgres registry and a tiny served backbone. Per operation, a bounded number of generated requests, both
-valid for the schema (positive), deliberately invalid (negative), and valid on the tenant's real resources
-(real): no answer is a 5xx, every answer's
-status code is documented and its body and content type conform to the document.
+valid for the schema (positive), deliberately invalid (negative), valid on the tenant's real resources
+(real), and with no key (anonymous: whatever auth headers the generator makes up, never a real key): no answer
+is a 5xx, every answer's status code is documented and its body and content type conform to the document;
+an anonymous request never gets past auth (401 on every keyed route).
 
 The examples are derandomized (the same every run, so CI is stable); SPAFIT_FUZZ_EXAMPLES raises the count
 and SPAFIT_FUZZ_RANDOM=1 explores new ones:
@@ -67,6 +68,9 @@ def fuzz(pg_url, db, redis_client, redis_url, redis_prefix, tmp_path_factory) ->
 # bodies and queries reach the handlers instead of stopping at a 404. DELETE is left out: it would remove them.
 
 
+PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}  # no key needed (metrics: 404 here)
+
+
 def _applies(method: str, path: str, mode: str) -> bool:
     operation = OPENAPI["paths"][path][method.lower()]
     if mode == "negative":  # an operation with no parameters and no body has no invalid form
@@ -76,14 +80,17 @@ def _applies(method: str, path: str, mode: str) -> bool:
     return True
 
 
-CASES = [(m, p, mode) for m, p in OPERATIONS for mode in ("positive", "negative", "real") if _applies(m, p, mode)]
+CASES = [(m, p, mode) for m, p in OPERATIONS for mode in ("positive", "negative", "real", "anonymous")
+         if _applies(m, p, mode)]
 
 
 @pytest.mark.parametrize("method, path, mode", CASES)
 def test_generated_requests_get_documented_non_5xx_answers(fuzz, method, path, mode, measure):
     operation = fuzz["schema"][path][method]
-    headers = fuzz["headers"]
-    if mode == "real":
+    headers = {} if mode == "anonymous" else fuzz["headers"]
+    if mode == "anonymous":
+        strategy = operation.as_strategy(generation_mode=GenerationMode.POSITIVE)
+    elif mode == "real":
         names = {p.name for p in operation.path_parameters}
         strategy = operation.as_strategy(path_parameters={n: fuzz["real"][n] for n in names})
     else:
@@ -98,6 +105,8 @@ def test_generated_requests_get_documented_non_5xx_answers(fuzz, method, path, m
                                           checks=CHECKS)
         for leak in LEAKS:
             assert leak.encode() not in response.content, f"{method} {path}: {leak!r} in {response.content[:500]!r}"
+        if mode == "anonymous" and (method, path) not in PUBLIC:
+            assert response.status_code == 401, f"{method} {path} without a key: {response.status_code}"
 
     calls: list[int] = []
     check()

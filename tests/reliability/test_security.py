@@ -1,16 +1,26 @@
-"""Security properties not covered elsewhere (see benchmarks/RELIABILITY.md for the ones that are):
+"""Security properties not covered elsewhere (see benchmarks/RELIABILITY.md, "Security", for the list):
 keys compared in constant time whatever the key, odd names and traversal attempts in task names and upload
-file names refused or made harmless, multipart limits answered 4xx, and no internals in any error."""
+file names refused or made harmless, multipart limits answered 4xx, and no internals in any error; and the
+network edges: a foreign Host (DNS rebinding) and a cross-origin state-changing request without a key are
+refused, `spafit serve` binds only loopback with auth off unless told otherwise, `/metrics` is closed in server
+mode unless opened with a scrape token or served on its own address. (Route x scope: test_route_walk.py.)"""
 
 from __future__ import annotations
 
 import hmac
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import pytest
 
-from app.security import hash_secret, parse_key
-from tests.api.helpers import assert_problem, unique_csv, upload
+from app.security import hash_secret, is_loopback, parse_key
+from tests.api.adapters import settings_factory
+from tests.api.helpers import assert_problem, csv_bytes, unique_csv, upload
+from tests.live import ROOT, ApiProcess, free_port
 
 LEAKS = ("Traceback", 'File "', "sqlalchemy", "psycopg", "site-packages", "/work/")
 
@@ -116,3 +126,247 @@ def test_json_that_is_not_utf8_is_a_documented_400(client, tenant_key):
         _no_leaks(r)
         assert_problem(r, 400)
         assert "400" in paths[template]["post"]["responses"]
+
+
+# ------------------------------------------------------------------------------------ the network edges
+
+EVIL = "http://evil.example"
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Iterator[Any]:
+    """What `spafit serve` gives a local user: embedded mode, auth off, SQLite; reached as http://localhost."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.startswith("SPAFIT_") and not name.startswith("SPAFIT_TEST_"):
+                mp.delenv(name)
+        settings = Settings(_env_file=None, data_dir=tmp_path_factory.mktemp("embedded"), preload_base_model=False)
+        assert settings.auth_enabled is False and settings.mode == "embedded"
+        with TestClient(create_app(settings), base_url="http://localhost:8000") as client:
+            yield client
+
+
+def _dataset_count(client: Any) -> int:
+    return len(client.get("/v1/datasets").json()["items"])
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "attacker.localhost.evil.example",
+                                  "127.0.0.1.evil.example", "localhost.evil.example", "", "[::1", "a b"])
+def test_a_foreign_host_is_refused_before_anything_runs(embedded, host):
+    """DNS rebinding: the attacker's name now resolves to 127.0.0.1, so the page's requests are same-origin
+    to the browser, but they still say `Host: evil.example`."""
+    before = _dataset_count(embedded)
+    for method, path, kw in (("GET", "/v1/datasets", {}), ("GET", "/v1/tasks", {}), ("GET", "/dashboard", {}),
+                             ("POST", "/v1/datasets", {"files": {"file": ("x.csv", unique_csv())}})):
+        r = embedded.request(method, path, headers={"Host": host}, **kw)
+        _no_leaks(r)
+        assert_problem(r, 400, "untrusted-host")
+    assert _dataset_count(embedded) == before
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "LOCALHOST:1", "127.0.0.1:8000", "[::1]:8000",
+                                  "localhost."])
+def test_loopback_names_are_answered_in_embedded_mode(embedded, host):
+    assert embedded.get("/v1/tasks", headers={"Host": host}).status_code == 200
+
+
+# (The scheme is not compared: one host and port is one listener, and behind a TLS proxy the app sees http while
+# the page's origin is https.)
+@pytest.mark.parametrize("origin", [EVIL, "null", "http://localhost:3000", "http://127.0.0.1:8000", "http://localhost:8000.evil.example", "file://",
+                                    "http://localhost:8000/path", "garbage"])
+def test_a_cross_origin_upload_without_a_key_is_refused(embedded, origin):
+    """A page elsewhere (even another port of this machine) submits a multipart form to the local service:
+    no preflight protects that, so the Origin check does. Nothing is stored."""
+    before = _dataset_count(embedded)
+    r = upload(embedded, unique_csv(), headers={"Origin": origin})
+    _no_leaks(r)
+    assert_problem(r, 403, "cross-origin-refused")
+    for method, path in (("POST", "/v1/jobs"), ("DELETE", "/v1/tasks/x"), ("PUT", "/v1/tasks/x/adapter"),
+                         ("PATCH", "/v1/jobs"), ("POST", "/v1/predict")):
+        assert_problem(embedded.request(method, path, content=b"{}", headers={"Origin": origin,
+                                                                             "Content-Type": "text/plain"}),
+                       403, "cross-origin-refused")
+    assert _dataset_count(embedded) == before
+
+
+def test_a_cross_site_request_without_origin_is_refused_by_its_fetch_metadata(embedded):
+    before = _dataset_count(embedded)
+    for site in ("cross-site", "same-site"):
+        r = upload(embedded, unique_csv(), headers={"Sec-Fetch-Site": site})
+        assert_problem(r, 403, "cross-origin-refused")
+    assert _dataset_count(embedded) == before
+
+
+def test_same_origin_and_non_browser_requests_pass(embedded):
+    """The dashboard (served by the app itself: its Origin is the app's) and clients that are not browsers
+    (no Origin at all) work; reading cross-origin is left to the browser's same-origin policy (no CORS)."""
+    for headers in ({"Origin": "http://localhost:8000"}, {}, {"Sec-Fetch-Site": "same-origin"},
+                    {"Sec-Fetch-Site": "none"}, {"Origin": "http://LOCALHOST:8000/"}):
+        assert upload(embedded, unique_csv(), headers=headers).status_code == 201, headers
+    r = embedded.get("/v1/datasets", headers={"Origin": EVIL})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_the_scheme_default_port_matches_a_host_without_one(make_settings):
+    """Behind a TLS proxy: `Host: api.example.com` and `Origin: https://api.example.com` are one origin."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings(allowed_hosts="api.example.com"))) as client:
+        for origin, status in (("https://api.example.com", 401), ("http://api.example.com", 401),
+                               ("https://api.example.com:8443", 403), ("https://evil.example", 403)):
+            r = client.post("/v1/jobs", json={}, headers={"Host": "api.example.com", "Origin": origin})
+            assert r.status_code == status, (origin, r.text)  # 401: past the Origin check, at auth
+
+
+def test_server_mode_answers_only_the_configured_hosts(make_settings, tenant_key):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    key = tenant_key("train")
+    with TestClient(create_app(make_settings(allowed_hosts="api.example.com,*.internal.example"))) as client:
+        for host, status in (("api.example.com", 200), ("API.example.com:443", 200), ("a.internal.example", 200),
+                             ("internal.example", 400), ("evil.example", 400), ("testserver", 400)):
+            r = client.get("/v1/datasets", headers={**key.headers, "Host": host})
+            assert r.status_code == status, (host, r.text)
+
+
+def test_a_cross_origin_request_with_a_key_is_left_to_auth_and_cors(make_settings, tenant_key):
+    """A key can only be sent cross-origin after a CORS preflight (it is a non-safelisted header), so requests
+    carrying one are not Origin-checked; CORS-allowed origins pass without a key (and then meet auth)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    key = tenant_key("train")
+    with TestClient(create_app(make_settings(cors_origins="https://app.example.com"))) as client:
+        assert upload(client, unique_csv(), headers={**key.headers, "Origin": EVIL}).status_code == 201
+        assert upload(client, unique_csv(), headers={"X-API-Key": key.key, "Origin": EVIL}).status_code == 201
+        assert_problem(upload(client, unique_csv(), headers={"Origin": "https://app.example.com"}), 401,
+                       "unauthorized")
+        assert_problem(upload(client, unique_csv(), headers={"Origin": EVIL}), 403, "cross-origin-refused")
+        # Basic credentials a browser may attach by itself are not a key.
+        assert_problem(upload(client, unique_csv(), headers={"Origin": EVIL, "Authorization": "Basic dTpw"}), 403,
+                       "cross-origin-refused")
+        preflight = client.options("/v1/datasets", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST",
+                                                            "Access-Control-Request-Headers": "authorization"})
+        assert preflight.headers.get("access-control-allow-origin") is None
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True),
+                                            ("127.8.9.10", True), ("0.0.0.0", False), ("::", False),
+                                            ("192.168.1.4", False), ("example.com", False), ("", False),
+                                            ("localhost.example.com", False)])
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def _clean_env(tmp_path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPAFIT_") or k.startswith("SPAFIT_TEST_")}
+    env.update({"SPAFIT_DATA_DIR": str(tmp_path / "data"), "SPAFIT_PRELOAD_BASE_MODEL": "false",
+                "PYTHONPATH": str(ROOT)}, **extra)
+    return env
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1"])
+def test_serve_with_auth_off_refuses_a_non_loopback_host(tmp_path, host):
+    out = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--no-worker", "--host", host, "--port",
+                          str(free_port())], env=_clean_env(tmp_path), cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "--insecure-bind" in out.stderr and "auth is off" in out.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+def test_serve_insecure_bind_warns_and_still_refuses_foreign_hosts_and_origins(tmp_path):
+    """--insecure-bind (here: the setting) is heard, logged as a warning, and the Host and Origin checks still
+    hold on the real server."""
+    api = ApiProcess(_clean_env(tmp_path, SPAFIT_INSECURE_BIND="true"), tmp_path / "serve.log")
+    api.args[api.args.index("127.0.0.1")] = "0.0.0.0"
+    api.start()
+    try:
+        log = api.tail()
+        assert "INSECURE BIND" in log and "WARNING" in log
+        assert httpx.get(api.url + "/v1/tasks").status_code == 200
+        r = httpx.get(api.url + "/v1/tasks", headers={"Host": "evil.example"})
+        assert r.status_code == 400 and r.json()["type"].endswith("/untrusted-host")
+        r = httpx.post(api.url + "/v1/datasets", files={"file": ("a.csv", csv_bytes())}, headers={"Origin": EVIL})
+        assert r.status_code == 403 and r.json()["type"].endswith("/cross-origin-refused")
+        assert httpx.get(api.url + "/v1/datasets").json()["items"] == []
+    finally:
+        api.stop()
+
+
+# ------------------------------------------------------------------------------------ /metrics
+
+TOKEN = "scrape-token-" + "0" * 20
+
+
+def test_metrics_are_closed_in_server_mode_by_default(client, tenant_key):
+    for headers in ({}, tenant_key("admin").headers, {"Authorization": f"Bearer {TOKEN}"}):
+        body = assert_problem(client.get("/metrics", headers=headers), 404, "not-found")
+        assert "SPAFIT_METRICS_TOKEN" in body["detail"]
+
+
+def test_metrics_with_a_scrape_token(make_settings, tenant_key):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings(metrics_token=TOKEN))) as client:
+        for headers in ({}, {"Authorization": f"Bearer {TOKEN[:-1]}"}, {"Authorization": f"Bearer {TOKEN}x"},
+                        {"X-API-Key": TOKEN}, tenant_key("admin").headers):
+            r = client.get("/metrics", headers=headers)
+            assert_problem(r, 401, "unauthorized")
+            assert TOKEN not in r.text
+        r = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200 and "spafit_http_request_duration_seconds" in r.text
+
+
+def test_metrics_on_their_own_address(make_settings):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    port = free_port()
+    with TestClient(create_app(make_settings(metrics_bind=f"127.0.0.1:{port}", metrics_token=TOKEN))) as client:
+        assert_problem(client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}), 404, "not-found")
+        r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert r.status_code == 200 and "spafit_http_request_duration_seconds" in r.text
+    with pytest.raises(httpx.TransportError):  # stopped with the app
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_metrics_are_open_on_loopback_in_embedded_mode(embedded):
+    assert embedded.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("values, error", [
+    ({"metrics_token": "short"}, "at least 16"),
+    ({"metrics_bind": "9100"}, "host:port"),
+    ({"metrics_bind": "0.0.0.0:99999"}, "host:port"),
+])
+def test_unsafe_metrics_settings_are_refused(values, error):
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    with pytest.raises(ValidationError, match=error):
+        Settings(_env_file=None, **values)
+
+
+def test_an_empty_scrape_token_means_none_not_an_empty_password():
+    from app.settings import Settings
+
+    s = Settings(_env_file=None, mode="server", database_url="postgresql://x@h/x", broker_url="redis://h",
+                 metrics_token="", metrics_bind="")
+    assert s.metrics_token is None and s.metrics_bind is None and not s.metrics_on_api_port
+    assert s.allowed_hosts == ["*"]
+    assert Settings(_env_file=None).allowed_hosts == ["localhost", "127.0.0.1", "::1"]
