@@ -137,6 +137,22 @@ class TooManyStreams(AppError):
     status = 429
 
 
+class TenantQueueFull(AppError):
+    """The tenant already has `batch_max_queue_per_tenant` prediction rows waiting: it retries after `Retry-After`
+    seconds while other tenants are served (503 `overloaded` is for the whole queue being full)."""
+
+    type = "tenant-queue-full"
+    status = 429
+
+
+class ClientClosedRequest(AppError):
+    """The client went away before its answer was ready; its work was dropped. Nobody reads this response."""
+
+    type = "client-closed-request"
+    status = 499
+    title = "Client closed request"
+
+
 class PayloadTooLarge(AppError):
     type = "payload-too-large"
     status = 413
@@ -242,6 +258,38 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
                    title="Internal server error", reference=ref)
 
 
+class ErrorBoundary:
+    """Pure ASGI middleware, the innermost one: an exception that escapes every handler becomes the same
+    problem+json 500 as `_unexpected` (logged with its reference) and goes no further. Starlette's outermost
+    ServerErrorMiddleware would answer it too but then re-raise, and uvicorn closes the connection of a request
+    that raised ("Exception in ASGI application"), dropping a keep-alive client's next request with it. Once a
+    response has started nothing else can be sent: the exception is logged and re-raised (a streamed body cut
+    short is all HTTP allows)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracking(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            if started:
+                log.exception("error after the response started on %s %s", scope.get("method"), scope.get("path"))
+                raise
+            response = await _unexpected(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SpafitError, _spafit_error)
     app.add_exception_handler(AppError, _app_error)
@@ -251,3 +299,4 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(db_error, _database_unavailable)
     app.add_exception_handler(DatabaseDataError, _unstorable)
     app.add_exception_handler(Exception, _unexpected)  # runs in ServerErrorMiddleware, outermost
+    app.add_middleware(ErrorBoundary)  # added first: innermost, inside the request id and metrics middleware

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from ..db import Database
 from ..models import Job, JobEvent, utcnow
+from . import webhooks
 
 
 def _json_safe(value: Any) -> Any:
@@ -37,6 +38,7 @@ def append_in(session: Session, job_id: uuid.UUID, type: str, data: dict[str, An
         select(literal(job_id, JobEvent.job_id.type), next_seq, literal(type), literal(_json_safe(data), JobEvent.data.type),
                literal(utcnow(), JobEvent.created_at.type)),
     ))
+    webhooks.on_event(session, job_id, type, data)  # a job's end (or eval) adds its webhook delivery here
 
 
 def append(db: Database, job_id: uuid.UUID, type: str, data: dict[str, Any], *, attempts: int = 5) -> None:

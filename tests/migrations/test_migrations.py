@@ -12,7 +12,7 @@ from app.models import Base
 from app.services import migrate
 
 TABLES = {"tenants", "api_keys", "blobs", "datasets", "jobs", "job_events", "tasks", "adapter_versions",
-          "alembic_version"}
+          "alembic_version", "webhook_deliveries"}
 
 
 def _diff(url: str) -> list:

@@ -1,0 +1,310 @@
+"""Signed webhooks with real processes: the session's Celery worker delivers to a receiver on loopback (the live
+worker allows private URLs and retries after 0.5 s, 1 s, ...: tests/live.py), signed per tenant, retried with
+backoff, each attempt a job event; the API refuses URLs inside the network in server mode."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from tests.live import JOB_HYPERPARAMETERS, JOB_METHOD, wait_until
+from tests.tiny import toy_csv
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: answers `fail_first` 500s to each webhook-id, then 200; keeps every
+    request (monotonic time, headers, raw body)."""
+
+    def __init__(self, fail_first: int = 2):
+        self.fail_first = fail_first
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with receiver._lock:
+                    msg = self.headers.get("webhook-id")
+                    seen = sum(1 for r in receiver.requests if r["headers"].get("webhook-id") == msg)
+                    code = 500 if seen < receiver.fail_first else 200
+                    receiver.requests.append({"t": time.monotonic(), "headers": dict(self.headers), "body": body,
+                                              "path": self.path, "code": code})
+                self.send_response(code)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/spafit?token=abc"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def of_type(self, event_type: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if json.loads(r["body"])["type"] == event_type]
+
+
+def _admin(make_key) -> Any:
+    return make_key("admin")
+
+
+def _secret(url: str, key: Any) -> str:
+    r = httpx.get(f"{url}/v1/webhooks/secret", headers=key.headers, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()["secret"]
+
+
+def _events(url: str, key: Any, job_id: str) -> list[dict]:
+    r = httpx.get(f"{url}/v1/jobs/{job_id}/events", headers=key.headers, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_receiver_gets_a_signed_delivery_after_two_failed_attempts(live_server, worker, make_key):
+    from spafit_client import Client, WebhookVerificationError, verify_webhook
+    from standardwebhooks import Webhook
+
+    key = _admin(make_key)
+    with Receiver(fail_first=2) as receiver, Client(live_server.url, api_key=key.key) as client:
+        train = client.datasets.upload(toy_csv(48, 0), name="wh-train")
+        validation = client.datasets.upload(toy_csv(16, 100), name="wh-validation")
+        job = client.jobs.create(task="webhooks", train_dataset=train, validation_dataset=validation,
+                                 method=JOB_METHOD, hyperparameters=JOB_HYPERPARAMETERS,
+                                 webhook_url=receiver.url, webhook_on_eval=True)
+        assert job.webhook_url == receiver.url and job.webhook_on_eval
+        try:
+            done = client.jobs.wait(job.id, timeout=180)
+            wait_until(lambda: [r for r in receiver.of_type("job.succeeded") if r["code"] == 200], 60,
+                       "the job.succeeded delivery to get through")
+        except Exception:
+            print(worker.tail())
+            raise
+        secret = _secret(live_server.url, key)
+
+    ended = receiver.of_type("job.succeeded")
+    assert [r["code"] for r in ended] == [500, 500, 200]
+    assert len({r["headers"]["webhook-id"] for r in ended}) == 1  # one message, three attempts
+    assert all(r["path"] == "/hooks/spafit?token=abc" for r in ended)
+    last = ended[-1]
+    payload = verify_webhook(last["body"], last["headers"], secret)
+    assert payload["type"] == "job.succeeded"
+    data = payload["data"]
+    assert data["job_id"] == job.id and data["task"] == "webhooks" and data["status"] == "succeeded"
+    assert data["adapter_version"] == done.adapter_version and data["metrics"] == done.metrics
+    assert data["error"] is None
+    assert Webhook(secret).verify(last["body"], last["headers"]) == payload  # the reference implementation agrees
+    # Each attempt is signed afresh: the earlier ones verify too (their timestamps are recent).
+    for r in ended[:2]:
+        assert verify_webhook(r["body"], r["headers"], secret)["data"]["job_id"] == job.id
+
+    # What a receiver must refuse: an altered body, a replay outside the tolerance, another tenant's secret.
+    tampered = last["body"].replace(b'"succeeded"', b'"failed"', 1)
+    assert tampered != last["body"]
+    with pytest.raises(WebhookVerificationError, match="no webhook-signature"):
+        verify_webhook(tampered, last["headers"], secret)
+    with pytest.raises(WebhookVerificationError, match="old"):
+        verify_webhook(last["body"], last["headers"], secret, now=time.time() + 301)
+    other = make_key("admin")
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(last["body"], last["headers"], _secret(live_server.url, other))
+
+    # One eval delivery per epoch, before the end, each also retried twice.
+    evals = [r for r in receiver.of_type("job.eval") if r["code"] == 200]
+    assert sorted(json.loads(r["body"])["data"]["epoch"] for r in evals) == [1, 2]
+    assert all(json.loads(r["body"])["data"]["metrics"] for r in evals)
+
+    # Every attempt is a job event: attempt number, status code, the delay before the next.
+    webhook_events = [e["data"] for e in _events(live_server.url, key, job.id) if e["type"] == "webhook"]
+    ended_events = [e for e in webhook_events if e["event"] == "job.succeeded"]
+    assert [(e["attempt"], e["status_code"], e["outcome"]) for e in ended_events] == [
+        (1, 500, "retrying"), (2, 500, "retrying"), (3, 200, "delivered")]
+    assert [e["next_retry_in_s"] for e in ended_events] == [0.5, 1.0, None]
+    assert ended_events[0]["error"] == "HTTP 500" and ended_events[2]["error"] is None
+    # Backoff: the gaps between attempts are at least the delays the events announced.
+    gaps = [b["t"] - a["t"] for a, b in zip(ended, ended[1:], strict=False)]
+    assert gaps[0] >= 0.45 and gaps[1] >= 0.95, gaps
+
+    deliveries = httpx.get(f"{live_server.url}/v1/webhooks/deliveries", params={"job": job.id},
+                           headers=key.headers, timeout=10).json()["items"]
+    by_event = {d["event"]: d for d in deliveries if d["event"] == "job.succeeded"}
+    assert by_event["job.succeeded"]["status"] == "delivered" and by_event["job.succeeded"]["attempts"] == 3
+    assert by_event["job.succeeded"]["webhook_id"] == last["headers"]["webhook-id"]
+    assert len([d for d in deliveries if d["event"] == "job.eval"]) == 2
+    print(json.dumps({"webhook_attempt_gaps_s": [round(g, 3) for g in gaps]}))
+
+
+def test_cancelling_a_queued_job_sends_job_cancelled(job_client, make_key, tiny_base):
+    """The API's own path to a final status (cancel) adds the delivery in its transaction and sends it."""
+    from spafit_client import verify_webhook
+
+    key = make_key("admin")
+    with Receiver(fail_first=0) as receiver:
+        train = job_client.post("/v1/datasets", headers=key.headers,
+                                files={"file": ("t.csv", toy_csv(16, 0), "text/csv")}).json()
+        created = job_client.post("/v1/jobs", headers=key.headers, json={
+            "task": "wh-cancel", "train_dataset": train["id"], "method": JOB_METHOD,
+            "hyperparameters": {**JOB_HYPERPARAMETERS, "epochs": 50}, "webhook_url": receiver.url})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        assert job_client.post(f"/v1/jobs/{job_id}/cancel", headers=key.headers).status_code == 200
+        got = wait_until(lambda: receiver.of_type("job.cancelled"), 60, "the job.cancelled delivery")
+        secret = job_client.get("/v1/webhooks/secret", headers=key.headers).json()["secret"]
+    payload = verify_webhook(got[0]["body"], got[0]["headers"], secret)
+    assert payload["data"]["job_id"] == job_id and payload["data"]["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.1.2.3/", "http://192.168.0.10/",
+    "http://172.16.5.4/", "http://169.254.169.254/latest/meta-data", "http://[::1]/", "http://[::ffff:127.0.0.1]/",
+    "http://0.0.0.0/", "http://100.64.0.1/", "http://[fe80::1]/", "http://[fd00::1]/",
+    "ftp://example.com/hook", "file:///etc/passwd", "gopher://1.1.1.1/", "http:///nohost",
+    "http://user:pw@93.184.215.14/", "http://name.invalid/hook", "not a url",
+])
+def test_server_mode_refuses_webhook_urls_inside_the_network(client, tenant_key, url):
+    key = tenant_key("train")
+    train = client.post("/v1/datasets", headers=key.headers,
+                        files={"file": ("t.csv", toy_csv(16, 0), "text/csv")}).json()
+    r = client.post("/v1/jobs", headers=key.headers, json={"task": "wh", "train_dataset": train["id"],
+                                                            "webhook_url": url})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["type"].endswith("/webhook-url-refused") and body["field"] == "webhook_url"
+    assert client.get("/v1/jobs", headers=key.headers).json()["items"] == []  # nothing was stored
+
+
+def test_webhook_on_eval_needs_a_url_and_long_urls_are_refused(client, tenant_key):
+    key = tenant_key("train")
+    train = client.post("/v1/datasets", headers=key.headers,
+                        files={"file": ("t.csv", toy_csv(16, 0), "text/csv")}).json()
+    r = client.post("/v1/jobs", headers=key.headers, json={"task": "wh", "train_dataset": train["id"],
+                                                            "webhook_on_eval": True})
+    assert r.status_code == 422 and r.json()["field"] == "webhook_on_eval"
+    r = client.post("/v1/jobs", headers=key.headers, json={"task": "wh", "train_dataset": train["id"],
+                                                            "webhook_url": "https://example.com/" + "a" * 2100})
+    assert r.status_code == 422 and "webhook_url" in r.text
+
+
+def test_url_rules_by_mode_and_setting(make_settings):
+    from app.services import webhooks
+
+    server = make_settings()
+    embedded = make_settings(mode="embedded", database_url="sqlite://", broker_url="memory://")
+    allowing = make_settings(webhook_allow_private_urls=True)
+    public = "http://93.184.215.14:8443/hook"  # a literal public address: resolved, never called
+    assert webhooks.resolve(public, server) == ("93.184.215.14", 8443, ["93.184.215.14"])
+    assert webhooks.resolve("https://93.184.215.14/x", server)[1] == 443
+    with pytest.raises(webhooks.UrlRefused):
+        webhooks.resolve("http://127.0.0.1:8000/hook", server)
+    assert webhooks.resolve("http://127.0.0.1:8000/hook", embedded)[2] == ["127.0.0.1"]  # embedded: loopback ok
+    assert webhooks.resolve("http://localhost:8000/hook", embedded)[0] == "localhost"
+    with pytest.raises(webhooks.UrlRefused):
+        webhooks.resolve("http://10.0.0.1/hook", embedded)  # ... but no other private range
+    assert webhooks.resolve("http://10.0.0.1/hook", allowing)[2] == ["10.0.0.1"]
+    with pytest.raises(webhooks.UrlRefused):
+        webhooks.resolve("http://0.0.0.0/hook", allowing)  # never "any address"
+    with pytest.raises(webhooks.UrlRefused):
+        webhooks.resolve("ftp://93.184.215.14/", allowing)  # the scheme rule holds regardless
+
+    # A host with one public and one private address (a rebinding setup) is refused as a whole.
+    def two_answers(host, port, **kw):
+        return [(2, 1, 6, "", ("93.184.215.14", port)), (2, 1, 6, "", ("10.0.0.7", port))]
+
+    with pytest.raises(webhooks.UrlRefused, match="10.0.0.7"):
+        webhooks.resolve("http://rebind.example/hook", server, resolver=two_answers)
+
+
+def test_the_sender_checks_the_address_again_at_send_time(db, make_settings, tenant_key):
+    """A delivery whose URL now points inside (created while allowed, or a name rebound since) is refused when
+    sent: nothing reaches the receiver, and the refusal is the attempt's recorded error."""
+    from app.models import Dataset, Job, WebhookDelivery
+    from app.services import events
+    from worker.webhooks import deliver
+
+    key = tenant_key("train")
+    with Receiver(fail_first=0) as receiver:
+        with db.transaction() as s:
+            ds = Dataset(tenant_id=key.tenant_id, name="d", format="csv", rows=1, columns=["text", "label"],
+                         text_fields=["text"], label_field="label", report={}, source="upload")
+            s.add(ds)
+            s.flush()
+            job = Job(tenant_id=key.tenant_id, task_name="wh-rebind", base_model="x", train_dataset_id=ds.id,
+                      text_fields=["text"], label_field="label", method={}, hyperparameters={}, status="failed",
+                      error_type="internal-error", error_message="boom", webhook_url=receiver.url)
+            s.add(job)
+            s.flush()
+            events.append_in(s, job.id, "status", {"status": "failed"})  # the outbox adds the delivery here
+        with db.session() as s:
+            delivery = s.scalar(select(WebhookDelivery).where(WebhookDelivery.job_id == job.id))
+        assert delivery is not None and delivery.event == "job.failed" and delivery.status == "pending"
+        strict = make_settings(webhook_max_attempts=1, broker_key_prefix=f"unconsumed-{uuid.uuid4().hex}:")
+        assert deliver(db, delivery.id, strict) == "failed"
+        assert receiver.requests == []
+    with db.session() as s:
+        row = s.get(WebhookDelivery, delivery.id)
+        assert row.status == "failed" and row.attempts == 1 and row.last_error.startswith("refused:")
+        webhook_events = [e.data for e in events.after(s, job.id) if e.type == "webhook"]
+    assert [(e["attempt"], e["outcome"], e["status_code"]) for e in webhook_events] == [(1, "failed", None)]
+    assert deliver(db, delivery.id, strict) == "final"  # a duplicate message does nothing
+
+
+def test_secret_is_admin_only_per_tenant_and_rotates_with_an_overlap(client, tenant_key, make_settings):
+    from spafit_client import sign_webhook, verify_webhook
+
+    from app.services import webhooks
+
+    admin = tenant_key("admin")
+    trainer = tenant_key("train", tenant=admin.tenant_id)
+    assert client.get("/v1/webhooks/secret", headers=trainer.headers).status_code == 403
+    assert client.post("/v1/webhooks/secret", headers=trainer.headers).status_code == 403
+    assert client.get("/v1/webhooks/secret").status_code == 401
+    first = client.get("/v1/webhooks/secret", headers=admin.headers).json()
+    assert first["secret"].startswith("whsec_") and first["previous_secret_valid_until"] is None
+    assert len(webhooks.secret_key(first["secret"])) == 32
+    assert client.get("/v1/webhooks/secret", headers=admin.headers).json() == first  # stable once made
+    other = tenant_key("admin")
+    assert client.get("/v1/webhooks/secret", headers=other.headers).json()["secret"] != first["secret"]
+
+    rotated = client.post("/v1/webhooks/secret", headers=admin.headers).json()
+    assert rotated["secret"] != first["secret"] and rotated["previous_secret_valid_until"] is not None
+
+    # During the overlap a delivery carries both signatures; a receiver on either secret accepts it.
+    from app.models import Tenant
+
+    with client.app.state.db.session() as s:
+        tenant = s.get(Tenant, admin.tenant_id)
+        both = webhooks.signing_secrets(tenant, make_settings())
+        none_left = webhooks.signing_secrets(tenant, make_settings(webhook_secret_overlap_s=0))
+    assert both == [rotated["secret"], first["secret"]] and none_left == [rotated["secret"]]
+    body = webhooks.body_bytes({"type": "job.succeeded", "data": {"x": 1}})
+    hdrs = webhooks.headers(both, "msg_1", int(time.time()), body)
+    assert len(hdrs["webhook-signature"].split()) == 2
+    assert hdrs["webhook-signature"].split()[0] == sign_webhook(rotated["secret"], "msg_1",
+                                                                int(hdrs["webhook-timestamp"]), body)
+    for secret in (first["secret"], rotated["secret"]):
+        assert verify_webhook(body, hdrs, secret)["data"] == {"x": 1}
+
+
+def test_deliveries_of_another_tenants_job_are_not_listed(client, tenant_key):
+    key = tenant_key("train")
+    r = client.get("/v1/webhooks/deliveries", params={"job": str(uuid.uuid4())}, headers=key.headers)
+    assert r.status_code == 404
+    assert client.get("/v1/webhooks/deliveries", headers=key.headers).json() == {"items": [], "next_cursor": None}

@@ -1,0 +1,107 @@
+"""Webhook delivery attempts: what the `spafit.deliver_webhook` task runs (app/services/webhooks.py makes the
+deliveries, in the transaction that ends a job).
+
+One attempt: claim the delivery (a compare-and-swap on its attempt count that also leases it for
+`lease_s`), resolve and vet the URL again, POST the signed body to the very address it vetted, then record
+the outcome on the row and as a `webhook` job event in one transaction, and on failure send the task
+again with the backoff delay. At least once: an attempt whose worker dies is retried after its lease by
+the API's requeuer; receivers drop duplicates by `webhook-id`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from sqlalchemy import update
+
+from app.db import Database
+from app.models import Job, Tenant, WebhookDelivery, utcnow
+from app.services import events, webhooks
+from app.settings import Settings
+
+log = logging.getLogger("spafit.worker.webhooks")
+
+EARLY_TOLERANCE_S = 1.0  # a message may fire this much before its row says the attempt is due
+
+
+# ------------------------------------------------------------------------------ one attempt
+def _post(url: str, payload: dict, secrets: list[str], msg_id: str, settings: Settings) -> tuple[int | None, str | None]:
+    """(status code, error in words). Connects to the address `resolve` vetted, with the URL's host in the
+    Host header and TLS SNI (so certificates are checked against the name), following no redirects."""
+    try:
+        host, port, addresses = webhooks.resolve(url, settings)
+    except webhooks.UrlRefused as e:
+        return None, f"refused: {e}"
+    parts = urlsplit(url)
+    ip = addresses[0]
+    pinned = urlunsplit((parts.scheme, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}", parts.path or "/",
+                         parts.query, ""))
+    body = webhooks.body_bytes(payload)
+    headers = webhooks.headers(secrets, msg_id, int(time.time()), body)
+    headers["host"] = parts.netloc
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    try:
+        with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client, \
+                client.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as response:
+            code = response.status_code  # the body is never read: a receiver cannot make us hold megabytes
+    except httpx.HTTPError as e:
+        return None, f"{e.__class__.__name__}: {str(e)[:300]}"
+    return code, None if 200 <= code < 300 else f"HTTP {code}"
+
+
+def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
+            send_: webhooks.Sender | None = None) -> str:
+    """One attempt at delivery `delivery_id`. Returns delivered | retrying | failed, or final / not-due /
+    busy when there was nothing to do (a duplicate or early message)."""
+    delivery_id = uuid.UUID(str(delivery_id))
+    now = utcnow()
+    with db.transaction() as s:
+        d = s.get(WebhookDelivery, delivery_id)
+        if d is None or d.status != "pending":
+            return "final"
+        if d.next_attempt_at > now + timedelta(seconds=EARLY_TOLERANCE_S):
+            return "not-due"  # a duplicate, or another attempt holds the lease; the requeuer covers a loss
+        attempt = d.attempts + 1
+        claimed = s.execute(update(WebhookDelivery).where(
+            WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
+            WebhookDelivery.attempts == d.attempts,
+        ).values(attempts=attempt, next_attempt_at=now + timedelta(seconds=webhooks.lease_s(settings))))
+        if claimed.rowcount != 1:
+            return "busy"
+        secrets = webhooks.signing_secrets(s.get(Tenant, d.tenant_id), settings)
+        url, payload, job_id, event = d.url, d.payload, d.job_id, d.event
+    max_attempts = settings.webhook_max_attempts
+
+    started = time.monotonic()
+    code, error = _post(url, payload, secrets, webhooks.message_id(delivery_id), settings)
+    elapsed = time.monotonic() - started
+
+    now = utcnow()
+    delay: float | None = None
+    if error is None:
+        outcome, values = "delivered", {"status": "delivered", "finished_at": now}
+    elif attempt >= max_attempts:
+        outcome, values = "failed", {"status": "failed", "finished_at": now}
+    else:
+        delay = webhooks.retry_delay(settings, attempt)
+        outcome, values = "retrying", {"next_attempt_at": now + timedelta(seconds=delay)}
+    with db.transaction() as s:
+        s.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id,
+                                                WebhookDelivery.attempts == attempt)
+                  .values(last_status_code=code, last_error=error, **values))
+        if s.get(Job, job_id) is not None:  # a job deleted meanwhile took its deliveries with it
+            events.append_in(s, job_id, "webhook", {
+                "delivery_id": str(delivery_id), "event": event, "attempt": attempt, "max_attempts": max_attempts,
+                "outcome": outcome, "status_code": code, "error": error, "seconds": round(elapsed, 3),
+                "next_retry_in_s": delay,
+                "next_retry_at": values["next_attempt_at"].isoformat() if delay is not None else None})
+    log.info("webhook %s (%s) attempt %d/%d: %s%s", delivery_id, event, attempt, max_attempts, outcome,
+             f" ({error})" if error else "")
+    if delay is not None:
+        webhooks.send(send_ or webhooks.broker_sender(settings), db, delivery_id, countdown=delay)
+    return outcome
