@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
-from .errors import ConfigError, TrainingCancelled
+from .errors import ConfigError, NonFiniteError, TrainingCancelled
 from .model import SpafitModel
 
 Event = dict[str, Any]
@@ -251,8 +251,14 @@ def train(
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(batch, prefix_hidden=prefix)
                     loss = loss_fn(task_type, logits, labels) / cfg.gradient_accumulation_steps
+                loss_value = loss.item() * cfg.gradient_accumulation_steps
+                if not math.isfinite(loss_value):  # stop here: every later step would only spread the NaN
+                    raise NonFiniteError(
+                        f"the training loss became {loss_value} at step {state['step'] + 1} of {total_steps} "
+                        f"(epoch {epoch + 1}), and the job stops there. Lower learning_rate or weight_decay, or check "
+                        "the labels", detail={"step": state["step"] + 1, "epoch": epoch + 1})
                 (scaler.scale(loss) if scaler else loss).backward()
-                running += loss.item() * cfg.gradient_accumulation_steps
+                running += loss_value
                 count += 1
                 last_in_epoch = b_idx == len(batches) - 1
                 state["batch_in_epoch"] = b_idx + 1
@@ -325,6 +331,20 @@ def train(
         prefix_cache_bytes=cache.nbytes if cache is not None else 0, resumed_from_step=resumed_from,
         main_metric=main if validation is not None else None,
     )
+
+
+def check_finite(weights: bytes | dict[str, torch.Tensor]) -> None:
+    """Raise NonFiniteError naming the tensors of an adapter (safetensors bytes or tensors) that hold NaN or
+    infinite values: such an adapter is never stored."""
+    if isinstance(weights, bytes | bytearray):
+        from safetensors.torch import load as st_load
+
+        weights = st_load(bytes(weights))
+    bad = sorted(name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(f"the adapter holds NaN or infinite values in {len(bad)} tensor(s) ({shown}); "
+                             "it was not stored. Lower learning_rate or weight_decay", detail={"tensors": bad[:20]})
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

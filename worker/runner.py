@@ -2,39 +2,59 @@
 events, save resumable checkpoints as blobs, register the adapter. Every state change is in the database.
 
 Claim rules (what makes re-delivery safe):
-- a job in a final state is never run again (a duplicate message is a no-op);
+- a job in a final state is never run again (a duplicate message is a no-op; for a sweep trial it settles
+  the sweep, in case the trial's first run died between its result and the settling);
 - a job held by a live worker is left to it (`busy`); a holder is live if its heartbeat is fresh and,
   when it ran on this host, its process still exists;
 - every claim counts an attempt; a job that has used `max_attempts` fails with a reason instead of
-  looping (a poison job that kills its worker every time);
+  looping (a poison job that kills its worker every time); so does a job past its wall-clock limit;
 - the claim is a compare-and-swap on (claimed_by, attempts), so two workers can never both win.
+
+Fencing (what makes a takeover safe): the claim's (claimed_by, attempts) is a fencing token. Every later
+write of the run (heartbeat, progress, events, checkpoint pointer and the deletion of the checkpoint it
+replaces, the result, the final status) is one transaction that first updates the job row WHERE the token
+still holds and the job is running. A write that matches no row means another worker took the job over
+(this one was paused past the heartbeat's staleness, or cut off from the database): the run stops at once
+and writes nothing more. So a slow worker that wakes up late cannot fail, repoint or empty its successor's job.
+
+Transient faults: a write that fails on a database error is retried with exponential backoff for up to
+`job_db_retry_s`, while training waits; past that the attempt ends without touching the job, whose stale
+heartbeat then gets it re-sent and resumed from its last checkpoint like any other lost attempt.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
 from app.db import Database
+from app.errors import AppError
 from app.models import Job, utcnow
 from app.services import blobs, events, registry, sweeps
 from app.settings import Settings
 
 log = logging.getLogger("spafit.worker")
 T = TypeVar("T")
+
+# Errors that say "the database is away", not "this write is wrong": worth retrying.
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError, PoolTimeoutError)
+MAX_BACKOFF_S = 5.0
 
 
 def worker_id() -> str:
@@ -57,10 +77,117 @@ def _holder_alive(claimed_by: str | None) -> bool:
     return True
 
 
+def _transient(e: BaseException) -> bool:
+    return isinstance(e, TRANSIENT_DB_ERRORS) or (isinstance(e, DBAPIError) and e.connection_invalidated)
+
+
+class LeaseLost(Exception):
+    """A fenced write matched no row: another worker holds the job now. Nothing more may be written."""
+
+
+class DatabaseOutage(Exception):
+    """The database stayed unreachable for longer than `job_db_retry_s`: the attempt ends."""
+
+
+def time_limit_s(job: Job, settings: Settings) -> int:
+    return min(job.time_limit_s or settings.job_time_limit_s, settings.job_time_limit_s)
+
+
+def _deadline(job: Job, settings: Settings) -> datetime | None:
+    return job.started_at + timedelta(seconds=time_limit_s(job, settings)) if job.started_at else None
+
+
+def _time_limit_reason(job: Job, settings: Settings) -> str:
+    step = (job.progress or {}).get("step")
+    total = (job.progress or {}).get("total_steps")
+    where = f" (at step {step} of {total})" if step is not None and total else ""
+    return (f"the job ran past its wall-clock limit of {time_limit_s(job, settings)} s from its first start{where}; "
+            "ask for fewer epochs or a smaller dataset, or a longer time_limit_s (up to SPAFIT_JOB_TIME_LIMIT_S)")
+
+
+def _write(db: Database, fn: Callable[[Session], T], *, retry_s: float, what: str,
+           on_retry: Callable[[], None] | None = None) -> T:
+    """`fn(session)` in one transaction. Run again (the transaction rolled back, so a rerun is safe) when it
+    lost a race for an event's seq to a concurrent writer, or on a transient database error, with backoff
+    for up to `retry_s` seconds; then `DatabaseOutage`."""
+    deadline = time.monotonic() + retry_s
+    delay, races = 0.2, 0
+    while True:
+        try:
+            with db.transaction() as s:
+                return fn(s)
+        except IntegrityError:
+            races += 1
+            if races >= 5:
+                raise
+        except Exception as e:
+            if not _transient(e):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise DatabaseOutage(f"{what}: the database stayed unreachable for {retry_s:g} s") from e
+            log.warning("%s failed on a database error (%s); retrying in %.1f s", what, type(e).__name__, delay)
+            if on_retry is not None:
+                on_retry()
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+
+
+@dataclass
+class Lease:
+    """The claim a run holds: (claimed_by, attempts) is its fencing token."""
+
+    db: Database
+    job_id: uuid.UUID
+    me: str
+    attempt: int
+    retry_s: float
+    lost: threading.Event = field(default_factory=threading.Event)
+    refused: int = 0  # fenced writes that matched nothing (at most 1: the run stops at the first)
+    retries: int = 0  # writes retried on a transient database error
+
+    def fence(self) -> tuple:
+        return (Job.id == self.job_id, Job.claimed_by == self.me, Job.attempts == self.attempt,
+                Job.status == "running")
+
+    def hold(self, s: Session, **values) -> None:
+        """In the caller's transaction: update the job row only while this claim holds (which also locks the row
+        to the end of the transaction); `LeaseLost` if it no longer does."""
+        values.setdefault("heartbeat_at", utcnow())
+        if s.execute(update(Job).where(*self.fence()).values(**values)).rowcount != 1:
+            self.refused += 1
+            self.lost.set()
+            log.warning("job %s: write refused, attempt %d of %s no longer holds the job (taken over); "
+                        "this run stops and writes nothing more (fenced writes: %d)", self.job_id, self.attempt,
+                        self.me, self.refused)
+            raise LeaseLost(str(self.job_id))
+
+    def write(self, fn: Callable[[Session], T], what: str) -> T:
+        if self.lost.is_set():
+            raise LeaseLost(str(self.job_id))
+        return _write(self.db, fn, retry_s=self.retry_s, what=f"job {self.job_id}: {what}", on_retry=self._count)
+
+    def _count(self) -> None:
+        self.retries += 1
+
+    def end(self, status: str, *, error: tuple[str, str] | None = None, error_id: str | None = None,
+            event: dict | None = None, **values) -> None:
+        """Set a final status and write its event in one fenced transaction: a reader (the live event stream
+        ends at a final status) never sees the status without its event."""
+
+        def write(s: Session) -> None:
+            self.hold(s, status=status, finished_at=utcnow(), error_type=error[0] if error else None,
+                      error_message=error[1] if error else None, error_id=error_id, **values)
+            if event is not None:
+                events.append_in(s, self.job_id, "status", event)
+
+        self.write(write, f"mark {status}")
+
+
 @dataclass
 class Claim:
-    outcome: str  # claimed | final | busy | gave_up | cancelled
+    outcome: str  # claimed | final | busy | gave_up | cancelled | timed_out
     job: Job | None = None
+    lease: Lease | None = None
 
 
 def claim(db: Database, job_id: uuid.UUID, me: str, settings: Settings) -> Claim:
@@ -72,110 +199,145 @@ def claim(db: Database, job_id: uuid.UUID, me: str, settings: Settings) -> Claim
             return Claim("final", job)
         if job.kind == "sweep":  # a sweep's parent is never run: its trials are
             return Claim("final", job)
-        if job.cancel_requested:
-            _finish(db, job_id, "cancelled", event={"status": "cancelled", "reason": "cancelled before it ran"})
-            return Claim("cancelled", job)
         stale_before = utcnow() - timedelta(seconds=settings.job_heartbeat_stale_s)
         fresh = job.heartbeat_at is not None and job.heartbeat_at > stale_before
         if job.status == "running" and job.claimed_by != me and fresh and _holder_alive(job.claimed_by):
             return Claim("busy", job)
-        if job.attempts >= job.max_attempts:
-            step = (job.progress or {}).get("step")
-            reason = (f"the job stopped its worker {job.attempts} time(s)"
-                      + (f", the last time at step {step}" if step is not None else "")
-                      + f"; giving up after {job.max_attempts} attempts (SPAFIT_JOB_MAX_ATTEMPTS)")
-            _finish(db, job_id, "failed", error=("worker-lost", reason),
-                    event={"status": "failed", "error": {"type": "worker-lost", "message": reason}})
-            return Claim("gave_up", job)
-        prev_holder, prev_attempts = job.claimed_by, job.attempts
+    # The job as seen here is the token of the writes below: each matches nothing if the job moved on meanwhile.
+    seen = (Job.id == job_id, Job.status == job.status, Job.attempts == job.attempts,
+            Job.claimed_by.is_(None) if job.claimed_by is None else Job.claimed_by == job.claimed_by)
+    deadline = _deadline(job, settings)
+    if job.cancel_requested:
+        ended = _end_unclaimed(db, job_id, seen, "cancelled", event={"status": "cancelled",
+                                                             "reason": "cancelled before it ran"})
+        return Claim("cancelled" if ended else "busy", job)
+    if deadline is not None and utcnow() > deadline:
+        reason = _time_limit_reason(job, settings)
+        ended = _end_unclaimed(db, job_id, seen, "failed", error=("time-limit", reason),
+                               event={"status": "failed", "error": {"type": "time-limit", "message": reason}})
+        return Claim("timed_out" if ended else "busy", job)
+    if job.attempts >= job.max_attempts:
+        step = (job.progress or {}).get("step")
+        reason = (f"the job stopped its worker {job.attempts} time(s)"
+                  + (f", the last time at step {step}" if step is not None else "")
+                  + f"; giving up after {job.max_attempts} attempts (SPAFIT_JOB_MAX_ATTEMPTS)")
+        ended = _end_unclaimed(db, job_id, seen, "failed", error=("worker-lost", reason),
+                               event={"status": "failed", "error": {"type": "worker-lost", "message": reason}})
+        return Claim("gave_up" if ended else "busy", job)
     now = utcnow()
     with db.transaction() as s:
         res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(("queued", "running")),
-                   Job.attempts == prev_attempts,
-                   Job.claimed_by.is_(None) if prev_holder is None else Job.claimed_by == prev_holder)
+            update(Job).where(*seen)
             .values(status="running", claimed_by=me, claimed_at=now, heartbeat_at=now,
-                    attempts=Job.attempts + 1, started_at=now if prev_attempts == 0 else Job.started_at)
+                    attempts=Job.attempts + 1, started_at=now if job.started_at is None else Job.started_at)
         )
         if res.rowcount != 1:
             return Claim("busy")
+    lease = Lease(db, job_id, me, job.attempts + 1, settings.job_db_retry_s)
     with db.session() as s:
         job = s.get(Job, job_id)
-        events.append(db, job_id, "status", {"status": "running", "attempt": job.attempts, "worker": me,
-                                             "resume": job.checkpoint_sha256 is not None})
-        return Claim("claimed", job)
+
+    def announce(s: Session) -> None:
+        lease.hold(s)
+        events.append_in(s, job_id, "status", {"status": "running", "attempt": lease.attempt, "worker": me,
+                                               "resume": job.checkpoint_sha256 is not None})
+
+    lease.write(announce, "announce the attempt")
+    return Claim("claimed", job, lease)
 
 
-def _finish(db: Database, job_id: uuid.UUID, status: str, *, error: tuple[str, str] | None = None,
-            event: dict | None = None, **values) -> None:
-    """Set a final status and write its event in one transaction: a reader (the live event stream ends at a
-    final status) never sees the status without its event."""
+def _end_unclaimed(db: Database, job_id: uuid.UUID, seen: tuple, status: str, *, error: tuple[str, str] | None = None,
+                   event: dict | None = None) -> bool:
+    """End a job this worker did not claim (give up, cancel, time limit), only if it is still as it was seen.
+    False: someone else changed it first (a worker claimed it), and this one leaves it alone."""
 
-    def write(s) -> None:
-        s.execute(update(Job).where(Job.id == job_id).values(
+    def write(s: Session) -> bool:
+        res = s.execute(update(Job).where(*seen).values(
             status=status, finished_at=utcnow(), error_type=error[0] if error else None,
-            error_message=error[1] if error else None, **values))
+            error_message=error[1] if error else None))
+        if res.rowcount != 1:
+            return False
         if event is not None:
             events.append_in(s, job_id, "status", event)
+        return True
 
-    _transaction(db, write)
-
-
-def _transaction(db: Database, write: Callable[[Session], T], attempts: int = 5) -> T:
-    """`write(session)` in one transaction, run again if it lost a race for an event's seq to a concurrent
-    writer (the API appends events too): the whole transaction rolled back, so a retry is safe."""
-    for i in range(attempts):
-        try:
-            with db.transaction() as s:
-                return write(s)
-        except IntegrityError:
-            if i == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+    return _write(db, write, retry_s=0, what="end an unclaimed job")
 
 
 class _Heartbeat(threading.Thread):
-    """Proves liveness every few seconds and watches the job's cancel flag."""
+    """Proves liveness every few seconds (a fenced write: it notices a takeover), watches the job's cancel
+    flag and its wall-clock deadline."""
 
-    def __init__(self, db: Database, job_id: uuid.UUID, me: str, interval: float):
-        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.db, self.job_id, self.me, self.interval = db, job_id, me, interval
+    def __init__(self, lease: Lease, interval: float, deadline: datetime | None):
+        super().__init__(name=f"heartbeat-{lease.job_id}", daemon=True)
+        self.lease, self.interval, self.deadline = lease, interval, deadline
         self.cancelled = threading.Event()
+        self.timed_out = threading.Event()
         self._stop_evt = threading.Event()
-        self.lost = threading.Event()  # another worker took the job over
 
     def run(self) -> None:
         while not self._stop_evt.wait(self.interval):
             self.beat()
 
     def beat(self) -> None:
+        if self.deadline is not None and utcnow() > self.deadline:
+            self.timed_out.set()
+        if self.lease.lost.is_set():
+            return
         try:
-            with self.db.transaction() as s:
-                res = s.execute(update(Job).where(Job.id == self.job_id, Job.claimed_by == self.me)
-                                .values(heartbeat_at=utcnow()))
+            with self.lease.db.transaction() as s:
+                res = s.execute(update(Job).where(*self.lease.fence()).values(heartbeat_at=utcnow()))
                 if res.rowcount == 0:
-                    self.lost.set()
-                flag = s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
-                if flag:
+                    self.lease.lost.set()
+                    log.warning("job %s: heartbeat refused, the job was taken over", self.lease.job_id)
+                    return
+                if s.scalar(select(Job.cancel_requested).where(Job.id == self.lease.job_id)):
                     self.cancelled.set()
         except Exception:  # the database may be briefly away; training goes on, the next beat retries
-            log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+            log.warning("heartbeat for job %s failed", self.lease.job_id, exc_info=True)
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or self.lease.lost.is_set() or self.timed_out.is_set()
 
     def stop(self) -> None:
         self._stop_evt.set()
 
 
 def run_job(db: Database, job_id: uuid.UUID | str, settings: Settings) -> str:
-    """Run (or resume) a job to a final state. Returns the claim outcome or the final status."""
+    """Run (or resume) a job to a final state. Returns the claim outcome, the final status, `taken-over`
+    (another worker holds the job now) or `interrupted` (the database stayed away: the job will be resumed)."""
     job_id = uuid.UUID(str(job_id))
     me = worker_id()
-    c = claim(db, job_id, me, settings)
+    try:
+        c = claim(db, job_id, me, settings)
+    except LeaseLost:
+        return "taken-over"
+    except Exception as e:
+        if not (_transient(e) or isinstance(e, DatabaseOutage)):
+            raise
+        log.warning("job %s: the database is unreachable (%s); the job will be sent again", job_id, type(e).__name__)
+        return "interrupted"
     if c.outcome != "claimed":
         log.info("job %s: %s", job_id, c.outcome)
-        if c.outcome in ("cancelled", "gave_up") and c.job is not None:
-            _after_trial(db, c.job)
+        if c.job is not None and c.job.kind == "trial" and c.outcome in ("final", "cancelled", "gave_up", "timed_out"):
+            _settle_sweep(db, c.job.id)  # idempotent: a redelivered trial's message settles its sweep
         return c.outcome
+    assert c.lease is not None and c.job is not None
+    job, lease = c.job, c.lease
+    hb = _Heartbeat(lease, settings.job_heartbeat_interval_s, _deadline(job, settings))
+    hb.start()
+    tmp = tempfile.TemporaryDirectory(prefix="spafit-job-")  # lives until the job ends
+    try:
+        return _train(db, job, lease, hb, settings, Path(tmp.name))
+    finally:
+        hb.stop()
+        tmp.cleanup()
+        if lease.refused or lease.retries:
+            log.info("job %s attempt %d: %d fenced write(s) refused, %d write(s) retried", job_id, lease.attempt,
+                     lease.refused, lease.retries)
+
+
+def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Settings, tmp: Path) -> str:
     # Only now import torch and the trainer (seconds in a fresh child): a duplicate delivery of a job that
     # is final or held by another worker is answered in milliseconds, not after a torch import.
     from spafit_core import MethodConfig, TrainConfig
@@ -183,42 +345,46 @@ def run_job(db: Database, job_id: uuid.UUID | str, settings: Settings) -> str:
     from spafit_core.errors import SpafitError, TrainingCancelled
     from spafit_core.pipeline import finetune
 
-    job = c.job
-    hb = _Heartbeat(db, job_id, me, settings.job_heartbeat_interval_s)
-    hb.start()
-    tmp = tempfile.TemporaryDirectory(prefix="spafit-job-")  # lives until the job ends
+    job_id = job.id
     try:
-        with db.session() as s:
+        def load(s: Session) -> tuple[dict, bytes | None]:
             train_ds, train_bytes = _dataset(s, job.tenant_id, job.train_dataset_id)
             tables = {"train": core_data.read_table(train_bytes, train_ds.format)}
             if job.validation_dataset_id is not None:
                 val_ds, val_bytes = _dataset(s, job.tenant_id, job.validation_dataset_id)
                 tables["validation"] = core_data.read_table(val_bytes, val_ds.format)
-            ckpt = Path(tmp.name) / "checkpoint.safetensors"
-            if job.checkpoint_sha256:
-                ckpt.write_bytes(blobs.get(s, job.checkpoint_sha256))
+            return tables, blobs.get(s, job.checkpoint_sha256) if job.checkpoint_sha256 else None
+
+        tables, ckpt_bytes = lease.write(load, "read the datasets")
+        ckpt = tmp / "checkpoint.safetensors"
+        if ckpt_bytes is not None:
+            ckpt.write_bytes(ckpt_bytes)
         hp = dict(job.hyperparameters or {})
         hp.setdefault("checkpoint_every_steps", settings.checkpoint_every_steps)
         hp.setdefault("log_every_steps", settings.job_log_every_steps)
         train_cfg = TrainConfig.from_dict(hp)
         method = MethodConfig.from_dict({k: v for k, v in job.method.items() if k != "sweep"})
-        sink = _EventSink(db, job_id, hb)
+        sink = _EventSink(lease)
         result = finetune(
             tables["train"], tables.get("validation"), base_model=job.base_model, method=method,
             train_config=train_cfg, text_fields=job.text_fields or None, label_field=job.label_field,
-            task_type=job.task_type, callback=sink, should_stop=lambda: hb.cancelled.is_set() or hb.lost.is_set(),
-            checkpoint_path=ckpt,
+            task_type=job.task_type, callback=sink, should_stop=hb.should_stop, checkpoint_path=ckpt,
         )
         cfg, weights = result.serialize()
+        from spafit_core.train import check_finite
+
+        check_finite(weights)  # a NaN adapter is never stored, let alone activated
         if job.kind == "trial":
-            _finish_trial(db, job_id, cfg, weights, result)
+            _finish_trial(lease, cfg, weights, result)
+            _settle_sweep(db, job_id)
             return "succeeded"
+
         def register(s: Session) -> None:
-            version = registry.register_version(s, job.tenant_id, job.task_name, cfg, weights, job_id=job_id)
             old_ckpt = s.scalar(select(Job.checkpoint_sha256).where(Job.id == job_id))
-            s.execute(update(Job).where(Job.id == job_id).values(
-                status="succeeded", finished_at=utcnow(), adapter_version_id=version.id, metrics=result.metrics,
-                checkpoint_sha256=None, error_type=None, error_message=None))
+            lease.hold(s)  # checked (and the row locked) before anything is registered
+            version = registry.register_version(s, job.tenant_id, job.task_name, cfg, weights, job_id=job_id)
+            lease.hold(s, status="succeeded", finished_at=utcnow(), adapter_version_id=version.id,
+                       metrics=result.metrics, checkpoint_sha256=None, error_type=None, error_message=None)
             if old_ckpt:
                 s.flush()
                 blobs.delete_if_unreferenced(s, old_ckpt)
@@ -226,52 +392,82 @@ def run_job(db: Database, job_id: uuid.UUID | str, settings: Settings) -> str:
                                                    "metrics": result.metrics, "steps": result.train_result.steps,
                                                    "resumed_from_step": result.train_result.resumed_from_step})
 
-        _transaction(db, register)
+        lease.write(register, "register the adapter")
         return "succeeded"
+    except LeaseLost:
+        return "taken-over"
+    except DatabaseOutage as e:
+        log.error("job %s attempt %d ends: %s; it will be re-sent and resume from its last checkpoint",
+                  job_id, lease.attempt, e)
+        return "interrupted"
     except TrainingCancelled as e:
-        if hb.lost.is_set():  # another worker owns it now; leave its state alone
-            return "busy"
-        _finish(db, job_id, "cancelled", event={"status": "cancelled", "reason": e.message})
-        _after_trial(db, job)
-        return "cancelled"
-    except SpafitError as e:
-        _finish(db, job_id, "failed", error=(e.type, e.message),
-                event={"status": "failed", "error": {"type": e.type, "message": e.message}})
-        _after_trial(db, job)
-        return "failed"
+        if lease.lost.is_set():  # another worker owns it now; leave its state alone
+            return "taken-over"
+        if hb.timed_out.is_set():
+            with db.session() as s:
+                now = s.get(Job, job_id)
+            reason = _time_limit_reason(now, settings)
+            return _fail(db, lease, job, "time-limit", reason)
+        return _end(db, lease, job, "cancelled", event={"status": "cancelled", "reason": e.message})
+    except (SpafitError, AppError) as e:
+        return _fail(db, lease, job, e.type, e.message)
     except Exception as e:
-        log.exception("job %s failed", job_id)
-        message = f"{type(e).__name__}: {str(e)[:500]}"
-        _finish(db, job_id, "failed", error=("internal-error", message),
-                event={"status": "failed", "error": {"type": "internal-error", "message": message}})
-        _after_trial(db, job)
-        return "failed"
-    finally:
-        hb.stop()
-        tmp.cleanup()
+        if _transient(e):  # a database error outside the retried writes: the attempt ends, the job resumes
+            log.error("job %s attempt %d ends on a database error; it will be resumed", job_id, lease.attempt,
+                      exc_info=True)
+            return "interrupted"
+        error_id = uuid.uuid4().hex[:16]
+        log.exception("job %s failed on an internal error (error id %s)", job_id, error_id)
+        message = (f"the job failed on an internal error ({type(e).__name__}); the service's log has the "
+                   f"details under error id {error_id}")
+        return _fail(db, lease, job, "internal-error", message, error_id=error_id)
 
 
-def _finish_trial(db: Database, job_id: uuid.UUID, cfg: dict, weights: bytes, result) -> None:
+def _fail(db: Database, lease: Lease, job: Job, type_: str, message: str, *, error_id: str | None = None) -> str:
+    error = {"type": type_, "message": message, **({"error_id": error_id} if error_id else {})}
+    return _end(db, lease, job, "failed", error=(type_, message), error_id=error_id,
+                event={"status": "failed", "error": error})
+
+
+def _end(db: Database, lease: Lease, job: Job, status: str, **kw) -> str:
+    try:
+        lease.end(status, **kw)
+    except LeaseLost:
+        return "taken-over"
+    except DatabaseOutage as e:
+        log.error("job %s: could not record %s (%s); it will be re-sent", job.id, status, e)
+        return "interrupted"
+    if job.kind == "trial":
+        _settle_sweep(db, job.id)
+    return status
+
+
+def _finish_trial(lease: Lease, cfg: dict, weights: bytes, result) -> None:
     """A sweep trial keeps its adapter as a blob for the sweep to pick from; it registers nothing."""
     from spafit_core.adapter import pack
 
     archive = pack(cfg, weights)
 
     def keep(s: Session) -> None:
+        old_ckpt = s.scalar(select(Job.checkpoint_sha256).where(Job.id == lease.job_id))
         sha = blobs.put(s, archive)
-        s.execute(update(Job).where(Job.id == job_id).values(
-            status="succeeded", finished_at=utcnow(), result_sha256=sha, metrics=result.metrics,
-            checkpoint_sha256=None))
-        events.append_in(s, job_id, "status", {"status": "succeeded", "metrics": result.metrics,
-                                               "trainable_params": cfg["param_counts"]["total"]})
+        lease.hold(s, status="succeeded", finished_at=utcnow(), result_sha256=sha, metrics=result.metrics,
+                   checkpoint_sha256=None)
+        if old_ckpt:
+            s.flush()
+            blobs.delete_if_unreferenced(s, old_ckpt)
+        events.append_in(s, lease.job_id, "status", {"status": "succeeded", "metrics": result.metrics,
+                                                     "trainable_params": cfg["param_counts"]["total"]})
 
-    _transaction(db, keep)
-    sweeps.trial_finished(db, job_id)
+    lease.write(keep, "keep the trial's adapter")
 
 
-def _after_trial(db: Database, job: Job) -> None:
-    if job.kind == "trial":
-        sweeps.trial_finished(db, job.id)
+def _settle_sweep(db: Database, trial_id: uuid.UUID) -> None:
+    """Tell the trial's sweep; if that fails, the requeuer settles the sweep later (settling is idempotent)."""
+    try:
+        sweeps.trial_finished(db, trial_id)
+    except Exception:
+        log.warning("could not settle the sweep of trial %s now; the requeuer will", trial_id, exc_info=True)
 
 
 def _dataset(session, tenant_id, dataset_id):
@@ -281,30 +477,39 @@ def _dataset(session, tenant_id, dataset_id):
 
 
 class _EventSink:
-    """The trainer's callback: progress, evaluations and checkpoints become job events and job columns."""
+    """The trainer's callback: progress, evaluations and checkpoints become job events and job columns, each
+    in one fenced transaction (retried on a transient database error)."""
 
-    def __init__(self, db: Database, job_id: uuid.UUID, hb: _Heartbeat):
-        self.db, self.job_id, self.hb = db, job_id, hb
-        self._last_progress = 0.0
+    def __init__(self, lease: Lease):
+        self.lease = lease
 
     def __call__(self, event: dict) -> None:
+        lease, job_id = self.lease, self.lease.job_id
         kind = event.get("type")
         data = {k: v for k, v in event.items() if k not in ("type", "path")}
         if kind == "progress":
             progress = {k: event[k] for k in ("step", "total_steps", "epoch", "eta_seconds")}
-            with self.db.transaction() as s:
-                s.execute(update(Job).where(Job.id == self.job_id).values(progress=progress, heartbeat_at=utcnow()))
+            values = {"progress": progress}
         elif kind == "eval":
-            with self.db.transaction() as s:
-                s.execute(update(Job).where(Job.id == self.job_id).values(metrics=event["metrics"]))
-        elif kind == "checkpoint":
+            values = {"metrics": {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                                  for k, v in event["metrics"].items()}}
+        else:
+            values = {}
+        if kind == "checkpoint":
             data_bytes = Path(event["path"]).read_bytes()
-            with self.db.transaction() as s:
+            data = {"step": event["step"], "epoch": event["epoch"], "bytes": len(data_bytes)}
+
+            def write(s: Session) -> None:
+                old = s.scalar(select(Job.checkpoint_sha256).where(Job.id == job_id))
                 sha = blobs.put(s, data_bytes)
-                old = s.scalar(select(Job.checkpoint_sha256).where(Job.id == self.job_id))
-                s.execute(update(Job).where(Job.id == self.job_id).values(checkpoint_sha256=sha))
+                lease.hold(s, checkpoint_sha256=sha)  # the pointer moves only while this claim holds ...
                 if old and old != sha:
                     s.flush()
-                    blobs.delete_if_unreferenced(s, old)
-            data = {"step": event["step"], "epoch": event["epoch"], "bytes": len(data_bytes)}
-        events.append(self.db, self.job_id, kind, data)
+                    blobs.delete_if_unreferenced(s, old)  # ... and so only the holder deletes the one it replaces
+                events.append_in(s, job_id, kind, data)
+        else:
+            def write(s: Session) -> None:
+                lease.hold(s, **values)
+                events.append_in(s, job_id, kind, data)
+
+        lease.write(write, f"record {kind}")

@@ -61,9 +61,10 @@ def register_version(session: Session, tenant_id: uuid.UUID, task_name: str, cfg
     """Store an adapter as the task's next version (inside the caller's transaction). A job that already
     registered one gets that one back instead of a second."""
     from spafit_core.adapter import load_weights, parse_config
+    from spafit_core.train import check_finite
 
     cfg = parse_config(cfg)
-    load_weights(cfg, weights)  # sha256 and safetensors structure; never a pickle
+    check_finite(load_weights(cfg, weights))  # sha256 and safetensors structure, never a pickle; no NaN tensors
     if job_id is not None:
         existing = session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
         if existing is not None:

@@ -6,19 +6,25 @@ chord needs a result backend, and job state lives in the database. Instead every
 calls `trial_finished`, which locks the parent row, records the trial as an event, and when the last
 trial is in, registers the best adapter by validation metric (optionally under a trainable-parameter
 budget) as the task's new version. The database lock makes "the last trial" happen exactly once.
+
+Settling is idempotent, so whoever notices first may do it: the trial's worker, a redelivered message of a
+trial that is already final, the API's requeuer (`unsettled`: running sweeps whose trials are all final, as
+when a worker died between a trial's result and the settling). Each trial is recorded once.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
+from sqlalchemy.orm import aliased
 
 from spafit_core.errors import ConfigError
 
 from ..db import Database
-from ..models import JOB_FINAL_STATUSES, Job, utcnow
+from ..models import JOB_FINAL_STATUSES, Job, JobEvent, utcnow
 from . import blobs, events, registry
 
 
@@ -74,9 +80,19 @@ def trial_finished(db: Database, trial_id: uuid.UUID) -> None:
         settle(db, parent_id, trial_id)
 
 
+def unsettled(db: Database, limit: int = 100) -> list[uuid.UUID]:
+    """Running sweeps none of whose trials is still queued or running."""
+    trial = aliased(Job)
+    pending = exists().where(trial.parent_job_id == Job.id, trial.status.not_in(JOB_FINAL_STATUSES))
+    with db.session() as s:
+        return list(s.scalars(select(Job.id).where(Job.kind == "sweep", Job.status == "running", ~pending)
+                              .limit(limit)))
+
+
 def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None) -> None:
-    """Under a lock on the sweep's row: note trial `trial_id` (if given) and, once every trial is final,
-    register the best one (or record why there is none). Safe to call any number of times."""
+    """Under a lock on the sweep's row: record every final trial not recorded yet and, once every trial is
+    final, register the best one (or record why there is none). Safe to call any number of times, by anyone:
+    `trial_id` is only a hint."""
     from spafit_core.adapter import unpack
     from spafit_core.metrics import HIGHER_IS_BETTER
 
@@ -86,8 +102,11 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
             return
         trials = list(s.scalars(select(Job).where(Job.parent_job_id == parent.id).order_by(Job.created_at)))
         payloads: dict[uuid.UUID, tuple[dict, bytes]] = {}
-        trial = next((t for t in trials if t.id == trial_id), None)
-        if trial is not None:
+        recorded = set(s.scalars(select(JobEvent.data["trial_job"].as_string()).where(
+            JobEvent.job_id == parent.id, JobEvent.type == "trial")))
+        for trial in trials:
+            if trial.status not in JOB_FINAL_STATUSES or str(trial.id) in recorded:
+                continue
             summary = {"trial_job": str(trial.id), "status": trial.status,
                        **{k: trial.method.get(k) for k in ("n1", "n2", "rank")},
                        "metrics": trial.metrics or {}, "error": trial.error_message}
@@ -112,7 +131,8 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
             value = (cfg.get("metrics") or {}).get(main)
             board.append({"trial": t, "cfg": cfg, "weights": weights, "metric": main, "value": value,
                           "params": cfg["param_counts"]["total"]})
-        eligible = [b for b in board if b["value"] is not None and (budget is None or b["params"] <= budget)]
+        scored = [b for b in board if isinstance(b["value"], int | float) and math.isfinite(b["value"])]
+        eligible = [b for b in scored if budget is None or b["params"] <= budget]
         leaderboard = [{"trial_job": str(b["trial"].id), **{k: b["trial"].method.get(k) for k in ("n1", "n2", "rank")},
                         "metric": b["metric"], "value": b["value"], "trainable_params": b["params"],
                         "eligible": b in eligible} for b in board]
@@ -122,6 +142,7 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
             events.append_in(s, parent.id, "status", {"status": "cancelled", "leaderboard": leaderboard})
         elif not eligible:
             reason = ("no trial succeeded" if not board else
+                      "no trial has a finite validation metric to compare" if not scored else
                       f"no trial stayed within the budget of {budget} trainable parameters")
             parent.status, parent.finished_at = "failed", now
             parent.error_type, parent.error_message = "sweep-failed", reason
