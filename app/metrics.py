@@ -17,7 +17,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -63,6 +63,12 @@ class Metrics:
                                    registry=r)
         self.backbones_loaded = Gauge("spafit_backbones_loaded", "Frozen backbones loaded by the engine.",
                                       registry=r)
+        # Fair shares (per tenant; the queued and served series are read from the batcher at scrape time)
+        self.predict_tenant_rejected = Counter(
+            "spafit_predict_tenant_rejected", "Predict requests refused 429 because the tenant had its share of "
+            "the queue waiting.", ["tenant"], registry=r)
+        self.batcher_restarts = Counter("spafit_batcher_restarts", "Batcher threads found dead and restarted.",
+                                        registry=r)
 
     def watch_engine(self, stats: Callable[[], dict[str, int]], queue_depth: Callable[[], int]) -> None:
         """Read the engine's state at scrape time: `stats()` gives the bank's counters (hits, misses,
@@ -86,6 +92,11 @@ class Metrics:
             thread.join(timeout=5)
 
         return stop
+
+    def watch_tenants(self, queued: Callable[[], dict[str, int]], served: Callable[[], dict[str, int]]) -> None:
+        """`spafit_predict_tenant_queued_rows{tenant}` (rows waiting) and `spafit_predict_tenant_served_rows_total
+        {tenant}` (rows run), read at scrape time."""
+        self.registry.register(_TenantCollector(queued, served))
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text format."""
@@ -114,3 +125,29 @@ class _EngineCacheCollector(Collector):
     def _family() -> CounterMetricFamily:
         return CounterMetricFamily("spafit_engine_cache", "Adapter bank events since the engine started.",
                                    labels=["event"])
+
+
+class _TenantCollector(Collector):
+    """Per-tenant queue depth and rows served, as the batcher counts them."""
+
+    def __init__(self, queued: Callable[[], dict[str, int]], served: Callable[[], dict[str, int]]):
+        self.queued, self.served = queued, served
+
+    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        queued, served = self._families()
+        for tenant, rows in sorted(self.queued().items()):
+            queued.add_metric([tenant], rows)
+        for tenant, rows in sorted(self.served().items()):
+            served.add_metric([tenant], rows)
+        yield queued
+        yield served
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, CounterMetricFamily]:
+        return (GaugeMetricFamily("spafit_predict_tenant_queued_rows", "Prediction rows waiting, by tenant.",
+                                  labels=["tenant"]),
+                CounterMetricFamily("spafit_predict_tenant_served_rows", "Prediction rows run by the batcher since "
+                                    "it started, by tenant.", labels=["tenant"]))

@@ -1,15 +1,19 @@
 """Predict: one task over many inputs (`POST /v1/tasks/{task}/predict`, micro-batched with concurrent
 requests of any task) and many tasks over each input (`POST /v1/predict`, one shared backbone prefix per
-input). Needs the `predict` scope; another tenant's task is a 404."""
+input). Needs the `predict` scope; another tenant's task is a 404. A request whose client goes away is
+cancelled: its rows leave the engine's queue instead of running."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 
 from ..deps import PredictPrincipal, ServingDep, SessionDep, SettingsDep
+from ..errors import ClientClosedRequest
 from ..schemas import (
     FanOutRequest,
     FanOutResponse,
@@ -26,8 +30,14 @@ from .tasks import TaskName
 
 router = APIRouter(tags=["predict"])
 
+T = TypeVar("T")
+
 _RESPONSES = {
     **problem_responses(400, 401, 403, 404, 409, 413, 422),
+    429: {"model": Problem, "description": "This tenant has its share of the prediction queue waiting already "
+          "(`tenant-queue-full`): retry after `Retry-After` seconds"},
+    500: {"model": Problem, "description": "The engine failed on these inputs even when run apart from other "
+          "requests (`prediction-failed`, with a `reference` to the log)"},
     503: {"model": Problem, "description": "The prediction queue is full: retry after `Retry-After` seconds"},
     504: {"model": Problem, "description": "The prediction did not finish within the service's timeout"},
 }
@@ -81,18 +91,44 @@ def checked_tasks(tasks: list[str]) -> list[str]:
     return tasks
 
 
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (the ASGI server then delivers
+    `http.disconnect`; the request body has been read already, so nothing else can arrive)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientClosedRequest("the client went away; its prediction was dropped")
+    return task.result()
+
+
 @router.post("/v1/tasks/{task}/predict", response_model=TaskPredictions, summary="Predict with a task's active "
              "version", responses=_RESPONSES)
 async def predict(*, task: TaskName, body: PredictRequest, principal: PredictPrincipal, session: SessionDep,
-                  settings: SettingsDep, serving: ServingDep) -> Any:
+                  settings: SettingsDep, serving: ServingDep, request: Request) -> Any:
     inputs = checked_inputs(body.inputs, settings, one_kind=True)
-    return await serving.predict(session, principal.tenant_id, task, inputs, body.top_k)
+    return await unless_disconnected(request, serving.predict(session, principal.tenant_id, task, inputs,
+                                                              body.top_k))
 
 
 @router.post("/v1/predict", response_model=FanOutResponse, summary="Ask every input of several tasks at once",
              responses=_RESPONSES)
 async def fan_out(*, body: FanOutRequest, principal: PredictPrincipal, session: SessionDep, settings: SettingsDep,
-                  serving: ServingDep) -> Any:
+                  serving: ServingDep, request: Request) -> Any:
     tasks = checked_tasks(body.tasks)
     inputs = checked_inputs(body.inputs, settings, one_kind=False)
-    return {"results": await serving.fan_out(session, principal.tenant_id, tasks, inputs, body.top_k)}
+    results = await unless_disconnected(request, serving.fan_out(session, principal.tenant_id, tasks, inputs,
+                                                                 body.top_k))
+    return {"results": results}

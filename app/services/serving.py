@@ -29,10 +29,11 @@ from spafit_core.errors import (
     OverloadedError,
     RequestTimeoutError,
     SpafitError,
+    TenantOverloadedError,
 )
 
 from ..db import Database
-from ..errors import AppError, NotFound, ServiceUnavailable
+from ..errors import AppError, NotFound, ServiceUnavailable, TenantQueueFull
 from ..metrics import Metrics
 from ..models import AdapterVersion
 from ..settings import Settings
@@ -49,7 +50,7 @@ Input = str | dict[str, str]  # a text, or {text, text_pair}
 
 
 class Overloaded(ServiceUnavailable):
-    """The engine's queue is full: retry after `Retry-After` seconds."""
+    """The engine's queue is full (all tenants): retry after `Retry-After` seconds."""
 
     type = "overloaded"
 
@@ -76,8 +77,10 @@ class Serving:
         self._backbone_ready = threading.Event()
         self._preload_error: str | None = None
         self._fan_out_rows = 0  # rows of fan-out requests in flight (they bypass the batcher's queue)
-        self._fan_out_lock = threading.Lock()
+        self._fan_out_by_tenant: dict[str, int] = {}
+        self._fan_out_lock = threading.RLock()  # re-entrant: _admit reads the counts under it
         metrics.watch_engine(self.stats, self.queue_depth)
+        metrics.watch_tenants(self.tenant_depths, self.tenant_served)
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -108,7 +111,10 @@ class Serving:
             batcher.stop()
 
     def check_ready(self) -> None:
-        """The readiness check "engine": the default backbone is loaded."""
+        """The readiness check "engine": the default backbone is loaded and the batcher's thread is alive (a
+        dead one fails this check once, and is restarted)."""
+        if self.restart_dead_batcher():
+            raise RuntimeError("the batcher thread had died; it was restarted")
         if self._preload_error is not None:
             raise RuntimeError(f"loading {self.settings.default_base_model} failed: {self._preload_error}")
         if not self._backbone_ready.is_set():
@@ -123,9 +129,19 @@ class Serving:
 
     @property
     def batcher(self) -> MicroBatcher:
+        """The batcher, started on first use; supervised: a batcher whose thread died is restarted here."""
         self._ensure_started()
         assert self._batcher is not None
+        self.restart_dead_batcher()
         return self._batcher
+
+    def restart_dead_batcher(self) -> bool:
+        """Start a new batcher thread if the running one died (its queue is kept); True if one was."""
+        batcher = self._batcher
+        if batcher is None or not batcher.ensure_running():
+            return False
+        self.metrics.batcher_restarts.inc()
+        return True
 
     def _ensure_started(self) -> None:
         with self._lock:
@@ -139,9 +155,12 @@ class Serving:
             s = self.settings
             engine = Engine(device=s.engine_device, device_bytes=s.engine_cache_bytes,
                             cpu_bytes=s.engine_cpu_cache_bytes, loader=self._load,
-                            base_model_of=self._base_model_of, default_base_model=s.default_base_model)
+                            base_model_of=self._base_model_of, default_base_model=s.default_base_model,
+                            max_backbones=s.engine_max_backbones)
             config = BatchingConfig(max_batch_size=s.batch_max_size, max_wait_ms=s.batch_max_wait_ms,
                                     max_tokens=s.batch_max_tokens, max_queue=s.batch_max_queue,
+                                    max_queue_per_tenant=s.batch_max_queue_per_tenant,
+                                    quantum=s.batch_tenant_quantum, weights=dict(s.batch_tenant_weights),
                                     timeout_s=s.predict_timeout_s)
             self._batcher = MicroBatcher(engine, config, on_batch=self._on_batch).start()
             self._engine = engine
@@ -175,11 +194,36 @@ class Serving:
         if engine is None:
             return {"hits": 0, "misses": 0, "evictions": 0, "loads": 0, "adapters": 0, "adapter_bytes": 0,
                     "backbones": 0}
-        return {**engine.stats(), "backbones": engine.backbone_loads}
+        return {**engine.stats(), "backbones": len(engine.backbones)}
 
     def queue_depth(self) -> int:
         batcher = self._batcher
         return (batcher.depth if batcher is not None else 0) + self._fan_out_rows
+
+    def tenant_depths(self) -> dict[str, int]:
+        """Rows waiting or (fan-out) in flight, by tenant id."""
+        batcher = self._batcher
+        out = dict(batcher.depths()) if batcher is not None else {}
+        with self._fan_out_lock:
+            for tenant, rows in self._fan_out_by_tenant.items():
+                out[tenant] = out.get(tenant, 0) + rows
+        return out
+
+    def tenant_served(self) -> dict[str, int]:
+        """Rows served by the batcher since it started, by tenant id."""
+        batcher = self._batcher
+        return dict(batcher.served) if batcher is not None else {}
+
+    def _admit(self, tenant: str, rows: int) -> None:
+        """Refuse before doing any work (a registry lookup, thread hops, tokenising) what the batcher would refuse
+        anyway: 429 for a tenant over its share of the queue, 503 when the whole queue is full. The batcher's own
+        check, at submit, stays the authoritative one."""
+        depth = self.tenant_depths().get(tenant, 0)
+        if depth + rows > self.settings.batch_max_queue_per_tenant:
+            raise self._tenant_overloaded(tenant, f"this tenant has {depth} rows waiting (at most "
+                                          f"{self.settings.batch_max_queue_per_tenant}); retry shortly")
+        if self.queue_depth() + rows > self.settings.batch_max_queue:
+            raise self._overloaded(f"prediction queue is full ({self.queue_depth()} rows waiting); retry shortly")
 
     # ------------------------------------------------------------------------------------- predict
     def resolve(self, session: Session, tenant_id: uuid.UUID, tasks: Sequence[str]) -> list[Served]:
@@ -190,17 +234,16 @@ class Serving:
     async def predict(self, session: Session, tenant_id: uuid.UUID, task: str, inputs: Sequence[Input],
                       top_k: int | None = None) -> dict[str, Any]:
         """One task over `inputs`, batched with whatever else is in flight (any tasks)."""
+        tenant = str(tenant_id)
         with self._measure(len(inputs)):
-            if self.queue_depth() + len(inputs) > self.settings.batch_max_queue:
-                # Shed load before doing any work (a registry lookup, two thread hops, tokenising) that the
-                # batcher would refuse anyway; its own check, at submit, stays the authoritative one.
-                raise self._overloaded(f"prediction queue is full ({self.queue_depth()} rows waiting); "
-                                       "retry shortly")
+            self._admit(tenant, len(inputs))
             served = await self._resolve(session, tenant_id, [task])
             batcher = await asyncio.to_thread(lambda: self.batcher)
             try:
                 predictions = await batcher.predict(served[0].adapter, inputs, top_k,
-                                                    timeout_s=self.settings.predict_timeout_s)
+                                                    timeout_s=self.settings.predict_timeout_s, tenant=tenant)
+            except TenantOverloadedError as e:
+                raise self._tenant_overloaded(tenant, e.message) from None
             except OverloadedError as e:
                 raise self._overloaded(e.message) from None
             return {"task": task, "version": served[0].version, "predictions": predictions}
@@ -209,33 +252,39 @@ class Serving:
                       inputs: Sequence[Input], top_k: int | None = None) -> list[dict[str, Any]]:
         """Every input asked of every task: per input, the frozen prefix runs once and branches into one row
         per task (tasks on different base models branch per backbone). One result per task, in order."""
+        tenant = str(tenant_id)
         with self._measure(len(inputs)):
+            self._admit(tenant, len(inputs) * len(tasks))
             served = await self._resolve(session, tenant_id, tasks)
             engine = await asyncio.to_thread(lambda: self.engine)
             rows = len(inputs) * len(served)
             with self._fan_out_lock:
-                if self.queue_depth() + rows > self.settings.batch_max_queue:
-                    raise self._overloaded(f"prediction queue is full ({self.queue_depth()} rows waiting); "
-                                           "retry shortly")
+                self._admit(tenant, rows)  # again, now counted with the rows it adds: no race between requests
                 self._fan_out_rows += rows
+                self._fan_out_by_tenant[tenant] = self._fan_out_by_tenant.get(tenant, 0) + rows
             timeout = self.settings.predict_timeout_s
+            stop = threading.Event()
             work = asyncio.get_running_loop().run_in_executor(
-                None, self._fan_out_sync, engine, served, inputs, top_k, time.monotonic() + timeout)
+                None, self._fan_out_sync, engine, served, inputs, top_k, time.monotonic() + timeout, stop)
             # The rows leave the count when the work ends, however it ends (even after a 504 or a disconnect).
-            work.add_done_callback(lambda f: self._fan_out_done(f, rows))
-            done, _ = await asyncio.wait({work}, timeout=timeout)  # on timeout the work is left to stop itself
+            work.add_done_callback(lambda f: self._fan_out_done(f, tenant, rows))
+            try:
+                done, _ = await asyncio.wait({work}, timeout=timeout)  # on timeout the work stops itself
+            finally:
+                if not work.done():  # timed out, or the client went away (this task cancelled)
+                    stop.set()
             if not done:
                 raise RequestTimeoutError(f"prediction did not finish within {timeout:.1f}s")
             return work.result()
 
     def _fan_out_sync(self, engine: Engine, served: list[Served], inputs: Sequence[Input], top_k: int | None,
-                      deadline: float) -> list[dict[str, Any]]:
+                      deadline: float, stop: threading.Event) -> list[dict[str, Any]]:
         groups: dict[str, list[Served]] = {}
         for s in served:  # the shared prefix only exists within one backbone
             groups.setdefault(s.base_model, []).append(s)
         per_task: dict[str, list[dict]] = {s.adapter: [] for s in served}
         for inp in inputs:
-            if time.monotonic() > deadline:  # the caller has had its 504: stop spending the engine on it
+            if time.monotonic() > deadline or stop.is_set():  # the caller has gone: stop spending the engine on it
                 raise RequestTimeoutError("prediction timed out")
             for group in groups.values():
                 start = time.perf_counter()
@@ -245,9 +294,12 @@ class Serving:
                     per_task[s.adapter].append(out[s.adapter])
         return [{"task": s.task, "version": s.version, "predictions": per_task[s.adapter]} for s in served]
 
-    def _fan_out_done(self, work: asyncio.Future, rows: int) -> None:
+    def _fan_out_done(self, work: asyncio.Future, tenant: str, rows: int) -> None:
         with self._fan_out_lock:
             self._fan_out_rows -= rows
+            self._fan_out_by_tenant[tenant] -= rows
+            if not self._fan_out_by_tenant[tenant]:
+                del self._fan_out_by_tenant[tenant]
         if not work.cancelled():
             work.exception()  # retrieved: an abandoned (timed out) call's error is not worth a log line
 
@@ -262,6 +314,11 @@ class Serving:
     def _overloaded(self, message: str) -> Overloaded:
         return Overloaded(message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
                           queue_depth=self.queue_depth())
+
+    def _tenant_overloaded(self, tenant: str, message: str) -> TenantQueueFull:
+        self.metrics.predict_tenant_rejected.labels(tenant=tenant).inc()
+        return TenantQueueFull(message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                               tenant_queue_depth=self.tenant_depths().get(tenant, 0))
 
     def _measure(self, n_inputs: int) -> _Measure:
         return _Measure(self.metrics, n_inputs)
@@ -331,6 +388,8 @@ class _Measure:
             outcome = "ok"
         elif isinstance(exc, Overloaded):
             outcome = "overloaded"
+        elif isinstance(exc, TenantQueueFull):
+            outcome = "tenant-queue-full"
         elif isinstance(exc, RequestTimeoutError):
             outcome = "timeout"
         elif isinstance(exc, AppError | SpafitError) and exc.status < 500:

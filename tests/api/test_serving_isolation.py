@@ -1,0 +1,275 @@
+"""No request can hurt another's, over a real uvicorn server (in a thread of this process, so that faults can
+be injected into its engine): an exception that escapes every handler is a problem+json 500 on a connection
+that stays open; a poisoned row fails only its own request; a dead batcher fails /readyz once and is
+restarted; a client that goes away has its rows dropped before they run; per-tenant metrics."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from .adapters import BITFIT, LORA, SPAFIT, TEXTS, random_adapter, register, settings_factory, tiny_backbone
+from .helpers import assert_problem
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_backbone(tmp_path_factory.mktemp("tiny-iso"))
+
+
+@pytest.fixture(scope="module")
+def zoo(base):
+    return {"sentiment": random_adapter(base, SPAFIT, seed=1),
+            "topic": random_adapter(base, LORA, labels=("sport", "art", "food"), seed=2),
+            "spam": random_adapter(base, BITFIT, labels=("ham", "spam"), seed=3),
+            "head-a": random_adapter(base, dict(name="spafit", n1=4, n2=4, rank=2), seed=4),
+            "head-b": random_adapter(base, dict(name="spafit", n1=4, n2=4, rank=2), labels=("x", "y", "z"), seed=5)}
+
+
+@contextmanager
+def uvicorn_server(app: Any) -> Iterator[str]:
+    """`app` behind a real uvicorn server on a free port (in a thread); yields its URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def live(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
+    """The app served by uvicorn, with a route that raises what no handler maps; (url, app)."""
+    from app.main import create_app
+
+    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("iso-data")) as make:
+        app = create_app(make(default_base_model=base, engine_device="cpu", preload_base_model=True,
+                              batch_max_wait_ms=20, batch_max_queue_per_tenant=64))
+
+        @app.get("/test/boom")
+        def boom() -> None:
+            raise RuntimeError("secret internals")
+
+        with uvicorn_server(app) as url:
+            deadline = time.monotonic() + 60
+            while httpx.get(url + "/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the backbone did not load"
+                time.sleep(0.1)
+            yield url, app
+
+
+@pytest.fixture
+def tenant(tenant_key, db, zoo):
+    key = tenant_key("predict")
+    key.versions = {name: register(db, key.tenant_id, name, *adapter).id for name, adapter in zoo.items()}
+    return key
+
+
+def _http_exchange(sock: socket.socket, path: str, body: dict | None = None, headers: dict | None = None) -> bytes:
+    """One HTTP/1.1 request on an open socket (keep-alive); the raw response."""
+    data = json.dumps(body).encode() if body is not None else b""
+    head = [f"{'POST' if body is not None else 'GET'} {path} HTTP/1.1", "Host: 127.0.0.1",
+            "Connection: keep-alive", f"Content-Length: {len(data)}", "Content-Type: application/json"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection; got {raw!r}"
+        raw += chunk
+    header, _, rest = raw.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in header.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        rest += chunk
+    return header + b"\r\n\r\n" + rest
+
+
+def test_an_escaping_exception_is_a_500_problem_on_a_connection_that_stays_open(live, caplog):
+    url, _ = live
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for _ in range(3):  # the same connection answers again and again: never reset
+            raw = _http_exchange(sock, "/test/boom", headers={"X-Request-ID": "boom-1"})
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 500") and b"application/problem+json" in head
+            problem = json.loads(body)
+            assert problem["type"].endswith("/internal-error") and problem["reference"] == "boom-1"
+            assert b"secret internals" not in raw
+        assert _http_exchange(sock, "/healthz").startswith(b"HTTP/1.1 200")
+    assert any("boom-1" in r.getMessage() and r.exc_info for r in caplog.records)  # the reference is in the log
+    assert not any("Exception in ASGI application" in r.getMessage() for r in caplog.records)
+
+
+def test_a_poisoned_row_fails_only_its_own_request(live, tenant, monkeypatch):
+    url, app = live
+    engine = app.state.serving.engine
+    bad = "awful actor"
+    bad_ids = engine.encode(engine.adapter(str(tenant.versions["sentiment"])), [bad])[0]["input_ids"]
+    forward = engine.forward
+
+    def poisoned(rows):
+        if any(r.features["input_ids"] == bad_ids for r in rows):
+            raise RuntimeError("The size of tensor a (1024) must match the size of tensor b (512)")
+        return forward(rows)
+
+    monkeypatch.setattr(engine, "forward", poisoned)
+    jobs = [("sentiment", TEXTS[:3]), ("topic", TEXTS[2:5]), ("spam", TEXTS[:2]), ("sentiment", ["good", bad]),
+            ("topic", TEXTS[:1]), ("spam", TEXTS[3:])] * 3
+    barrier = threading.Barrier(len(jobs))
+
+    def call(job):
+        barrier.wait()
+        return httpx.post(f"{url}/v1/tasks/{job[0]}/predict", json={"inputs": job[1]}, headers=tenant.headers,
+                          timeout=30)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(call, jobs))
+    for (task, inputs), r in zip(jobs, results, strict=True):
+        assert r.status_code == 200 or task == "sentiment", r.text
+        if bad in inputs:
+            problem = assert_problem(r, 500, "prediction-failed")
+            assert len(problem["reference"]) == 32 and problem["reference"] in problem["detail"]
+        else:
+            assert r.status_code == 200, r.text
+            assert len(r.json()["predictions"]) == len(inputs)
+    assert app.state.serving.batcher.stats["failed_rows"] >= 1
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
+def test_a_dead_batcher_fails_readiness_once_and_is_restarted(live, tenant, monkeypatch):
+    url, app = live
+    serving = app.state.serving
+    batcher = serving.batcher
+    monkeypatch.setattr(batcher, "_take", lambda: (_ for _ in ()).throw(SystemExit("killed")))
+    # The loop is inside the real _take, waiting for rows: one request gets it out, and the next call dies.
+    r = httpx.post(f"{url}/v1/tasks/spam/predict", json={"inputs": ["x"]}, headers=tenant.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    batcher._thread.join(10)
+    monkeypatch.undo()
+    assert not batcher.alive
+    r = httpx.get(url + "/readyz")
+    problem = assert_problem(r, 503, "not-ready")
+    assert "batcher" in problem["checks"]["engine"]["error"]
+    assert httpx.get(url + "/readyz").status_code == 200 and batcher.alive  # restarted by the check
+    r = httpx.post(f"{url}/v1/tasks/spam/predict", json={"inputs": TEXTS[:2]}, headers=tenant.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "spafit_batcher_restarts_total 1.0" in app.state.metrics.exposition()[0].decode()
+
+
+def test_a_client_that_goes_away_has_its_rows_dropped_before_they_run(live, tenant, monkeypatch):
+    url, app = live
+    engine = app.state.serving.engine
+    batcher = app.state.serving.batcher
+    gate, entered = threading.Event(), threading.Event()
+    seen: list[int] = []
+    forward = engine.forward
+
+    def held(rows):
+        seen.append(len(rows))
+        entered.set()
+        assert gate.wait(30)
+        return forward(rows)
+
+    monkeypatch.setattr(engine, "forward", held)
+    port = int(url.rsplit(":", 1)[1])
+    blocker = threading.Thread(target=httpx.post, args=(f"{url}/v1/tasks/spam/predict",),
+                               kwargs={"json": {"inputs": ["first"]}, "headers": tenant.headers, "timeout": 30})
+    blocker.start()
+    assert entered.wait(30)  # the engine is busy with one row; what comes next waits in the queue
+    dropped = batcher.stats["dropped"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        data = json.dumps({"inputs": TEXTS[:5]}).encode()
+        head = ["POST /v1/tasks/topic/predict HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(data)}",
+                "Content-Type: application/json", f"Authorization: Bearer {tenant.key}"]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        deadline = time.monotonic() + 10
+        while batcher.depth < 5:
+            assert time.monotonic() < deadline, "the request never reached the queue"
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10  # the socket is closed: the server sees http.disconnect
+    while batcher.depth:
+        assert time.monotonic() < deadline, "the rows of the client that went away stayed queued"
+        time.sleep(0.02)
+    gate.set()
+    blocker.join(30)
+    assert batcher.stats["dropped"] - dropped == 5
+    assert seen == [1]  # the forward pass of the first request only: the 5 rows never ran
+
+
+def test_head_only_tasks_fan_out(live, tenant):
+    url, _ = live
+    r = httpx.post(f"{url}/v1/predict", json={"tasks": ["head-a", "head-b", "sentiment"], "inputs": TEXTS[:3]},
+                   headers=tenant.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    for result in r.json()["results"]:
+        single = httpx.post(f"{url}/v1/tasks/{result['task']}/predict", json={"inputs": TEXTS[:3]},
+                            headers=tenant.headers, timeout=30).json()["predictions"]
+        assert [p["label"] for p in result["predictions"]] == [p["label"] for p in single]
+        assert all(abs(a["score"] - b["score"]) <= 1e-5
+                   for a, b in zip(result["predictions"], single, strict=True))
+
+
+def test_per_tenant_metrics_count_queued_served_and_refused_rows(live, tenant, tenant_key, db, zoo, monkeypatch):
+    url, app = live
+    engine = app.state.serving.engine
+    gate, entered = threading.Event(), threading.Event()
+    forward = engine.forward
+
+    def held(rows):
+        entered.set()
+        assert gate.wait(30)
+        return forward(rows)
+
+    other = tenant_key("predict")
+    register(db, other.tenant_id, "spam", *zoo["spam"])
+    monkeypatch.setattr(engine, "forward", held)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(httpx.post, f"{url}/v1/tasks/spam/predict", json={"inputs": ["x"]},
+                            headers=tenant.headers, timeout=30)
+        assert entered.wait(30)
+        waiting = [pool.submit(httpx.post, f"{url}/v1/tasks/spam/predict", json={"inputs": TEXTS[:4] * 4},
+                               headers=tenant.headers, timeout=30) for _ in range(4)]  # 64 rows: the share
+        deadline = time.monotonic() + 10
+        while app.state.serving.tenant_depths().get(str(tenant.tenant_id), 0) < 64:
+            assert time.monotonic() < deadline, app.state.serving.tenant_depths()
+            time.sleep(0.02)
+        refused = httpx.post(f"{url}/v1/tasks/spam/predict", json={"inputs": ["one more"]}, headers=tenant.headers,
+                             timeout=30)
+        metrics = app.state.metrics.exposition()[0].decode()
+        elsewhere = pool.submit(httpx.post, f"{url}/v1/tasks/spam/predict", json={"inputs": TEXTS[:2]},
+                                headers=other.headers, timeout=30)  # another tenant still gets in
+        time.sleep(0.2)
+        gate.set()
+        assert first.result().status_code == 200 and all(w.result().status_code == 200 for w in waiting)
+        assert elsewhere.result().status_code == 200
+    problem = assert_problem(refused, 429, "tenant-queue-full")
+    assert refused.headers["Retry-After"] == "1" and problem["tenant_queue_depth"] == 64
+    t = str(tenant.tenant_id)
+    assert f'spafit_predict_tenant_queued_rows{{tenant="{t}"}} 64.0' in metrics
+    assert f'spafit_predict_tenant_rejected_total{{tenant="{t}"}} 1.0' in metrics
+    after = app.state.metrics.exposition()[0].decode()
+    assert f'spafit_predict_tenant_served_rows_total{{tenant="{t}"}} 65.0' in after
+    assert f'spafit_predict_tenant_served_rows_total{{tenant="{other.tenant_id}"}} 2.0' in after
+    assert 'spafit_predict_requests_total{outcome="tenant-queue-full"}' in after
