@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import delete, exists, or_, select
+from sqlalchemy import Column, delete, exists, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from ..errors import BlobIntegrityError, NotFound
-from ..models import AdapterVersion, Blob, Dataset, Job, utcnow
+from ..models import Blob, utcnow
 
 
 def sha256_hex(data: bytes) -> str:
@@ -21,13 +21,17 @@ def sha256_hex(data: bytes) -> str:
 
 def put(session: Session, data: bytes) -> str:
     """Store `data` (if it is not there yet) and return its sha256. Safe when two writers race on the same
-    content: the insert does nothing if the row exists."""
+    content. If the row exists, its `created_at` is moved to now: that locks the row until the caller's
+    transaction ends, so the collector (app/services/retention.py) cannot delete it between this call and
+    the row that will reference it, and its grace period counts from the last store."""
     sha = sha256_hex(data)
     values = {"sha256": sha, "size": len(data), "data": data, "created_at": utcnow()}
     dialect = session.get_bind().dialect.name
     if dialect in ("postgresql", "sqlite"):
         insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        session.execute(insert(Blob).values(**values).on_conflict_do_nothing(index_elements=["sha256"]))
+        stmt = insert(Blob).values(**values)
+        session.execute(stmt.on_conflict_do_update(index_elements=["sha256"],
+                                                   set_={"created_at": stmt.excluded.created_at}))
     elif session.get(Blob, sha) is None:  # other backends: plain check-then-insert
         session.add(Blob(**values))
         session.flush()
@@ -56,13 +60,16 @@ def get(session: Session, sha: str) -> bytes:
     return data
 
 
+def references() -> list[Column]:
+    """Every column with a foreign key to blobs.sha256 (datasets, adapter versions, job checkpoints and trial
+    results, and whatever is added later), read from the schema."""
+    target = Blob.__table__.c.sha256
+    return [fk.parent for table in Blob.metadata.sorted_tables for fk in table.foreign_keys
+            if fk.column is target]
+
+
 def is_referenced(session: Session, sha: str) -> bool:
-    return bool(session.scalar(select(or_(
-        exists().where(Dataset.sha256 == sha),
-        exists().where(AdapterVersion.blob_sha256 == sha),
-        exists().where(Job.checkpoint_sha256 == sha),
-        exists().where(Job.result_sha256 == sha),
-    ))))
+    return bool(session.scalar(select(or_(*(exists().where(col == sha) for col in references())))))
 
 
 def delete_if_unreferenced(session: Session, sha: str) -> bool:

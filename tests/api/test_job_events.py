@@ -1,11 +1,14 @@
 """Job events are numbered 1, 2, 3, ... per job, whoever writes them: the worker's progress and the API's
-cancel race for the next number on the real Postgres, and neither may fail or leave a gap."""
+cancel race for the next number on the real Postgres, and neither may fail or leave a gap. The live stream
+(in-process here; with real API processes in tests/reliability/test_event_streams.py) sends them in order,
+resumes after Last-Event-ID and refuses a malformed one with a 422."""
 
 from __future__ import annotations
 
 import threading
 import uuid
 
+import pytest
 from sqlalchemy import select
 
 from tests.api.helpers import unique_csv, upload
@@ -83,3 +86,80 @@ def test_cancel_while_the_worker_writes_events_is_never_a_server_error(client, d
             t.join()
     assert answers == [200] * 20, answers  # each one flags the running job; none is a 500
     assert errors == []
+
+
+# ------------------------------------------------------------------------------------- the live stream
+def _sse_ids_and_events(text: str) -> tuple[list[int], list[str]]:
+    ids = [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+    names = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
+    return ids, names
+
+
+def test_the_stream_of_a_finished_job_sends_every_event_then_end(client, tenant_key):
+    key = tenant_key("train")
+    job_id = _queued_job(client, key)
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=key.headers).status_code == 200
+    r = client.get(f"/v1/jobs/{job_id}/events", headers={**key.headers, "Accept": "text/event-stream"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    ids, names = _sse_ids_and_events(r.text)
+    assert ids == [1, 2] and names == ["status", "status", "end"]
+    # Resumed after the first: only the second, then end. Last-Event-ID wins over `after`.
+    r = client.get(f"/v1/jobs/{job_id}/events?after=0",
+                   headers={**key.headers, "Accept": "text/event-stream", "Last-Event-ID": "1"})
+    assert _sse_ids_and_events(r.text) == ([2], ["status", "end"])
+    r = client.get(f"/v1/jobs/{job_id}/events", headers={**key.headers, "Accept": "text/event-stream",
+                                                         "Last-Event-ID": ""})  # empty: as if absent
+    assert _sse_ids_and_events(r.text)[0] == [1, 2]
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "2147483648", "1" * 100_000, " ", "1 2"])
+def test_a_malformed_last_event_id_is_422(client, tenant_key, value):
+    from tests.api.helpers import assert_problem
+
+    key = tenant_key("train")
+    job_id = _queued_job(client, key)
+    for accept in ("text/event-stream", "application/json"):
+        r = client.get(f"/v1/jobs/{job_id}/events", headers={**key.headers, "Accept": accept, "Last-Event-ID": value})
+        body = assert_problem(r, 422, "invalid-input")
+        assert body["field"] == "Last-Event-ID" and len(body["detail"]) < 300
+
+
+@pytest.mark.parametrize("value,expected", [(None, None), ("", None), ("0", 0), ("17", 17), ("2147483647", 2147483647)])
+def test_last_event_id_parsing(value, expected):
+    from app.services.streams import parse_last_event_id
+
+    assert parse_last_event_id(value) == expected
+
+
+@pytest.mark.parametrize("value", ["\u0661\u0662", "\u00b2", "-0", "1e3", "0" * 11])
+def test_last_event_id_refuses_non_ascii_digits_and_other_numbers(value):
+    from app.errors import InvalidInput
+    from app.services.streams import parse_last_event_id
+
+    with pytest.raises(InvalidInput):
+        parse_last_event_id(value)
+
+
+def test_embedded_mode_counts_stream_slots_per_tenant_in_the_process():
+    import asyncio
+
+    from app.errors import TooManyStreams
+    from app.services.streams import StreamSlots
+
+    async def scenario() -> None:
+        slots = StreamSlots(2)
+        a, b = uuid.uuid4(), uuid.uuid4()
+        held = [await slots.acquire(a), await slots.acquire(a)]
+        with pytest.raises(TooManyStreams) as e:
+            await slots.acquire(a)
+        assert e.value.headers["Retry-After"]
+        other = await slots.acquire(b)  # another tenant is not affected
+        await held[0].release()
+        await held[0].release()  # idempotent: frees one slot, not two
+        held.append(await slots.acquire(a))
+        with pytest.raises(TooManyStreams):
+            await slots.acquire(a)
+        assert slots.open_count(a) == 2 and slots.open_count(b) == 1
+        await other.release()
+
+    asyncio.run(scenario())

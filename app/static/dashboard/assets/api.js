@@ -92,6 +92,7 @@ function parseBlock(block) {
     const field = i < 0 ? line : line.slice(0, i);
     const value = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
     if (field === "event") msg.event = value;
+    else if (field === "id") msg.id = value;
     else if (field === "data") msg.data += value;
   }
   return msg;
@@ -109,7 +110,8 @@ export async function streamEvents(jobId, after, onEvent, signal) {
         { headers: { Accept: "text/event-stream" }, signal, raw: true });
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
       let buf = "";
-      for (;;) {
+      let reconnect = false;
+      while (!reconnect) {
         const { value, done } = await reader.read();
         if (done) break;
         buf += value.replace(/\r\n?/g, "\n");
@@ -117,16 +119,20 @@ export async function streamEvents(jobId, after, onEvent, signal) {
           const msg = parseBlock(buf.slice(0, i));
           buf = buf.slice(i + 2);
           if (msg.event === "end") return;
-          if (!msg.data) continue;
+          if (msg.event === "reconnect") { reconnect = true; break; } // the stream's time is up: resume now
+          if (!msg.data || !msg.id) continue; // job events carry their seq as the id
           const event = JSON.parse(msg.data);
           seq = event.seq;
           failures = 0;
           onEvent(event);
         }
       }
+      if (reconnect) { reader.cancel().catch(() => {}); continue; }
     } catch (e) {
       if (signal.aborted || e.name === "AbortError") return;
-      if (e instanceof ApiError && e.status >= 400 && e.status < 500) throw e; // gone, or the key changed
+      // 429: this tenant's open streams are at their cap; back off and try again. Other 4xx: gone, or the key
+      // changed.
+      if (e instanceof ApiError && e.status >= 400 && e.status < 500 && e.status !== 429) throw e;
       failures += 1;
     }
     await sleep(Math.min(500 * 2 ** failures, 10000), signal); // dropped: resume from the last seq
