@@ -8,20 +8,26 @@ Everything is tenant-scoped: another tenant's task is `NotFound`, like a missing
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+import typing
 import uuid
 from collections.abc import Sequence
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import Conflict, NotFound
 from ..models import AdapterVersion, Job, Task
-from ..schemas import AdapterVersionOut, TaskOut
+from ..schemas import DB_INT_MAX, AdapterVersionOut, TaskOut, TaskType
 from . import blobs
 from .pagination import paginate
 
+log = logging.getLogger("spafit.registry")
+TASK_TYPES = typing.get_args(TaskType)
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 TASK_NAME_RULE = "1-64 characters: lowercase letters, digits, '-' and '_', starting with a letter or digit"
 
@@ -59,11 +65,16 @@ def get_or_create_task(session: Session, tenant_id: uuid.UUID, name: str) -> Tas
 def register_version(session: Session, tenant_id: uuid.UUID, task_name: str, cfg: dict, weights: bytes, *,
                      job_id: uuid.UUID | None = None, activate: bool = True) -> AdapterVersion:
     """Store an adapter as the task's next version (inside the caller's transaction). A job that already
-    registered one gets that one back instead of a second."""
-    from spafit_core.adapter import load_weights, parse_config
+    registered one gets that one back instead of a second. The whole config is checked by one schema first
+    (`spafit_core.adapter.validate_config`); an imported adapter (no job) also against its backbone's limits
+    (max_seq_length within the position table, the depth), read from the backbone's config. Nothing is
+    written before these pass."""
+    from spafit_core.adapter import backbone_limits, check_backbone, load_weights, parse_config
     from spafit_core.train import check_finite
 
     cfg = parse_config(cfg)
+    if job_id is None:  # a trained adapter was made on this backbone; an imported one says what it likes
+        check_backbone(cfg, backbone_limits(cfg["base_model"]["name"]))
     check_finite(load_weights(cfg, weights))  # sha256 and safetensors structure, never a pickle; no NaN tensors
     if job_id is not None:
         existing = session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
@@ -183,18 +194,42 @@ def served_base_models(session: Session) -> set[str]:
     return set(session.scalars(select(AdapterVersion.base_model).distinct()))
 
 
+def _dict(value: object) -> dict | None:
+    return value if isinstance(value, dict) else None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**63 - 1 else None
+
+
 def version_out(version: AdapterVersion, *, active: bool) -> AdapterVersionOut:
-    cfg = version.config or {}
-    task = cfg.get("task") or {}
-    counts = version.param_counts or None
-    return AdapterVersionOut(
+    """The API view of a version. Defensive: a stored config that does not fit (written before the schema
+    existed, or by hand) renders with the unusable parts left out, never as an error."""
+    cfg = _dict(version.config) or {}
+    task = _dict(cfg.get("task")) or {}
+    counts = _dict(version.param_counts)
+    metrics = _dict(version.metrics)
+    if metrics is not None:
+        metrics = {str(k): v for k, v in metrics.items()
+                   if v is None or (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v))}
+    task_type = task.get("task_type")
+    labels = task.get("labels")
+    max_len = _int_or_none(cfg.get("max_seq_length"))
+    values = dict(
         id=version.id, version=version.version, active=active, sha256=version.blob_sha256,
         size_bytes=version.size_bytes, base_model=version.base_model, base_fingerprint=version.base_fingerprint,
-        method=version.method, task_type=task.get("task_type", "single_label_classification"),
-        labels=list(task.get("labels") or []), trainable_params=(counts or {}).get("total"), param_counts=counts,
-        metrics=version.metrics, max_seq_length=cfg.get("max_seq_length"),
-        stratification=cfg.get("stratification"), job_id=version.job_id,
-        created_at=version.created_at)
+        method=_dict(version.method) or {},
+        task_type=task_type if task_type in TASK_TYPES else "single_label_classification",
+        labels=[str(x) for x in labels] if isinstance(labels, list) else [],
+        trainable_params=_int_or_none((counts or {}).get("total")), param_counts=counts, metrics=metrics,
+        max_seq_length=max_len if max_len and max_len <= DB_INT_MAX else None,
+        stratification=_dict(cfg.get("stratification")), job_id=version.job_id, created_at=version.created_at)
+    try:
+        return AdapterVersionOut(**values)
+    except ValidationError:  # anything else odd: the parts every version has, and nothing that can fail
+        log.warning("adapter version %s has a config that does not render; showing its core fields", version.id)
+        return AdapterVersionOut(**{**values, "method": {}, "labels": [], "param_counts": None, "metrics": None,
+                                    "trainable_params": None, "max_seq_length": None, "stratification": None})
 
 
 def tasks_out(session: Session, tasks: Sequence[Task]) -> list[TaskOut]:

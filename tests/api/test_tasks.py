@@ -270,6 +270,139 @@ def test_import_over_the_request_limit_is_413(make_settings, base, owner, zoo):
         assert_problem(put_adapter(client, "imported", pack(*zoo["v1"]), owner.headers), 413, "payload-too-large")
 
 
+# ------------------------------------------------------------------- every field of an imported config
+
+
+def _set(path, value):
+    """A config mutation: set `path` ("a.b.c"; a missing last key is added) to `value`, or delete it (DELETE)."""
+    def mutate(cfg):
+        *parents, last = path.split(".")
+        node = cfg
+        for key in parents:
+            node = node[key]
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return mutate
+
+
+DELETE = object()
+BAD_CONFIGS = [  # (id, mutation, the field the 422 names)
+    ("param_counts-type", _set("param_counts", "lots"), "param_counts"),
+    ("param_counts-list", _set("param_counts", [1, 2]), "param_counts"),
+    ("param_counts-total-type", _set("param_counts.total", "many"), "param_counts.total"),
+    ("param_counts-total-negative", _set("param_counts.total", -1), "param_counts.total"),
+    ("param_counts-total-bool", _set("param_counts.total", True), "param_counts.total"),
+    ("param_counts-per_group-type", _set("param_counts.per_group", [1, 2]), "param_counts.per_group"),
+    ("param_counts-per_group-value", _set("param_counts.per_group", {"1": "x"}), "param_counts.per_group.1"),
+    ("param_counts-fraction", _set("param_counts.trainable_fraction", "1%"), "param_counts.trainable_fraction"),
+    ("param_counts-unknown", _set("param_counts.surprise", 1), "param_counts.surprise"),
+    ("param_counts-missing", _set("param_counts", DELETE), "param_counts"),
+    ("stratification-type", _set("stratification", "3 groups"), "stratification"),
+    ("stratification-missing", _set("stratification", DELETE), "stratification"),
+    ("stratification-num_layers", _set("stratification.num_layers", 0), "stratification.num_layers"),
+    ("stratification-n1-type", _set("stratification.n1", "1"), "stratification.n1"),
+    ("stratification-n2-range", _set("stratification.n2", 9), "stratification.n2"),
+    ("stratification-groups-value", _set("stratification.layer_groups", [1, 2, 3, 7]),
+     "stratification.layer_groups"),
+    ("stratification-groups-length", _set("stratification.layer_groups", [1, 2]), "stratification.layer_groups"),
+    ("stratification-vs-method", _set("stratification.n1", 0), "stratification"),
+    ("metrics-type", _set("metrics", [0.5]), "metrics"),
+    ("metrics-value-text", _set("metrics", {"accuracy": "high"}), "metrics.accuracy"),
+    ("metrics-value-object", _set("metrics", {"accuracy": {"a": 1}}), "metrics.accuracy"),
+    ("metrics-value-nan", _set("metrics", {"accuracy": float("nan")}), "metrics.accuracy"),
+    ("max_seq_length-negative", _set("max_seq_length", -5), "max_seq_length"),
+    ("max_seq_length-zero", _set("max_seq_length", 0), "max_seq_length"),
+    ("max_seq_length-huge", _set("max_seq_length", 100000), "max_seq_length"),
+    ("max_seq_length-over-backbone", _set("max_seq_length", 65), "max_seq_length"),  # tiny BERT: 64 positions
+    ("max_seq_length-text", _set("max_seq_length", "32"), "max_seq_length"),
+    ("max_seq_length-float", _set("max_seq_length", 32.5), "max_seq_length"),
+    ("max_seq_length-bool", _set("max_seq_length", True), "max_seq_length"),
+    ("max_seq_length-missing", _set("max_seq_length", DELETE), "max_seq_length"),
+    ("labels-text", _set("task.labels", "neg,pos"), "task.labels"),
+    ("labels-numbers", _set("task.labels", [0, 1]), "task.labels[0]"),
+    ("labels-duplicate", _set("task.labels", ["neg", "neg"]), "task.labels"),
+    ("labels-too-long", _set("task.labels", ["x" * 500, "pos"]), "task.labels[0]"),
+    ("labels-nul", _set("task.labels", ["neg\x00", "pos"]), "task.labels[0]"),
+    ("task_type", _set("task.task_type", "clustering"), "task.task_type"),
+    ("task-type", _set("task", ["neg", "pos"]), "task"),
+    ("task-unknown", _set("task.extra", 1), "task.extra"),
+    ("method-rank-text", _set("method.rank", "2"), "method.rank"),
+    ("method-rank-zero", _set("method.rank", 0), "method.rank"),
+    ("method-name", _set("method.name", "magic"), "method.name"),
+    ("method-unknown", _set("method.extra", 1), "method.extra"),
+    ("method-type", _set("method", "spafit"), "method"),
+    ("base_model-name-type", _set("base_model.name", 7), "base_model.name"),
+    ("base_model-fingerprint-empty", _set("base_model.fingerprint", ""), "base_model.fingerprint"),
+    ("base_model-num_layers", _set("base_model.num_layers", 99), "base_model.num_layers"),
+    ("base_model-hidden_size", _set("base_model.hidden_size", -1), "base_model.hidden_size"),
+    ("base_model-model_type", _set("base_model.model_type", "gpt2"), "base_model.model_type"),
+    ("weights-sha256", _set("weights.sha256", "abc"), "weights.sha256"),
+    ("weights-size", _set("weights.size_bytes", -1), "weights.size_bytes"),
+    ("weights-file", _set("weights.file", "../adapter.bin"), "weights.file"),
+    ("training-type", _set("training", "yes"), "training"),
+    ("training-main_metric", _set("training.main_metric", 5), "training.main_metric"),
+    ("format_version", _set("format_version", 2), "format_version"),
+    ("format", _set("format", "peft"), "format"),
+    ("created_at", _set("created_at", 5), "created_at"),
+    ("library_version", _set("library_version", ["0.1"]), "library_version"),
+    ("unknown-key", _set("evil", {"x": 1}), "evil"),
+]
+
+
+@pytest.fixture
+def registry_view(api, owner):
+    """What the owner sees of the registry: every task and every version, to compare before and after."""
+    def view():
+        tasks = api.get("/v1/tasks", headers=owner.headers)
+        versions = api.get("/v1/tasks/sentiment/versions", headers=owner.headers)
+        assert tasks.status_code == versions.status_code == 200, (tasks.text, versions.text)
+        return tasks.json(), versions.json()
+    return view
+
+
+@pytest.mark.parametrize("mutate, field", [pytest.param(m, f, id=i) for i, m, f in BAD_CONFIGS])
+def test_import_with_one_config_field_wrong_is_422_naming_it_and_changes_nothing(api, owner, zoo, registry_view,
+                                                                                 mutate, field):
+    before = registry_view()
+    cfg, weights = copy.deepcopy(zoo["v1"][0]), zoo["v1"][1]
+    mutate(cfg)
+    for task in ("sentiment", "imported"):  # an existing task and a new one
+        problem = assert_problem(put_adapter(api, task, pack(cfg, weights), owner.headers), 422)
+        assert problem["field"] == field, problem
+        assert problem["type"].endswith(("/invalid-adapter", "/adapter-mismatch")), problem
+    assert registry_view() == before
+    assert_problem(api.get("/v1/tasks/imported", headers=owner.headers), 404)
+
+
+def test_the_unchanged_config_still_imports(api, owner, zoo):
+    """The control for the table above: the same archive, unmutated, is accepted."""
+    assert put_adapter(api, "imported", pack(*zoo["v1"]), owner.headers).status_code == 201
+
+
+@pytest.mark.parametrize("column, value", [
+    ("param_counts", {"total": "many", "per_group": [1]}), ("param_counts", ["x"]), ("metrics", {"acc": "high"}),
+    ("metrics", [1, 2]), ("config", {"task": {"task_type": "x", "labels": "ab"}, "max_seq_length": -5,
+                                     "stratification": "x"}),
+    ("config", {}), ("config", ["not", "an", "object"]), ("method", ["x"]),
+])
+def test_a_task_renders_whatever_its_stored_config_holds(api, owner, db, column, value):
+    """Rows written before the schema existed, or by hand: GET /v1/tasks, the task and its versions answer 200."""
+    from sqlalchemy import update
+
+    from app.models import AdapterVersion
+
+    with db.transaction() as s:
+        s.execute(update(AdapterVersion).where(AdapterVersion.id == owner.v2.id).values({column: value}))
+    for path in ("/v1/tasks", "/v1/tasks/sentiment", "/v1/tasks/sentiment/versions"):
+        r = api.get(path, headers=owner.headers)
+        assert r.status_code == 200, (path, r.text)
+    active = api.get("/v1/tasks/sentiment", headers=owner.headers).json()["active_version"]
+    assert active["version"] == 2 and active["task_type"] in ("single_label_classification",
+                                                               "multi_label_classification", "regression")
+
+
 # ----------------------------------------------------------------------------- tenants, scopes, names
 
 
