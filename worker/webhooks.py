@@ -11,6 +11,7 @@ the API's requeuer; receivers drop duplicates by `webhook-id`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -27,6 +28,7 @@ from app.settings import Settings
 log = logging.getLogger("spafit.worker.webhooks")
 
 EARLY_TOLERANCE_S = 1.0  # a message may fire this much before its row says the attempt is due
+TOTAL_TIMEOUT_GRACE_S = 5.0  # one whole POST: webhook_timeout_s plus this (well inside the lease)
 
 
 # ------------------------------------------------------------------------------ one attempt
@@ -45,13 +47,24 @@ def _post(url: str, payload: dict, secrets: list[str], msg_id: str, settings: Se
     headers = webhooks.headers(secrets, msg_id, int(time.time()), body)
     headers["host"] = parts.netloc
     extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
-    try:
-        with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client, \
-                client.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as response:
-            code = response.status_code  # the body is never read: a receiver cannot make us hold megabytes
-    except httpx.HTTPError as e:
-        return None, f"{e.__class__.__name__}: {str(e)[:300]}"
-    return code, None if 200 <= code < 300 else f"HTTP {code}"
+    answer: list[tuple[int | None, str | None]] = []
+
+    def call() -> None:
+        try:
+            with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client, \
+                    client.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as response:
+                code = response.status_code  # the body is never read: a receiver cannot make us hold megabytes
+            answer.append((code, None if 200 <= code < 300 else f"HTTP {code}"))
+        except Exception as e:  # httpx.HTTPError mostly; whatever it is, it is this attempt's error
+            answer.append((None, f"{e.__class__.__name__}: {str(e)[:300]}"))
+
+    # httpx's timeout bounds each read, not the whole exchange: a receiver dribbling its headers a byte at a
+    # time could hold the attempt past its lease. The attempt waits this long in all, then counts as failed.
+    limit = settings.webhook_timeout_s + TOTAL_TIMEOUT_GRACE_S
+    thread = threading.Thread(target=call, name="webhook-post", daemon=True)
+    thread.start()
+    thread.join(limit)
+    return answer[0] if answer else (None, f"no complete answer within {limit:g} s")
 
 
 def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import uuid
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -232,38 +233,143 @@ def test_url_rules_by_mode_and_setting(make_settings):
         webhooks.resolve("http://rebind.example/hook", server, resolver=two_answers)
 
 
+def _ended_job_with_delivery(db: Any, tenant_id: uuid.UUID, url: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """A failed job with `url` as its webhook, ended the way every path ends a job (its final status event,
+    which adds the delivery in the same transaction): (job id, delivery id). This process has no outbox sender,
+    so the test sends (or the live API's requeuer would, once overdue)."""
+    from app.models import Dataset, Job, WebhookDelivery
+    from app.services import events
+
+    with db.transaction() as s:
+        ds = Dataset(tenant_id=tenant_id, name="d", format="csv", rows=1, columns=["text", "label"],
+                     text_fields=["text"], label_field="label", report={}, source="upload")
+        s.add(ds)
+        s.flush()
+        job = Job(tenant_id=tenant_id, task_name="wh-direct", base_model="x", train_dataset_id=ds.id,
+                  text_fields=["text"], label_field="label", method={}, hyperparameters={}, status="failed",
+                  error_type="internal-error", error_message="boom", webhook_url=url)
+        s.add(job)
+        s.flush()
+        events.append_in(s, job.id, "status", {"status": "failed"})
+    with db.session() as s:
+        delivery = s.scalar(select(WebhookDelivery).where(WebhookDelivery.job_id == job.id))
+    assert delivery is not None and delivery.event == "job.failed" and delivery.status == "pending"
+    return job.id, delivery.id
+
+
+def _attempts(db: Any, job_id: uuid.UUID) -> list[dict]:
+    from app.services import events
+
+    with db.session() as s:
+        return [e.data for e in events.after(s, job_id) if e.type == "webhook"]
+
+
+def _one_shot(make_settings, **kw: Any) -> Any:
+    """Settings for a deliver() call in this process: one attempt, and a broker prefix no worker consumes."""
+    return make_settings(webhook_max_attempts=1, broker_key_prefix=f"unconsumed-{uuid.uuid4().hex}:", **kw)
+
+
 def test_the_sender_checks_the_address_again_at_send_time(db, make_settings, tenant_key):
     """A delivery whose URL now points inside (created while allowed, or a name rebound since) is refused when
     sent: nothing reaches the receiver, and the refusal is the attempt's recorded error."""
-    from app.models import Dataset, Job, WebhookDelivery
-    from app.services import events
+    from app.models import WebhookDelivery
     from worker.webhooks import deliver
 
     key = tenant_key("train")
     with Receiver(fail_first=0) as receiver:
-        with db.transaction() as s:
-            ds = Dataset(tenant_id=key.tenant_id, name="d", format="csv", rows=1, columns=["text", "label"],
-                         text_fields=["text"], label_field="label", report={}, source="upload")
-            s.add(ds)
-            s.flush()
-            job = Job(tenant_id=key.tenant_id, task_name="wh-rebind", base_model="x", train_dataset_id=ds.id,
-                      text_fields=["text"], label_field="label", method={}, hyperparameters={}, status="failed",
-                      error_type="internal-error", error_message="boom", webhook_url=receiver.url)
-            s.add(job)
-            s.flush()
-            events.append_in(s, job.id, "status", {"status": "failed"})  # the outbox adds the delivery here
-        with db.session() as s:
-            delivery = s.scalar(select(WebhookDelivery).where(WebhookDelivery.job_id == job.id))
-        assert delivery is not None and delivery.event == "job.failed" and delivery.status == "pending"
-        strict = make_settings(webhook_max_attempts=1, broker_key_prefix=f"unconsumed-{uuid.uuid4().hex}:")
-        assert deliver(db, delivery.id, strict) == "failed"
+        job_id, delivery_id = _ended_job_with_delivery(db, key.tenant_id, receiver.url)
+        strict = _one_shot(make_settings)
+        assert deliver(db, delivery_id, strict) == "failed"
         assert receiver.requests == []
     with db.session() as s:
-        row = s.get(WebhookDelivery, delivery.id)
+        row = s.get(WebhookDelivery, delivery_id)
         assert row.status == "failed" and row.attempts == 1 and row.last_error.startswith("refused:")
-        webhook_events = [e.data for e in events.after(s, job.id) if e.type == "webhook"]
-    assert [(e["attempt"], e["outcome"], e["status_code"]) for e in webhook_events] == [(1, "failed", None)]
-    assert deliver(db, delivery.id, strict) == "final"  # a duplicate message does nothing
+    assert [(e["attempt"], e["outcome"], e["status_code"]) for e in _attempts(db, job_id)] == [(1, "failed", None)]
+    assert deliver(db, delivery_id, strict) == "final"  # a duplicate message does nothing
+
+
+def test_redirects_are_not_followed_and_a_dribbling_receiver_is_cut_off(db, make_settings, tenant_key):
+    import socket
+
+    from worker.webhooks import TOTAL_TIMEOUT_GRACE_S, deliver
+
+    key = tenant_key("train")
+    allowing = _one_shot(make_settings, webhook_allow_private_urls=True, webhook_timeout_s=0.5)
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(307)
+            self.send_header("location", "http://169.254.169.254/latest/meta-data")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        job_id, delivery_id = _ended_job_with_delivery(db, key.tenant_id,
+                                                       f"http://127.0.0.1:{server.server_address[1]}/h")
+        assert deliver(db, delivery_id, allowing) == "failed"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(e["status_code"], e["error"]) for e in _attempts(db, job_id)] == [(307, "HTTP 307")]
+
+    # A receiver that sends its status line and then one header byte every 0.2 s: each read is quick, the
+    # whole never ends. The attempt gives up after webhook_timeout_s + the grace, not never.
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def dribble() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"a")
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    threading.Thread(target=dribble, daemon=True).start()
+    try:
+        job_id, delivery_id = _ended_job_with_delivery(db, key.tenant_id,
+                                                       f"http://127.0.0.1:{listener.getsockname()[1]}/h")
+        started = time.monotonic()
+        assert deliver(db, delivery_id, allowing) == "failed"
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        listener.close()
+    limit = 0.5 + TOTAL_TIMEOUT_GRACE_S
+    assert limit <= took < limit + 3, took
+    assert _attempts(db, job_id)[0]["error"] == f"no complete answer within {limit:g} s"
+
+
+def test_a_delivery_whose_message_was_lost_is_resent_and_delivered(db, make_settings, tenant_key, worker):
+    """The row, not the broker message, is the truth: a pending delivery overdue by more than a lease (its
+    message lost with a broker, or its worker killed mid-attempt) is sent again by the requeuer, and the
+    session's real worker delivers it, once."""
+    from app.models import WebhookDelivery, utcnow
+    from app.services import webhooks
+    from tests.live import WORKER_SETTINGS
+
+    key = tenant_key("admin")
+    settings = make_settings(**WORKER_SETTINGS)
+    with Receiver(fail_first=0) as receiver:
+        job_id, delivery_id = _ended_job_with_delivery(db, key.tenant_id, receiver.url)
+        with db.transaction() as s:  # as if its message went out an hour ago and was lost
+            s.get(WebhookDelivery, delivery_id).next_attempt_at = utcnow() - timedelta(hours=1)
+        assert delivery_id in webhooks.requeue_due(db, webhooks.broker_sender(settings), settings)
+        wait_until(lambda: receiver.requests, 60, "the re-sent delivery")
+        time.sleep(1.0)  # a duplicate message (the live API's requeuer may send one too) must not POST again
+        assert len(receiver.requests) == 1
+    with db.session() as s:
+        row = s.get(WebhookDelivery, delivery_id)
+        assert row.status == "delivered" and row.attempts == 1 and row.enqueued_at is not None
+    assert [e["outcome"] for e in _attempts(db, job_id)] == ["delivered"]
 
 
 def test_secret_is_admin_only_per_tenant_and_rotates_with_an_overlap(client, tenant_key, make_settings):
