@@ -157,6 +157,7 @@ class Lease:
         self.slots, self.tenant_id, self.id = slots, tenant_id, uuid.uuid4().hex
         self.renew_at = time.monotonic() + slots.ttl / 3
         self.released = False
+        self.local = slots._redis is None  # counted in this process (embedded, or Redis unreachable)
 
     async def renew(self) -> None:
         self.renew_at = time.monotonic() + self.slots.ttl / 3
@@ -200,7 +201,9 @@ return 1
 
 
 class StreamSlots:
-    """At most `cap` open streams per tenant: in Redis (all replicas) when `redis_url` is set, else in memory."""
+    """At most `cap` open streams per tenant: in Redis (all replicas) when `redis_url` is set, else in memory.
+    If Redis cannot be reached when a stream opens, that stream is counted in memory instead (the cap then
+    holds per process): streams cost the database nothing, so refusing them all would buy nothing."""
 
     def __init__(self, cap: int, redis_url: str | None = None, key_prefix: str = "", *, ttl: float = 30.0,
                  timeout: float = 3.0):
@@ -226,14 +229,19 @@ class StreamSlots:
     async def acquire(self, tenant_id: uuid.UUID) -> Lease:
         """A slot for a new stream of `tenant_id`, or `TooManyStreams` (429 with Retry-After)."""
         lease = Lease(self, tenant_id)
-        if self._redis is None:
+        ok, wait_ms = False, self.ttl * 1000
+        if not lease.local:
+            try:
+                ok, wait_ms = await run_in_threadpool(lambda: self._acquire(
+                    keys=[self.key(tenant_id)], args=[lease.id, self.cap, int(self.ttl * 1000)]))
+            except Exception:
+                log.warning("stream slots: Redis unreachable; counting this stream in this process", exc_info=True)
+                lease.local = True
+        if lease.local:
             held = self._local.setdefault(tenant_id, set())
-            ok, wait_ms = len(held) < self.cap, self.ttl * 1000
+            ok = len(held) < self.cap
             if ok:
                 held.add(lease.id)
-        else:
-            ok, wait_ms = await run_in_threadpool(
-                lambda: self._acquire(keys=[self.key(tenant_id)], args=[lease.id, self.cap, int(self.ttl * 1000)]))
         if not ok:
             retry_after = max(1, min(int(self.ttl), round(int(wait_ms) / 1000)))
             raise TooManyStreams(f"this tenant already has {self.cap} live event streams open "
@@ -243,12 +251,12 @@ class StreamSlots:
         return lease
 
     async def renew(self, lease: Lease) -> None:
-        if self._redis is not None and not lease.released:
+        if not lease.local and not lease.released:
             await run_in_threadpool(
                 lambda: self._renew(keys=[self.key(lease.tenant_id)], args=[lease.id, int(self.ttl * 1000)]))
 
     async def release(self, lease: Lease) -> None:
-        if self._redis is None:
+        if lease.local:
             held = self._local.get(lease.tenant_id)
             if held is not None:
                 held.discard(lease.id)
@@ -258,11 +266,12 @@ class StreamSlots:
             await run_in_threadpool(self._redis.zrem, self.key(lease.tenant_id), lease.id)
 
     def open_count(self, tenant_id: uuid.UUID) -> int:
-        """Live slots of `tenant_id` (expired leases not counted)."""
+        """Live slots of `tenant_id` (expired leases not counted; in Redis plus any counted here)."""
+        local = len(self._local.get(tenant_id, ()))
         if self._redis is None:
-            return len(self._local.get(tenant_id, ()))
+            return local
         t = self._redis.time()
-        return int(self._redis.zcount(self.key(tenant_id), t[0] * 1000 + t[1] // 1000, "+inf"))
+        return local + int(self._redis.zcount(self.key(tenant_id), t[0] * 1000 + t[1] // 1000, "+inf"))
 
     def close(self) -> None:
         if self._redis is not None:

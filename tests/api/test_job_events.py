@@ -163,3 +163,26 @@ def test_embedded_mode_counts_stream_slots_per_tenant_in_the_process():
         await other.release()
 
     asyncio.run(scenario())
+
+
+def test_with_redis_unreachable_streams_are_capped_per_process_instead_of_refused():
+    import asyncio
+
+    from app.errors import TooManyStreams
+    from app.services.streams import StreamSlots
+    from tests.live import free_port
+
+    async def scenario() -> None:
+        slots = StreamSlots(2, f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)  # nothing listens there
+        tenant = uuid.uuid4()
+        held = [await slots.acquire(tenant), await slots.acquire(tenant)]
+        assert all(lease.local for lease in held)
+        with pytest.raises(TooManyStreams):
+            await slots.acquire(tenant)
+        for lease in held:
+            await lease.renew()  # nothing to renew in Redis: no error
+            await lease.release()
+        assert slots._local == {}
+        slots.close()
+
+    asyncio.run(scenario())
