@@ -752,6 +752,15 @@ def jobs_cancel(client: Any, job_id: str, as_json: bool) -> None:
           f"job {job.id}: {job.status}{' (cancel requested)' if job.cancel_requested and not job.done else ''}")
 
 
+@jobs.command("delete")
+@click.argument("job_id")
+@remote
+def jobs_delete(client: Any, job_id: str, as_json: bool) -> None:
+    """Delete a finished job and its events (its adapter version stays); then its datasets can be deleted."""
+    client.jobs.delete(job_id)
+    _emit({"deleted": job_id}, as_json, f"job {job_id}: deleted")
+
+
 @jobs.command("events")
 @click.argument("job_id")
 @click.option("--follow", "-f", is_flag=True, help="Stream live until the job ends (JSON Lines with --json).")

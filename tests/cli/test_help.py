@@ -11,7 +11,7 @@ import pytest
 from app.cli import main
 from tests.client.conftest import ROOT, subprocess_env
 
-COMMANDS = {"serve", "worker", "db", "keys", "quickstart", "train", "predict", "jobs", "tasks", "sweep"}
+COMMANDS = {"serve", "worker", "db", "keys", "quickstart", "train", "predict", "datasets", "jobs", "tasks", "sweep"}
 
 
 def walk(group: click.Group, prefix: tuple[str, ...] = ()):
@@ -34,8 +34,9 @@ def test_help_lists_every_command(spafit):
 
 def test_the_subcommands_are_all_there():
     assert {c for c in ALL if len(c) == 2} == {
-        ("db", "upgrade"), ("keys", "create"), ("keys", "list"), ("keys", "revoke"),
-        ("jobs", "list"), ("jobs", "show"), ("jobs", "wait"), ("jobs", "cancel"), ("jobs", "events"),
+        ("db", "upgrade"), ("db", "gc"), ("keys", "create"), ("keys", "list"), ("keys", "revoke"),
+        ("datasets", "import"), ("datasets", "show"), ("datasets", "list"),
+        ("jobs", "list"), ("jobs", "show"), ("jobs", "wait"), ("jobs", "cancel"), ("jobs", "delete"), ("jobs", "events"),
         ("tasks", "list"), ("tasks", "show"), ("tasks", "versions"), ("tasks", "activate"), ("tasks", "export"),
         ("tasks", "import")}
 

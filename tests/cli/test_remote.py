@@ -148,6 +148,11 @@ def test_wait_timeout_exits_7_and_a_cancelled_job_exits_1(run, trained, worker):
     assert r.json()["status"] == "cancelled" and r.error()["kind"] == "JobCancelled"
     r = run("jobs", "cancel", job.id)
     assert r.exit_code == 6 and "409" in r.stderr  # already cancelled: a conflict
+    r = run("jobs", "delete", job.id, "--json")  # finished: it can go, and then its dataset
+    assert r.exit_code == 0 and r.json() == {"deleted": job.id}, r
+    assert run("jobs", "show", job.id).exit_code == 3
+    with trained.client() as client:
+        client.datasets.delete(big)
 
 
 def test_the_installed_entry_point_exits_with_the_same_codes(trained):
