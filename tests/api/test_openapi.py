@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 EXPECTED = {
-    ("post", "/v1/datasets"): {"401", "403", "413", "415", "422"},
+    ("post", "/v1/datasets"): {"401", "403", "413", "415", "422", "429", "503"},
     ("get", "/v1/datasets"): {"401", "403", "422"},
     ("get", "/v1/datasets/{dataset_id}"): {"401", "403", "404", "422"},
     ("delete", "/v1/datasets/{dataset_id}"): {"401", "403", "404", "409", "422"},
@@ -45,6 +45,8 @@ def test_openapi_documents_both_upload_bodies_and_the_key_headers(client):
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
+    imported = spec["paths"]["/v1/datasets"]["post"]["responses"]["202"]["content"]["application/json"]["schema"]
+    assert imported["$ref"].endswith("/DatasetOut")  # an import answers 202 with the dataset importing
     assert "file" in body["multipart/form-data"]["schema"]["properties"]
     schemes = spec["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
