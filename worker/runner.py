@@ -288,8 +288,10 @@ class _Heartbeat(threading.Thread):
             with self.lease.db.transaction() as s:
                 res = s.execute(update(Job).where(*self.lease.fence()).values(heartbeat_at=utcnow()))
                 if res.rowcount == 0:
+                    self.lease.refused += 1
                     self.lease.lost.set()
-                    log.warning("job %s: heartbeat refused, the job was taken over", self.lease.job_id)
+                    log.warning("job %s: heartbeat refused, attempt %d no longer holds the job (taken over)",
+                                self.lease.job_id, self.lease.attempt)
                     return
                 if s.scalar(select(Job.cancel_requested).where(Job.id == self.lease.job_id)):
                     self.cancelled.set()
@@ -333,8 +335,8 @@ def run_job(db: Database, job_id: uuid.UUID | str, settings: Settings) -> str:
         hb.stop()
         tmp.cleanup()
         if lease.refused or lease.retries:
-            log.info("job %s attempt %d: %d fenced write(s) refused, %d write(s) retried", job_id, lease.attempt,
-                     lease.refused, lease.retries)
+            log.warning("job %s attempt %d: %d fenced write(s) refused, %d write(s) retried", job_id, lease.attempt,
+                        lease.refused, lease.retries)
 
 
 def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Settings, tmp: Path) -> str:
