@@ -7,6 +7,7 @@ from celery import Task
 from app.db import Database
 from app.settings import get_settings
 
+from . import webhooks as webhook_delivery  # imported here, in the parent: each attempt runs in a fresh child
 from .celery_app import celery_app
 
 
@@ -52,9 +53,7 @@ def train_adapter(self: DatabaseTask, job_id: str) -> str:
 def deliver_webhook(self: DatabaseTask, delivery_id: str) -> str:
     """One attempt at webhook delivery `delivery_id`; a failed one sends this task again after its backoff
     (see worker.webhooks). The delivery row, not this message, is the truth."""
-    from .webhooks import deliver
-
-    return deliver(self.db, delivery_id, get_settings())
+    return webhook_delivery.deliver(self.db, delivery_id, get_settings())
 
 
 @celery_app.task(name="spafit.import_dataset", base=DatabaseTask, bind=True, acks_late=True,
