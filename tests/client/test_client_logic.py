@@ -269,3 +269,79 @@ def closed_port() -> int:
     from tests.client.conftest import free_port
 
     return free_port()
+
+
+# ------------------------------------------------------------------------------------ dataset imports
+DS_ID = "00000000-0000-0000-0000-0000000000d5"
+
+
+def dataset_json(state: str, **kw) -> dict:
+    body = {"id": DS_ID, "name": "owner/x:train", "state": state, "error": None, "format": "jsonl", "source": "hf",
+            "task_type": "single_label_classification", "rows": None, "columns": [], "sha256": None,
+            "size_bytes": None, "text_fields": [], "label_field": None, "label_counts": None, "report": {},
+            "created_at": "2026-01-01T00:00:00Z"}
+    return {**body, **kw}
+
+
+def test_import_hf_posts_the_hub_id_and_polls_until_ready(stub):
+    import json
+
+    stub.add("POST", "/v1/datasets", Reply(202, dataset_json("importing")))
+    stub.add("GET", f"/v1/datasets/{DS_ID}", Reply(200, dataset_json("importing")),
+             Reply(200, dataset_json("ready", rows=3, sha256="a" * 64, size_bytes=10, columns=["text", "label"])))
+    with Client(stub.url) as client:
+        ds = client.datasets.import_hf("owner/x", config_name="c", max_rows=3, text_fields="text")
+    assert (ds.state, ds.rows) == ("ready", 3)
+    assert json.loads(stub.seen("POST", "/v1/datasets")[0].body) == {
+        "hf": {"name": "owner/x", "split": "train", "config_name": "c"}, "max_rows": 3, "text_fields": ["text"]}
+    assert len(stub.seen("GET", f"/v1/datasets/{DS_ID}")) == 2
+
+
+def test_import_hf_raises_the_failure_with_its_type_and_reason(stub):
+    from spafit_client import DatasetImportFailed
+
+    failed = dataset_json("failed", error={"type": "import-too-large", "message": "more than 10 rows"})
+    stub.add("POST", "/v1/datasets", Reply(202, dataset_json("importing")))
+    stub.add("GET", f"/v1/datasets/{DS_ID}", Reply(200, failed))
+    with Client(stub.url) as client, pytest.raises(DatasetImportFailed) as info:
+        client.datasets.import_hf("owner/x")
+    assert (info.value.error_type, info.value.message) == ("import-too-large", "more than 10 rows")
+    assert "import-too-large" in str(info.value)
+
+
+def test_import_hf_without_wait_returns_the_importing_dataset_and_wait_times_out(stub):
+    from spafit_client import ImportWaitTimeout
+
+    stub.add("POST", "/v1/datasets", Reply(202, dataset_json("importing")))
+    stub.add("GET", f"/v1/datasets/{DS_ID}", Reply(200, dataset_json("importing")))
+    with Client(stub.url) as client:
+        ds = client.datasets.import_hf("owner/x", wait=False)
+        assert ds.state == "importing" and not stub.seen("GET", f"/v1/datasets/{DS_ID}")
+        started = time.monotonic()
+        with pytest.raises(ImportWaitTimeout) as info:
+            client.datasets.wait(ds, timeout=0.5)
+    assert time.monotonic() - started < 3 and isinstance(info.value, WaitTimeout) and DS_ID in str(info.value)
+
+
+def test_a_refused_import_is_a_typed_422_and_is_not_retried(stub):
+    stub.add("POST", "/v1/datasets", Reply(422, problem(422, "unsafe-data-source", "a path", field="hf.name")))
+    with Client(stub.url, retry=FAST) as client, pytest.raises(ValidationError) as info:
+        client.datasets.import_hf("/etc/passwd")
+    assert info.value.slug == "unsafe-data-source" and info.value.field == "hf.name"
+    assert len(stub.seen("POST", "/v1/datasets")) == 1
+
+
+def test_async_import_hf_waits_the_same_way(stub):
+    from spafit_client import DatasetImportFailed
+
+    stub.add("POST", "/v1/datasets", Reply(202, dataset_json("importing")))
+    stub.add("GET", f"/v1/datasets/{DS_ID}", Reply(200, dataset_json("importing")),
+             Reply(200, dataset_json("failed", error={"type": "unsafe-data-source", "message": "outside"})))
+
+    async def run():
+        async with AsyncClient(stub.url) as client:
+            await client.datasets.import_hf("owner/x")
+
+    with pytest.raises(DatasetImportFailed) as info:
+        asyncio.run(run())
+    assert info.value.error_type == "unsafe-data-source"
