@@ -98,7 +98,8 @@ export async function newJobView(main, { signal }) {
   let existing = [], tasks = [];
   try {
     [existing, tasks] = await Promise.all([
-      get(withQuery("/v1/datasets", { limit: 100 }), { signal }).then((p) => p.items),
+      // Only ready datasets can train (a Hub import is `importing` until the worker has read it).
+      get(withQuery("/v1/datasets", { limit: 100 }), { signal }).then((p) => p.items.filter((d) => (d.state ?? "ready") === "ready")),
       get(withQuery("/v1/tasks", { limit: 100 }), { signal }).then((p) => p.items),
     ]);
   } catch (e) {
