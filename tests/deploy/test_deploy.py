@@ -65,6 +65,11 @@ def test_containers_run_cli_commands_that_exist(compose):
         assert out.returncode == 0, out.stderr
 
 
+def _interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's `${VAR:-default}` with VAR unset (or from `env`)."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: (env or {}).get(m.group(1), m.group(2)), str(value))
+
+
 def test_compose_environment_names_real_settings(compose):
     from app.settings import Settings
 
@@ -72,8 +77,28 @@ def test_compose_environment_names_real_settings(compose):
     env = compose["x-spafit-env"]
     assert set(env) <= fields, set(env) - fields
     assert env["SPAFIT_MODE"] == "server"
-    s = Settings(_env_file=None, **{k[len("SPAFIT_"):].lower(): v for k, v in env.items()})
+    s = Settings(_env_file=None, **{k[len("SPAFIT_"):].lower(): _interpolate(v) for k, v in env.items()})
     assert s.auth_enabled is True and s.database_url.startswith("postgresql+psycopg://")
+    assert s.metrics_token is None and not s.metrics_on_api_port  # /metrics closed unless a token is given
+    s = Settings(_env_file=None, **{k[len("SPAFIT_"):].lower(): _interpolate(v, {"SPAFIT_METRICS_TOKEN": "t" * 32})
+                                    for k, v in env.items()})
+    assert s.metrics_on_api_port
+
+
+def test_compose_publishes_only_the_api_and_only_on_loopback_by_default(compose):
+    published = {name: svc["ports"] for name, svc in compose["services"].items() if svc.get("ports")}
+    assert list(published) == ["api"], published  # Postgres and Redis are reachable only inside the network
+    (port,) = published["api"]
+    assert _interpolate(port) == "127.0.0.1:8000:8000"
+    assert _interpolate(port, {"SPAFIT_PUBLISH": "0.0.0.0:8000"}) == "0.0.0.0:8000:8000"
+
+
+def test_the_image_runs_server_mode():
+    """`docker run spafit` must not come up auth-off on 0.0.0.0: the image sets server mode, which refuses to
+    start without a database and a broker, and `serve` refuses a non-loopback host with auth off anyway."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^\s+SPAFIT_MODE=server\b", text, re.M)
+    assert 'CMD ["spafit", "serve", "--host", "0.0.0.0"' in text and "--insecure-bind" not in text
 
 
 def test_dockerfile_copies_what_exists_and_runs_as_non_root():

@@ -18,7 +18,6 @@ import httpx
 import pytest
 
 from app.security import hash_secret, is_loopback, parse_key
-from tests.api.adapters import settings_factory
 from tests.api.helpers import assert_problem, csv_bytes, unique_csv, upload
 from tests.live import ROOT, ApiProcess, free_port
 
