@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from ..db import Database
-from ..errors import Conflict
+from ..errors import Conflict, NotFound
 from ..models import JOB_FINAL_STATUSES, Blob, Job, JobEvent, utcnow
 from ..settings import Settings
 from . import blobs, jobs
@@ -51,7 +51,10 @@ def delete_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Non
     # The row lock orders us after any event writer of this job (they lock it first too) and stops a
     # status change between the check and the delete.
     job = session.execute(select(Job).where(Job.id == job.id).with_for_update()
-                          .execution_options(populate_existing=True)).scalar_one()
+                          .execution_options(populate_existing=True)).scalar_one_or_none()
+    if job is None:  # deleted by a concurrent request while we waited for its lock
+        session.rollback()
+        raise NotFound(f"job {job_id} not found")
     status = job.status
     if status not in JOB_FINAL_STATUSES:
         session.rollback()

@@ -65,6 +65,19 @@ def _version_of(db, tenant_id, job_id: str, data: bytes) -> tuple[uuid.UUID, str
         return v.id, sha
 
 
+def _wait_for_a_lock_wait(db, what: str) -> None:
+    """Until some session of the database waits for a lock (a new transaction per look: pg_stat_activity is
+    a snapshot taken once per transaction)."""
+    deadline = time.monotonic() + 20
+    while True:
+        with db.engine.connect() as conn:
+            if conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                 "AND wait_event_type = 'Lock'")).scalar():
+                return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 # ------------------------------------------------------------------------------------------------ DELETE
 
 
@@ -248,12 +261,7 @@ def test_gc_never_takes_a_blob_that_is_being_referenced_meanwhile(gc_db, make_se
         assert blobs.put(writer, data) == sha  # the upload of the same bytes: row now locked by this transaction
         collector = threading.Thread(target=lambda: result.update(r=retention.collect(gc_db, make_settings())))
         collector.start()
-        with gc_db.engine.connect() as conn:  # wait until the collector is blocked on our row lock
-            deadline = time.monotonic() + 20
-            while not conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                        "AND wait_event_type = 'Lock'")).scalar():
-                assert time.monotonic() < deadline, "the collector never waited for the writer's lock"
-                time.sleep(0.05)
+        _wait_for_a_lock_wait(gc_db, "the collector to wait for the writer's row lock")
         writer.add(Dataset(tenant_id=tenant.id, name="d", format="csv", rows=1, columns=["text"], text_fields=["text"],
                            sha256=sha, size_bytes=len(data), report={}))
         writer.commit()
@@ -280,3 +288,43 @@ def test_spafit_db_gc_prints_what_it_freed(gc_db, tmp_path):
     assert text_out.returncode == 0 and "deleted 0 blob(s)" in text_out.stdout, text_out
     with gc_db.session() as s:
         assert s.get(Blob, sha) is None
+
+
+def test_two_deletes_of_one_job_at_once_give_204_and_404(client, db, tenant_key):
+    """The second waits for the first one's row lock and then finds nothing: a 404, never a 500."""
+    from sqlalchemy import delete
+
+    from app.models import Job
+
+    key = tenant_key("train")
+    job_id, _ = _job(client, key)
+    answers: list[int] = []
+    with db.session() as first:  # the first delete, holding the row lock
+        first.execute(select(Job.id).where(Job.id == uuid.UUID(job_id)).with_for_update())
+        second = threading.Thread(target=lambda: answers.append(
+            client.delete(f"/v1/jobs/{job_id}", headers=key.headers).status_code))
+        second.start()
+        _wait_for_a_lock_wait(db, "the second delete to wait for the row lock")
+        first.execute(delete(Job).where(Job.id == uuid.UUID(job_id)))
+        first.commit()
+    second.join(20)
+    assert answers == [404]
+
+
+def test_gc_runs_on_the_embedded_sqlite_database(tmp_path, make_settings):
+    """Embedded mode runs the same collector on SQLite (the API schedules it there too)."""
+    from app.db import Database
+    from app.models import Blob
+    from app.services import migrate, retention
+
+    url = f"sqlite:///{tmp_path / 'spafit.db'}"
+    migrate.upgrade(url)
+    database = Database.from_url(url)
+    try:
+        keep_none = _put(database, b"orphan bytes", age_s=7200)
+        report = retention.collect(database, make_settings())
+        assert (report.blobs_deleted, report.bytes_freed) == (1, len(b"orphan bytes"))
+        with database.session() as s:
+            assert s.get(Blob, keep_none) is None
+    finally:
+        database.dispose()
