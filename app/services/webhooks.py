@@ -59,9 +59,17 @@ class UrlRefused(ValueError):
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _address_allowed(ip: Address, settings: Settings) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(ip, ipaddress.IPv6Address):  # an IPv6 form of an IPv4 address is judged as that address
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour  # 2002:7f00:1:: is 127.0.0.1 behind a 6to4 relay
+        elif ip in NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)  # 64:ff9b::7f00:1 is 127.0.0.1 behind a NAT64
     if settings.webhook_allow_private_urls:
         return not (ip.is_unspecified or ip.is_multicast)
     if ip.is_loopback and settings.mode == "embedded":
@@ -84,7 +92,7 @@ def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = soc
         raise UrlRefused("the URL names no host")
     if parts.username is not None or parts.password is not None:
         raise UrlRefused("credentials in the URL are not accepted; put a token in the path or query instead")
-    port = port or (443 if parts.scheme == "https" else 80)
+    port = port if port is not None else (443 if parts.scheme == "https" else 80)
     try:
         literal: Address | None = ipaddress.ip_address(host)
     except ValueError:
@@ -94,7 +102,7 @@ def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = soc
     else:
         try:
             infos = resolver(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as e:
+        except (OSError, UnicodeError, ValueError) as e:  # ValueError: a NUL in the name
             raise UrlRefused(f"the host {host!r} does not resolve ({e.__class__.__name__})") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
         if not addresses:

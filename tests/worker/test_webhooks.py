@@ -190,6 +190,8 @@ def test_cancelling_a_queued_job_sends_job_cancelled(job_client, make_key, tiny_
     "http://0.0.0.0/", "http://100.64.0.1/", "http://[fe80::1]/", "http://[fd00::1]/",
     "ftp://example.com/hook", "file:///etc/passwd", "gopher://1.1.1.1/", "http:///nohost",
     "http://user:pw@93.184.215.14/", "http://name.invalid/hook", "not a url",
+    "http://2130706433/", "http://0x7f.1/", "http://[64:ff9b::7f00:1]/", "http://[2002:a00:1::]/",
+    "http://exa\x00mple.com/", "http://[::1/", "http://1.1.1.1:99999/",
 ])
 def test_server_mode_refuses_webhook_urls_inside_the_network(client, tenant_key, url):
     key = tenant_key("train")
