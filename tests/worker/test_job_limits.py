@@ -174,3 +174,27 @@ def test_the_active_job_limit_holds_across_two_api_replicas(held_app_factory, te
         stored = s.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == key.tenant_id))
     assert sorted(statuses) == [202] * LIMIT + [429] * (16 - LIMIT), statuses
     assert stored == LIMIT
+
+
+def test_registration_refuses_an_adapter_with_non_finite_tensors(db, tenant_key, tiny_base):
+    """The registry (which the worker, sweeps and adapter imports all go through) stores no NaN adapter."""
+    from safetensors.torch import load, save
+
+    from app.models import AdapterVersion, Task
+    from app.services import registry
+    from spafit_core.adapter import sha256_hex
+    from spafit_core.errors import NonFiniteError
+    from tests.api.adapters import random_adapter
+
+    key = tenant_key("train")
+    cfg, weights = random_adapter(tiny_base, {"name": "spafit", "n1": 1, "n2": 2, "rank": 4})
+    tensors = load(weights)
+    name = sorted(tensors)[-1]
+    tensors[name][0] = float("nan")
+    bad = save(tensors)
+    cfg = {**cfg, "weights": {**cfg["weights"], "sha256": sha256_hex(bad)}}
+    with db.session() as s, pytest.raises(NonFiniteError, match=name):
+        registry.register_version(s, key.tenant_id, "nan-task", cfg, bad)
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Task).where(Task.tenant_id == key.tenant_id)) == 0
+        assert s.scalar(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.blob_sha256 == sha256_hex(bad))) == 0
