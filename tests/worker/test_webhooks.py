@@ -251,24 +251,14 @@ def _ended_job_with_delivery(db: Any, tenant_id: uuid.UUID, url: str) -> tuple[u
     """A failed job with `url` as its webhook, ended the way every path ends a job (its final status event,
     which adds the delivery in the same transaction): (job id, delivery id). This process has no outbox sender,
     so the test sends (or the live API's requeuer would, once overdue)."""
-    from app.models import Dataset, Job, WebhookDelivery
-    from app.services import events
+    from app.models import WebhookDelivery
 
     with db.transaction() as s:
-        ds = Dataset(tenant_id=tenant_id, name="d", format="csv", rows=1, columns=["text", "label"],
-                     text_fields=["text"], label_field="label", report={}, source="upload")
-        s.add(ds)
-        s.flush()
-        job = Job(tenant_id=tenant_id, task_name="wh-direct", base_model="x", train_dataset_id=ds.id,
-                  text_fields=["text"], label_field="label", method={}, hyperparameters={}, status="failed",
-                  error_type="internal-error", error_message="boom", webhook_url=url)
-        s.add(job)
-        s.flush()
-        events.append_in(s, job.id, "status", {"status": "failed"})
+        job_id = _ended_job_in(s, tenant_id, url, status="failed")
     with db.session() as s:
-        delivery = s.scalar(select(WebhookDelivery).where(WebhookDelivery.job_id == job.id))
+        delivery = s.scalar(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id))
     assert delivery is not None and delivery.event == "job.failed" and delivery.status == "pending"
-    return job.id, delivery.id
+    return job_id, delivery.id
 
 
 def _attempts(db: Any, job_id: uuid.UUID) -> list[dict]:
@@ -428,3 +418,63 @@ def test_deliveries_of_another_tenants_job_are_not_listed(client, tenant_key):
     r = client.get("/v1/webhooks/deliveries", params={"job": str(uuid.uuid4())}, headers=key.headers)
     assert r.status_code == 404
     assert client.get("/v1/webhooks/deliveries", headers=key.headers).json() == {"items": [], "next_cursor": None}
+
+
+def test_embedded_mode_on_sqlite_delivers_to_loopback_and_the_outbox_sends_after_commit(tmp_path):
+    """Embedded mode: SQLite registry, loopback allowed. The outbox hands a delivery to the sender only once its
+    transaction commits (never for one rolled back), then one attempt delivers it."""
+    from app.db import Database
+    from app.models import WebhookDelivery
+    from app.services import keys, migrate, webhooks
+    from app.settings import Settings
+    from worker.webhooks import deliver
+
+    url = f"sqlite:///{tmp_path / 'spafit.db'}"
+    migrate.upgrade(url)
+    settings = Settings(_env_file=None, mode="embedded", data_dir=tmp_path, database_url=url)
+    db = Database.from_url(url)
+    sent: list[uuid.UUID] = []
+    webhooks.install_outbox(db, lambda delivery_id, countdown=None: sent.append(delivery_id))
+    try:
+        with db.session() as s:
+            tenant_id = keys.create_tenant(s, "embedded").id
+        with Receiver(fail_first=0) as receiver:
+            try:  # a transaction that ends the job, then fails: no row, nothing sent
+                with db.transaction() as s:
+                    _ended_job_in(s, tenant_id, receiver.url)
+                    raise RuntimeError("rolled back")
+            except RuntimeError:
+                pass
+            assert sent == []
+            with db.transaction() as s:
+                job_id = _ended_job_in(s, tenant_id, receiver.url)
+                assert sent == []  # not before the commit
+            assert len(sent) == 1
+            assert deliver(db, sent[0], settings) == "delivered"
+            secret = webhooks.ensure_secret(db.session(), tenant_id).webhook_secret
+            from spafit_client import verify_webhook
+
+            assert verify_webhook(receiver.requests[0]["body"], receiver.requests[0]["headers"],
+                                  secret)["data"]["job_id"] == str(job_id)
+        with db.session() as s:
+            assert [d.status for d in s.scalars(select(WebhookDelivery))] == ["delivered"]
+    finally:
+        db.dispose()
+
+
+def _ended_job_in(s: Any, tenant_id: uuid.UUID, url: str, status: str = "succeeded") -> uuid.UUID:
+    """In transaction `s`: a job ended with `status` the way every path ends one (its final status event)."""
+    from app.models import Dataset, Job
+    from app.services import events
+
+    ds = Dataset(tenant_id=tenant_id, name="d", format="csv", rows=1, columns=["text", "label"],
+                 text_fields=["text"], label_field="label", report={}, source="upload")
+    s.add(ds)
+    s.flush()
+    job = Job(tenant_id=tenant_id, task_name="wh-embedded", base_model="x", train_dataset_id=ds.id,
+              text_fields=["text"], label_field="label", method={}, hyperparameters={}, status=status,
+              webhook_url=url)
+    s.add(job)
+    s.flush()
+    events.append_in(s, job.id, "status", {"status": status})
+    return job.id
