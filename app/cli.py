@@ -191,9 +191,10 @@ def serve(host: str, port: int, with_worker: bool | None, api_workers: int, inse
         log.warning(
             "INSECURE BIND: auth is off and the API listens on %s:%s; anyone who reaches it acts as the local "
             "tenant (--insecure-bind)", host, port)
-        if sorted(settings.allowed_hosts) == sorted(LOOPBACK_HOSTS):
-            log.warning(
-                "only the loopback Host names are answered (SPAFIT_ALLOWED_HOSTS); add the name clients use")
+        os.environ["SPAFIT_INSECURE_BIND"] = "true"  # for the app, which refuses network requests otherwise
+        get_settings.cache_clear()
+    if not is_loopback(host) and sorted(settings.allowed_hosts) == sorted(LOOPBACK_HOSTS):
+        log.warning("only the loopback Host names are answered (SPAFIT_ALLOWED_HOSTS); add the name clients use")
     if with_worker is None:
         with_worker = settings.mode == "embedded"
     child = None

@@ -83,6 +83,13 @@ class UntrustedHost(AppError):
     status = 400
 
 
+class LoopbackOnly(AppError):
+    """Auth is off (embedded mode) and the request came in on a network address, not loopback."""
+
+    type = "loopback-only"
+    status = 403
+
+
 class CrossOriginRefused(AppError):
     """A state-changing browser request from another origin that carries no API key (request forgery)."""
 

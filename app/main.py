@@ -179,7 +179,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            expose_headers=["X-Request-ID", "Retry-After"])
     # Outside CORS and the body cap: a foreign Host or a forged cross-origin request is refused unread.
     app.add_middleware(HostOriginMiddleware, allowed_hosts=settings.allowed_hosts,
-                       allowed_origins=settings.cors_origins)
+                       allowed_origins=settings.cors_origins,
+                       loopback_only=not settings.auth_enabled and not settings.insecure_bind)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
 

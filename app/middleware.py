@@ -13,8 +13,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import CrossOriginRefused, PayloadTooLarge, UntrustedHost, problem
+from .errors import CrossOriginRefused, LoopbackOnly, PayloadTooLarge, UntrustedHost, problem
 from .metrics import Metrics
+from .security import is_loopback
 
 _REQUEST_ID = re.compile(r"[\w.:-]{1,128}")
 
@@ -152,15 +153,23 @@ class HostOriginMiddleware:
       preflight to send it, which only `allowed_origins` pass; clients other than browsers send no `Origin`.
     """
 
-    def __init__(self, app: ASGIApp, allowed_hosts: list[str], allowed_origins: list[str]):
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str], allowed_origins: list[str], loopback_only: bool = False):
         self.app = app
         self.allowed_hosts = allowed_hosts
-        self.any_origin = "*" in allowed_origins
-        self.allowed_origins = {o.strip().rstrip("/").lower() for o in allowed_origins}
+        # "*" opens CORS to scripts that bring a key; a keyless request still needs its origin listed by name.
+        self.allowed_origins = {o.strip().rstrip("/").lower() for o in allowed_origins} - {"*"}
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.loopback_only and not _local_listener(scope.get("server")):
+            # Auth off, yet reached on a network address (uvicorn started by hand with --host 0.0.0.0, a container
+            # in embedded mode): the bind check of `spafit serve` was bypassed, so refuse here.
+            response = problem(403, LoopbackOnly.type, "auth is off, so this service answers only on a loopback "
+                               "address; run server mode (API keys), or set SPAFIT_INSECURE_BIND=true",
+                               request=Request(scope))
+            return await response(scope, receive, send)
         headers = Headers(scope=scope)
         host = split_host(headers.get("host", ""))
         if host is None or not host_allowed(host[0], self.allowed_hosts):
@@ -179,7 +188,7 @@ class HostOriginMiddleware:
         if origin is None:  # not a browser, or an old one; modern ones also say where a request comes from
             return headers.get("sec-fetch-site", "same-origin").lower() in ("same-origin", "none")
         origin = origin.strip().rstrip("/").lower()
-        if self.any_origin or origin in self.allowed_origins:
+        if origin in self.allowed_origins:
             return True
         try:
             parts = urlsplit(origin)
@@ -192,6 +201,15 @@ class HostOriginMiddleware:
         # Without a port in Host, the client used the scheme's default (a TLS proxy in front: https and 443).
         return parts.hostname.rstrip(".") == name and (port == host_port or (host_port is None and
                                                                               port == DEFAULT_PORTS[parts.scheme]))
+
+
+def _local_listener(server: tuple[str, int | None] | list | None) -> bool:
+    """Whether the socket a request arrived on is this machine's own: a loopback address or a Unix socket
+    (no port). Unknown (no `server` in the scope) counts as local: the bind check is then the CLI's."""
+    if not server:
+        return True
+    host, port = server[0], server[1]
+    return port is None or is_loopback(str(host))
 
 
 def _carries_key(headers: Headers) -> bool:

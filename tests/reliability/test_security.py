@@ -260,11 +260,52 @@ def test_a_cross_origin_request_with_a_key_is_left_to_auth_and_cors(make_setting
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True),
-                                            ("127.8.9.10", True), ("0.0.0.0", False), ("::", False),
+                                            ("127.8.9.10", True), ("::ffff:127.0.0.1", True), ("0.0.0.0", False),
+                                            ("::", False), ("::ffff:192.0.2.1", False),
                                             ("192.168.1.4", False), ("example.com", False), ("", False),
                                             ("localhost.example.com", False)])
 def test_is_loopback(host, loopback):
     assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("insecure_bind", [False, True])
+def test_auth_off_refuses_requests_that_arrive_on_a_network_address(tmp_path, insecure_bind):
+    """`uvicorn app.main:create_app --factory --host 0.0.0.0` (or a container in embedded mode) bypasses the
+    CLI's bind check: the app itself then refuses what reaches it on a non-loopback address of the machine
+    (the ASGI scope's `server`), unless insecure_bind says it is meant."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.startswith("SPAFIT_") and not name.startswith("SPAFIT_TEST_"):
+                mp.delenv(name)
+        settings = Settings(_env_file=None, data_dir=tmp_path / "data", preload_base_model=False,
+                            allowed_hosts="192.0.2.10,localhost", insecure_bind=insecure_bind)
+        app = create_app(settings)
+        with TestClient(app, base_url="http://192.0.2.10:8000") as network, \
+                TestClient(app, base_url="http://localhost:8000") as local:
+            r = network.get("/v1/tasks")
+            if insecure_bind:
+                assert r.status_code == 200, r.text
+            else:
+                assert_problem(r, 403, "loopback-only")
+                assert_problem(upload(network, unique_csv()), 403, "loopback-only")
+            assert local.get("/v1/tasks").status_code == 200
+            assert local.get("/v1/datasets").json()["items"] == []
+
+
+def test_a_wildcard_cors_origin_does_not_open_keyless_writes(make_settings, tenant_key):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    key = tenant_key("train")
+    with TestClient(create_app(make_settings(cors_origins="*"))) as client:
+        assert_problem(upload(client, unique_csv(), headers={"Origin": EVIL}), 403, "cross-origin-refused")
+        assert upload(client, unique_csv(), headers={**key.headers, "Origin": EVIL}).status_code == 201
 
 
 def _clean_env(tmp_path, **extra: str) -> dict[str, str]:
@@ -284,11 +325,25 @@ def test_serve_with_auth_off_refuses_a_non_loopback_host(tmp_path, host):
     assert not (tmp_path / "data").exists()  # refused before anything started
 
 
+def _network_address() -> str | None:
+    """A non-loopback IPv4 address of this machine (the one a route to TEST-NET would leave from), if any."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # UDP: no packet is sent
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if is_loopback(address) or address == "0.0.0.0" else address
+
+
 def test_serve_insecure_bind_warns_and_still_refuses_foreign_hosts_and_origins(tmp_path):
-    """--insecure-bind (here: the setting) is heard, logged as a warning, and the Host and Origin checks still
-    hold on the real server."""
-    api = ApiProcess(_clean_env(tmp_path, SPAFIT_INSECURE_BIND="true"), tmp_path / "serve.log")
+    """--insecure-bind is heard, logged as a warning, handed to the app (which then answers on the network
+    address too), and the Host and Origin checks still hold on the real server."""
+    api = ApiProcess(_clean_env(tmp_path), tmp_path / "serve.log")
     api.args[api.args.index("127.0.0.1")] = "0.0.0.0"
+    api.args.append("--insecure-bind")
     api.start()
     try:
         log = api.tail()
@@ -299,8 +354,45 @@ def test_serve_insecure_bind_warns_and_still_refuses_foreign_hosts_and_origins(t
         r = httpx.post(api.url + "/v1/datasets", files={"file": ("a.csv", csv_bytes())}, headers={"Origin": EVIL})
         assert r.status_code == 403 and r.json()["type"].endswith("/cross-origin-refused")
         assert httpx.get(api.url + "/v1/datasets").json()["items"] == []
+        address = _network_address()
+        if address is not None:  # reached on the machine's own network address, with a Host it answers to
+            r = httpx.get(f"http://{address}:{api.port}/v1/tasks", headers={"Host": "localhost"})
+            assert r.status_code == 200, r.text
     finally:
         api.stop()
+
+
+def test_uvicorn_by_hand_on_all_interfaces_with_auth_off_answers_only_on_loopback(tmp_path):
+    """The bypass of `spafit serve`'s check, run for real: uvicorn itself on 0.0.0.0 in embedded mode."""
+    port = free_port()
+    log = open(tmp_path / "uvicorn.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0",
+                             "--port", str(port)], env=_clean_env(tmp_path), cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        from tests.live import wait_until
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is not None
+
+        wait_until(up, 60, "uvicorn")
+        assert proc.poll() is None, (tmp_path / "uvicorn.log").read_text()[-2000:]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/tasks").status_code == 200
+        address = _network_address()
+        if address is not None:
+            r = httpx.get(f"http://{address}:{port}/v1/tasks", headers={"Host": "localhost"})
+            assert r.status_code == 403 and r.json()["type"].endswith("/loopback-only"), r.text
+            r = httpx.post(f"http://{address}:{port}/v1/datasets", files={"file": ("a.csv", csv_bytes())},
+                           headers={"Host": "localhost"})
+            assert r.status_code == 403
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/datasets").json()["items"] == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
 
 
 # ------------------------------------------------------------------------------------ /metrics
