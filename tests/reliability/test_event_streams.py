@@ -302,6 +302,69 @@ def test_the_sdk_follows_a_job_across_many_stream_ends(replicas, db, make_key, m
     assert [o["last_event_id"] for o in opened][0] == 0
 
 
+def _write_then_finish(db: Any, job: str, total: int, pause: float) -> threading.Thread:
+    def write() -> None:
+        for i in range(total):
+            _append(db, job, step=i)
+            time.sleep(pause)
+        _finish(db, job)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    return writer
+
+
+def test_the_async_sdk_follows_a_job_across_stream_ends(replicas, db, make_key):
+    from spafit_client import AsyncClient
+
+    _, short = replicas
+    key = make_key("train")
+    job = _queued_jobs(short.url, key, 1)[0]
+    writer = _write_then_finish(db, job, 30, 0.12)  # ~3.6 s: the stream ends twice meanwhile
+
+    async def follow() -> list[int]:
+        async with AsyncClient(short.url, api_key=key.key) as client:
+            return [e.seq async for e in client.jobs.stream_events(job)]
+
+    try:
+        seen = asyncio.run(follow())
+    finally:
+        writer.join()
+    assert seen == list(range(1, 30 + 3))
+
+
+def test_the_dashboard_follows_a_job_across_stream_ends(replicas, db, make_key):
+    """The dashboard's own streamEvents() (app/static/dashboard/assets/api.js), run by Node against the replica
+    that ends streams after 1.5 s: every event once, in order, then it resolves at `end`."""
+    import shutil
+    import subprocess
+
+    from app.routes.dashboard import STATIC_DIR
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("this test runs the dashboard's stream reader in Node: install nodejs", pytrace=False)
+    _, short = replicas
+    key = make_key("train")
+    job = _queued_jobs(short.url, key, 1)[0]
+    script = f"""
+globalThis.sessionStorage = {{ getItem: () => {json.dumps(key.key)}, setItem() {{}}, removeItem() {{}} }};
+const realFetch = globalThis.fetch;
+globalThis.fetch = (path, opts) => realFetch({json.dumps(short.url)} + path, opts);
+const {{ streamEvents }} = await import({json.dumps((STATIC_DIR / "assets" / "api.js").as_uri())});
+const seen = [];
+await streamEvents({json.dumps(job)}, 0, (e) => seen.push(e.seq), new AbortController().signal);
+console.log(JSON.stringify(seen));
+"""
+    writer = _write_then_finish(db, job, 30, 0.12)
+    try:
+        out = subprocess.run([node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    finally:
+        writer.join()
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == list(range(1, 30 + 3))
+
+
 @pytest.mark.parametrize("value", ["abc", "-1", "1.5", "2147483648", "9" * 5000, "0x10", "+3"])
 def test_a_malformed_last_event_id_is_a_422_problem(replicas, make_key, value):
     long, _ = replicas
