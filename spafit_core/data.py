@@ -349,6 +349,7 @@ def shorten(text: str, n: int = 120) -> str:
 # A Hub dataset id: "name" or "owner/name".
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+MAX_CARD_CHARS = 1 << 20  # a dataset card is a few KB of YAML and prose
 
 
 def check_hub_id(name: str) -> str:
@@ -408,6 +409,8 @@ def _card_paths(card: dict[str, Any]) -> Iterator[tuple[str, object]]:
 def check_dataset_card(readme: str) -> None:
     """Refuse (`UnsafeDataSource`) a dataset card (README.md) whose `configs` name data files or folders
     outside the dataset's own repository: absolute paths, `..`, URLs or other schemes."""
+    if len(readme) > MAX_CARD_CHARS:
+        raise DataError(f"the dataset card is longer than {MAX_CARD_CHARS} characters")
     if not readme.startswith("---"):
         return
     end = readme.find("\n---", 3)

@@ -87,6 +87,21 @@ def test_a_symlink_inside_the_dataset_to_a_server_file_is_refused(tmp_path, secr
         core_data.load_hf_dataset(str(folder), "train")
 
 
+def test_a_folder_without_a_card_whose_data_file_links_out_is_refused(tmp_path, secret):
+    folder = tmp_path / "nocard"
+    folder.mkdir()
+    (folder / "train.csv").symlink_to(secret)
+    with pytest.raises(UnsafeDataSource):
+        core_data.load_hf_dataset(str(folder), "train")
+
+
+def test_an_oversized_card_is_refused_before_it_is_parsed(tmp_path):
+    folder = dataset_folder(tmp_path)
+    (folder / "README.md").write_text("---\nconfigs: []\n---\n" + "x" * (core_data.MAX_CARD_CHARS + 1))
+    with pytest.raises(DataError, match="longer than"):
+        core_data.check_source(str(folder), hub_only=False)
+
+
 @pytest.mark.parametrize("name", ["/etc/passwd", "./x", "../x", "a/b/c", "csv", "text", "x:y", "~"])
 def test_hub_only_refuses_anything_but_a_hub_id(tmp_path, name):
     with pytest.raises(UnsafeDataSource):
