@@ -25,6 +25,9 @@ EXPECTED = {
     ("post", "/v1/jobs/{job_id}/cancel"): {"401", "403", "404", "409", "422"},
     ("delete", "/v1/jobs/{job_id}"): {"401", "403", "404", "409", "422"},
     ("get", "/v1/jobs/{job_id}/events"): {"401", "403", "404", "422", "429"},
+    ("get", "/v1/webhooks/secret"): {"401", "403"},
+    ("post", "/v1/webhooks/secret"): {"401", "403"},
+    ("get", "/v1/webhooks/deliveries"): {"401", "403", "404", "422"},
 }
 
 
