@@ -174,6 +174,15 @@ def test_loopback_names_are_answered_in_embedded_mode(embedded, host):
     assert embedded.get("/v1/tasks", headers={"Host": host}).status_code == 200
 
 
+def test_health_probes_answer_whatever_the_host(embedded):
+    """Orchestrators probe by IP; liveness and readiness hold nothing a rebound page could use."""
+    for host in ("10.1.2.3:8000", "evil.example", ""):
+        assert embedded.get("/healthz", headers={"Host": host}).status_code == 200
+        assert embedded.get("/readyz", headers={"Host": host}).status_code in (200, 503)
+        assert_problem(embedded.post("/healthz", headers={"Host": host}), 400, "untrusted-host")
+        assert_problem(embedded.get("/healthz/", headers={"Host": host}), 400, "untrusted-host")
+
+
 # (The scheme is not compared: one host and port is one listener, and behind a TLS proxy the app sees http while
 # the page's origin is https.)
 @pytest.mark.parametrize("origin", [EVIL, "null", "http://localhost:3000", "http://127.0.0.1:8000", "http://localhost:8000.evil.example", "file://",
