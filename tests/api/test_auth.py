@@ -57,6 +57,20 @@ def test_missing_scope_is_403(client, tenant_key):
     assert_problem(upload(client, unique_csv(), headers=predict_only.headers), 403, "forbidden")
 
 
+def test_a_predict_key_reads_tasks_but_nothing_of_training(client, tenant_key):
+    """Least privilege: `predict` reads tasks and predicts; datasets, jobs and their events are `train`'s."""
+    reader = tenant_key("predict")
+    assert client.get("/v1/tasks", headers=reader.headers).status_code == 200
+    for path in ("/v1/jobs", f"/v1/jobs/{reader.key_id}", f"/v1/jobs/{reader.key_id}/events", "/v1/datasets"):
+        body = assert_problem(client.get(path, headers=reader.headers), 403, "forbidden")
+        assert body["required_scope"] == "train" and body["accepted_scopes"] == ["train"]
+    trainer = tenant_key("train")
+    assert client.get("/v1/tasks", headers=trainer.headers).status_code == 200  # training produces tasks
+    body = assert_problem(client.post("/v1/predict", json={"tasks": ["x"], "inputs": ["y"]}, headers=trainer.headers),
+                          403, "forbidden")
+    assert body["required_scope"] == "predict"
+
+
 def test_admin_scope_implies_the_others(client, tenant_key):
     assert client.get("/v1/datasets", headers=tenant_key("admin").headers).status_code == 200
 
