@@ -34,7 +34,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ..db import Database
 from ..errors import InvalidInput, TooManyStreams
@@ -341,7 +341,9 @@ async def event_stream(db: Database, hub: EventHub, lease: Lease, job_id: uuid.U
 
 class EventStreamResponse(StreamingResponse):
     """A text/event-stream response that gives its stream slot back however it ends (finished, the client
-    gone, an error, or never started)."""
+    gone, an error, or never started). A client that stops reading is dropped once one write has waited
+    longer than a slot lease (`sse_slot_ttl_s`): its slot would have lapsed by then, and an unread stream
+    must not stay open uncounted."""
 
     def __init__(self, content: AsyncIterator[str], lease: Lease):
         super().__init__(content, media_type="text/event-stream",
@@ -349,8 +351,14 @@ class EventStreamResponse(StreamingResponse):
         self.lease = lease
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message: Message) -> None:
+            with anyio.fail_after(self.lease.slots.ttl):
+                await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except* TimeoutError:
+            log.info("event stream dropped: its client read nothing for %.0fs", self.lease.slots.ttl)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.lease.release()

@@ -186,3 +186,37 @@ def test_with_redis_unreachable_streams_are_capped_per_process_instead_of_refuse
         slots.close()
 
     asyncio.run(scenario())
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed():
+    """A write that waits longer than a slot lease ends the stream (the client's buffers are full: it reads
+    nothing), and the slot is given back; it does not stay open, uncounted, forever."""
+    import asyncio
+    import time
+
+    from app.services.streams import EventStreamResponse, StreamSlots
+
+    async def scenario() -> float:
+        slots = StreamSlots(1, ttl=0.3)
+        tenant = uuid.uuid4()
+        lease = await slots.acquire(tenant)
+
+        async def body():
+            while True:
+                yield "event: progress\ndata: {}\n\n"
+
+        async def receive() -> dict:
+            await asyncio.Event().wait()  # the client never says it left
+            return {}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()  # its socket buffer is full: the write never completes
+
+        t = time.monotonic()
+        await asyncio.wait_for(EventStreamResponse(body(), lease)(
+            {"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send), 10)
+        assert slots.open_count(tenant) == 0
+        return time.monotonic() - t
+
+    assert asyncio.run(scenario()) < 2
