@@ -328,3 +328,22 @@ def test_gc_runs_on_the_embedded_sqlite_database(tmp_path, make_settings):
             assert s.get(Blob, keep_none) is None
     finally:
         database.dispose()
+
+
+def test_the_api_runs_the_collector_every_gc_interval(make_settings, db):
+    """The API schedules the collector itself (as it does the requeuer), so embedded mode needs no Celery beat."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.models import Blob
+    from tests.live import wait_until
+
+    sha = _put(db, secrets.token_bytes(256), age_s=7200)  # an orphan, long past the grace period
+
+    def gone() -> bool:
+        with db.session() as s:
+            return s.get(Blob, sha) is None
+
+    assert not gone()
+    with TestClient(create_app(make_settings(gc_interval_s=0.2))):
+        wait_until(gone, 15, "the API's periodic collection to delete the orphan blob", interval=0.1)
