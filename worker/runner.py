@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
@@ -77,8 +77,31 @@ def _holder_alive(claimed_by: str | None) -> bool:
     return True
 
 
+def guard(db: Database, settings: Settings) -> Database:
+    """Have Postgres end any session of this worker that sits idle inside a transaction for longer than a
+    heartbeat takes to go stale: a process paused mid-transaction (SIGSTOP, a swapped-out VM) would otherwise
+    keep its row lock on the job and block the worker taking it over. When it wakes, its connection is gone,
+    its transaction rolled back, and its retried write is refused by the fence."""
+    if db.engine.dialect.name != "postgresql":
+        return db
+    ms = max(1000, int(settings.job_heartbeat_stale_s * 1000))
+
+    @event.listens_for(db.engine, "connect")
+    def _idle_in_transaction_timeout(dbapi_conn, _record) -> None:
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+        dbapi_conn.autocommit = autocommit
+
+    return db
+
+
 def _transient(e: BaseException) -> bool:
-    return isinstance(e, TRANSIENT_DB_ERRORS) or (isinstance(e, DBAPIError) and e.connection_invalidated)
+    if isinstance(e, TRANSIENT_DB_ERRORS):
+        return True
+    # 25P03: the session was ended for idling in a transaction (see `guard`): a lost connection, not a bad write.
+    return isinstance(e, DBAPIError) and (e.connection_invalidated or getattr(e.orig, "sqlstate", None) == "25P03")
 
 
 class LeaseLost(Exception):
@@ -349,15 +372,16 @@ def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Setti
 
     job_id = job.id
     try:
-        def load(s: Session) -> tuple[dict, bytes | None]:
+        def load(s: Session) -> tuple[dict, bytes | None]:  # bytes only: parsing happens outside the transaction
             train_ds, train_bytes = _dataset(s, job.tenant_id, job.train_dataset_id)
-            tables = {"train": core_data.read_table(train_bytes, train_ds.format)}
+            raw = {"train": (train_bytes, train_ds.format)}
             if job.validation_dataset_id is not None:
                 val_ds, val_bytes = _dataset(s, job.tenant_id, job.validation_dataset_id)
-                tables["validation"] = core_data.read_table(val_bytes, val_ds.format)
-            return tables, blobs.get(s, job.checkpoint_sha256) if job.checkpoint_sha256 else None
+                raw["validation"] = (val_bytes, val_ds.format)
+            return raw, blobs.get(s, job.checkpoint_sha256) if job.checkpoint_sha256 else None
 
-        tables, ckpt_bytes = lease.write(load, "read the datasets")
+        raw, ckpt_bytes = lease.write(load, "read the datasets")
+        tables = {name: core_data.read_table(data, fmt) for name, (data, fmt) in raw.items()}
         ckpt = tmp / "checkpoint.safetensors"
         if ckpt_bytes is not None:
             ckpt.write_bytes(ckpt_bytes)

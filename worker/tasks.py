@@ -19,7 +19,9 @@ class DatabaseTask(Task):
     @property
     def db(self) -> Database:
         if DatabaseTask._db is None:
-            DatabaseTask._db = Database.from_settings(get_settings())
+            from .runner import guard
+
+            DatabaseTask._db = guard(Database.from_settings(get_settings()), get_settings())
             from app.services import webhooks
 
             # the webhook deliveries a job's end adds go to the broker once their transaction commits

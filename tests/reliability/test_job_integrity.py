@@ -393,3 +393,32 @@ def test_a_final_job_is_left_as_it_is_by_every_late_message(app_client, worker, 
     time.sleep(3)
     assert (job_row(db, job_id).updated_at, len(_events(db, job_id))) == before
     assert job_row(db, job_id).status in FINAL
+
+
+def test_a_worker_session_left_idle_in_a_transaction_loses_its_locks(make_settings, pg_url, app_client, tenant_key,
+                                                                      db):
+    """A worker paused inside a transaction would keep its row lock on the job and block the takeover: worker
+    sessions are ended by Postgres once idle in a transaction for a heartbeat's staleness."""
+    from sqlalchemy.exc import DBAPIError
+
+    from app.db import Database
+    from worker.runner import _transient, guard
+
+    key = tenant_key("train")
+    train, val = _datasets(app_client, key.headers, n=16)
+    app_client.app.state.send_job = lambda job_id: None
+    job_id = uuid.UUID(_submit(app_client, key.headers, job_body(train, val, task="locked")))
+    paused = guard(Database.from_url(pg_url), make_settings(job_heartbeat_stale_s=1.0))
+    try:
+        with pytest.raises(DBAPIError) as ended, paused.transaction() as s:
+            s.execute(select(Job.id).where(Job.id == job_id).with_for_update())  # the "paused" worker's lock
+            start = time.monotonic()
+            with db.transaction() as other:  # the worker taking over gets the row once the session is ended
+                other.execute(update(Job).where(Job.id == job_id).values(claimed_by="successor:1"))
+            waited = time.monotonic() - start
+            s.execute(select(Job.id))  # the paused one, awake: its session is gone
+        assert 0.5 < waited < 10, waited
+        assert _transient(ended.value)  # the woken worker retries it (then its fence refuses the write)
+        assert job_row(db, job_id).claimed_by == "successor:1"
+    finally:
+        paused.dispose()
