@@ -47,6 +47,7 @@ SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
 FINAL_EVENTS = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
 REQUEUE_BATCH = 500
+REQUEUE_SPACING_S = 300.0  # a delivery's message is re-sent at most this often
 
 Sender = Callable[..., None]  # send(delivery_id, countdown=None)
 
@@ -318,11 +319,16 @@ def retry_delay(settings: Settings, attempt: int) -> float:
 
 def requeue_due(db: Database, send_: Sender, settings: Settings) -> list[uuid.UUID]:
     """Re-send pending deliveries whose attempt is overdue by more than a lease: their message was lost (a
-    broker restart) or their worker died mid-attempt. Sending twice is harmless: attempts are claimed."""
-    overdue = utcnow() - timedelta(seconds=lease_s(settings))
+    broker restart) or their worker died mid-attempt. Sending twice is harmless: attempts are claimed. One
+    sent in the last REQUEUE_SPACING_S is left alone, so a message merely waiting for a busy worker does
+    not gain a duplicate every round."""
+    now = utcnow()
+    overdue = now - timedelta(seconds=lease_s(settings))
+    recently = now - timedelta(seconds=max(REQUEUE_SPACING_S, lease_s(settings)))
     with db.session() as s:
-        ids = list(s.scalars(select(WebhookDelivery.id).where(WebhookDelivery.status == "pending",
-                                                              WebhookDelivery.next_attempt_at < overdue)
+        ids = list(s.scalars(select(WebhookDelivery.id).where(
+            WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at < overdue,
+            WebhookDelivery.enqueued_at.is_(None) | (WebhookDelivery.enqueued_at < recently))
                              .order_by(WebhookDelivery.next_attempt_at).limit(REQUEUE_BATCH)))
     sent = [i for i in ids if send(send_, db, i)]
     if sent:

@@ -366,7 +366,14 @@ def test_a_delivery_whose_message_was_lost_is_resent_and_delivered(db, make_sett
         job_id, delivery_id = _ended_job_with_delivery(db, key.tenant_id, receiver.url)
         with db.transaction() as s:  # as if its message went out an hour ago and was lost
             s.get(WebhookDelivery, delivery_id).next_attempt_at = utcnow() - timedelta(hours=1)
-        assert delivery_id in webhooks.requeue_due(db, webhooks.broker_sender(settings), settings)
+        _, recent_id = _ended_job_with_delivery(db, key.tenant_id, receiver.url)
+        with db.transaction() as s:  # overdue too, but its message went out 10 s ago: maybe a busy worker has it
+            row = s.get(WebhookDelivery, recent_id)
+            row.next_attempt_at, row.enqueued_at = utcnow() - timedelta(hours=1), utcnow() - timedelta(seconds=10)
+        resent = webhooks.requeue_due(db, webhooks.broker_sender(settings), settings)
+        assert delivery_id in resent and recent_id not in resent
+        with db.transaction() as s:  # keep the live API's requeuer away from it for the rest of the session
+            s.get(WebhookDelivery, recent_id).status = "failed"
         wait_until(lambda: receiver.requests, 60, "the re-sent delivery")
         time.sleep(1.0)  # a duplicate message (the live API's requeuer may send one too) must not POST again
         assert len(receiver.requests) == 1
