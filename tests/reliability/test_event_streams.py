@@ -1,7 +1,7 @@
 """Live event streams against real API processes: they cost nothing while they wait.
 
 Two API replicas (`spafit serve`, server mode) on the session's Postgres and one Redis prefix, with a stream cap
-of 5 per tenant and 3 s slot leases; the second has a 1.5 s maximum stream duration. Their broker prefix
+of 5 per tenant: `long` as in production, `short` with a 1.5 s maximum stream duration and 3 s slot leases. Their broker prefix
 reaches no worker, so the jobs created here stay queued (nobody trains them) and the tests write the jobs'
 events themselves, as a worker would.
 
@@ -34,8 +34,11 @@ from .conftest import ApiProcess, service_env, wait_until
 pytestmark = pytest.mark.slow
 
 CAP = 5
-STREAM_SETTINGS = {"sse_max_streams_per_tenant": CAP, "sse_slot_ttl_s": 3, "sse_ping_interval_s": 1,
-                   "sse_poll_interval_s": 0.2, "preload_base_model": False}
+STREAM_SETTINGS = {"sse_max_streams_per_tenant": CAP, "sse_poll_interval_s": 0.2, "preload_base_model": False}
+# `long` is configured as in production (10-minute streams, a ping every 15 s, 30 s slot leases); `short` ends its
+# streams after 1.5 s, pings every second and its slots lapse 3 s after it dies.
+LONG = {"sse_max_duration_s": 600, "sse_ping_interval_s": 15, "sse_slot_ttl_s": 30}
+SHORT = {"sse_max_duration_s": 1.5, "sse_ping_interval_s": 1, "sse_slot_ttl_s": 3}
 SSE = {"Accept": "text/event-stream"}
 
 
@@ -44,10 +47,10 @@ def replicas(pg_url, redis_url, rel_prefix, tiny_base, tmp_path_factory) -> Iter
     """(long, short): two API replicas sharing the database and the stream slots; `short` ends streams after 1.5 s."""
     root = tmp_path_factory.mktemp("sse")
     prefix = f"{rel_prefix}sse:"
-    long = ApiProcess(service_env(pg_url, redis_url, prefix, tiny_base, root / "a", **STREAM_SETTINGS,
-                                  sse_max_duration_s=600), root / "long.log")
-    short = ApiProcess(service_env(pg_url, redis_url, prefix, tiny_base, root / "b", **STREAM_SETTINGS,
-                                   sse_max_duration_s=1.5), root / "short.log")
+    long = ApiProcess(service_env(pg_url, redis_url, prefix, tiny_base, root / "a", **STREAM_SETTINGS, **LONG),
+                      root / "long.log")
+    short = ApiProcess(service_env(pg_url, redis_url, prefix, tiny_base, root / "b", **STREAM_SETTINGS, **SHORT),
+                       root / "short.log")
     long.launch(), short.launch()
     try:
         yield long.wait_ready(), short.wait_ready()
@@ -214,7 +217,7 @@ def _open(url: str, key: Any, job_id: str, client: httpx.Client) -> httpx.Respon
     return r
 
 
-def test_the_stream_cap_holds_across_replicas_and_per_tenant(replicas, make_key, redis_client, rel_prefix):
+def test_the_stream_cap_holds_across_replicas_and_per_tenant(replicas, make_key, redis_client, rel_prefix, measure):
     long, short = replicas
     a, b = make_key("train"), make_key("train")
     job_a, job_b = _queued_jobs(long.url, a, 1)[0], _queued_jobs(long.url, b, 1)[0]
@@ -229,14 +232,16 @@ def test_the_stream_cap_holds_across_replicas_and_per_tenant(replicas, make_key,
                 assert r.status_code == 429, r.text
                 assert r.headers["content-type"].startswith("application/problem+json")
                 assert r.json()["type"].endswith("/too-many-streams")
-                assert 1 <= int(r.headers["Retry-After"]) <= 3
+                assert 1 <= int(r.headers["Retry-After"]) <= LONG["sse_slot_ttl_s"]
             other = _open(short.url, b, job_b, c)  # another tenant is not affected
             assert other.status_code == 200
             other.close()
             # A client that goes away frees its slot at once (not when its 3 s lease lapses).
+            t = time.monotonic()
             held.pop().close()
             wait_until(lambda: redis_client.zcard(key) == CAP - 1, 1.5, "the closed stream's slot to be released",
-                       interval=0.05)
+                       interval=0.02)
+            measure(slot_released_after_disconnect_s=round(time.monotonic() - t, 3))
             again = _open(long.url, a, job_a, c)
             assert again.status_code == 200
             held.append(again)
@@ -272,7 +277,7 @@ def test_a_stream_resumes_after_its_maximum_duration_without_losing_or_repeating
                                                                                     "last_event_id": 7}
 
 
-def test_the_sdk_follows_a_job_across_many_stream_ends(replicas, db, make_key, monkeypatch):
+def test_the_sdk_follows_a_job_across_many_stream_ends(replicas, db, make_key, monkeypatch, measure):
     from spafit_client import Client
     from spafit_client import _endpoints as E
 
@@ -299,6 +304,7 @@ def test_the_sdk_follows_a_job_across_many_stream_ends(replicas, db, make_key, m
         writer.join()
     assert seen == list(range(1, total + 3))  # queued, 60 progress, cancelled: each once, in order
     assert len(opened) >= 3, opened  # it did resume, each time from the last seq it had
+    measure(events=len(seen), streams_opened=len(opened), resumed_after=[o["last_event_id"] for o in opened])
     assert [o["last_event_id"] for o in opened][0] == 0
 
 
@@ -386,7 +392,7 @@ def test_another_tenants_job_stream_is_404(replicas, make_key):
     assert r.status_code == 404
 
 
-def test_the_slots_of_a_killed_replica_lapse_by_themselves(replicas, make_key, redis_client, rel_prefix):
+def test_the_slots_of_a_killed_replica_lapse_by_themselves(replicas, make_key, redis_client, rel_prefix, measure):
     long, short = replicas
     a = make_key("train")
     job = _queued_jobs(long.url, a, 1)[0]
@@ -398,8 +404,11 @@ def test_the_slots_of_a_killed_replica_lapse_by_themselves(replicas, make_key, r
         assert r.status_code == 429
         r.close()
         short.kill9()  # its streams' slots stay in Redis, unrenewed
+        t = time.monotonic()
         for r in held:
             r.close()
         assert redis_client.zcard(key) == CAP
         wait_until(lambda: (r := _open(long.url, a, job, c)).status_code == 200 or r.close(), 8,
-                   "a slot after the dead replica's leases lapsed", interval=0.5)
+                   "a slot after the dead replica's leases lapsed", interval=0.25)
+        measure(slot_ttl_s=SHORT["sse_slot_ttl_s"], new_stream_accepted_after_kill_s=round(
+            time.monotonic() - t, 2))
