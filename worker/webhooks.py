@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from app.db import Database
 from app.models import Job, Tenant, WebhookDelivery, utcnow
@@ -28,6 +29,7 @@ from app.settings import Settings
 log = logging.getLogger("spafit.worker.webhooks")
 
 EARLY_TOLERANCE_S = 1.0  # a message may fire this much before its row says the attempt is due
+RECORD_TRIES = 4  # writing an attempt's outcome, over about 3.5 s
 TOTAL_TIMEOUT_GRACE_S = 5.0  # one whole POST: webhook_timeout_s plus this (well inside the lease)
 
 
@@ -103,16 +105,23 @@ def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
     else:
         delay = webhooks.retry_delay(settings, attempt)
         outcome, values = "retrying", {"next_attempt_at": now + timedelta(seconds=delay)}
-    with db.transaction() as s:
-        s.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id,
-                                                WebhookDelivery.attempts == attempt)
-                  .values(last_status_code=code, last_error=error, **values))
-        if s.get(Job, job_id) is not None:  # a job deleted meanwhile took its deliveries with it
-            events.append_in(s, job_id, "webhook", {
-                "delivery_id": str(delivery_id), "event": event, "attempt": attempt, "max_attempts": max_attempts,
-                "outcome": outcome, "status_code": code, "error": error, "seconds": round(elapsed, 3),
-                "next_retry_in_s": delay,
-                "next_retry_at": values["next_attempt_at"].isoformat() if delay is not None else None})
+    record = {"delivery_id": str(delivery_id), "event": event, "attempt": attempt, "max_attempts": max_attempts,
+              "outcome": outcome, "status_code": code, "error": error, "seconds": round(elapsed, 3),
+              "next_retry_in_s": delay,
+              "next_retry_at": values["next_attempt_at"].isoformat() if delay is not None else None}
+    for i in range(RECORD_TRIES):  # the database may be briefly away; if it stays away, the lease runs out
+        try:                       # and the requeuer sends the delivery again (at least once)
+            with db.transaction() as s:
+                s.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id,
+                                                        WebhookDelivery.attempts == attempt)
+                          .values(last_status_code=code, last_error=error, **values))
+                if s.get(Job, job_id) is not None:  # a job deleted meanwhile took its deliveries with it
+                    events.append_in(s, job_id, "webhook", record)
+            break
+        except (OperationalError, InterfaceError, IntegrityError):
+            if i == RECORD_TRIES - 1:
+                raise
+            time.sleep(0.5 * 2 ** i)
     log.info("webhook %s (%s) attempt %d/%d: %s%s", delivery_id, event, attempt, max_attempts, outcome,
              f" ({error})" if error else "")
     if delay is not None:
