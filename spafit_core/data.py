@@ -465,7 +465,7 @@ def check_source(name_or_path: str, *, hub_only: bool) -> None:
             check_dataset_card(card)
 
 
-def _read_card(name_or_path: str, local_dir: Path | None) -> str | None:
+def _read_card(name_or_path: str, local_dir: Path | None, token: bool | None = None) -> str | None:
     if local_dir is not None:
         card = local_dir / "README.md"
         return card.read_text(encoding="utf-8", errors="replace") if card.is_file() else None
@@ -473,7 +473,7 @@ def _read_card(name_or_path: str, local_dir: Path | None) -> str | None:
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return Path(hf_hub_download(name_or_path, "README.md", repo_type="dataset")).read_text(
+        return Path(hf_hub_download(name_or_path, "README.md", repo_type="dataset", token=token)).read_text(
             encoding="utf-8", errors="replace")
     except EntryNotFoundError:
         return None
@@ -488,7 +488,8 @@ def load_hf_dataset(name_or_path: str, split: str, config_name: str | None = Non
     `name_or_path`: a hub id, or (unless `hub_only`) a local `save_to_disk` folder, dataset folder or data
     file. A dataset card whose `data_files` point outside the dataset is refused (`UnsafeDataSource`).
     `max_rows` keeps the first rows only; `limit_rows` / `limit_bytes` (bytes as JSON Lines) are hard
-    bounds: reading stops as soon as one is passed and raises `ImportTooLarge`."""
+    bounds: reading stops as soon as one is passed and raises `ImportTooLarge`. With `hub_only` the Hub is
+    asked anonymously: a token this machine holds never opens a private or gated dataset to the caller."""
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
@@ -512,23 +513,31 @@ def load_hf_dataset(name_or_path: str, split: str, config_name: str | None = Non
                 raise DataError(f"cannot tell the format of {shorten(name_or_path)}")
             ds = datasets.load_dataset(builder_name, data_files={split: str(path)}, split=split, streaming=True)
         else:
-            card = _read_card(name_or_path, path if local and path.is_dir() else None)
+            token = False if hub_only else None
+            card = _read_card(name_or_path, path if local and path.is_dir() else None, token)
             if card is not None:
                 check_dataset_card(card)
-            builder = datasets.load_dataset_builder(name_or_path, config_name)
+            builder = datasets.load_dataset_builder(name_or_path, config_name, token=token)
             _check_resolved_files(builder)
             ds = builder.as_streaming_dataset(split=split)
         return _table_from_rows(ds, max_rows, limit_rows, limit_bytes)
     except DataError:
         raise
-    except ConnectionError as e:
-        raise DataError(f"cannot reach the Hugging Face Hub to load {shorten(repr(name_or_path))} "
-                        f"({shorten(str(e), 200)})" + ("" if hub_only else "; without network access, load a "
-                                                       "local file or folder instead")) from None
-    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, DatasetNotFoundError...)
-        raise DataError(f"cannot load {shorten(repr(name_or_path))}"
-                        f"{f' ({config_name})' if config_name else ''} split {split!r}: "
-                        f"{type(e).__name__}: {shorten(_without_paths(str(e)), 300)}") from None
+    except Exception as e:
+        if type(e).__name__ == "SoftTimeLimitExceeded":  # the worker's time limit (Celery): not a data problem
+            raise
+        raise _load_error(e, name_or_path, split, config_name, hub_only) from None
+
+
+def _load_error(e: Exception, name_or_path: str, split: str, config_name: str | None, hub_only: bool) -> DataError:
+    """What went wrong, in words: the reason `datasets` gave (the machine's paths left out)."""
+    if isinstance(e, ConnectionError):
+        return DataError(f"cannot reach the Hugging Face Hub to load {shorten(repr(name_or_path))} "
+                         f"({shorten(str(e), 200)})" + ("" if hub_only else "; without network access, load a "
+                                                        "local file or folder instead"))
+    # datasets raises many types (FileNotFoundError, ValueError, DatasetNotFoundError...)
+    return DataError(f"cannot load {shorten(repr(name_or_path))}{f' ({config_name})' if config_name else ''} "
+                     f"split {split!r}: {type(e).__name__}: {shorten(_without_paths(str(e)), 300)}")
 
 
 def _without_paths(text: str) -> str:

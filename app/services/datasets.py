@@ -203,16 +203,32 @@ def run_import(db: Database, dataset_id: uuid.UUID, settings: Settings) -> str:
     return "ready"
 
 
-def expire_stale_imports(db: Database, settings: Settings) -> int:
-    """Fail imports a worker took and then went silent on for longer than `import_timeout_s` (its process was
-    killed where no re-delivery happens). Imports no worker has taken yet wait for one."""
+def requeue_imports(db: Database, send: ImportSender, settings: Settings) -> tuple[int, int]:
+    """The API's periodic look at imports in progress: (1) fail those a worker took and then went silent on for
+    longer than `import_timeout_s` (its process killed where no re-delivery happens); (2) send again those no
+    worker has taken for that long (their message may be lost: the API died before sending it, or a broker
+    restart dropped it), at most once per `import_timeout_s`. A duplicate message is harmless: an import that
+    is no longer `importing` is never touched. Returns (failed, re-sent)."""
     stale = utcnow() - timedelta(seconds=settings.import_timeout_s + 60)
     with db.transaction() as s:
-        res = s.execute(update(Dataset).where(Dataset.state == "importing", Dataset.import_attempts > 0,
-                                              Dataset.updated_at < stale)
-                        .values(state="failed", error_type="worker-lost",
-                                error_message="the worker importing this dataset stopped; import it again"))
-    return res.rowcount
+        failed = s.execute(update(Dataset).where(Dataset.state == "importing", Dataset.import_attempts > 0,
+                                                 Dataset.updated_at < stale)
+                           .values(state="failed", error_type="worker-lost",
+                                   error_message="the worker importing this dataset stopped; import it again")).rowcount
+        waiting = list(s.scalars(select(Dataset.id).where(Dataset.state == "importing", Dataset.import_attempts == 0,
+                                                          Dataset.updated_at < stale).limit(100)))
+        if waiting:  # touched first: the next look waits another import_timeout_s
+            s.execute(update(Dataset).where(Dataset.id.in_(waiting)).values(updated_at=utcnow()))
+    resent = 0
+    for dataset_id in waiting:
+        try:
+            send(dataset_id)
+            resent += 1
+        except Exception as e:  # the broker is away: the next round tries again
+            log.warning("could not re-send dataset import %s (%s)", dataset_id, e)
+    if failed or resent:
+        log.info("imports: %d failed as lost, %d re-sent to the broker", failed, resent)
+    return failed, resent
 
 
 def _basename(filename: str | None) -> str | None:

@@ -115,6 +115,27 @@ def test_hub_only_refuses_an_existing_local_folder_that_looks_like_a_hub_id(tmp_
         core_data.load_hf_dataset("owner", "train", hub_only=True)
 
 
+def test_a_hub_import_never_uses_a_token_of_this_machine(monkeypatch, tmp_path):
+    """A token the server holds (HF_TOKEN) must not open a private or gated dataset to a tenant."""
+    seen: dict[str, object] = {}
+
+    def card(repo_id, filename, **kw):
+        seen["card"] = kw.get("token", "unset")
+        path = tmp_path / "README.md"
+        path.write_text("---\nconfigs: []\n---\n")
+        return str(path)
+
+    def builder(path, name=None, **kw):
+        seen["builder"] = kw.get("token", "unset")
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", card)
+    monkeypatch.setattr("datasets.load_dataset_builder", builder)
+    with pytest.raises(DataError):
+        core_data.load_hf_dataset("owner/private", "train", hub_only=True)
+    assert seen == {"card": False, "builder": False}
+
+
 def _counting_stream(n: int, seen: list[int]):
     from datasets import IterableDataset
 
@@ -348,17 +369,40 @@ def test_an_import_that_keeps_killing_its_worker_gives_up(db, trainer, local_set
     assert row(db, dataset_id).error_type == "worker-lost"
 
 
-def test_a_taken_import_whose_worker_went_silent_expires(db, trainer, local_settings, tmp_path):
-    settings = local_settings(import_timeout_s=60)
-    taken = start(db, trainer.tenant_id, settings, str(dataset_folder(tmp_path, "a")))
-    waiting = start(db, trainer.tenant_id, settings, str(dataset_folder(tmp_path, "b")))
+def test_lost_imports_are_failed_or_sent_again(db, trainer, local_settings, tmp_path):
+    """A taken import whose worker went silent fails; one no worker took (its message lost) is sent again,
+    once per import_timeout_s; a recent one is left alone."""
+    settings = local_settings(import_timeout_s=60, max_concurrent_imports=5)
+    taken, waiting, recent = (start(db, trainer.tenant_id, settings, str(dataset_folder(tmp_path, n)))
+                              for n in ("a", "b", "c"))
     long_ago = utcnow() - timedelta(seconds=600)
     with db.transaction() as s:
         s.execute(update(Dataset).where(Dataset.id == taken).values(import_attempts=1, updated_at=long_ago))
         s.execute(update(Dataset).where(Dataset.id == waiting).values(updated_at=long_ago))
-    assert service.expire_stale_imports(db, settings) >= 1
+    sent: list[uuid.UUID] = []
+    failed, resent = service.requeue_imports(db, sent.append, settings)
+    assert failed >= 1 and waiting in sent and recent not in sent and taken not in sent
     assert (row(db, taken).state, row(db, taken).error_type) == ("failed", "worker-lost")
-    assert row(db, waiting).state == "importing"  # never taken: it waits for a worker
+    assert row(db, waiting).state == "importing"
+    sent.clear()
+    service.requeue_imports(db, sent.append, settings)
+    assert waiting not in sent  # touched when sent: not again before another import_timeout_s
+    assert service.run_import(db, waiting, settings) == "ready"  # the re-sent message does the import
+
+
+def test_the_worker_time_limit_fails_the_import_as_a_timeout(db, trainer, local_settings, tmp_path, monkeypatch):
+    class SoftTimeLimitExceeded(Exception):  # what Celery raises inside a task past its soft time limit
+        pass
+
+    def slow(*args, **kwargs):
+        raise SoftTimeLimitExceeded()
+
+    settings = local_settings(import_timeout_s=5)
+    dataset_id = start(db, trainer.tenant_id, settings, str(dataset_folder(tmp_path)))
+    monkeypatch.setattr("datasets.load_dataset_builder", slow)
+    assert service.run_import(db, dataset_id, settings) == "failed"
+    ds = row(db, dataset_id)
+    assert (ds.error_type, ds.error_message) == ("import-timeout", "the import took longer than 5 s")
 
 
 def test_a_hub_import_in_server_mode_refuses_a_path_even_in_the_worker(db, trainer, make_settings, secret):
