@@ -87,7 +87,7 @@ async def _requeue_loop(app: FastAPI) -> None:
         await asyncio.sleep(settings.job_requeue_interval_s)
         try:
             await run_in_threadpool(job_service.requeue_orphans, app.state.db, app.state.send_job, settings)
-            await run_in_threadpool(dataset_service.expire_stale_imports, app.state.db, settings)
+            await run_in_threadpool(dataset_service.requeue_imports, app.state.db, app.state.send_import, settings)
             await run_in_threadpool(webhook_service.requeue_due, app.state.db, app.state.send_webhook, settings)
             counts = await run_in_threadpool(job_service.count_by_status, app.state.db)
             for status, n in counts.items():
