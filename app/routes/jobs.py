@@ -20,8 +20,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=202, response_model=JobOut,
-             responses=problem_responses(400, 401, 403, 404, 409, 413, 422),
-             summary="Start a fine-tuning job (202: queued)")
+             responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 429),
+             summary="Start a fine-tuning job (202: queued; 429: the tenant's queued + running jobs at their limit)")
 def create_job(*, request: Request, response: Response, body: JobCreate, session: SessionDep,
                settings: SettingsDep, principal: TrainPrincipal,
                idempotency_key: Annotated[str | None, Header(max_length=200, description=(
