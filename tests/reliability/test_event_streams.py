@@ -171,6 +171,20 @@ def _latencies(url: str, key: Any, path: str, n: int) -> list[float]:
     return out
 
 
+def _database_sessions_of(api: ApiProcess, db: Any) -> list[str]:
+    """The states (`idle`, `active`, `idle in transaction`) of the Postgres sessions the API process holds."""
+    import psutil
+    from sqlalchemy import text
+
+    ports = [c.laddr.port for c in psutil.Process(api.proc.pid).net_connections(kind="tcp")
+             if c.raddr and c.raddr.port == 5432]
+    if not ports:
+        return []
+    with db.engine.connect() as conn:
+        return list(conn.execute(text("SELECT state FROM pg_stat_activity WHERE client_port = ANY(:ports)"),
+                                 {"ports": ports}).scalars())
+
+
 def _p95(xs: list[float]) -> float:
     return sorted(xs)[int(0.95 * (len(xs) - 1))]
 
@@ -191,6 +205,10 @@ def test_50_open_streams_leave_other_routes_at_their_normal_latency(replicas, db
         wait_until(lambda: all(streams.received[i] for i in streams.received) and streams.opened >= 50, 60,
                    "50 streams to open", interval=0.2)
         assert streams.errors == []
+        held = _database_sessions_of(long, db)
+        # 50 streams open, and the API holds no transaction open for them (at most its idle pooled connections).
+        assert "idle in transaction" not in held and len(held) <= 5, held
+        measure(api_database_sessions_with_50_streams=held)
         during = _latencies(long.url, probe, path, 40)
         for t in tenants:  # and they still deliver: one new event per job reaches each of its 5 streams
             _append(db, jobs[t.key], note="live")
