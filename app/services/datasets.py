@@ -49,8 +49,9 @@ class Upload:
 
 
 def local_paths_allowed(settings: Settings) -> bool:
-    """Server paths are only for the local user of an embedded, auth-off service, never for key holders."""
-    return settings.mode == "embedded" and not settings.auth_enabled
+    """Server paths are only for the local user of an embedded, auth-off service on loopback: never for key
+    holders, nor for whoever reaches an embedded service bound to the network (`insecure_bind`)."""
+    return settings.mode == "embedded" and not settings.auth_enabled and not settings.insecure_bind
 
 
 def create(session: Session, tenant_id: uuid.UUID, source: Upload) -> Dataset:

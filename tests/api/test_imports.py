@@ -317,6 +317,17 @@ def test_the_request_refuses_a_local_card_pointing_outside_with_422(make_setting
     assert body["field"] == "data_files" and "SECRET" not in json.dumps(body)
 
 
+@pytest.mark.parametrize("overrides", [{"auth_enabled": True}, {"insecure_bind": True}])
+def test_embedded_mode_on_the_network_or_with_keys_imports_hub_datasets_only(make_settings, tmp_path, overrides):
+    from app.services.datasets import local_paths_allowed
+
+    settings = make_settings(mode="embedded", **{"auth_enabled": False, **overrides})
+    assert not local_paths_allowed(settings)
+    with pytest.raises(UnsafeDataSource):
+        core_data.check_source(str(dataset_folder(tmp_path)), hub_only=not local_paths_allowed(settings))
+    assert local_paths_allowed(make_settings(mode="embedded", auth_enabled=False))
+
+
 @pytest.mark.parametrize("limits, message", [({"max_import_rows": 20}, "more than 20 rows"),
                                              ({"max_import_bytes": 500}, "larger than 500 bytes")])
 def test_run_import_over_a_bound_fails_and_stores_nothing(db, trainer, local_settings, tmp_path, limits, message):
