@@ -191,9 +191,10 @@ class Settings(BaseSettings):
         "creation (422).",
     )
     max_active_jobs_per_tenant: int = Field(
-        default=20, ge=1,
-        description="Training jobs (and sweeps) one tenant may have queued or running at once; one more gets "
-        "429 with Retry-After. Counted in the database, so it holds across API replicas.",
+        default=64, ge=1,
+        description="Training jobs one tenant may have queued or running at once, each sweep trial counting as "
+        "one (64: room for the largest sweep); one more gets 429 with Retry-After, a sweep with more trials "
+        "than this 422. Counted in the database, so it holds across API replicas.",
     )
     engine_device: str = Field(default="auto", description="Device of the serving engine: auto, cpu, cuda, cuda:N.")
     engine_cache_bytes: int = Field(
@@ -211,13 +212,13 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(default=5.0, ge=0, description="How long a row waits for others to batch with.")
     batch_max_tokens: int = Field(default=16384, ge=64, description="Most padded tokens in one forward pass.")
     batch_max_queue: int = Field(
-        default=2048, ge=1, description="Rows waiting to be served, all tenants; beyond it predict answers 503 with "
-        "Retry-After."
+        default=2048, ge=1, description="Prediction rows admitted and not yet answered, all tenants; beyond it predict "
+        "answers 503 with Retry-After."
     )
     batch_max_queue_per_tenant: int = Field(
         default=512, ge=1,
-        description="Rows one tenant may have waiting (per API process); beyond it that tenant's predicts get 429 "
-        "with Retry-After while other tenants are served.",
+        description="Prediction rows one tenant may have admitted and not yet answered (per API process); beyond it "
+        "that tenant's predicts get 429 with Retry-After while other tenants are served.",
     )
     batch_tenant_quantum: int = Field(
         default=8, ge=1, description="Rows a tenant of weight 1 is served per turn of the deficit round robin."

@@ -151,17 +151,23 @@ def _check_limits(body: JobCreate, hp: dict, train: Dataset, base_model: str, se
                           f"{settings.job_time_limit_s} s (SPAFIT_JOB_TIME_LIMIT_S)", field="time_limit_s")
 
 
-def _check_active_jobs(session: Session, tenant_id: uuid.UUID, settings: Settings) -> None:
-    """At most `max_active_jobs_per_tenant` jobs queued or running (a sweep counts once). The tenant's row is
-    locked to the end of the creating transaction, so concurrent creates on any API replica count in turn."""
+def _check_active_jobs(session: Session, tenant_id: uuid.UUID, settings: Settings, adding: int) -> None:
+    """At most `max_active_jobs_per_tenant` training runs queued or running, counting each sweep trial as a run
+    (a sweep's parent runs nothing). The tenant's row is locked to the end of the creating transaction, so
+    concurrent creates on any API replica count in turn."""
+    limit = settings.max_active_jobs_per_tenant
+    if adding > limit:
+        raise ConfigError(f"the sweep has {adding} trials, more than the {limit} training jobs a tenant may have "
+                          "queued or running (SPAFIT_MAX_ACTIVE_JOBS_PER_TENANT): list fewer values",
+                          field="method.sweep")
     session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
     active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant_id, Job.parent_job_id.is_(None), Job.status.in_(("queued", "running"))))
-    if active >= settings.max_active_jobs_per_tenant:
-        raise TooManyJobs(f"this tenant already has {active} training jobs queued or running, its limit "
-                          f"(SPAFIT_MAX_ACTIVE_JOBS_PER_TENANT={settings.max_active_jobs_per_tenant}); retry when "
-                          "one has finished", headers={"Retry-After": str(TOO_MANY_JOBS_RETRY_AFTER_S)},
-                          limit=settings.max_active_jobs_per_tenant)
+        Job.tenant_id == tenant_id, Job.kind != "sweep", Job.status.in_(("queued", "running"))))
+    if active + adding > limit:
+        what = f"{adding} more" if adding > 1 else "one more"
+        raise TooManyJobs(f"this tenant has {active} training jobs queued or running and may have {limit} "
+                          f"(SPAFIT_MAX_ACTIVE_JOBS_PER_TENANT), so not {what}; retry when one has finished",
+                          headers={"Retry-After": str(TOO_MANY_JOBS_RETRY_AFTER_S)}, limit=limit, active=active)
 
 
 def request_hash(body: JobCreate) -> str:
@@ -218,7 +224,13 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
             raise ConfigError("a sweep keeps the trial with the best validation metric: pass validation_dataset",
                               field="validation_dataset")
         method["sweep"] = body.method.sweep.model_dump()
-    _check_active_jobs(session, tenant_id, settings)
+    if sweep:
+        from . import sweeps
+
+        adding = len(sweeps.grid(method, method["sweep"], _model_depth(base_model)))
+    else:
+        adding = 1
+    _check_active_jobs(session, tenant_id, settings, adding)
     job = Job(tenant_id=tenant_id, kind="sweep" if sweep else "train", task_name=body.task, task_type=body.task_type or train.task_type
               or "single_label_classification", base_model=base_model, train_dataset_id=train.id,
               validation_dataset_id=val.id if val else None, text_fields=text_fields, label_field=label_field,

@@ -149,6 +149,24 @@ def test_a_tenant_over_its_active_job_limit_gets_429_and_others_do_not(held, ten
     assert_problem(held.post("/v1/jobs", json=job_body(train, val, task="full-again"), headers=key.headers), 429)
 
 
+def test_each_sweep_trial_counts_toward_the_active_job_limit(held, tenant_key):
+    key = tenant_key("train")
+    train, val = datasets(held, key.headers, n=16)
+
+    def sweep(n2: list[int]) -> dict:
+        return {**job_body(train, val, task="swept"),
+                "method": {"name": "spafit", "rank": 2, "sweep": {"n1": [1], "n2": n2}}}
+
+    problem = assert_problem(held.post("/v1/jobs", json=sweep([1, 2, 3, 4]), headers=key.headers), 422)
+    assert problem["field"] == "method.sweep" and "more than the 3" in problem["detail"], problem  # 4 > 3, ever
+    assert held.post("/v1/jobs", json=job_body(train, val), headers=key.headers).status_code == 202
+    r = held.post("/v1/jobs", json=sweep([2, 3, 4]), headers=key.headers)  # 1 active + 3 trials > 3
+    assert assert_problem(r, 429)["active"] == 1
+    r = held.post("/v1/jobs", json=sweep([2, 3]), headers=key.headers)  # 1 + 2 trials: fits
+    assert r.status_code == 202 and r.json()["kind"] == "sweep", r.text
+    assert_problem(held.post("/v1/jobs", json=job_body(train, val), headers=key.headers), 429)
+
+
 def test_the_active_job_limit_holds_across_two_api_replicas(held_app_factory, tenant_key, db):
     """Two app instances (replicas) on one database, 16 concurrent creates: never more than the limit."""
     key = tenant_key("train")
