@@ -192,6 +192,21 @@ def test_an_event_stream_that_keeps_closing_gives_up(stub):
     assert len(stub.seen("GET", f"{JOB}/events")) == 4
 
 
+def test_a_stream_the_server_ends_at_its_maximum_duration_is_resumed_at_once_however_often(stub):
+    """`event: reconnect` (the stream's time is up) is not a failure: a job quiet for many stream lifetimes is
+    followed to its end, each stream resumed from the last seq seen."""
+    stream = {"Content-Type": "text/event-stream"}
+    reconnect = b'event: reconnect\ndata: {"last_event_id": 1, "reason": "max-duration"}\n\n'
+    stub.add("GET", f"{JOB}/events", Reply(200, sse((1, "status", {"status": "queued"})) + reconnect, stream),
+             *[Reply(200, b": ping\n\n" + reconnect, stream)] * 6,
+             Reply(200, sse((2, "status", {"status": "cancelled"}), end=True), stream))
+    with Client(stub.url, retry=FAST) as client:
+        events = list(client.jobs.stream_events(JOB.rsplit("/", 1)[1]))
+    assert [e.seq for e in events] == [1, 2]
+    seen = stub.seen("GET", f"{JOB}/events")
+    assert len(seen) == 8 and all(s.headers["last-event-id"] == "1" for s in seen[1:])
+
+
 @pytest.mark.parametrize("status,error,exc", [("failed", {"type": "invalid-dataset", "message": "bad rows"}, JobFailed),
                                               ("cancelled", None, JobCancelled)])
 def test_wait_raises_when_the_job_does_not_succeed(stub, status, error, exc):
