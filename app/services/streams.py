@@ -220,6 +220,9 @@ class StreamSlots:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StreamSlots:
+        if settings.mode == "server" and not settings.redis_url:
+            log.warning("no Redis (SPAFIT_REDIS_URL): the cap on open event streams holds per API process, "
+                        "not across replicas")
         return cls(settings.sse_max_streams_per_tenant, settings.redis_url, settings.broker_key_prefix,
                    ttl=settings.sse_slot_ttl_s, timeout=settings.readiness_timeout)
 
