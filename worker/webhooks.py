@@ -30,21 +30,20 @@ log = logging.getLogger("spafit.worker.webhooks")
 
 EARLY_TOLERANCE_S = 1.0  # a message may fire this much before its row says the attempt is due
 RECORD_TRIES = 4  # writing an attempt's outcome, over about 3.5 s
-TOTAL_TIMEOUT_GRACE_S = 5.0  # one whole POST: webhook_timeout_s plus this (well inside the lease)
+TOTAL_TIMEOUT_GRACE_S = 5.0
+MAX_ADDRESSES = 3  # of a host's (vetted) addresses, tried in order while they refuse the connection  # one whole POST: webhook_timeout_s plus this (well inside the lease)
 
 
 # ------------------------------------------------------------------------------ one attempt
 def _post(url: str, payload: dict, secrets: list[str], msg_id: str, settings: Settings) -> tuple[int | None, str | None]:
-    """(status code, error in words). Connects to the address `resolve` vetted, with the URL's host in the
-    Host header and TLS SNI (so certificates are checked against the name), following no redirects."""
+    """(status code, error in words). Connects to the addresses `resolve` vetted (the next one only if the
+    previous refused the connection), with the URL's host in the Host header and TLS SNI (so certificates are
+    checked against the name), following no redirects."""
     try:
         host, port, addresses = webhooks.resolve(url, settings)
     except webhooks.UrlRefused as e:
         return None, f"refused: {e}"
     parts = urlsplit(url)
-    ip = addresses[0]
-    pinned = urlunsplit((parts.scheme, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}", parts.path or "/",
-                         parts.query, ""))
     body = webhooks.body_bytes(payload)
     headers = webhooks.headers(secrets, msg_id, int(time.time()), body)
     headers["host"] = parts.netloc
@@ -52,13 +51,24 @@ def _post(url: str, payload: dict, secrets: list[str], msg_id: str, settings: Se
     answer: list[tuple[int | None, str | None]] = []
 
     def call() -> None:
-        try:
-            with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client, \
-                    client.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as response:
-                code = response.status_code  # the body is never read: a receiver cannot make us hold megabytes
-            answer.append((code, None if 200 <= code < 300 else f"HTTP {code}"))
-        except Exception as e:  # httpx.HTTPError mostly; whatever it is, it is this attempt's error
-            answer.append((None, f"{e.__class__.__name__}: {str(e)[:300]}"))
+        for n, ip in enumerate(addresses[:MAX_ADDRESSES]):
+            pinned = urlunsplit((parts.scheme, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
+                                 parts.path or "/", parts.query, ""))
+            try:
+                with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False,
+                                  trust_env=False) as client, \
+                        client.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as r:
+                    code = r.status_code  # the body is never read: a receiver cannot make us hold megabytes
+                answer.append((code, None if 200 <= code < 300 else f"HTTP {code}"))
+                return
+            except httpx.ConnectError as e:
+                if n + 1 < min(len(addresses), MAX_ADDRESSES) and "certificate" not in str(e).lower():
+                    continue  # nothing listens there (e.g. ::1 first for a server on 127.0.0.1): the next
+                answer.append((None, f"{e.__class__.__name__}: {str(e)[:300]}"))
+                return
+            except Exception as e:  # httpx.HTTPError mostly; whatever it is, it is this attempt's error
+                answer.append((None, f"{e.__class__.__name__}: {str(e)[:300]}"))
+                return
 
     # httpx's timeout bounds each read, not the whole exchange: a receiver dribbling its headers a byte at a
     # time could hold the attempt past its lease. The attempt waits this long in all, then counts as failed.

@@ -485,3 +485,49 @@ def _ended_job_in(s: Any, tenant_id: uuid.UUID, url: str, status: str = "succeed
     s.flush()
     events.append_in(s, job.id, "status", {"status": status})
     return job.id
+
+
+def test_https_goes_to_the_checked_address_with_the_name_in_sni_and_the_certificate_checked(db, make_settings,
+                                                                                            tenant_key, tmp_path):
+    """The sender connects to the address it vetted, but TLS is about the URL's name: the server sees that name
+    in SNI, and a certificate no trusted CA signed fails the attempt (never sent on regardless)."""
+    import shutil
+    import socket
+    import ssl
+    import subprocess
+
+    from worker.webhooks import deliver
+
+    openssl = shutil.which("openssl")
+    assert openssl, "this test needs the openssl command (apt-get install openssl)"
+    cert, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key_file), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key_file)
+    names: list[str | None] = []
+    context.sni_callback = lambda sock, name, ctx: names.append(name)
+    listener = socket.create_server(("127.0.0.1", 0))
+    got_request = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                if tls.recv(1):
+                    got_request.set()
+        except (ssl.SSLError, OSError):
+            pass  # the client refused the certificate
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        owner = tenant_key("train")
+        job_id, delivery_id = _ended_job_with_delivery(db, owner.tenant_id,
+                                                       f"https://localhost:{listener.getsockname()[1]}/hook")
+        assert deliver(db, delivery_id, _one_shot(make_settings, webhook_allow_private_urls=True)) == "failed"
+    finally:
+        listener.close()
+    assert names == ["localhost"]
+    assert not got_request.is_set()  # the signed body never went to an unverified server
+    assert "CERTIFICATE_VERIFY_FAILED" in _attempts(db, job_id)[0]["error"]
