@@ -95,7 +95,7 @@ def test_a_receiver_gets_a_signed_delivery_after_two_failed_attempts(live_server
         assert job.webhook_url == receiver.url and job.webhook_on_eval
         try:
             done = client.jobs.wait(job.id, timeout=180)
-            wait_until(lambda: [r for r in receiver.of_type("job.succeeded") if r["code"] == 200], 60,
+            wait_until(lambda: [r for r in receiver.of_type("job.succeeded") if r["code"] == 200], 120,
                        "the job.succeeded delivery to get through")
         except Exception:
             print(worker.tail())
@@ -178,7 +178,7 @@ def test_cancelling_a_queued_job_sends_job_cancelled(job_client, make_key, tiny_
         assert created.status_code == 202, created.text
         job_id = created.json()["id"]
         assert job_client.post(f"/v1/jobs/{job_id}/cancel", headers=key.headers).status_code == 200
-        got = wait_until(lambda: receiver.of_type("job.cancelled"), 60, "the job.cancelled delivery")
+        got = wait_until(lambda: receiver.of_type("job.cancelled"), 120, "the job.cancelled delivery")
         secret = job_client.get("/v1/webhooks/secret", headers=key.headers).json()["secret"]
     payload = verify_webhook(got[0]["body"], got[0]["headers"], secret)
     assert payload["data"]["job_id"] == job_id and payload["data"]["status"] == "cancelled"
