@@ -193,7 +193,7 @@ def _arrange(db) -> dict[str, Any]:
     old, now = utcnow() - timedelta(days=40), utcnow()
     b = {name: secrets.token_bytes(size) for name, size in
          [("dataset", 300), ("running_ckpt", 500), ("failed_ckpt", 700), ("version", 900), ("orphan", 1100),
-          ("fresh_orphan", 1300)]}
+          ("fresh_orphan", 1300), ("trial_result", 150), ("live_trial_result", 170)]}
     sha = {name: _put(db, data, age_s=0 if name == "fresh_orphan" else 7200) for name, data in b.items()}
     with db.transaction() as s:
         tenant = Tenant(name=f"gc-{secrets.token_hex(4)}")
@@ -204,15 +204,22 @@ def _arrange(db) -> dict[str, Any]:
         s.add(ds)
         s.flush()
 
-        def job(status, ckpt=None, finished=None):
+        def job(status, ckpt=None, finished=None, **kw):
             j = Job(tenant_id=tenant.id, task_name="t", base_model="m", train_dataset_id=ds.id, text_fields=["text"],
-                    method={}, hyperparameters={}, status=status, checkpoint_sha256=ckpt, finished_at=finished)
+                    method={}, hyperparameters={}, status=status, checkpoint_sha256=ckpt, finished_at=finished, **kw)
             s.add(j)
             s.flush()
             return j.id
 
         ids = {"running": job("running", sha["running_ckpt"]), "failed": job("failed", sha["failed_ckpt"], old),
                "recent": job("succeeded", None, now)}
+        # A finished sweep's trial still pointing at its result (garbage), and a running sweep's (needed to pick
+        # the best trial when the sweep settles).
+        done_sweep, live_sweep = job("succeeded", None, now, kind="sweep"), job("running", kind="sweep")
+        trials = {"done": job("succeeded", None, now, kind="trial", parent_job_id=done_sweep,
+                              result_sha256=sha["trial_result"]),
+                  "live": job("succeeded", None, now, kind="trial", parent_job_id=live_sweep,
+                              result_sha256=sha["live_trial_result"])}
     for job_id in ids.values():
         for i in range(3):
             events.append(db, job_id, "progress", {"i": i})
@@ -220,7 +227,7 @@ def _arrange(db) -> dict[str, Any]:
         s.execute(update(JobEvent).where(JobEvent.job_id.in_([ids["running"], ids["failed"]]))
                   .values(created_at=old))
     _, sha["version"] = _version_of(db, tenant.id, str(ids["recent"]), b["version"])
-    return {"sha": sha, "bytes": b, "jobs": ids}
+    return {"sha": sha, "bytes": b, "jobs": ids, "trials": trials}
 
 
 def test_gc_frees_what_it_should_and_nothing_in_use(gc_db, make_settings):
@@ -230,11 +237,14 @@ def test_gc_frees_what_it_should_and_nothing_in_use(gc_db, make_settings):
     arranged = _arrange(gc_db)
     sha, b, ids = arranged["sha"], arranged["bytes"], arranged["jobs"]
     report = retention.collect(gc_db, make_settings(event_retention_days=30, gc_blob_grace_s=3600))
-    assert (report.checkpoints_dropped, report.events_pruned, report.blobs_deleted) == (1, 3, 2), report
-    assert report.bytes_freed == len(b["failed_ckpt"]) + len(b["orphan"])
+    assert (report.checkpoints_dropped, report.trial_results_dropped, report.events_pruned,
+            report.blobs_deleted) == (1, 1, 3, 3), report
+    assert report.bytes_freed == len(b["failed_ckpt"]) + len(b["orphan"]) + len(b["trial_result"])
     with gc_db.session() as s:
         left = set(s.scalars(select(Blob.sha256)))
-        assert left == {sha["dataset"], sha["running_ckpt"], sha["version"], sha["fresh_orphan"]}
+        assert left == {sha["dataset"], sha["running_ckpt"], sha["version"], sha["fresh_orphan"],
+                        sha["live_trial_result"]}
+        assert s.get(Job, arranged["trials"]["live"]).result_sha256 == sha["live_trial_result"]
         assert s.get(Job, ids["running"]).checkpoint_sha256 == sha["running_ckpt"]  # still resumable
         assert s.get(Job, ids["failed"]).checkpoint_sha256 is None
         counts = {name: len(list(s.scalars(select(JobEvent.seq).where(JobEvent.job_id == job_id))))
