@@ -81,7 +81,6 @@ class EventHub:
         self.db, self.interval = db, interval
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._task: asyncio.Task | None = None
-        self.polls = 0  # how many polls ran (for tests and metrics)
 
     @contextmanager
     def watch(self, job_id: uuid.UUID) -> Iterator[_Watch]:
@@ -127,7 +126,6 @@ class EventHub:
             except Exception:  # the database may be away: streams keep pinging, the next poll retries
                 log.warning("event hub poll failed", exc_info=True)
                 continue
-            self.polls += 1
             for job_id in ids:
                 w = self._watches.get(job_id)
                 if w is None:
@@ -330,10 +328,10 @@ async def event_stream(db: Database, hub: EventHub, lease: Lease, job_id: uuid.U
                 await lease.release()  # the client reconnects as soon as it reads this: free the slot first
                 yield _sse("reconnect", {"last_event_id": seq, "reason": "max-duration"})
                 return
+            if now >= lease.renew_at:  # also while sending batch after batch: the slot must not lapse
+                await lease.renew()
             if len(rows) == READ_BATCH:
                 continue  # more waiting: read on at once
-            if now >= lease.renew_at:
-                await lease.renew()
             wake = min(deadline, last_write + settings.sse_ping_interval_s, lease.renew_at)
             if not await hub.wait(watch, seq, max(0.0, wake - time.monotonic())):
                 now = time.monotonic()
