@@ -105,7 +105,8 @@ async def _gc_loop(app: FastAPI) -> None:
     while True:
         await asyncio.sleep(app.state.settings.gc_interval_s)
         try:
-            await run_in_threadpool(retention.collect, app.state.db, app.state.settings)
+            report = await run_in_threadpool(retention.collect, app.state.db, app.state.settings)
+            report.record(app.state.metrics)
         except Exception:  # the database may be away; try again next round
             log.warning("gc round failed", exc_info=True)
 

@@ -69,6 +69,14 @@ class Metrics:
             "the queue waiting.", ["tenant"], registry=r)
         self.batcher_restarts = Counter("spafit_batcher_restarts", "Batcher threads found dead and restarted.",
                                         registry=r)
+        # Live event streams and retention (app/services/streams.py, app/services/retention.py)
+        self.event_streams_open = Gauge("spafit_event_streams_open", "Live job event streams open in this process.",
+                                        registry=r)
+        self.event_streams_refused = Counter(
+            "spafit_event_streams_refused", "Event streams refused 429: the tenant had its cap open.", ["tenant"],
+            registry=r)
+        self.gc_freed = Counter("spafit_gc_freed", "What the collector freed (blobs, bytes, events, checkpoints, "
+                                "trial_results).", ["what"], registry=r)
 
     def watch_engine(self, stats: Callable[[], dict[str, int]], queue_depth: Callable[[], int]) -> None:
         """Read the engine's state at scrape time: `stats()` gives the bank's counters (hits, misses,

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..db import Database
 from ..deps import SessionDep, SettingsDep, TrainPrincipal
+from ..errors import TooManyStreams
 from ..schemas import DB_INT_MAX, Page, problem_responses
 from ..schemas_jobs import JobCreate, JobEventOut, JobOut, JobStatus
 from ..services import events, jobs, retention, streams
@@ -92,10 +93,15 @@ async def job_events(*, job_id: uuid.UUID, request: Request, principal: TrainPri
     if "text/event-stream" not in request.headers.get("accept", ""):
         return await run_in_threadpool(_events_page, db, tenant, job_id, after, limit)
     await run_in_threadpool(_check_job, db, tenant, job_id)
-    lease = await request.app.state.stream_slots.acquire(tenant)
+    metrics = request.app.state.metrics
+    try:
+        lease = await request.app.state.stream_slots.acquire(tenant)
+    except TooManyStreams:
+        metrics.event_streams_refused.labels(tenant=str(tenant)).inc()
+        raise
     body = streams.event_stream(db, request.app.state.event_hub, lease, job_id, after if resume is None else resume,
                                 request.app.state.settings)
-    return streams.EventStreamResponse(body, lease)
+    return streams.EventStreamResponse(body, lease, metrics.event_streams_open)
 
 
 def _check_job(db: Database, tenant_id: uuid.UUID, job_id: uuid.UUID) -> None:

@@ -93,6 +93,12 @@ class GcReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def record(self, metrics) -> None:
+        """Add what was freed to `spafit_gc_freed`."""
+        for what, n in (("blobs", self.blobs_deleted), ("bytes", self.bytes_freed), ("events", self.events_pruned),
+                        ("checkpoints", self.checkpoints_dropped), ("trial_results", self.trial_results_dropped)):
+            metrics.gc_freed.labels(what=what).inc(n)
+
     def __str__(self) -> str:
         return (f"dropped {self.checkpoints_dropped} checkpoint(s) of finished jobs and "
                 f"{self.trial_results_dropped} trial result(s) of finished sweeps; pruned {self.events_pruned} "

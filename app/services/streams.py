@@ -346,20 +346,25 @@ class EventStreamResponse(StreamingResponse):
     longer than a slot lease (`sse_slot_ttl_s`): its slot would have lapsed by then, and an unread stream
     must not stay open uncounted."""
 
-    def __init__(self, content: AsyncIterator[str], lease: Lease):
+    def __init__(self, content: AsyncIterator[str], lease: Lease, open_gauge: Any = None):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.lease = lease
+        self.open_gauge = open_gauge  # spafit_event_streams_open, if given
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_in_time(message: Message) -> None:
             with anyio.fail_after(self.lease.slots.ttl):
                 await send(message)
 
+        if self.open_gauge is not None:
+            self.open_gauge.inc()
         try:
             await super().__call__(scope, receive, send_in_time)
         except* TimeoutError:
             log.info("event stream dropped: its client read nothing for %.0fs", self.lease.slots.ttl)
         finally:
+            if self.open_gauge is not None:
+                self.open_gauge.dec()
             with anyio.CancelScope(shield=True):
                 await self.lease.release()

@@ -355,5 +355,8 @@ def test_the_api_runs_the_collector_every_gc_interval(make_settings, db):
             return s.get(Blob, sha) is None
 
     assert not gone()
-    with TestClient(create_app(make_settings(gc_interval_s=0.2))):
+    app = create_app(make_settings(gc_interval_s=0.2))
+    with TestClient(app):
         wait_until(gone, 15, "the API's periodic collection to delete the orphan blob", interval=0.1)
+        freed = lambda what: app.state.metrics.registry.get_sample_value("spafit_gc_freed_total", {"what": what})  # noqa: E731
+        wait_until(lambda: freed("blobs") >= 1 and freed("bytes") >= 256, 5, "spafit_gc_freed to count it")

@@ -34,7 +34,9 @@ from .conftest import ApiProcess, service_env, wait_until
 pytestmark = pytest.mark.slow
 
 CAP = 5
-STREAM_SETTINGS = {"sse_max_streams_per_tenant": CAP, "sse_poll_interval_s": 0.2, "preload_base_model": False}
+METRICS_TOKEN = "streams-test-scrape-token"
+STREAM_SETTINGS = {"sse_max_streams_per_tenant": CAP, "sse_poll_interval_s": 0.2, "preload_base_model": False,
+                   "metrics_token": METRICS_TOKEN}
 # `long` is configured as in production (10-minute streams, a ping every 15 s, 30 s slot leases); `short` ends its
 # streams after 1.5 s, pings every second and its slots lapse 3 s after it dies.
 LONG = {"sse_max_duration_s": 600, "sse_ping_interval_s": 15, "sse_slot_ttl_s": 30}
@@ -185,6 +187,12 @@ def _database_sessions_of(api: ApiProcess, db: Any) -> list[str]:
                                  {"ports": ports}).scalars())
 
 
+def _metric(api: ApiProcess, line_prefix: str) -> float:
+    """The value of the first /metrics sample line starting with `line_prefix`."""
+    text = httpx.get(f"{api.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10).text
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_prefix))
+
+
 def _p95(xs: list[float]) -> float:
     return sorted(xs)[int(0.95 * (len(xs) - 1))]
 
@@ -209,6 +217,7 @@ def test_50_open_streams_leave_other_routes_at_their_normal_latency(replicas, db
         # 50 streams open, and the API holds no transaction open for them (at most its idle pooled connections).
         assert "idle in transaction" not in held and len(held) <= 5, held
         measure(api_database_sessions_with_50_streams=held)
+        assert _metric(long, "spafit_event_streams_open ") == 50
         during = _latencies(long.url, probe, path, 40)
         for t in tenants:  # and they still deliver: one new event per job reaches each of its 5 streams
             _append(db, jobs[t.key], note="live")
@@ -217,6 +226,7 @@ def test_50_open_streams_leave_other_routes_at_their_normal_latency(replicas, db
         assert streams.errors == []
     finally:
         streams.close()
+    wait_until(lambda: _metric(long, "spafit_event_streams_open ") == 0, 10, "the open-streams gauge to be 0")
     figures = {"p50_ms_no_streams": round(statistics.median(before) * 1000, 1),
                "p95_ms_no_streams": round(_p95(before) * 1000, 1),
                "p50_ms_50_streams": round(statistics.median(during) * 1000, 1),
@@ -251,6 +261,7 @@ def test_the_stream_cap_holds_across_replicas_and_per_tenant(replicas, make_key,
                 assert r.headers["content-type"].startswith("application/problem+json")
                 assert r.json()["type"].endswith("/too-many-streams")
                 assert 1 <= int(r.headers["Retry-After"]) <= LONG["sse_slot_ttl_s"]
+                assert _metric(replica, f'spafit_event_streams_refused_total{{tenant="{a.tenant_id}"}}') == 1
             other = _open(short.url, b, job_b, c)  # another tenant is not affected
             assert other.status_code == 200
             other.close()
