@@ -8,7 +8,7 @@ The service answers errors as problem+json (RFC 9457): `type` (a stable URI, bra
     ├── SpafitAPIError                 the service answered with an error
     │   ├── BadRequestError            any other 4xx (400, 415, ...)
     │   ├── AuthenticationError        401: missing or invalid API key
-    │   ├── PermissionDeniedError      403: the key lacks a scope
+    │   ├── PermissionDeniedError      403: the key lacks a scope (or a keyless cross-origin write)
     │   ├── NotFoundError              404 (also another tenant's resource)
     │   ├── ConflictError              409
     │   ├── PayloadTooLargeError       413
