@@ -220,14 +220,13 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
     if sweep:
         if method["name"] != "spafit":
             raise ConfigError("a sweep searches SPAFIT's n1/n2/rank: use method.name 'spafit'", field="method.sweep")
+        method["sweep"] = body.method.sweep.model_dump()
+        from . import sweeps
+
+        adding = len(sweeps.grid(method, method["sweep"], _model_depth(base_model)))  # 422 if there is no trial
         if val is None:
             raise ConfigError("a sweep keeps the trial with the best validation metric: pass validation_dataset",
                               field="validation_dataset")
-        method["sweep"] = body.method.sweep.model_dump()
-    if sweep:
-        from . import sweeps
-
-        adding = len(sweeps.grid(method, method["sweep"], _model_depth(base_model)))
     else:
         adding = 1
     _check_active_jobs(session, tenant_id, settings, adding)
