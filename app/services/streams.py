@@ -368,3 +368,4 @@ class EventStreamResponse(StreamingResponse):
                 self.open_gauge.dec()
             with anyio.CancelScope(shield=True):
                 await self.lease.release()
+                await self.body_iterator.aclose()  # its job leaves the hub now, not when it is collected

@@ -201,9 +201,14 @@ def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed():
         tenant = uuid.uuid4()
         lease = await slots.acquire(tenant)
 
+        closed = []
+
         async def body():
-            while True:
-                yield "event: progress\ndata: {}\n\n"
+            try:
+                while True:
+                    yield "event: progress\ndata: {}\n\n"
+            finally:
+                closed.append(True)
 
         async def receive() -> dict:
             await asyncio.Event().wait()  # the client never says it left
@@ -217,6 +222,7 @@ def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed():
         await asyncio.wait_for(EventStreamResponse(body(), lease)(
             {"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send), 10)
         assert slots.open_count(tenant) == 0
+        assert closed  # the body was closed, not left for the garbage collector
         return time.monotonic() - t
 
     assert asyncio.run(scenario()) < 2
