@@ -134,7 +134,8 @@ def start_import(session: Session, tenant_id: uuid.UUID, req: HfDatasetCreate, s
 
 
 def dispatch_import(session: Session, send: ImportSender, dataset: Dataset) -> None:
-    """Hand the import to the broker; if that fails, nothing is left behind and the client may retry (503)."""
+    """Hand the import to the broker; if that fails, the dataset is `failed` (service-unavailable, so it holds no
+    import slot) and the client may retry (503)."""
     try:
         send(dataset.id)
     except Exception as e:
@@ -177,9 +178,9 @@ def run_import(db: Database, dataset_id: uuid.UUID, settings: Settings) -> str:
             detail["name"], detail.get("split") or "train", detail.get("config_name"),
             max_rows=detail.get("max_rows"), limit_rows=settings.max_import_rows,
             limit_bytes=settings.max_import_bytes, hub_only=not local_paths_allowed(settings))
-        content = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in table.records).encode()
-        if b"\x00" in content:
+        if any(_has_nul(r) for r in table.records):  # never text data, and Postgres cannot store it
             raise DataError("the dataset holds NUL (\\x00) characters, which are never text data")
+        content = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in table.records).encode()
         if len(content) > (settings.max_import_bytes or len(content)):  # the reader counts the same bytes
             raise core_data.ImportTooLarge(f"the dataset is larger than {settings.max_import_bytes} bytes")
         report = _checked_report(table, detail.get("text_fields"), detail.get("label_field"), task_type)
@@ -195,13 +196,29 @@ def run_import(db: Database, dataset_id: uuid.UUID, settings: Settings) -> str:
               f"the import took longer than {settings.import_timeout_s:g} s" if timeout
               else f"the import failed unexpectedly (ref {ref})")
         return "failed"
-    with db.transaction() as s:
-        ds = s.get(Dataset, dataset_id, with_for_update=True)
-        if ds is None or ds.state != "importing":  # deleted meanwhile, or another delivery finished first
-            return "final"
-        _fill(ds, report, blobs.put(s, content), len(content))
-        ds.state, ds.error_type, ds.error_message = "ready", None, None
+    try:
+        with db.transaction() as s:
+            ds = s.get(Dataset, dataset_id, with_for_update=True)
+            if ds is None or ds.state != "importing":  # deleted meanwhile, or another delivery finished first
+                return "final"
+            _fill(ds, report, blobs.put(s, content), len(content))
+            ds.state, ds.error_type, ds.error_message = "ready", None, None
+    except Exception:  # a value the database refuses: the import fails in words, the details stay in the log
+        ref = uuid.uuid4().hex[:12]
+        log.exception("dataset import %s could not be stored (ref %s)", dataset_id, ref)
+        _fail(db, dataset_id, "internal-error", f"the imported data could not be stored (ref {ref})")
+        return "failed"
     return "ready"
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def requeue_imports(db: Database, send: ImportSender, settings: Settings) -> tuple[int, int]:

@@ -347,6 +347,16 @@ def test_max_rows_imports_the_first_rows_under_the_bound(db, trainer, local_sett
     assert row(db, dataset_id).rows == 15
 
 
+def test_run_import_of_nul_characters_fails_in_words(db, trainer, local_settings, tmp_path):
+    from datasets import Dataset as HFDataset
+
+    settings = local_settings()
+    HFDataset.from_dict({"text": ["ok", "bad\x00text"] * 6, "label": ["a", "b"] * 6}).save_to_disk(str(tmp_path / "nul"))
+    dataset_id = start(db, trainer.tenant_id, settings, str(tmp_path / "nul"))
+    assert service.run_import(db, dataset_id, settings) == "failed"
+    assert (row(db, dataset_id).error_type, "NUL" in row(db, dataset_id).error_message) == ("invalid-dataset", True)
+
+
 def test_run_import_of_invalid_data_fails_with_the_report(db, trainer, local_settings, tmp_path):
     settings = local_settings()
     dataset_id = start(db, trainer.tenant_id, settings, str(dataset_folder(tmp_path)), label_field="nope")
