@@ -1,4 +1,9 @@
-"""The adapter format: `adapter_config.json` + `adapter.safetensors` (only the trained tensors).
+"""The adapter format: `spafit_adapter.json` + `adapter.safetensors` (only the trained tensors).
+
+Older versions called the config file `adapter_config.json`; that name is PEFT's, with PEFT's schema,
+so a PEFT user loading one of our folders got a confusing failure. Folders and archives with the old
+name still read (the registry holds such adapters); a PEFT config under that name is refused with a
+pointer to the PEFT import (`spafit_core.peft_interop`).
 
 The config names the method and its parameters, the base model and a fingerprint of its weights, the
 task and its label map, and the sha256 of the weights file. Loading verifies the sha256, the fingerprint
@@ -27,7 +32,8 @@ from .config import MethodConfig, TaskSpec
 from .errors import AdapterError, AdapterMismatchError, ConfigError
 from .model import SpafitModel, check_shapes
 
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = "spafit_adapter.json"
+LEGACY_CONFIG_FILE = "adapter_config.json"  # older versions' name (PEFT's): read, never written
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "spafit-adapter"
 FORMAT_VERSION = 1
@@ -90,7 +96,7 @@ def save_adapter(model: SpafitModel, path: str | Path, **kwargs) -> dict[str, An
 
 
 # ----------------------------------------------------------------------- the config schema
-# One schema for the whole adapter_config.json: every key, its type and range. A config is checked against it
+# One schema for the whole spafit_adapter.json: every key, its type and range. A config is checked against it
 # before anything is stored (`parse_config`), and against the backbone's limits (`check_backbone`) before
 # a registry accepts it, so a stored config always renders and always serves.
 MAX_LAYERS = 1024
@@ -296,6 +302,10 @@ def validate_config(cfg: Any) -> dict[str, Any]:
     """Check an adapter config against CONFIG_SCHEMA, and its parts against each other (the method's split
     of the layers is the recorded stratification; the base model's depth is the stratification's). Raises
     AdapterError naming the offending field; returns the config."""
+    if isinstance(cfg, dict) and "peft_type" in cfg:
+        raise AdapterError(f"this is a PEFT adapter config (peft_type={_show(cfg.get('peft_type'))}), not a SPAFIT "
+                           "adapter config: import it as PEFT (`spafit import --format peft`, or PUT /v1/tasks/{task}/adapter "
+                           "with the PEFT folder zipped)", field="peft_type")
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise AdapterError(f"{CONFIG_FILE} is not a SPAFIT adapter config (expected format={FORMAT!r})",
                            field="format")
@@ -384,10 +394,16 @@ def load_weights(cfg: dict, weights: bytes) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
 
 
+def config_path(folder: Path) -> Path:
+    """The config file of an adapter folder: ours, else the name older versions wrote."""
+    own = folder / CONFIG_FILE
+    return own if own.is_file() or not (folder / LEGACY_CONFIG_FILE).is_file() else folder / LEGACY_CONFIG_FILE
+
+
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of an adapter folder, verified against its own sha256."""
     path = Path(path)
-    cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    cfg_path, w_path = config_path(path), path / WEIGHTS_FILE
     if not cfg_path.is_file():
         raise AdapterError(f"{path} has no {CONFIG_FILE}")
     if not w_path.is_file():
@@ -446,9 +462,16 @@ def unpack(data: bytes, *, max_bytes: int = 256 << 20) -> tuple[dict, bytes]:
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
-        raise AdapterError("adapter upload is not a zip of adapter_config.json and adapter.safetensors") from None
+        raise AdapterError(f"adapter upload is not a zip of {CONFIG_FILE} and {WEIGHTS_FILE}") from None
     with z:
         infos = {Path(i.filename).name: i for i in z.infolist() if not i.is_dir()}
+        if CONFIG_FILE not in infos and LEGACY_CONFIG_FILE in infos:  # an archive made before the rename
+            infos[CONFIG_FILE] = infos.pop(LEGACY_CONFIG_FILE)
+        if {"adapter_model.safetensors", "adapter_model.bin"} & set(infos):
+            pickled = " (and adapter_model.bin is pickled: never loaded)" if "adapter_model.bin" in infos else ""
+            raise AdapterError("this archive is a PEFT adapter (adapter_model.*), not a SPAFIT one: import it as "
+                               "PEFT (`spafit import --format peft`, or PUT /v1/tasks/{task}/adapter?format=peft)"
+                               + pickled, field="format")
         extra = sorted(set(infos) - {CONFIG_FILE, WEIGHTS_FILE})
         if extra:
             raise AdapterError(f"adapter archive may hold only {CONFIG_FILE} and {WEIGHTS_FILE}; found {extra}"

@@ -4,7 +4,7 @@ evaluate. This is what the CLI's `spafit train` and the service's worker run.
     from spafit_core import MethodConfig, TrainConfig, finetune
     result = finetune("train.csv", validation="val.csv", method=MethodConfig(n1=2, n2=4),
                       train_config=TrainConfig(epochs=3))
-    result.save("my-adapter/")        # adapter_config.json + adapter.safetensors, a few hundred KB
+    result.save("my-adapter/")        # spafit_adapter.json + adapter.safetensors, a few hundred KB
 """
 
 from __future__ import annotations

@@ -30,7 +30,10 @@ from .models import (
     TaskPredictions,
 )
 
-ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors")
+ADAPTER_FILES = ("spafit_adapter.json", "adapter.safetensors")
+# Other folders the service imports: ours before the config was renamed, and a PEFT LoRA folder.
+_OTHER_ADAPTER_FILES = (("adapter_config.json", "adapter.safetensors"),
+                        ("adapter_config.json", "adapter_model.safetensors", "spafit_export.json?"))
 FileInput = str | os.PathLike[str] | bytes | BinaryIO
 
 
@@ -175,11 +178,17 @@ def adapter_archive(source: FileInput) -> bytes:
     if isinstance(source, str | os.PathLike) and Path(source).is_dir():
         folder = Path(source)
         missing = [n for n in ADAPTER_FILES if not (folder / n).is_file()]
+        names = list(ADAPTER_FILES)
+        for other in _OTHER_ADAPTER_FILES if missing else ():
+            if all((folder / n).is_file() for n in other if not n.endswith("?")):
+                names = [n.rstrip("?") for n in other if not n.endswith("?") or (folder / n.rstrip("?")).is_file()]
+                missing = []
+                break
         if missing:
             raise FileNotFoundError(f"{folder} is not an adapter folder: it lacks {', '.join(missing)}")
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            for n in ADAPTER_FILES:
+            for n in names:
                 z.write(folder / n, arcname=n)
         return buf.getvalue()
     return _read(source)[1]

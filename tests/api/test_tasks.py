@@ -236,7 +236,7 @@ def _wrong_labels(cfg, weights):
     (_extra_file, "invalid-adapter", "run.sh"),
     (_wrong_rank, "adapter-mismatch", "shape mismatch"),
     (_wrong_labels, "adapter-mismatch", "head."),
-    (lambda cfg, w: zip_of({"adapter.safetensors": w}), "invalid-adapter", "lacks adapter_config.json"),
+    (lambda cfg, w: zip_of({"adapter.safetensors": w}), "invalid-adapter", "lacks spafit_adapter.json"),
 ])
 def test_import_refuses_a_bad_archive_with_422_saying_what_is_wrong(api, owner, zoo, make_archive, slug, words):
     r = put_adapter(api, "imported", make_archive(*zoo["v1"]), owner.headers)

@@ -37,14 +37,14 @@ def local_adapter(data, tiny_base, tmp_path_factory):
 
 def test_train_writes_an_adapter_folder_and_reports_metrics_as_json(local_adapter, tiny_base):
     out, summary, stderr = local_adapter
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
-    assert summary["out"] == str(out) and summary["files"] == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "spafit_adapter.json"]
+    assert summary["out"] == str(out) and summary["files"] == ["adapter.safetensors", "spafit_adapter.json"]
     assert {"accuracy", "f1"} <= set(summary["metrics"]) and summary["main_metric"] in summary["metrics"]
     assert [h["epoch"] for h in summary["history"]] == [1, 2] and summary["steps"] == 12
     assert summary["method"]["n1"] == 1 and summary["method"]["n2"] == 2 and summary["method"]["rank"] == 4
     assert summary["task"]["labels"] == ["negative", "positive"]
     assert summary["param_counts"]["total"] > 0 and summary["base_model"] == tiny_base
-    config = json.loads((out / "adapter_config.json").read_text())
+    config = json.loads((out / "spafit_adapter.json").read_text())
     assert config["method"]["alpha"] == 8
     assert "100% [" in stderr and "12/12" in stderr  # the progress bar, on stderr only
 

@@ -97,7 +97,7 @@ def test_download_import_versions_and_activate(trained, tmp_path):
         path = client.tasks.download("sentiment", tmp_path)
         assert path == tmp_path / "sentiment-v1.zip"
         with zipfile.ZipFile(path) as z:
-            assert sorted(z.namelist()) == ["adapter.safetensors", "adapter_config.json"]
+            assert sorted(z.namelist()) == ["adapter.safetensors", "spafit_adapter.json"]
             z.extractall(tmp_path / "folder")
         v1 = client.tasks.import_adapter("copied", path)  # a zip
         v2 = client.tasks.import_adapter("copied", tmp_path / "folder")  # an adapter folder, zipped by the SDK

@@ -138,3 +138,30 @@ def test_non_finite_values_are_refused(tiny_bert):
     cfg, weights = serialize(m)
     with pytest.raises(AdapterError, match="NaN"):
         verify(cfg, weights, fingerprint=m.base_fingerprint, expected_shapes=None)
+
+
+def test_adapters_saved_under_the_old_config_name_still_load(tiny_bert, tmp_path):
+    """Older versions wrote adapter_config.json (PEFT's file name); folders and archives in that layout,
+    as the registry and users hold them, still load; new ones never use PEFT's name."""
+    from spafit_core.adapter import LEGACY_CONFIG_FILE
+
+    m = trained(tiny_bert)
+    save_adapter(m, tmp_path / "a")
+    assert CONFIG_FILE == "spafit_adapter.json" and not (tmp_path / "a" / LEGACY_CONFIG_FILE).exists()
+    (tmp_path / "a" / CONFIG_FILE).rename(tmp_path / "a" / LEGACY_CONFIG_FILE)
+    assert torch.equal(load_adapter(tmp_path / "a")(batch(m)), m(batch(m)))
+    cfg, weights = serialize(m)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(LEGACY_CONFIG_FILE, json.dumps(cfg))
+        z.writestr(WEIGHTS_FILE, weights)
+    assert unpack(buf.getvalue())[1] == weights
+
+
+def test_a_peft_archive_given_as_ours_is_refused_with_a_pointer(tiny_bert):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("adapter_config.json", json.dumps({"peft_type": "LORA", "r": 8}))
+        z.writestr("adapter_model.safetensors", b"x")
+    with pytest.raises(AdapterError, match="PEFT adapter.*format peft"):
+        unpack(buf.getvalue())
