@@ -497,7 +497,7 @@ def train(data: str, validation: str | None, out: Path | None, base_model: str |
           learning_rate: float | None, max_seq_length: int, seed: int, text_fields: tuple[str, ...],
           label_field: str | None, task_type: str | None, device: str, progress: bool, as_json: bool) -> None:
     """Fine-tune an adapter here, without a service: DATA (CSV, TSV, JSONL, glue/<task>, hf:<id>) in, an
-    adapter folder (adapter_config.json + adapter.safetensors) out. Import it into a service with
+    adapter folder (spafit_adapter.json + adapter.safetensors) out. Import it into a service with
     `spafit tasks import TASK FOLDER`."""
     for spec, name in ((data, "DATA"), (validation, "--validation")):
         if spec is not None and not spec.lower().startswith(("glue/", "hf:")) and not Path(spec).exists():
@@ -527,6 +527,66 @@ def train(data: str, validation: str | None, out: Path | None, base_model: str |
         "files": sorted(p.name for p in out.iterdir()),
     }
     _emit(summary, as_json, _train_text(summary))
+
+
+@main.command("export")
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["peft", "merged"]), default="peft", show_default=True,
+              help="peft: a PEFT LoRA folder for PeftModel.from_pretrained on the stock classifier; merged: a "
+                   "standalone transformers model folder with every delta folded in.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The folder to write.")
+@click.option("--base-model", default=None, help="Where the base weights are [default: the adapter's base model].")
+@json_option
+def export(adapter: Path, fmt: str, out: Path, base_model: str | None, as_json: bool) -> None:
+    """Write ADAPTER (a folder from `spafit train`, or an unzipped download) in another format."""
+    from spafit_core.adapter import load_adapter
+    from spafit_core.peft_interop import to_peft
+
+    model = load_adapter(adapter, base_model=base_model)
+    if fmt == "merged":
+        model.save_merged(out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in to_peft(model).items():
+            (out / name).write_bytes(data)
+    summary = {"out": str(out.resolve()), "format": fmt, "files": sorted(p.name for p in out.iterdir())}
+    hint = ("load it with peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("
+            f"{model.base_model_name!r}, num_labels={model.task.num_labels}), {str(out)!r})" if fmt == "peft" else
+            f"load it with AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+    _emit(summary, as_json, f"wrote {out} ({fmt}); {hint}")
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True,
+              help="peft: a PEFT LoRA folder (or its zip) trained on the stock sequence classifier.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The SPAFIT adapter folder to write.")
+@click.option("--base-model", default=None,
+              help="Base model [default: the PEFT config's base_model_name_or_path].")
+@click.option("--label", "labels", multiple=True,
+              help="Label names in head order (repeat) [default: from a SPAFIT export, else LABEL_0..].")
+@json_option
+def import_(source: Path, fmt: str, out: Path, base_model: str | None, labels: tuple[str, ...],
+            as_json: bool) -> None:
+    """Turn SOURCE, an adapter trained elsewhere, into a SPAFIT adapter folder; `spafit tasks import TASK OUT`
+    then serves it."""
+    from spafit_core.adapter import save_adapter
+    from spafit_core.errors import AdapterError
+    from spafit_core.peft_interop import from_peft, read_peft_files, read_peft_folder, unpack_peft
+
+    files = read_peft_folder(source) if source.is_dir() else unpack_peft(source.read_bytes())
+    if base_model is None:
+        base_model = read_peft_files(files)[0].get("base_model_name_or_path")
+        if not base_model or not isinstance(base_model, str):
+            raise AdapterError("the PEFT config names no base model: give --base-model", field="base_model")
+    model = from_peft(files, base_model, labels=list(labels) or None)
+    cfg = save_adapter(model, out)
+    summary = {"out": str(out.resolve()), "base_model": cfg["base_model"]["name"], "method": cfg["method"],
+               "task": cfg["task"], "param_counts": cfg["param_counts"],
+               "files": sorted(p.name for p in out.iterdir())}
+    _emit(summary, as_json, f"wrote {out}: {cfg['method']['name']} n1={cfg['stratification']['n1']} "
+                            f"n2={cfg['stratification']['n2']} rank={cfg['method']['rank']}, labels "
+                            f"{cfg['task']['labels']}; serve it with `spafit tasks import TASK {out}`")
 
 
 class _TrainProgress:
@@ -910,7 +970,7 @@ def tasks_activate(client: Any, task: str, version: int, as_json: bool) -> None:
               help="A .zip path or a folder [default: <task>-v<N>.zip here].")
 @remote
 def tasks_export(client: Any, task: str, version: int | None, out: Path | None, as_json: bool) -> None:
-    """Download a version as a zip (adapter_config.json + adapter.safetensors)."""
+    """Download a version as a zip (spafit_adapter.json + adapter.safetensors)."""
     path = client.tasks.download(task, out, version=version)
     _emit({"task": task, "path": str(path.resolve()), "size_bytes": path.stat().st_size}, as_json, f"wrote {path}")
 

@@ -22,9 +22,12 @@ on a lower range of layers, a changed bias outside the layer stack, no head) is 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -299,3 +302,55 @@ def _task_of(tensors: dict[str, torch.Tensor], labels: list[str] | None, info: d
     if n == 1:
         return TaskSpec(task_type="regression")
     return TaskSpec(labels=tuple(f"LABEL_{i}" for i in range(n)))
+
+
+# ----------------------------------------------------------------------------------------- transport
+PEFT_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, EXPORT_INFO)
+
+
+def pack_peft(files: dict[str, bytes]) -> bytes:
+    """A deterministic zip of a PEFT folder's files (fixed timestamps): unzip it and point PEFT at it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name in sorted(files):
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, files[name])
+    return buf.getvalue()
+
+
+def is_peft_archive(data: bytes) -> bool:
+    """Whether a zip holds a PEFT adapter (its weights file has PEFT's name)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            names = {n.rsplit("/", 1)[-1] for n in z.namelist()}
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return bool({PEFT_WEIGHTS, "adapter_model.bin"} & names)
+
+
+def unpack_peft(data: bytes, *, max_bytes: int = MAX_FILE_BYTES) -> dict[str, bytes]:
+    """The files of a zipped PEFT folder (PEFT's README.md and the like are ignored; no paths are used),
+    each bounded by `max_bytes` before it is decompressed."""
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise AdapterError(f"adapter upload is not a zip of a PEFT folder ({PEFT_CONFIG} + {PEFT_WEIGHTS})") from None
+    files: dict[str, bytes] = {}
+    with z:
+        for info in z.infolist():
+            name = info.filename.rsplit("/", 1)[-1]
+            if info.is_dir() or name not in (*PEFT_FILES, "adapter_model.bin"):
+                continue
+            if name in files:
+                raise AdapterError(f"the PEFT archive holds {name} twice")
+            if info.file_size > max_bytes:
+                raise AdapterError(f"{name} is larger than the limit of {max_bytes} bytes")
+            files[name] = b"" if name == "adapter_model.bin" else z.read(info)
+    return files
+
+
+def read_peft_folder(folder) -> dict[str, bytes]:
+    folder = Path(folder)
+    return {n: (folder / n).read_bytes() if n != "adapter_model.bin" else b""
+            for n in (*PEFT_FILES, "adapter_model.bin") if (folder / n).is_file()}

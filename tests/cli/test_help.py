@@ -11,7 +11,8 @@ import pytest
 from app.cli import main
 from tests.client.conftest import ROOT, subprocess_env
 
-COMMANDS = {"serve", "worker", "db", "keys", "quickstart", "train", "predict", "datasets", "jobs", "tasks", "sweep"}
+COMMANDS = {"serve", "worker", "db", "keys", "quickstart", "train", "predict", "datasets", "jobs", "tasks", "sweep",
+            "export", "import"}
 
 
 def walk(group: click.Group, prefix: tuple[str, ...] = ()):
