@@ -123,3 +123,49 @@ def test_last_used_at_is_recorded(client, tenant_key, db):
     client.get("/v1/datasets", headers=key.headers)
     with db.session() as session:
         assert session.get(ApiKey, key.key_id).last_used_at is not None
+
+
+def test_an_admin_key_manages_its_tenants_keys_over_the_api(client, tenant_key, db):
+    admin = tenant_key("admin")
+    r = client.post("/v1/keys", json={"name": "ci", "scopes": ["predict", "train"]}, headers=admin.headers)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["scopes"] == ["train", "predict"] and created["key"].startswith(f"spafit_{created['prefix']}_")
+    new = {"Authorization": f"Bearer {created['key']}"}
+    assert client.get("/v1/datasets", headers=new).status_code == 200  # it works, with its scopes only
+    assert_problem(client.get("/v1/keys", headers=new), 403, "forbidden")
+    listed = client.get("/v1/keys", headers=admin.headers).json()["items"]
+    assert {k["id"] for k in listed} == {created["id"], str(admin.key_id)}
+    assert all("key" not in k and "secret_hash" not in k for k in listed)  # the plaintext was shown once
+    secret = parse_key(created["key"])[1]
+    assert secret not in client.get("/v1/keys", headers=admin.headers).text
+    revoked = client.delete(f"/v1/keys/{created['id']}", headers=admin.headers)
+    assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
+    assert client.delete(f"/v1/keys/{created['id']}", headers=admin.headers).json() == revoked.json()  # idempotent
+    assert_problem(client.get("/v1/datasets", headers=new), 401, "unauthorized")
+
+
+def test_keys_of_another_tenant_are_out_of_reach(client, tenant_key):
+    owner, stranger = tenant_key("admin"), tenant_key("admin")
+    assert_problem(client.delete(f"/v1/keys/{owner.key_id}", headers=stranger.headers), 404, "not-found")
+    assert str(owner.key_id) not in client.get("/v1/keys", headers=stranger.headers).text
+    assert client.get("/v1/datasets", headers=owner.headers).status_code == 200
+
+
+@pytest.mark.parametrize("body", [{"name": "x", "scopes": []}, {"name": "x", "scopes": ["root"]},
+                                  {"name": "", "scopes": ["train"]}, {"name": "x" * 101, "scopes": ["train"]},
+                                  {"name": "a\nb", "scopes": ["train"]}, {"name": "a\x00b", "scopes": ["train"]},
+                                  {"name": "x", "scopes": ["train"], "tenant": "other"}, {"scopes": ["train"]}])
+def test_a_bad_key_request_is_422_and_creates_nothing(client, tenant_key, body):
+    admin = tenant_key("admin")
+    assert_problem(client.post("/v1/keys", json=body, headers=admin.headers), 422)
+    assert len(client.get("/v1/keys", headers=admin.headers).json()["items"]) == 1
+
+
+def test_only_admin_keys_reach_the_key_routes(client, tenant_key):
+    for scope in ("train", "predict"):
+        key = tenant_key(scope)
+        for method, path in (("GET", "/v1/keys"), ("POST", "/v1/keys"), ("DELETE", f"/v1/keys/{key.key_id}")):
+            r = client.request(method, path, json={"name": "x", "scopes": ["admin"]}, headers=key.headers)
+            assert assert_problem(r, 403, "forbidden")["required_scope"] == "admin"
+        assert client.get("/v1/datasets" if scope == "train" else "/v1/tasks", headers=key.headers).status_code == 200

@@ -13,7 +13,8 @@ ROUTES below is the access table; `expected(rule, scope)` turns it into route x 
   items, or an action in the caller's own tenant.
 
 The scopes mean (README "Scopes"): `predict` reads tasks and predicts; `train` manages datasets, jobs and the
-adapters training produces (it reads tasks too); `admin` is everything (and keys and tenants, through the CLI).
+adapters training produces (it reads tasks too); `admin` is everything, and the tenant's keys (tenants
+themselves are made by an operator, with the CLI).
 
     python -m tests.reliability.test_route_walk    # prints the table as markdown (benchmarks/RELIABILITY.md)
 """
@@ -90,6 +91,9 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/webhooks/secret"): Rule("own", ADMIN_ONLY),
     ("POST", "/v1/webhooks/secret"): Rule("own", ADMIN_ONLY),  # rotates the caller's own secret
     ("GET", "/v1/webhooks/deliveries"): Rule("listed", TRAIN),  # deliveries are about jobs
+    ("GET", "/v1/keys"): Rule("own", ADMIN_ONLY),  # the caller's own tenant's keys
+    ("POST", "/v1/keys"): Rule("own", ADMIN_ONLY, 201, "key"),
+    ("DELETE", "/v1/keys/{key_id}"): Rule("hidden", ADMIN_ONLY, fresh="key"),  # revoke: 200 with the key
 }
 LEAKS = ("Traceback", 'File "', "sqlalchemy", "psycopg", "site-packages")
 
@@ -149,6 +153,7 @@ class World:
     db: Any
     tenant: uuid.UUID
     owner: dict[str, str]  # headers of a key with train and predict
+    owner_key: str  # its id: what the key routes are walked on (revoking it would fail every later check)
     keys: dict[str, dict[str, str]]  # headers of the owner's keys with one scope each
     dataset: str
     job: str
@@ -161,11 +166,15 @@ class World:
 
 
 def _key(db: Any, tenant_id: uuid.UUID, scopes: list[str]) -> dict[str, str]:
+    return _key_row(db, tenant_id, scopes)[1]
+
+
+def _key_row(db: Any, tenant_id: uuid.UUID, scopes: list[str]) -> tuple[Any, dict[str, str]]:
     from app.services import keys
 
     with db.session() as s:
-        _, plaintext = keys.create_key(s, tenant_id, "walk", scopes)
-    return {"Authorization": f"Bearer {plaintext}"}
+        row, plaintext = keys.create_key(s, tenant_id, "walk", scopes)
+    return row, {"Authorization": f"Bearer {plaintext}"}
 
 
 def _tenant(db: Any) -> uuid.UUID:
@@ -187,7 +196,7 @@ def world(pg_url, db, redis_client, redis_url, redis_prefix, tmp_path_factory) -
             sent: list = []
             client.app.state.send_job = sent.append  # the owner's jobs stay queued: no worker here
             tenant = _tenant(db)
-            owner = _key(db, tenant, ["train", "predict"])
+            owner_row, owner = _key_row(db, tenant, ["train", "predict"])
             dataset = client.post("/v1/datasets", files={"file": ("walk.csv", unique_csv())}, headers=owner)
             assert dataset.status_code == 201, dataset.text
             job = client.post("/v1/jobs", json={"task": "walk", "train_dataset": dataset.json()["id"],
@@ -195,8 +204,9 @@ def world(pg_url, db, redis_client, redis_url, redis_prefix, tmp_path_factory) -
             assert job.status_code == 202, job.text
             cfg, weights = random_adapter(base, SPAFIT, seed=11)
             version = register(db, tenant, "walk", cfg, weights)
-            private = [str(tenant), dataset.json()["sha256"], "walk.csv", version.blob_sha256, str(version.id)]
-            yield World(client=client, db=db, tenant=tenant, owner=owner,
+            private = [str(tenant), dataset.json()["sha256"], "walk.csv", version.blob_sha256, str(version.id),
+                       owner_row.prefix]
+            yield World(client=client, db=db, tenant=tenant, owner=owner, owner_key=str(owner_row.id),
                         keys={s: _key(db, tenant, [s]) for s in SCOPES}, dataset=dataset.json()["id"],
                         job=job.json()["id"], task="walk", cfg=cfg, weights=weights, archive=pack(cfg, weights),
                         private=private, sent=sent)
@@ -217,6 +227,8 @@ def _fresh(world: World, kind: str) -> dict[str, Any]:
         if kind == "finished_job":  # a queued job is cancelled at once: final, so it may be deleted
             assert c.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=h).json()["status"] == "cancelled"
         return {"job_id": r.json()["id"]}
+    if kind == "key":
+        return {"key_id": str(_key_row(world.db, world.tenant, ["predict"])[0].id)}
     name = f"fresh-{secrets.token_hex(4)}"
     if kind == "task":
         register(world.db, world.tenant, name, world.cfg, world.weights)
@@ -225,7 +237,7 @@ def _fresh(world: World, kind: str) -> dict[str, Any]:
 
 def _call(world: World, method: str, template: str, headers: dict[str, str], **path: Any) -> Any:
     values = {"dataset_id": world.dataset, "job_id": world.job, "task": world.task, "version": 1,
-              "path": "app.js", **path}
+              "key_id": world.owner_key, "path": "app.js", **path}
     url = template.format(**values)
     body = ROUTES[(method, template)].body
     kw: dict[str, Any] = {}
@@ -239,6 +251,8 @@ def _call(world: World, method: str, template: str, headers: dict[str, str], **p
         kw["json"] = {"inputs": ["good"]}
     elif body == "fan_out":
         kw["json"] = {"tasks": [world.task], "inputs": ["good"]}
+    elif body == "key":
+        kw["json"] = {"name": "walk-made", "scopes": ["admin"]}
     kw["headers"] = {**kw.get("headers", {}), **headers}
     r = world.client.request(method, url, follow_redirects=False, **kw)
     for leak in LEAKS:
@@ -249,7 +263,7 @@ def _call(world: World, method: str, template: str, headers: dict[str, str], **p
 
 def _assert_owner_untouched(world: World) -> None:
     c, h = world.client, world.owner
-    assert c.get(f"/v1/datasets/{world.dataset}", headers=h).status_code == 200
+    assert c.get(f"/v1/datasets/{world.dataset}", headers=h).status_code == 200  # (the owner's key still works)
     job = c.get(f"/v1/jobs/{world.job}", headers=h).json()
     assert job["status"] == "queued" and job["cancel_requested"] is False, job
     task = c.get(f"/v1/tasks/{world.task}", headers=h).json()
