@@ -27,8 +27,8 @@ from .services import jobs as job_service
 from .services import keys, migrate
 from .services import webhooks as webhook_service
 from .services.health import Readiness, ping_broker
-from .services.serving import PredictGate, Serving
-from .services.streams import EventHub, StreamSlots, end_streams_on_shutdown
+from .services.serving import Serving
+from .services.streams import EventHub, StreamSlots
 from .settings import Settings, get_settings
 
 log = logging.getLogger("spafit")
@@ -146,11 +146,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop_metrics = _serve_metrics(settings, metrics)
         requeue = asyncio.create_task(_requeue_loop(app))
         gc = asyncio.create_task(_gc_loop(app))
-        restore_signals = lambda: None  # EXPERIMENT
         yield
         requeue.cancel()
         gc.cancel()
-        restore_signals()
         app.state.stream_slots.close()
         if stop_metrics is not None:
             stop_metrics()
@@ -184,8 +182,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HostOriginMiddleware, allowed_hosts=settings.allowed_hosts,
                        allowed_origins=settings.cors_origins,
                        loopback_only=not settings.auth_enabled and not settings.insecure_bind)
-    # A tenant with its whole share of the prediction queue in flight gets 429 from its headers alone.
-    app.add_middleware(PredictGate, serving=serving)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
 
