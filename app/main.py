@@ -27,7 +27,7 @@ from .services import jobs as job_service
 from .services import keys, migrate
 from .services import webhooks as webhook_service
 from .services.health import Readiness, ping_broker
-from .services.serving import Serving
+from .services.serving import PredictGate, Serving
 from .services.streams import EventHub, StreamSlots
 from .settings import Settings, get_settings
 
@@ -182,6 +182,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HostOriginMiddleware, allowed_hosts=settings.allowed_hosts,
                        allowed_origins=settings.cors_origins,
                        loopback_only=not settings.auth_enabled and not settings.insecure_bind)
+    # A tenant with its whole share of the prediction queue in flight gets 429 from its headers alone.
+    app.add_middleware(PredictGate, serving=serving)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
 

@@ -20,13 +20,24 @@ a tiny random BERT with `--tiny`. The load generator (httpx, asyncio) runs in th
     python -m benchmarks.load                    # the full run: 64 clients, 60 s + 15 s, MiniLM
     python -m benchmarks.load --tiny --quick     # the tiny backbone (what tests/reliability/test_load.py runs)
 
-Results: benchmarks/results/load.json (load_quick.json with --quick, load_tiny*.json with --tiny).
+Noisy neighbour (`--noisy`, instead of the two phases above): two tenants with the same 8 tasks on one server.
+First the service's capacity is measured (tenant A, closed loop, `--clients` clients); then tenant B alone sends
+its normal load, open loop (Poisson arrivals at `--b-share` of the capacity, default 20%); then, for the same
+time, tenant A floods open loop at `--flood` times the capacity (default 4x) while B sends the same load again.
+Reported: B's p50/p99 alone and under the flood (target: p99 within 1.5x, zero errors for B), and what A got
+(200s, 429s with Retry-After, anything else).
+
+    python -m benchmarks.load --noisy            # about 80 s on MiniLM: 5 s warm-up, 10 s capacity, 2 x 25 s
+
+Results: benchmarks/results/load.json (load_quick.json with --quick, load_tiny*.json with --tiny,
+load_noisy*.json with --noisy).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import random
 import secrets
@@ -39,6 +50,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +163,179 @@ async def run_phase(url: str, headers: dict[str, str], tasks: list[str], *, clie
                                for i in range(clients)))
         phase.seconds = time.monotonic() - start
     return phase
+
+
+# ------------------------------------------------------------------------------------------ noisy neighbour
+@dataclass
+class OpenLoop:
+    """What one tenant's open-loop requests got."""
+
+    latencies_ms: list[float] = field(default_factory=list)  # of 200 answers
+    refused_ms: list[float] = field(default_factory=list)  # of 429 answers
+    statuses: Counter = field(default_factory=Counter)
+    failures: Counter = field(default_factory=Counter)
+    retry_after_missing: int = 0
+    sent: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ok, refused = self.statuses.get(200, 0), self.statuses.get(429, 0)
+        answered = sum(self.statuses.values())
+        return {"sent": self.sent, "rate_rps": round(self.sent / self.seconds, 1) if self.seconds else 0,
+                "ok": ok, "tenant_queue_full_429": refused, "errors": answered - ok - refused + sum(self.failures.values()),
+                "statuses": {str(k): v for k, v in sorted(self.statuses.items())}, "failures": dict(self.failures),
+                "retry_after_missing_on_429": self.retry_after_missing, "latency_ms": _percentiles(self.latencies_ms),
+                "refused_latency_ms": _percentiles(self.refused_ms)}
+
+
+async def open_loop(http: Any, tasks: list[str], headers: dict, rate: float, duration: float, rng: random.Random,
+                    inputs: tuple[int, int] = (1, 4)) -> OpenLoop:
+    """Requests at Poisson arrival times of mean `rate` per second for `duration` seconds, each sent when due
+    whatever the earlier ones are doing (latency measured from the moment it was due: no coordinated omission)."""
+    import httpx
+
+    out = OpenLoop()
+
+    async def one(task: str, batch: list[str], due: float) -> None:
+        try:
+            r = await http.post(f"/v1/tasks/{task}/predict", json={"inputs": batch}, headers=headers)
+        except httpx.TimeoutException:
+            out.failures["timeout"] += 1
+            return
+        except httpx.HTTPError as e:
+            out.failures[type(e).__name__] += 1
+            return
+        out.statuses[r.status_code] += 1
+        if r.status_code == 200:
+            out.latencies_ms.append((time.perf_counter() - due) * 1000)
+            if len(r.json().get("predictions", [])) != len(batch):
+                out.failures["wrong_body"] += 1
+        elif r.status_code == 429:
+            out.refused_ms.append((time.perf_counter() - due) * 1000)
+            if not r.headers.get("retry-after", "").isdigit():
+                out.retry_after_missing += 1
+
+    start = time.perf_counter()
+    due = start
+    pending: set[asyncio.Task] = set()
+    while True:
+        due += rng.expovariate(rate)
+        if due - start > duration:
+            break
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        batch = [rng.choice(TEXTS) for _ in range(rng.randint(*inputs))]
+        task = asyncio.create_task(one(rng.choice(tasks), batch, due))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        out.sent += 1
+    if pending:
+        await asyncio.wait(pending)
+    out.seconds = duration
+    return out
+
+
+def _ping() -> bool:
+    return True
+
+
+def _flood(url: str, tasks: list[str], headers: dict, rate: float, duration: float) -> dict[str, Any]:
+    """Tenant A's open loop, run in a child process; its summary."""
+
+    async def go() -> OpenLoop:
+        async with _http(url, 1024) as http:
+            return await open_loop(http, tasks, headers, rate, duration, random.Random(5))
+
+    return asyncio.run(go()).summary()
+
+
+def _http(url: str, connections: int, timeout: float = 30.0) -> Any:
+    import httpx
+
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (with its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def noisy_phases(url: str, a: tuple[dict, list[str]], b: tuple[dict, list[str]], *, clients: int,
+                       warmup: float, capacity_s: float, duration: float, b_share: float,
+                       flood: float, server_pid: int) -> dict[str, Any]:
+    """Capacity (A, closed loop), B alone, then A flooding while B sends the same load; one server, one run."""
+    await run_phase(url, a[0], a[1], clients=clients, duration=warmup)  # every adapter of A loaded
+    await run_phase(url, b[0], b[1], clients=4, duration=min(warmup, 3.0))  # ... and of B
+    cap = (await run_phase(url, a[0], a[1], clients=clients, duration=capacity_s, seed=3)).summary()
+    capacity = cap["throughput_rps"]
+    b_rate, a_rate = b_share * capacity, flood * capacity
+    common.log(f"capacity {capacity} req/s ({cap['inputs_per_s']} inputs/s); B at {b_rate:.1f} req/s, "
+               f"A floods at {a_rate:.1f} req/s")
+    cpu, wall = cpu_seconds(server_pid), time.monotonic()
+    async with _http(url, 64) as hb:
+        alone = await open_loop(hb, b[1], b[0], b_rate, duration, random.Random(4))
+    server_cpu = {"b_alone": round((cpu_seconds(server_pid) - cpu) / (time.monotonic() - wall), 2)}
+    # A floods from a process of its own: in this one its requests would delay B's on the client side.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_ping).result()  # the child is up before the clock starts
+        cpu, wall = cpu_seconds(server_pid), time.monotonic()
+        flood_future = asyncio.wrap_future(pool.submit(_flood, url, a[1], a[0], a_rate, duration))
+        async with _http(url, 64) as hb:
+            flooded = await open_loop(hb, b[1], b[0], b_rate, duration, random.Random(4))
+        flooding = await flood_future
+        server_cpu["with_flood"] = round((cpu_seconds(server_pid) - cpu) / (time.monotonic() - wall), 2)
+    b_alone, b_flooded = alone.summary(), flooded.summary()
+    p99_ratio = (b_flooded["latency_ms"]["p99"] / b_alone["latency_ms"]["p99"]
+                 if b_alone["latency_ms"] and b_flooded["latency_ms"] else None)
+    p50_ratio = (b_flooded["latency_ms"]["p50"] / b_alone["latency_ms"]["p50"]
+                 if b_alone["latency_ms"] and b_flooded["latency_ms"] else None)
+    return {"capacity": {"clients": clients, "seconds": capacity_s, **{k: cap[k] for k in (
+                "requests", "errors", "throughput_rps", "inputs_per_s", "latency_ms")}},
+            "b_rate_rps": round(b_rate, 2), "a_rate_rps": round(a_rate, 2), "duration_s": duration,
+            "b_alone": b_alone, "b_with_flood": b_flooded, "a_flood": flooding,
+            "b_p50_ratio": round(p50_ratio, 2) if p50_ratio else None,
+            "b_p99_ratio": round(p99_ratio, 2) if p99_ratio else None,
+            "target": {"b_p99_ratio_at_most": 1.5, "b_errors": 0},
+            "server_cpu_cores_used": server_cpu, "loadavg_at_end": _loadavg(),
+            "met": bool(p99_ratio is not None and p99_ratio <= 1.5 and b_flooded["errors"] == 0
+                        and b_alone["errors"] == 0)}
+
+
+def run_noisy(args: argparse.Namespace, base: str, tmp: Path, prefix: str, result: dict[str, Any], name: str) -> None:
+    clients = args.clients or 16
+    duration = args.duration or 25.0
+    settings = dict(args.set or [])
+    result.update(clients=clients, server_settings=settings)
+    with fresh_database() as db_url:
+        common.log(f"registering {len(TASKS)} tasks for tenants A and B on {base} ...")
+        a = register_tasks(db_url, "tenant-a", base)
+        b = register_tasks(db_url, "tenant-b", base)
+        server = Server(server_env(db_url, REDIS_URL, prefix, base, tmp / "data", **settings),
+                        tmp / "server-noisy.log").start()
+        try:
+            result["noisy"] = asyncio.run(noisy_phases(server.url, a, b, clients=clients, warmup=args.warmup,
+                                                       capacity_s=args.capacity_duration, duration=duration,
+                                                       b_share=args.b_share, flood=args.flood,
+                                                       server_pid=server.proc.pid))
+            result["noisy"]["after"] = _health_after(server.url, b[0], b[1][0])
+            log_text = server.log_path.read_text(errors="replace")
+            result["noisy"]["server_log_errors"] = log_text.count("Exception in ASGI application") + \
+                log_text.count("Traceback")
+        finally:
+            server.stop()
+    result["loadavg_after"] = _loadavg()
+    path = common.write_result(name, result)
+    n = result["noisy"]
+    ba, bf, af = n["b_alone"], n["b_with_flood"], n["a_flood"]
+    common.log(f"B alone: {ba['ok']} ok, {ba['errors']} errors, p50 {ba['latency_ms']['p50']} ms, "
+               f"p99 {ba['latency_ms']['p99']} ms")
+    common.log(f"B with A flooding: {bf['ok']} ok, {bf['errors']} errors, p50 {bf['latency_ms']['p50']} ms, "
+               f"p99 {bf['latency_ms']['p99']} ms (p99 x{n['b_p99_ratio']}; target 1.5: "
+               f"{'met' if n['met'] else 'NOT met'})")
+    common.log(f"A flooding: {af['sent']} sent, {af['ok']} ok, {af['tenant_queue_full_429']} x 429, "
+               f"{af['errors']} errors, failures {af['failures']}")
+    common.log(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -347,11 +532,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queue-rows", type=int, default=16, help="SPAFIT_BATCH_MAX_QUEUE of the queue-full phase")
     p.add_argument("--rss-bound", type=float, default=0.05)
     p.add_argument("--out", default=None, help="result name under benchmarks/results (default: by mode)")
+    p.add_argument("--noisy", action="store_true", help="the noisy-neighbour run instead (see above)")
+    p.add_argument("--flood", type=float, default=4.0, help="--noisy: A's rate, in multiples of the capacity")
+    p.add_argument("--b-share", type=float, default=0.2, help="--noisy: B's rate, as a share of the capacity")
+    p.add_argument("--capacity-duration", type=float, default=10.0, help="--noisy: seconds measuring capacity")
+    p.add_argument("--set", nargs=2, action="append", metavar=("SETTING", "VALUE"),
+                   help="a server setting, e.g. --set batch_max_size 8 (repeatable)")
     args = p.parse_args(argv)
     clients = args.clients or (16 if args.quick else 64)
     duration = args.duration or (10.0 if args.quick else 60.0)
     queue_duration = args.queue_duration or (5.0 if args.quick else 15.0)
-    name = args.out or "load" + ("_tiny" if args.tiny else "") + ("_quick" if args.quick else "")
+    name = args.out or "load" + ("_noisy" if args.noisy else "") + ("_tiny" if args.tiny else "") + \
+        ("_quick" if args.quick else "")
 
     tmp = Path(tempfile.mkdtemp(prefix="spafit-load-"))
     base = tiny_backbone(tmp / "tiny") if args.tiny else "sentence-transformers/all-MiniLM-L6-v2"
@@ -360,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
                               "base_model": "tiny random BERT (hidden 64, 4 layers)" if args.tiny else base,
                               "tasks": [{"name": n, "method": m["name"], "labels": len(lab)} for n, m, lab in TASKS],
                               "clients": clients, "loadavg_before": _loadavg()}
+    if args.noisy:
+        return run_noisy(args, base, tmp, prefix, result, name)
     with fresh_database() as db_url:
         common.log(f"registering {len(TASKS)} tasks on {base} ...")
         headers, tasks = register_tasks(db_url, "load", base)

@@ -119,6 +119,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 async def predict(*, task: TaskName, body: PredictRequest, principal: PredictPrincipal, session: SessionDep,
                   settings: SettingsDep, serving: ServingDep, request: Request) -> Any:
     inputs = checked_inputs(body.inputs, settings, one_kind=True)
+    serving.remember_key(request.headers, str(principal.tenant_id))
     return await unless_disconnected(request, serving.predict(session, principal.tenant_id, task, inputs,
                                                               body.top_k))
 
@@ -129,6 +130,7 @@ async def fan_out(*, body: FanOutRequest, principal: PredictPrincipal, session: 
                   serving: ServingDep, request: Request) -> Any:
     tasks = checked_tasks(body.tasks)
     inputs = checked_inputs(body.inputs, settings, one_kind=False)
+    serving.remember_key(request.headers, str(principal.tenant_id))
     results = await unless_disconnected(request, serving.fan_out(session, principal.tenant_id, tasks, inputs,
                                                                  body.top_k))
     return {"results": results}

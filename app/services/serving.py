@@ -10,13 +10,16 @@ the engine is first needed: importing this module does not import it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import threading
 import time
 import uuid
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +36,7 @@ from spafit_core.errors import (
 )
 
 from ..db import Database
-from ..errors import AppError, NotFound, ServiceUnavailable, TenantQueueFull
+from ..errors import AppError, NotFound, ServiceUnavailable, TenantQueueFull, problem
 from ..metrics import Metrics
 from ..models import AdapterVersion
 from ..settings import Settings
@@ -76,9 +79,15 @@ class Serving:
         self._stopped = False
         self._backbone_ready = threading.Event()
         self._preload_error: str | None = None
-        self._fan_out_rows = 0  # rows of fan-out requests in flight (they bypass the batcher's queue)
-        self._fan_out_by_tenant: dict[str, int] = {}
-        self._fan_out_lock = threading.RLock()  # re-entrant: _admit reads the counts under it
+        # Rows admitted and not answered yet (waiting for a thread, the registry, the queue or the engine), by
+        # tenant: what the per-tenant share and the whole queue's bound are checked against, so that a tenant's
+        # flood is refused right after its key is checked, before it can crowd the stages ahead of the batcher.
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
+        self._key_tenants: OrderedDict[str, str] = OrderedDict()  # sha256 of an API key seen at predict -> tenant
+        # Tenants refused for their share, until their rows in flight fall below the low-water mark: the gate
+        # refuses their requests from the headers alone meanwhile.
+        self._saturated: set[str] = set()
         metrics.watch_engine(self.stats, self.queue_depth)
         metrics.watch_tenants(self.tenant_depths, self.tenant_served)
 
@@ -197,33 +206,82 @@ class Serving:
         return {**engine.stats(), "backbones": len(engine.backbones)}
 
     def queue_depth(self) -> int:
-        batcher = self._batcher
-        return (batcher.depth if batcher is not None else 0) + self._fan_out_rows
+        """Rows admitted and not answered yet, every tenant."""
+        with self._in_flight_lock:
+            return sum(self._in_flight.values())
 
     def tenant_depths(self) -> dict[str, int]:
-        """Rows waiting or (fan-out) in flight, by tenant id."""
-        batcher = self._batcher
-        out = dict(batcher.depths()) if batcher is not None else {}
-        with self._fan_out_lock:
-            for tenant, rows in self._fan_out_by_tenant.items():
-                out[tenant] = out.get(tenant, 0) + rows
-        return out
+        """Rows admitted and not answered yet, by tenant id."""
+        with self._in_flight_lock:
+            return dict(self._in_flight)
 
     def tenant_served(self) -> dict[str, int]:
         """Rows served by the batcher since it started, by tenant id."""
         batcher = self._batcher
         return dict(batcher.served) if batcher is not None else {}
 
-    def _admit(self, tenant: str, rows: int) -> None:
-        """Refuse before doing any work (a registry lookup, thread hops, tokenising) what the batcher would refuse
-        anyway: 429 for a tenant over its share of the queue, 503 when the whole queue is full. The batcher's own
-        check, at submit, stays the authoritative one."""
-        depth = self.tenant_depths().get(tenant, 0)
-        if depth + rows > self.settings.batch_max_queue_per_tenant:
-            raise self._tenant_overloaded(tenant, f"this tenant has {depth} rows waiting (at most "
-                                          f"{self.settings.batch_max_queue_per_tenant}); retry shortly")
-        if self.queue_depth() + rows > self.settings.batch_max_queue:
-            raise self._overloaded(f"prediction queue is full ({self.queue_depth()} rows waiting); retry shortly")
+    # ----------------------------------------------------------------------------- the gate at entry
+    def remember_key(self, headers: Mapping[str, str], tenant: str) -> None:
+        """Note which tenant the request's (just authenticated) API key belongs to, for `refuse_early`."""
+        digest = _key_digest(headers)
+        if digest is None:
+            return
+        with self._in_flight_lock:
+            self._key_tenants[digest] = tenant
+            self._key_tenants.move_to_end(digest)
+            while len(self._key_tenants) > KEY_MEMORY:
+                self._key_tenants.popitem(last=False)
+
+    def refuse_early(self, headers: Mapping[str, str]) -> tuple[str, int] | None:
+        """(tenant, rows in flight) if the request's API key is one seen before whose tenant was refused for its
+        share and has not drained below the low-water mark (90% of the share) since: `PredictGate` answers 429
+        at once, before the key lookup, the thread hops and the body, so a flood costs the service little more
+        than reading its headers. None: let the request in (`_admit` decides)."""
+        digest = _key_digest(headers)
+        if digest is None:
+            return None
+        with self._in_flight_lock:
+            tenant = self._key_tenants.get(digest)
+            if tenant is None or tenant not in self._saturated:
+                return None
+            mine = self._in_flight.get(tenant, 0)
+        self.metrics.predict_tenant_rejected.labels(tenant=tenant).inc()
+        self.metrics.predict_requests.labels(outcome="tenant-queue-full").inc()
+        return tenant, mine
+
+    def _admit(self, tenant: str, rows: int) -> Callable[[], None]:
+        """Count `rows` of `tenant` in flight, or refuse them before any work is done: 429 for a tenant past its
+        share (`batch_max_queue_per_tenant`), 503 when every tenant's rows together fill `batch_max_queue`.
+        Returns the function that gives the rows back (idempotent)."""
+        limit, total = self.settings.batch_max_queue_per_tenant, self.settings.batch_max_queue
+        with self._in_flight_lock:
+            mine, everyone = self._in_flight.get(tenant, 0), sum(self._in_flight.values())
+            if mine + rows > limit:
+                self._saturated.add(tenant)
+                refused: AppError = self._tenant_overloaded(tenant, f"this tenant has {mine} rows waiting (at most "
+                                                            f"{limit}); retry shortly", mine)
+            elif everyone + rows > total:
+                refused = self._overloaded(f"prediction queue is full ({everyone} rows waiting); retry shortly",
+                                           everyone)
+            else:
+                self._in_flight[tenant] = mine + rows
+                released = threading.Event()
+
+                def release() -> None:
+                    with self._in_flight_lock:
+                        if released.is_set():
+                            return
+                        released.set()
+                        left = self._in_flight[tenant] - rows
+                        if left:
+                            self._in_flight[tenant] = left
+                        else:
+                            del self._in_flight[tenant]
+                        if left < limit - max(1, limit // 10):  # the low-water mark: the gate opens again
+                            self._saturated.discard(tenant)
+
+                return release
+        raise refused
 
     # ------------------------------------------------------------------------------------- predict
     def resolve(self, session: Session, tenant_id: uuid.UUID, tasks: Sequence[str]) -> list[Served]:
@@ -236,16 +294,18 @@ class Serving:
         """One task over `inputs`, batched with whatever else is in flight (any tasks)."""
         tenant = str(tenant_id)
         with self._measure(len(inputs)):
-            self._admit(tenant, len(inputs))
-            served = await self._resolve(session, tenant_id, [task])
-            batcher = await asyncio.to_thread(lambda: self.batcher)
+            release = self._admit(tenant, len(inputs))
             try:
+                served = await self._resolve(session, tenant_id, [task])
+                batcher = await asyncio.to_thread(lambda: self.batcher)
                 predictions = await batcher.predict(served[0].adapter, inputs, top_k,
                                                     timeout_s=self.settings.predict_timeout_s, tenant=tenant)
-            except TenantOverloadedError as e:
+            except TenantOverloadedError as e:  # the batcher's own bounds (only reached past ours)
                 raise self._tenant_overloaded(tenant, e.message) from None
             except OverloadedError as e:
                 raise self._overloaded(e.message) from None
+            finally:
+                release()  # a cancelled request's rows have left the batcher's queue too
             return {"task": task, "version": served[0].version, "predictions": predictions}
 
     async def fan_out(self, session: Session, tenant_id: uuid.UUID, tasks: Sequence[str],
@@ -254,20 +314,19 @@ class Serving:
         per task (tasks on different base models branch per backbone). One result per task, in order."""
         tenant = str(tenant_id)
         with self._measure(len(inputs)):
-            self._admit(tenant, len(inputs) * len(tasks))
-            served = await self._resolve(session, tenant_id, tasks)
-            engine = await asyncio.to_thread(lambda: self.engine)
-            rows = len(inputs) * len(served)
-            with self._fan_out_lock:
-                self._admit(tenant, rows)  # again, now counted with the rows it adds: no race between requests
-                self._fan_out_rows += rows
-                self._fan_out_by_tenant[tenant] = self._fan_out_by_tenant.get(tenant, 0) + rows
-            timeout = self.settings.predict_timeout_s
-            stop = threading.Event()
-            work = asyncio.get_running_loop().run_in_executor(
-                None, self._fan_out_sync, engine, served, inputs, top_k, time.monotonic() + timeout, stop)
+            release = self._admit(tenant, len(inputs) * len(tasks))  # fan-out rows bypass the batcher's queue
+            try:
+                served = await self._resolve(session, tenant_id, tasks)
+                engine = await asyncio.to_thread(lambda: self.engine)
+                timeout = self.settings.predict_timeout_s
+                stop = threading.Event()
+                work = asyncio.get_running_loop().run_in_executor(
+                    None, self._fan_out_sync, engine, served, inputs, top_k, time.monotonic() + timeout, stop)
+            except BaseException:
+                release()
+                raise
             # The rows leave the count when the work ends, however it ends (even after a 504 or a disconnect).
-            work.add_done_callback(lambda f: self._fan_out_done(f, tenant, rows))
+            work.add_done_callback(lambda f: self._fan_out_done(f, release))
             try:
                 done, _ = await asyncio.wait({work}, timeout=timeout)  # on timeout the work stops itself
             finally:
@@ -294,12 +353,8 @@ class Serving:
                     per_task[s.adapter].append(out[s.adapter])
         return [{"task": s.task, "version": s.version, "predictions": per_task[s.adapter]} for s in served]
 
-    def _fan_out_done(self, work: asyncio.Future, tenant: str, rows: int) -> None:
-        with self._fan_out_lock:
-            self._fan_out_rows -= rows
-            self._fan_out_by_tenant[tenant] -= rows
-            if not self._fan_out_by_tenant[tenant]:
-                del self._fan_out_by_tenant[tenant]
+    def _fan_out_done(self, work: asyncio.Future, release: Callable[[], None]) -> None:
+        release()
         if not work.cancelled():
             work.exception()  # retrieved: an abandoned (timed out) call's error is not worth a log line
 
@@ -311,14 +366,14 @@ class Serving:
         session.close()  # not needed while the engine works
         return served
 
-    def _overloaded(self, message: str) -> Overloaded:
+    def _overloaded(self, message: str, depth: int | None = None) -> Overloaded:
         return Overloaded(message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-                          queue_depth=self.queue_depth())
+                          queue_depth=self.queue_depth() if depth is None else depth)
 
-    def _tenant_overloaded(self, tenant: str, message: str) -> TenantQueueFull:
+    def _tenant_overloaded(self, tenant: str, message: str, depth: int | None = None) -> TenantQueueFull:
         self.metrics.predict_tenant_rejected.labels(tenant=tenant).inc()
         return TenantQueueFull(message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-                               tenant_queue_depth=self.tenant_depths().get(tenant, 0))
+                               tenant_queue_depth=self.tenant_depths().get(tenant, 0) if depth is None else depth)
 
     def _measure(self, n_inputs: int) -> _Measure:
         return _Measure(self.metrics, n_inputs)
@@ -370,6 +425,45 @@ class Serving:
                 f"adapter was trained on base model {name!r}, which this service does not serve; it serves "
                 f"{canonical_model_name(self.settings.default_base_model)!r} and the base models of adapters "
                 "trained here", field="base_model.name")
+
+
+KEY_MEMORY = 10_000  # API keys remembered by the gate (LRU); a forgotten one just takes the normal path
+
+
+def _key_digest(headers: Mapping[str, str]) -> str | None:
+    """sha256 of the API key a request presents (`Authorization: Bearer` or `X-API-Key`), as deps reads it."""
+    auth = headers.get("authorization") or ""
+    scheme, _, value = auth.partition(" ")
+    key = value.strip() if scheme.lower() == "bearer" and value.strip() else headers.get("x-api-key")
+    return hashlib.sha256(key.encode()).hexdigest() if key else None
+
+
+class PredictGate:
+    """Pure ASGI middleware in front of the predict routes: a request whose API key belongs to a tenant that
+    has its whole share of the queue in flight gets 429 `tenant-queue-full` with Retry-After from the headers
+    alone (see `Serving.refuse_early`). What a tenant's flood costs the others then stays small: the requests it
+    sends past its share never reach the thread pool, the database or the engine. A key revoked since it was
+    seen may get this 429 instead of a 401 while its tenant is busy; it never gets an answer with data."""
+
+    PATHS = re.compile(r"/v1/(tasks/[^/]+/)?predict")
+
+    def __init__(self, app: Any, serving: Serving):
+        self.app, self.serving = app, serving
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and self.PATHS.fullmatch(scope["path"]):
+            from starlette.datastructures import Headers
+            from starlette.requests import Request
+
+            refused = self.serving.refuse_early(Headers(scope=scope))
+            if refused is not None:
+                _, depth = refused
+                response = problem(429, TenantQueueFull.type, f"this tenant has {depth} rows waiting (at most "
+                                   f"{self.serving.settings.batch_max_queue_per_tenant}); retry shortly",
+                                   request=Request(scope), headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                                   tenant_queue_depth=depth)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _Measure:
