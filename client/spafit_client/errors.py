@@ -120,11 +120,12 @@ class ValidationError(SpafitAPIError):
 class RateLimitError(SpafitAPIError):
     """429: too many requests; `retry_after` says when to come back. `type` says which limit, e.g.
     `.../too-many-jobs` (the tenant's queued + running training jobs), `.../too-many-imports` (its dataset
-    imports in progress)."""
+    imports in progress), `.../tenant-queue-full` (its share of the prediction queue is in flight)."""
 
 
 class ServerError(SpafitAPIError):
-    """5xx: the service failed; the body carries a reference to quote."""
+    """5xx: the service failed; the body carries a reference to quote. `.../prediction-failed`: the engine
+    failed on this request's inputs even run apart from others (other requests were answered)."""
 
 
 class OverloadedError(ServerError):
