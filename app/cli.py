@@ -570,9 +570,15 @@ def import_(source: Path, fmt: str, out: Path, base_model: str | None, labels: t
             as_json: bool) -> None:
     """Turn SOURCE, an adapter trained elsewhere, into a SPAFIT adapter folder; `spafit tasks import TASK OUT`
     then serves it."""
-    from spafit_core.adapter import save_adapter
+    from spafit_core.adapter import CONFIG_FILE, WEIGHTS_FILE
     from spafit_core.errors import AdapterError
-    from spafit_core.peft_interop import from_peft, read_peft_files, read_peft_folder, unpack_peft
+    from spafit_core.peft_interop import (
+        from_peft,
+        read_peft_files,
+        read_peft_folder,
+        serialize_imported,
+        unpack_peft,
+    )
 
     files = read_peft_folder(source) if source.is_dir() else unpack_peft(source.read_bytes())
     if base_model is None:
@@ -580,7 +586,10 @@ def import_(source: Path, fmt: str, out: Path, base_model: str | None, labels: t
         if not base_model or not isinstance(base_model, str):
             raise AdapterError("the PEFT config names no base model: give --base-model", field="base_model")
     model = from_peft(files, base_model, labels=list(labels) or None)
-    cfg = save_adapter(model, out)
+    cfg, weights = serialize_imported(model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WEIGHTS_FILE).write_bytes(weights)
+    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     summary = {"out": str(out.resolve()), "base_model": cfg["base_model"]["name"], "method": cfg["method"],
                "task": cfg["task"], "param_counts": cfg["param_counts"],
                "files": sorted(p.name for p in out.iterdir())}

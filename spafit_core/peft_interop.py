@@ -283,6 +283,16 @@ def from_peft(files: dict[str, bytes], base_model: str, *, task: TaskSpec | None
     return model
 
 
+def serialize_imported(model: SpafitModel, *, max_seq_length: int = 128) -> tuple[dict, bytes]:
+    """Our (config, weights) of an imported model; `max_seq_length` capped by the base model's position table
+    (PEFT records no sequence length)."""
+    from .adapter import backbone_limits, serialize
+
+    most = backbone_limits(model.base_model_name).get("max_seq_length")
+    return serialize(model, max_seq_length=min(max_seq_length, most) if most else max_seq_length,
+                     training={"imported_from": "peft"})
+
+
 def _task_of(tensors: dict[str, torch.Tensor], labels: list[str] | None, info: dict | None) -> TaskSpec:
     if labels:
         return TaskSpec(labels=tuple(labels))

@@ -5,11 +5,11 @@ importing needs `train` (training is what produces adapters)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
-from ..deps import ServingDep, SessionDep, TaskReaderPrincipal, TrainPrincipal
+from ..deps import ServingDep, SessionDep, SettingsDep, TaskReaderPrincipal, TrainPrincipal
 from ..errors import UnsupportedMediaType
 from ..schemas import DB_INT_MAX, AdapterVersionOut, Page, TaskOut, problem_responses
 from ..services import registry
@@ -22,7 +22,8 @@ ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/oct
 
 _ZIP_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {
     "application/zip": {"schema": {"type": "string", "format": "binary",
-                                   "description": "adapter_config.json + adapter.safetensors, as downloaded"}}}}}
+                                   "description": "spafit_adapter.json + adapter.safetensors, as downloaded; or a "
+                                                  "PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"}}}}}
 _ZIP_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
           "description": "the adapter archive; `ETag` is its sha256"},
@@ -85,13 +86,21 @@ def delete_task(*, task: TaskName, principal: TrainPrincipal, session: SessionDe
 def download_adapter(*, task: TaskName, principal: TrainPrincipal, session: SessionDep,
                      version: Annotated[int | None, Query(ge=1, le=DB_INT_MAX,
                                                           description="default: the active version")] = None,
+                     format: Annotated[Literal["spafit", "peft"], Query(
+                         description="spafit: spafit_adapter.json + adapter.safetensors; peft: a PEFT LoRA folder "
+                                     "(adapter_config.json + adapter_model.safetensors + spafit_export.json) for "
+                                     "peft.PeftModel.from_pretrained on the stock classifier")] = "spafit",
                      if_none_match: Annotated[str | None, Header()] = None) -> Response:
     archive, sha, number = registry.archive(session, principal.tenant_id, task, version)
-    etag = f'"{sha}"'
+    etag = f'"{sha}"' if format == "spafit" else f'"{sha}-{format}"'  # the PEFT zip is a function of ours
     headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
     if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
         return Response(status_code=304, headers=headers)
-    headers["Content-Disposition"] = f'attachment; filename="{task}-v{number}.zip"'
+    if format == "peft":
+        session.close()  # the conversion loads the base model: hold no database connection meanwhile
+        archive = registry.peft_archive(archive)
+    suffix = "" if format == "spafit" else f"-{format}"
+    headers["Content-Disposition"] = f'attachment; filename="{task}-v{number}{suffix}.zip"'
     return Response(archive, media_type="application/zip", headers=headers)
 
 
@@ -99,7 +108,22 @@ def download_adapter(*, task: TaskName, principal: TrainPrincipal, session: Sess
             summary="Import an adapter trained elsewhere as the task's new, active version",
             responses=problem_responses(401, 403, 413, 415, 422), openapi_extra=_ZIP_BODY)
 def import_adapter(*, task: TaskName, response: Response, archive: Annotated[bytes, Depends(adapter_archive)],
-                   principal: TrainPrincipal, session: SessionDep, serving: ServingDep) -> Any:
+                   principal: TrainPrincipal, session: SessionDep, serving: ServingDep, settings: SettingsDep,
+                   format: Annotated[Literal["spafit", "peft"] | None, Query(
+                       description="default: told from the archive (PEFT's adapter_model.safetensors means peft)")]
+                   = None,
+                   base_model: Annotated[str | None, Query(
+                       max_length=300, description="peft: the base model [default: the PEFT config's "
+                                                   "base_model_name_or_path]; one this service serves")] = None,
+                   labels: Annotated[list[str] | None, Query(
+                       max_length=10_000, description="peft: label names in head order (repeat the parameter) "
+                                                      "[default: from a SPAFIT export, else LABEL_0..]")] = None) -> Any:
+    from spafit_core.peft_interop import is_peft_archive
+
+    if format == "peft" or (format is None and is_peft_archive(archive)):
+        archive = registry.from_peft_archive(session, archive, base_model=base_model, labels=labels,
+                                             default_base_model=settings.default_base_model,
+                                             max_bytes=2 * (settings.max_request_bytes or len(archive)))
     version = serving.import_adapter(session, principal.tenant_id, task, archive)
     response.headers["Location"] = f"/v1/tasks/{task}"
     return registry.version_out(version, active=True)

@@ -263,3 +263,38 @@ def archive(session: Session, tenant_id: uuid.UUID, name: str, number: int | Non
     cfg, weights = version_payload(session, version.id)
     data = pack(cfg, weights)
     return data, blobs.sha256_hex(data), version.version
+
+
+# ----------------------------------------------------------------------------------------- PEFT
+def peft_archive(archive_zip: bytes) -> bytes:
+    """A version's zip (from `archive`) as a zipped PEFT LoRA folder for `peft.PeftModel.from_pretrained` on
+    the stock classifier (see `spafit_core.peft_interop`). Loads the base model: bias deltas travel as
+    whole biases, which need the base's."""
+    from spafit_core.adapter import load_weights, model_from_adapter, unpack
+    from spafit_core.peft_interop import pack_peft, to_peft
+
+    cfg, weights = unpack(archive_zip)
+    model = model_from_adapter(cfg, load_weights(cfg, weights), with_tokenizer=False)
+    return pack_peft(to_peft(model))
+
+
+def from_peft_archive(session: Session, archive_zip: bytes, *, base_model: str | None, labels: list[str] | None,
+                      default_base_model: str, max_bytes: int) -> bytes:
+    """A zipped PEFT LoRA folder as our adapter zip (`spafit_core.adapter.pack`), for the usual import. The
+    base model (`base_model`, else the PEFT config's `base_model_name_or_path`) must be one this service
+    serves, checked before anything is loaded: a client never makes the server fetch another model."""
+    from spafit_core.adapter import pack
+    from spafit_core.backbone import canonical_model_name
+    from spafit_core.errors import AdapterMismatchError
+    from spafit_core.peft_interop import from_peft, read_peft_files, serialize_imported, unpack_peft
+
+    files = unpack_peft(archive_zip, max_bytes=max_bytes)
+    name = base_model or read_peft_files(files)[0].get("base_model_name_or_path") or default_base_model
+    allowed = {canonical_model_name(default_base_model), *served_base_models(session)}
+    if not isinstance(name, str) or canonical_model_name(name) not in allowed:
+        raise AdapterMismatchError(
+            f"the PEFT adapter names base model {str(name)[:200]!r}, which this service does not serve; give "
+            f"base_model= one of {sorted(allowed)}", field="base_model")
+    model = from_peft(files, canonical_model_name(name), labels=labels)
+    return pack(*serialize_imported(model))
+

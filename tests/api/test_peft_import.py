@@ -1,0 +1,145 @@
+"""PEFT through the API, against PEFT itself: PUT /v1/tasks/{task}/adapter takes a zipped PEFT LoRA folder and
+serves it with PEFT's outputs; GET /v1/tasks/{task}/adapter?format=peft gives a folder PEFT loads with ours."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+
+from .adapters import SPAFIT, TEXTS, random_adapter, register, serve, settings_factory, tiny_backbone, zip_of
+from .helpers import assert_problem
+
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+ZIP = {"Content-Type": "application/zip"}
+LABELS = ["neg", "pos", "meh"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_backbone(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def api(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
+    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("data")) as make, \
+            serve(make(default_base_model=base, engine_device="cpu", preload_base_model=True)) as client:
+        yield client
+
+
+def stock(base):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(LABELS))
+
+
+@pytest.fixture(scope="module")
+def peft_folder(base, tmp_path_factory):
+    """A LoRA adapter trained a few steps with PEFT itself on the stock classifier, saved by PEFT."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny import toy_examples
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(stock(base), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                          target_modules=["query", "value"],
+                                                          layers_to_transform=[2, 3], layers_pattern="layer"))
+    tok = AutoTokenizer.from_pretrained(base)
+    ex = toy_examples(16)
+    enc = tok(ex.texts, padding=True, return_tensors="pt")
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    for _ in range(5):
+        pm(**enc, labels=torch.tensor(ex.labels)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    folder = tmp_path_factory.mktemp("peft") / "adapter"
+    pm.save_pretrained(folder)
+    pm.eval()
+    with torch.no_grad():
+        probs = pm(**tok(TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1)
+    return folder, probs
+
+
+def zipped(folder, prefix=""):
+    return zip_of({prefix + p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+
+
+def scores(client, task, headers):
+    r = client.post(f"/v1/tasks/{task}/predict", json={"inputs": TEXTS}, headers=headers)
+    assert r.status_code == 200, r.text
+    return torch.tensor([[s["score"] for s in sorted(p["scores"], key=lambda s: LABELS.index(s["label"]))]
+                         for p in r.json()["predictions"]])
+
+
+def test_a_peft_trained_adapter_imports_and_serves_peft_outputs(api, tenant_key, peft_folder):
+    key = tenant_key("train", "predict")
+    folder, want = peft_folder
+    assert (folder / "README.md").exists()  # PEFT's own files ride along and are ignored
+    r = api.put("/v1/tasks/from-peft/adapter", params={"labels": LABELS}, content=zipped(folder, "adapter/"),
+                headers={**key.headers, **ZIP})
+    assert r.status_code == 201, r.text
+    v = r.json()
+    assert v["labels"] == LABELS and v["method"]["rank"] == 4 and v["stratification"]["n2"] == 2
+    assert (scores(api, "from-peft", key.headers) - want).abs().max() < 1e-5
+
+
+def test_peft_import_refuses_a_base_model_the_service_does_not_serve(api, tenant_key, peft_folder):
+    key = tenant_key("train", "predict")
+    folder, _ = peft_folder
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    cfg = json.loads(files["adapter_config.json"])
+    cfg["base_model_name_or_path"] = "someone/else-model"
+    files["adapter_config.json"] = json.dumps(cfg).encode()
+    r = api.put("/v1/tasks/elsewhere/adapter", content=zip_of(files), headers={**key.headers, **ZIP})
+    assert "does not serve" in assert_problem(r, 422, "adapter-mismatch")["detail"]
+    assert_problem(api.get("/v1/tasks/elsewhere", headers=key.headers), 404)
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda f: f.update({"adapter_model.bin": f.pop("adapter_model.safetensors")}), "pickled"),
+    (lambda f: f.update({"adapter_config.json": b'{"peft_type": "IA3"}'}), "only PEFT LoRA"),
+    (lambda f: f.update({"adapter_model.safetensors": b"garbage"}), "safetensors"),
+])
+def test_a_bad_peft_archive_is_422_saying_what_is_wrong(api, tenant_key, peft_folder, mutate, words):
+    key = tenant_key("train", "predict")
+    files = {p.name: p.read_bytes() for p in peft_folder[0].iterdir() if p.is_file()}
+    mutate(files)
+    r = api.put("/v1/tasks/bad-peft/adapter", content=zip_of(files), headers={**key.headers, **ZIP})
+    assert words in assert_problem(r, 422, "invalid-adapter")["detail"]
+
+
+def test_labels_that_do_not_fit_the_peft_head_are_refused(api, tenant_key, peft_folder):
+    key = tenant_key("train", "predict")
+    r = api.put("/v1/tasks/bad-labels/adapter", params={"labels": ["a", "b"]}, content=zipped(peft_folder[0]),
+                headers={**key.headers, **ZIP})
+    assert_problem(r, 422, "adapter-mismatch")
+
+
+def test_download_as_peft_loads_in_peft_with_our_outputs(api, tenant_key, db, base, tmp_path):
+    from spafit_core.adapter import load_weights, model_from_adapter
+
+    key = tenant_key("train", "predict")
+    cfg, weights = random_adapter(base, SPAFIT, labels=tuple(LABELS), seed=3)
+    register(db, key.tenant_id, "ours", cfg, weights)
+    r = api.get("/v1/tasks/ours/adapter", params={"format": "peft"}, headers=key.headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-disposition"].endswith('-v1-peft.zip"')
+    plain = api.get("/v1/tasks/ours/adapter", headers=key.headers)
+    assert plain.headers["etag"] != r.headers["etag"]
+    again = api.get("/v1/tasks/ours/adapter", params={"format": "peft"},
+                    headers={**key.headers, "If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        assert sorted(z.namelist()) == ["adapter_config.json", "adapter_model.safetensors", "spafit_export.json"]
+        z.extractall(tmp_path / "peft")
+    pm = peft.PeftModel.from_pretrained(stock(base), tmp_path / "peft").eval()
+    ours = model_from_adapter(cfg, load_weights(cfg, weights))
+    b = dict(ours.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert (pm(**b).logits - ours(b)).abs().max() < 1e-5
+    # another tenant sees no such task, in any format
+    other = tenant_key("train", "predict")
+    assert_problem(api.get("/v1/tasks/ours/adapter", params={"format": "peft"}, headers=other.headers), 404)
