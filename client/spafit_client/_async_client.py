@@ -199,12 +199,13 @@ class AsyncJobs:
                      hyperparameters: Hyperparameters | dict[str, Any] | None = None, base_model: str | None = None,
                      text_fields: list[str] | None = None, label_field: str | None = None,
                      task_type: str | None = None, idempotency_key: str | None = None,
-                     webhook_url: str | None = None, webhook_on_eval: bool = False) -> Job:
+                     webhook_url: str | None = None, webhook_on_eval: bool = False,
+                     time_limit_s: int | None = None) -> Job:
         return await self._c._call(E.create_job(
             task=task, train_dataset=train_dataset, validation_dataset=validation_dataset, method=method,
             hyperparameters=hyperparameters, base_model=base_model, text_fields=text_fields,
             label_field=label_field, task_type=task_type, idempotency_key=idempotency_key,
-            webhook_url=webhook_url, webhook_on_eval=webhook_on_eval))
+            webhook_url=webhook_url, webhook_on_eval=webhook_on_eval, time_limit_s=time_limit_s))
 
     async def get(self, job: str | Job) -> Job:
         return await self._c._call(E.get_job(job))

@@ -216,15 +216,17 @@ class Jobs:
                hyperparameters: Hyperparameters | dict[str, Any] | None = None, base_model: str | None = None,
                text_fields: list[str] | None = None, label_field: str | None = None, task_type: str | None = None,
                idempotency_key: str | None = None,
-               webhook_url: str | None = None, webhook_on_eval: bool = False) -> Job:
+               webhook_url: str | None = None, webhook_on_eval: bool = False,
+               time_limit_s: int | None = None) -> Job:
         """Queue a job that trains an adapter for `task` (202). An Idempotency-Key (a fresh uuid4 unless
         given) goes with the request, so retries of this call never start a second job; pass your own key
-        to make separate calls safe to repeat too."""
+        to make separate calls safe to repeat too. `time_limit_s`: fail the job past this wall-clock time
+        (within the service's limit). Past the tenant's job limit: RateLimitError (`retry_after`)."""
         return self._c._call(E.create_job(
             task=task, train_dataset=train_dataset, validation_dataset=validation_dataset, method=method,
             hyperparameters=hyperparameters, base_model=base_model, text_fields=text_fields,
             label_field=label_field, task_type=task_type, idempotency_key=idempotency_key,
-            webhook_url=webhook_url, webhook_on_eval=webhook_on_eval))
+            webhook_url=webhook_url, webhook_on_eval=webhook_on_eval, time_limit_s=time_limit_s))
 
     def get(self, job: str | Job) -> Job:
         return self._c._call(E.get_job(job))

@@ -102,12 +102,13 @@ def create_job(*, task: str, train_dataset: Any, validation_dataset: Any, method
                hyperparameters: Hyperparameters | dict[str, Any] | None, base_model: str | None,
                text_fields: list[str] | None, label_field: str | None, task_type: str | None,
                idempotency_key: str | None, webhook_url: str | None = None,
-               webhook_on_eval: bool = False) -> Call[Job]:
+               webhook_on_eval: bool = False, time_limit_s: int | None = None) -> Call[Job]:
     body: dict[str, Any] = {"task": task, "train_dataset": resource_id(train_dataset)}
     optional = {"validation_dataset": resource_id(validation_dataset) if validation_dataset is not None else None,
                 "method": dump(method), "hyperparameters": dump(hyperparameters), "base_model": base_model,
                 "text_fields": text_fields, "label_field": label_field, "task_type": task_type,
-                "webhook_url": webhook_url, "webhook_on_eval": webhook_on_eval or None}
+                "webhook_url": webhook_url, "webhook_on_eval": webhook_on_eval or None,
+                "time_limit_s": time_limit_s}
     body.update({k: v for k, v in optional.items() if v is not None})
     # The key is fixed here, once per call, so every retry of this call is the same request to the service.
     key = idempotency_key or f"spafit-client-{uuid.uuid4()}"

@@ -138,6 +138,7 @@ class Job(SpafitModel):
     parent_job: str | None = None
     webhook_url: str | None = None
     webhook_on_eval: bool = False
+    time_limit_s: int | None = None  # the job's own wall-clock limit, if it set one
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
