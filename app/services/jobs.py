@@ -22,7 +22,6 @@ import re
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
-from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import func, or_, select, update
@@ -85,10 +84,22 @@ def check_base_model(name: str, settings: Settings) -> str:
                       "(SPAFIT_ALLOWED_BASE_MODELS)", field="base_model")
 
 
-@lru_cache(maxsize=64)
 def max_positions(base_model: str) -> int | None:
     """The longest input (in tokens) the base model's position embeddings allow, from its config read with
-    transformers' AutoConfig (only from this machine: None for a hub model not downloaded yet)."""
+    transformers' AutoConfig (only from this machine: None for a hub model not downloaded yet, asked again
+    next time)."""
+    n = _POSITIONS.get(base_model)
+    if n is None:
+        n = _read_max_positions(base_model)
+        if n is not None and len(_POSITIONS) < 256:
+            _POSITIONS[base_model] = n
+    return n
+
+
+_POSITIONS: dict[str, int] = {}
+
+
+def _read_max_positions(base_model: str) -> int | None:
     from transformers import AutoConfig
 
     from spafit_core.backbone import resolve_model_path
