@@ -65,7 +65,7 @@ def create_trials(session, parent: Job, depth: int | None) -> list[Job]:
                     train_dataset_id=parent.train_dataset_id, validation_dataset_id=parent.validation_dataset_id,
                     text_fields=parent.text_fields, label_field=parent.label_field, method=method,
                     hyperparameters=parent.hyperparameters, status="queued", max_attempts=parent.max_attempts,
-                    progress={"trial": i})
+                    time_limit_s=parent.time_limit_s, progress={"trial": i})  # each trial within the sweep's limit
         session.add(trial)
         trials.append(trial)
     parent.progress = {"step": 0, "total_steps": len(trials)}

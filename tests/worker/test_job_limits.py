@@ -162,8 +162,10 @@ def test_each_sweep_trial_counts_toward_the_active_job_limit(held, tenant_key):
     assert held.post("/v1/jobs", json=job_body(train, val), headers=key.headers).status_code == 202
     r = held.post("/v1/jobs", json=sweep([2, 3, 4]), headers=key.headers)  # 1 active + 3 trials > 3
     assert assert_problem(r, 429)["active"] == 1
-    r = held.post("/v1/jobs", json=sweep([2, 3]), headers=key.headers)  # 1 + 2 trials: fits
+    r = held.post("/v1/jobs", json={**sweep([2, 3]), "time_limit_s": 900}, headers=key.headers)  # 1 + 2: fits
     assert r.status_code == 202 and r.json()["kind"] == "sweep", r.text
+    trials = held.app.state.sent[-2:]
+    assert [held.get(f"/v1/jobs/{t}", headers=key.headers).json()["time_limit_s"] for t in trials] == [900, 900]
     assert_problem(held.post("/v1/jobs", json=job_body(train, val), headers=key.headers), 429)
 
 
