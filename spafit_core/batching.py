@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,13 +98,18 @@ class MicroBatcher:
         self._running = False
         self.stats = {"batches": 0, "rows": 0, "timeouts": 0, "overloads": 0, "tenant_overloads": 0,
                       "dropped": 0, "retries": 0, "failed_rows": 0, "loop_errors": 0, "restarts": 0}
-        self.served: Counter[str] = Counter()  # rows run, by tenant
+        self._served: Counter[str] = Counter()  # rows run, by tenant (under the lock)
+        # Adapter loads on a miss and tokenising, for `predict`: threads of their own, so that waiting for them
+        # never queues behind other work on the event loop's default executor.
+        self._submitter = _submitter()
 
     # -- lifecycle
     def start(self) -> MicroBatcher:
         with self._cond:
             if self._thread is None:
                 self._running = True
+                if self._submitter._shutdown:  # stopped before: a new pool
+                    self._submitter = _submitter()
                 self._spawn()
         return self
 
@@ -121,6 +126,7 @@ class MicroBatcher:
             thread.join(timeout=10)
         with self._cond:
             self._thread = None
+        self._submitter.shutdown(wait=False, cancel_futures=True)
 
     @property
     def alive(self) -> bool:
@@ -137,6 +143,12 @@ class MicroBatcher:
             log.error("the batcher thread had died: restarted (%d rows waiting)", self._rows)
             self._spawn()
             return True
+
+    @property
+    def served(self) -> Counter[str]:
+        """Rows run so far, by tenant (a copy)."""
+        with self._cond:
+            return Counter(self._served)
 
     @property
     def depth(self) -> int:
@@ -219,9 +231,13 @@ class MicroBatcher:
         """`submit` and wait. Cancelling the awaiting task (a client that went away) cancels the request,
         whose rows are then dropped before they run."""
         timeout = timeout_s or self.config.timeout_s
-        loop = asyncio.get_running_loop()
         # Loading an adapter on a miss and tokenising are blocking: keep them off the event loop.
-        fut = await loop.run_in_executor(None, self.submit, adapter_name, inputs, top_k, timeout, tenant)
+        queued = self._submitter.submit(self.submit, adapter_name, inputs, top_k, timeout, tenant)
+        try:
+            fut = await asyncio.wrap_future(queued)
+        except asyncio.CancelledError:  # gone while its rows were being made: take them out once queued
+            queued.add_done_callback(_cancel_result)
+            raise
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=timeout + 1.0)
         except TimeoutError:
@@ -319,8 +335,9 @@ class MicroBatcher:
         seconds = time.perf_counter() - t0
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
-        for it in batch:
-            self.served[it.request.tenant] += 1
+        served = Counter(it.request.tenant for it in batch)
+        with self._cond:
+            self._served.update(served)
         if self.on_batch is not None:
             try:
                 self.on_batch(len(batch), len(batch) * max(it.length for it in batch), seconds)
@@ -370,6 +387,15 @@ def _row_error(error: Exception, items: list[_Item]) -> SpafitError:
               exc_info=error)
     return PredictionFailedError(f"the prediction failed on this input (ref {ref}); other requests were served",
                                  detail={"reference": ref})
+
+
+def _submitter() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="spafit-submit")
+
+
+def _cancel_result(queued: Future) -> None:
+    if not queued.cancelled() and queued.exception() is None:
+        queued.result().cancel()
 
 
 def _resolve(fut: Future, result: Any) -> None:

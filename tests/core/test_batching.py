@@ -287,3 +287,31 @@ def test_a_tenant_over_its_share_is_refused_apart_from_a_full_queue(engine):
         batcher.submit("t1", TEXTS[:1], tenant="d")
     assert batcher.depths() == {"a": 12, "b": 6, "c": 2}
     assert batcher.stats["tenant_overloads"] == 1 and batcher.stats["overloads"] == 1
+
+
+def test_a_request_cancelled_while_its_rows_are_made_never_leaves_them_queued(engine, monkeypatch):
+    batcher = MicroBatcher(engine)  # not started: rows stay queued unless withdrawn
+    submit, release, entered = batcher.submit, threading.Event(), threading.Event()
+
+    def slow_submit(*args, **kw):  # tokenising (or loading the adapter) takes a while
+        entered.set()
+        assert release.wait(10)
+        return submit(*args, **kw)
+
+    monkeypatch.setattr(batcher, "submit", slow_submit)
+
+    async def gone_while_submitting():
+        task = asyncio.ensure_future(batcher.predict("t0", TEXTS[:3], tenant="a"))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        for _ in range(200):
+            if batcher.stats["dropped"]:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(gone_while_submitting())
+    assert batcher.depth == 0 and batcher.stats["dropped"] == 3
+    batcher.stop()
