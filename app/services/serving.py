@@ -30,6 +30,7 @@ from spafit_core.errors import (
     AdapterError,
     AdapterMismatchError,
     OverloadedError,
+    PredictionFailedError,
     RequestTimeoutError,
     SpafitError,
     TenantOverloadedError,
@@ -256,7 +257,7 @@ class Serving:
         limit, total = self.settings.batch_max_queue_per_tenant, self.settings.batch_max_queue
         with self._in_flight_lock:
             mine, everyone = self._in_flight.get(tenant, 0), sum(self._in_flight.values())
-            if mine + rows > limit:
+            if mine + rows > limit and mine:  # (alone, a request larger than the share still runs: a big fan-out)
                 self._saturated.add(tenant)
                 refused: AppError = self._tenant_overloaded(tenant, f"this tenant has {mine} rows waiting (at most "
                                                             f"{limit}); retry shortly", mine)
@@ -342,12 +343,20 @@ class Serving:
         for s in served:  # the shared prefix only exists within one backbone
             groups.setdefault(s.base_model, []).append(s)
         per_task: dict[str, list[dict]] = {s.adapter: [] for s in served}
-        for inp in inputs:
+        for i, inp in enumerate(inputs):
             if time.monotonic() > deadline or stop.is_set():  # the caller has gone: stop spending the engine on it
                 raise RequestTimeoutError("prediction timed out")
             for group in groups.values():
                 start = time.perf_counter()
-                out = engine.fan_out([s.adapter for s in group], inp, top_k)
+                try:
+                    out = engine.fan_out([s.adapter for s in group], inp, top_k)
+                except SpafitError:
+                    raise
+                except Exception as e:  # the engine failed on this input: say so with a reference to the log
+                    ref = uuid.uuid4().hex
+                    log.error("fan-out failed (ref %s) over %s", ref, [s.task for s in group], exc_info=e)
+                    raise PredictionFailedError(f"the prediction failed on input {i} (ref {ref})",
+                                                detail={"reference": ref}) from None
                 self._on_batch(len(group), 0, time.perf_counter() - start)
                 for s in group:
                     per_task[s.adapter].append(out[s.adapter])

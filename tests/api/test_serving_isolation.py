@@ -282,3 +282,28 @@ def test_a_tenant_past_its_share_is_429_and_metrics_count_it_per_tenant(live, te
     assert f'spafit_predict_tenant_served_rows_total{{tenant="{t}"}} 64.0' in after
     assert f'spafit_predict_tenant_served_rows_total{{tenant="{other.tenant_id}"}} 2.0' in after
     assert 'spafit_predict_requests_total{outcome="tenant-queue-full"}' in after
+
+
+def test_a_fan_out_larger_than_the_share_runs_when_the_tenant_has_nothing_else_in_flight(live, tenant):
+    url, _ = live
+    tasks = ["sentiment", "topic", "spam", "head-a", "head-b"]
+    r = httpx.post(f"{url}/v1/predict", json={"tasks": tasks, "inputs": (TEXTS * 3)[:16]},  # 80 rows > 64
+                   headers=tenant.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert [len(x["predictions"]) for x in r.json()["results"]] == [16] * 5
+
+
+def test_a_fan_out_the_engine_fails_on_is_a_prediction_failed_problem(live, tenant, monkeypatch, caplog):
+    url, app = live
+    engine = app.state.serving.engine
+
+    def broken(names, inp, top_k=None):
+        raise RuntimeError("index out of range in self")
+
+    monkeypatch.setattr(engine, "fan_out", broken)
+    r = httpx.post(f"{url}/v1/predict", json={"tasks": ["sentiment", "topic"], "inputs": ["good", "bad"]},
+                   headers=tenant.headers, timeout=30)
+    problem = assert_problem(r, 500, "prediction-failed")
+    assert "input 0" in problem["detail"] and "index out of range" not in r.text
+    assert any(problem["reference"] in rec.getMessage() and rec.exc_info for rec in caplog.records)
+    assert app.state.serving.tenant_depths().get(str(tenant.tenant_id), 0) == 0  # its rows were given back
