@@ -449,7 +449,10 @@ def random_adapter(base_model: str, method: dict, labels: tuple[str, ...], seed:
     with torch.no_grad():
         for t in model.adapter_state_dict().values():
             t.copy_(torch.randn_like(t) * 0.02)
-    return serialize(model, max_seq_length=128)
+    from spafit_core.adapter import backbone_limits
+
+    most = backbone_limits(base_model)["max_seq_length"]  # the tiny backbone has 64 positions
+    return serialize(model, max_seq_length=min(128, most or 128))
 
 
 def register_tasks(database_url: str, tenant_name: str, base_model: str) -> tuple[dict[str, str], list[str]]:
