@@ -28,7 +28,7 @@ from .services import keys, migrate
 from .services import webhooks as webhook_service
 from .services.health import Readiness, ping_broker
 from .services.serving import PredictGate, Serving
-from .services.streams import EventHub, StreamSlots
+from .services.streams import EventHub, StreamSlots, end_streams_on_shutdown
 from .settings import Settings, get_settings
 
 log = logging.getLogger("spafit")
@@ -146,9 +146,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop_metrics = _serve_metrics(settings, metrics)
         requeue = asyncio.create_task(_requeue_loop(app))
         gc = asyncio.create_task(_gc_loop(app))
+        restore_signals = end_streams_on_shutdown(app.state.event_hub)  # SIGTERM ends live streams at once
         yield
         requeue.cancel()
         gc.cancel()
+        restore_signals()
         app.state.stream_slots.close()
         if stop_metrics is not None:
             stop_metrics()

@@ -10,8 +10,8 @@
   Without Redis (embedded: one process) the slots are counted in memory.
 - `event_stream()`: the text/event-stream body. It sends `id: <seq>` with every event, a `: ping` comment
   when quiet, `event: end` once the job is final and every event was sent, and `event: reconnect` when it
-  has been open `sse_max_duration_s` (the client then resumes with `Last-Event-ID`; nothing is lost or
-  repeated because the client asks for the events after the last id it saw).
+  has been open `sse_max_duration_s` or the server is shutting down (the client then resumes with
+  `Last-Event-ID`; nothing is lost or repeated because the client asks for the events after the last id it saw).
 
 A client that goes away is noticed by Starlette (ASGI 2.3: it listens for `http.disconnect` and cancels the
 body) or, at the latest, by the next ping's failed write; either way the stream's slot is released.
@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +83,15 @@ class EventHub:
         self.db, self.interval = db, interval
         self._watches: dict[uuid.UUID, _Watch] = {}
         self._task: asyncio.Task | None = None
+        self.closing = False  # the server is shutting down: every stream ends now
+
+    def close(self) -> None:
+        """End every open stream (with `reconnect`, reason `shutdown`) and every stream opened from now on.
+        Runs on the event loop."""
+        self.closing = True
+        for w in self._watches.values():
+            w.changed.set()
+            w.changed = asyncio.Event()
 
     @contextmanager
     def watch(self, job_id: uuid.UUID) -> Iterator[_Watch]:
@@ -104,7 +115,7 @@ class EventHub:
         """True as soon as the job has an event after `seq` or ended (as far as the last poll saw);
         False after `timeout` seconds without news."""
         deadline = time.monotonic() + timeout
-        while not w.news_after(seq):
+        while not w.news_after(seq) and not self.closing:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -324,9 +335,9 @@ async def event_stream(db: Database, hub: EventHub, lease: Lease, job_id: uuid.U
                 yield _sse("end", {"status": None if status == GONE else status, "last_event_id": seq})
                 return
             now = time.monotonic()
-            if now >= deadline:
+            if now >= deadline or hub.closing:
                 await lease.release()  # the client reconnects as soon as it reads this: free the slot first
-                yield _sse("reconnect", {"last_event_id": seq, "reason": "max-duration"})
+                yield _sse("reconnect", {"last_event_id": seq, "reason": "shutdown" if hub.closing else "max-duration"})
                 return
             if now >= lease.renew_at:  # also while sending batch after batch: the slot must not lapse
                 await lease.renew()
@@ -338,6 +349,37 @@ async def event_stream(db: Database, hub: EventHub, lease: Lease, job_id: uuid.U
                 if now >= last_write + settings.sse_ping_interval_s and now < deadline:
                     yield ": ping\n\n"
                     last_write = now
+
+
+def end_streams_on_shutdown(hub: EventHub) -> Callable[[], None]:
+    """Chain a SIGTERM/SIGINT handler in front of the server's own: the open streams end at once with `reconnect`
+    (reason `shutdown`; the clients resume on another replica) instead of holding the server's graceful shutdown
+    for up to `sse_max_duration_s`. Only in the main thread (where uvicorn runs its loop); returns a function that
+    puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(hub.close)  # signal handlers must not touch the loop's objects directly
+        prev = previous.get(signum)
+        if callable(prev):
+            prev(signum, frame)
+        elif prev in (signal.SIG_DFL, None):  # the default action (terminate), as if we were not here
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, prev in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+
+    return restore
 
 
 class EventStreamResponse(StreamingResponse):

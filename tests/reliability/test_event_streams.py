@@ -441,3 +441,26 @@ def test_the_slots_of_a_killed_replica_lapse_by_themselves(replicas, make_key, r
                    "a slot after the dead replica's leases lapsed", interval=0.25)
         measure(slot_ttl_s=SHORT["sse_slot_ttl_s"], new_stream_accepted_after_kill_s=round(
             time.monotonic() - t, 2))
+
+
+def test_a_replica_shutting_down_ends_its_streams_at_once(replicas, make_key):
+    """SIGTERM: the open streams end with `reconnect` (reason `shutdown`) at once, so the replica exits in
+    seconds instead of waiting out the streams' 10-minute maximum duration. (Last: it stops `long`.)"""
+    import signal
+
+    long, _ = replicas
+    key = make_key("train")
+    job = _queued_jobs(long.url, key, 1)[0]
+    # A read timeout below the 15 s ping: if the stream did not end, the test fails in 8 s, not in 10 minutes.
+    with httpx.Client(base_url=long.url, headers={**SSE, **_auth(key)}, timeout=httpx.Timeout(10, read=8)) as c:
+        with c.stream("GET", f"/v1/jobs/{job}/events") as r:
+            lines = r.iter_lines()
+            assert next(lines) == "id: 1"
+            t = time.monotonic()
+            long.proc.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        ended_after = time.monotonic() - t
+    end = _parse(rest)[-1]
+    assert end["event"] == "reconnect" and json.loads(end["data"])["reason"] == "shutdown", rest
+    assert ended_after < 5, ended_after
+    assert long.proc.wait(timeout=20) is not None
