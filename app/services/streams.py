@@ -107,10 +107,6 @@ class EventHub:
             if w.refs <= 0 and self._watches.get(job_id) is w:
                 del self._watches[job_id]
 
-    @property
-    def watched(self) -> int:
-        return len(self._watches)
-
     async def wait(self, w: _Watch, seq: int, timeout: float) -> bool:
         """True as soon as the job has an event after `seq` or ended (as far as the last poll saw);
         False after `timeout` seconds without news."""
