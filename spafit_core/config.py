@@ -212,11 +212,21 @@ class TaskSpec:
 @dataclass
 class TrainConfig:
     """Optimisation settings. Defaults suit adapters on a small encoder; `learning_rate=None` picks a
-    per-method default (2e-5 for full fine-tuning, 1e-3 for adapters and biases, the range the LoRA and BitFit papers use)."""
+    per-method default (2e-5 for full fine-tuning, 1e-3 for adapters and biases, the range the LoRA and BitFit papers use).
+    The head, the bias deltas and the LoRA factors each take `learning_rate` unless their own rate is set.
+
+    Frozen-prefix cache semantics: with `prefix_cache`, the embeddings and the frozen layers below the first
+    trained one run once per example, in eval mode (no dropout), before the first step; while `train()` runs
+    they stay in eval mode, and when it returns every module is back in the mode it had before. The cache
+    keeps `prefix_cache_max_bytes` on the training device; on CUDA the rest goes to pinned host memory up to
+    `prefix_cache_host_max_bytes`; rows beyond both are recomputed when their batch comes (same values)."""
 
     epochs: int = 3
     batch_size: int = 16
     learning_rate: float | None = None
+    head_learning_rate: float | None = None  # None: learning_rate (or the method's default)
+    bias_learning_rate: float | None = None  # bias deltas; None: learning_rate
+    lora_learning_rate: float | None = None  # LoRA factors A and B; None: learning_rate
     weight_decay: float = 0.0  # applied to weights only (LoRA, head), never to biases or LayerNorm
     warmup_ratio: float = 0.06
     gradient_accumulation_steps: int = 1
@@ -226,7 +236,10 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # epochs without improvement before stopping
     amp: str = "auto"  # auto | bf16 | fp16 | no; auto = bf16 where CUDA supports it, else no
     prefix_cache: bool = False  # SPAFIT: run embeddings + frozen group 1 once, reuse later epochs
-    prefix_cache_dtype: str = "float32"  # float32 | bfloat16 | float16: halves the cache's memory
+    prefix_cache_dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    prefix_cache_max_bytes: int = 2 << 30  # on the training device; beyond: host memory (CUDA) or recompute
+    prefix_cache_host_max_bytes: int = 8 << 30  # CUDA only: pinned host memory for what the device does not hold
+    validation_fraction: float = 0.1  # without validation data, this stratified, seeded share becomes it (0: none)
     eval_batch_size: int | None = None
     log_every_steps: int = 10
     checkpoint_every_steps: int | None = None  # None: only at each epoch's end (if a checkpoint_dir is set)
@@ -243,8 +256,18 @@ class TrainConfig:
         if not isinstance(self.max_seq_length, int) or not 8 <= self.max_seq_length <= 8192:
             raise ConfigError(f"max_seq_length must be an integer in [8, 8192]; got {self.max_seq_length!r}",
                               field="max_seq_length")
-        if self.learning_rate is not None and not (0 < self.learning_rate < 1):
-            raise ConfigError(f"learning_rate must be in (0, 1); got {self.learning_rate!r}", field="learning_rate")
+        for name in ("learning_rate", "head_learning_rate", "bias_learning_rate", "lora_learning_rate"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1):
+                raise ConfigError(f"{name} must be in (0, 1); got {v!r}", field=name)
+        for name in ("prefix_cache_max_bytes", "prefix_cache_host_max_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be an integer >= 0; got {v!r}", field=name)
+        if isinstance(self.validation_fraction, bool) or not isinstance(self.validation_fraction, int | float) \
+                or not 0 <= self.validation_fraction <= 0.5:
+            raise ConfigError(f"validation_fraction must be in [0, 0.5]; got {self.validation_fraction!r}",
+                              field="validation_fraction")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}", field="warmup_ratio")
         if self.weight_decay < 0:
@@ -255,17 +278,27 @@ class TrainConfig:
             raise ConfigError("early_stopping_patience must be >= 1 or None", field="early_stopping_patience")
         if self.amp not in ("auto", "bf16", "fp16", "no"):
             raise ConfigError(f"amp must be auto, bf16, fp16 or no; got {self.amp!r}", field="amp")
-        if self.prefix_cache_dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError("prefix_cache_dtype must be float32, bfloat16 or float16", field="prefix_cache_dtype")
+        if self.prefix_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError("prefix_cache_dtype must be auto, float32, bfloat16 or float16",
+                              field="prefix_cache_dtype")
         if self.checkpoint_every_steps is not None:
             positive_int("checkpoint_every_steps")
         if self.eval_batch_size is not None:
             positive_int("eval_batch_size")
 
-    def lr_for(self, method: str) -> float:
+    def lr_for(self, method: str, kind: str | None = None) -> float:
+        """The learning rate of `kind` (head | bias | lora | None for the rest) under `method`."""
+        own = {"head": self.head_learning_rate, "bias": self.bias_learning_rate,
+               "lora": self.lora_learning_rate}.get(kind or "")
+        if own is not None:
+            return own
         if self.learning_rate is not None:
             return self.learning_rate
         return 2e-5 if method == "full" else 1e-3
+
+    # Fields that do not change what a run computes: a checkpoint may be resumed with other values.
+    RESUMABLE_CHANGES = ("device", "log_every_steps", "checkpoint_every_steps", "eval_batch_size",
+                         "prefix_cache_max_bytes", "prefix_cache_host_max_bytes")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+TRAIN_DTYPE = torch.float32  # every trainable tensor, whatever the base's dtype
+
 
 @dataclass
 class Delta:
@@ -123,16 +125,18 @@ class AdaptedLinear(nn.Module):
 
     def attach(self, *, bias: bool, rank: int = 0, scaling: float = 1.0, dropout: float = 0.0) -> None:
         """Give this module trainable adapter parameters. LoRA starts as a no-op: B = 0 (as in the paper),
-        A ~ Kaiming-uniform; the bias delta starts at zero."""
+        A ~ Kaiming-uniform; the bias delta starts at zero. They are float32 whatever the base's dtype (a
+        bf16 / fp16 base keeps its memory saving; the optimizer state and small updates keep full precision)."""
         w = self.base.weight
         if bias:
-            self.bias_delta = nn.Parameter(torch.zeros(self.out_features, dtype=w.dtype, device=w.device))
+            self.bias_delta = nn.Parameter(torch.zeros(self.out_features, dtype=TRAIN_DTYPE, device=w.device))
         if rank:
-            self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device))
+            self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=TRAIN_DTYPE, device=w.device))
             nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=TRAIN_DTYPE, device=w.device))
             self.scaling = scaling
             self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            self.lora_dropout.train(self.base.training)  # in the mode of the model it joins
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = _ROUTE.get()
@@ -140,14 +144,22 @@ class AdaptedLinear(nn.Module):
         bias = self.base.bias  # bias deltas fold into the linear's own bias: no extra pass over y
         if self.bias_delta is not None:
             bias = self.bias_delta if bias is None else bias + self.bias_delta
+            bias = bias.to(self.base.weight.dtype)  # a float32 delta on a bf16 / fp16 base
         if d is not None:
             bias, d = d.fold_bias(bias)
         y = F.linear(x, self.base.weight, bias)
         if self.lora_A is not None:
-            h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
-            # y + scaling * h B^T in one op: (N, out) + (N, r) @ (r, out)
-            y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
-                            alpha=self.scaling).view(y.shape)
+            xa = self.lora_dropout(x)
+            autocast = torch.is_autocast_enabled(x.device.type)
+            if xa.dtype != self.lora_A.dtype and not autocast:
+                xa = xa.to(self.lora_A.dtype)
+            h = F.linear(xa, self.lora_A)  # (..., r)
+            if autocast or y.dtype == h.dtype == self.lora_B.dtype:
+                # y + scaling * h B^T in one op: (N, out) + (N, r) @ (r, out)
+                y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
+                                alpha=self.scaling).view(y.shape)
+            else:  # float32 factors on a low-precision base: the update in float32, added in the base's dtype
+                y = y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
         if d is not None:
             y = d.apply(x, y)
         return y
@@ -188,7 +200,7 @@ class AdaptedLayerNorm(nn.Module):
     def attach(self, *, bias: bool, **_: object) -> None:
         if bias:
             w = self.base.weight
-            self.bias_delta = nn.Parameter(torch.zeros_like(w))
+            self.bias_delta = nn.Parameter(torch.zeros(w.shape, dtype=TRAIN_DTYPE, device=w.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = _ROUTE.get()
@@ -198,12 +210,13 @@ class AdaptedLayerNorm(nn.Module):
             y = b(x)
             fresh = self.bias_delta is not None
             if fresh:
-                y = y + self.bias_delta
+                y = y + self.bias_delta.to(y.dtype)
         else:  # bias deltas fold into the normalisation's own bias
             fresh = True
             bias = b.bias
             if self.bias_delta is not None:
                 bias = self.bias_delta if bias is None else bias + self.bias_delta
+                bias = bias.to(b.weight.dtype if b.weight is not None else x.dtype)
             if d is not None:
                 bias, d = d.fold_bias(bias, per_row=False)
             y = F.layer_norm(x, b.normalized_shape, b.weight, bias, b.eps)

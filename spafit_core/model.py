@@ -18,9 +18,9 @@ from torch import nn
 
 from .backbone import canonical_model_name, fingerprint, resolve_model_path, unwrap_stack, wrap_stack
 from .config import MethodConfig, ResolvedMethod, TaskSpec
-from .errors import AdapterMismatchError, ConfigError
-from .layers import AdaptedLinear, Route, route
-from .stratify import require_roles
+from .errors import AdapterMismatchError, ConfigError, UnsupportedArchitectureError
+from .layers import TRAIN_DTYPE, AdaptedLinear, Route, route
+from .stratify import architecture_name, require_roles
 
 HEAD = "head."
 FULL = "model."
@@ -85,17 +85,27 @@ class SpafitModel(nn.Module):
             p.requires_grad_(False)
         from .stratify import find_stack
 
+        if getattr(hf_model.config, "is_encoder_decoder", False):
+            # The stack found would be one of two (BART: the decoder's), and the classifier reads the decoder:
+            # adapting either alone is not the method, so refuse rather than train something else silently.
+            raise UnsupportedArchitectureError(
+                f"{architecture_name(base)} is an encoder-decoder model; SPAFIT adapts the one layer stack of "
+                "an encoder-only model (BERT, RoBERTa, DeBERTa, ELECTRA, DistilBERT, MiniLM ...)",
+                field="base_model", detail={"architecture": architecture_name(base)})
         self.stack = find_stack(base)
         self.plan: ResolvedMethod = method.resolve(self.stack.num_layers)
         self.adapted: dict[str, nn.Module] = {}
         if self.plan.full:
+            hf_model.float()  # every weight trains: in float32, whatever the dtype it was loaded in
             for p in hf_model.parameters():
                 p.requires_grad_(True)
         else:
+            _require_biases(self.stack, self.plan)
             if self.plan.lora:
                 require_roles(self.stack, method.targets)
             self.stack, self.adapted = wrap_stack(base, self.stack)
             self._attach()
+            self._head_in_float32()
         for _, p in self.head_named_parameters():
             p.requires_grad_(True)
 
@@ -118,6 +128,15 @@ class SpafitModel(nn.Module):
         with quiet_transformers(), torch.device("meta"):
             hf = AutoModelForSequenceClassification.from_config(config)
         return cls(hf, method, task, base_model_name=base_model, base_fingerprint="meta")
+
+    def _head_in_float32(self) -> None:
+        """The head trains in float32 on a bf16 / fp16 base: its inputs are cast up on the way in."""
+        for name, child in self.hf.named_children():
+            if name == self.base_prefix or not any(True for _ in child.parameters()):
+                continue
+            if any(p.dtype != TRAIN_DTYPE for p in child.parameters()):
+                child.to(TRAIN_DTYPE)
+                child.register_forward_pre_hook(_inputs_to_float32)
 
     def _attach(self) -> None:
         for key, (bias, rank) in planned_deltas(self.stack, self.plan).items():
@@ -248,6 +267,22 @@ class SpafitModel(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         return path
+
+
+def _inputs_to_float32(_module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.to(TRAIN_DTYPE) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _require_biases(stack, plan: ResolvedMethod) -> None:
+    """Refuse a plan whose bias-only layers have no bias terms (ModernBERT, LLaMA-style blocks): they would
+    train nothing, and the job would train the head alone without a word."""
+    bare = [spec.index for spec in stack.layers
+            if plan.trains_bias(spec.index) and not spec.biased and not plan.has_lora(spec.index)]
+    if bare:
+        raise UnsupportedArchitectureError(
+            f"{stack.architecture}: layer(s) {bare} have no bias terms, so method {plan.config.name!r} would train "
+            "nothing there (only the head). Use method 'lora', or 'spafit' with n1 = n2 (no bias-only layers)",
+            field="method", detail={"architecture": stack.architecture, "layers_without_bias": bare})
 
 
 def _rebind(hf_copy: nn.Module, model: SpafitModel):

@@ -107,28 +107,98 @@ def predictions(task_type: str, logits: torch.Tensor) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- frozen-prefix cache
 class PrefixCache:
-    """Hidden states entering the first trained layer, per example, unpadded, in `dtype`.
-    Memory: sum over examples of (tokens x hidden x bytes per element); see `nbytes`."""
+    """Hidden states entering the first trained layer, per example, unpadded, in `dtype`, computed once with
+    the prefix in eval mode. Bounded: up to `max_bytes` on the training device; on CUDA the next
+    `host_max_bytes` in pinned host memory; rows beyond both are recomputed when their batch comes.
+    `nbytes` is what it holds (device + host)."""
 
     def __init__(self, model: SpafitModel, data: Encoded, batch_size: int, device: torch.device,
-                 dtype: torch.dtype, pad_id: int):
-        self.states: list[torch.Tensor] = []
+                 dtype: torch.dtype, pad_id: int, *, max_bytes: int = 2 << 30, host_max_bytes: int = 8 << 30):
+        self.model, self.data, self.device, self.dtype, self.pad_id = model, data, device, dtype, pad_id
+        self.states: list[torch.Tensor | None] = []
+        self.device_bytes = self.host_bytes = 0
+        host_max_bytes = host_max_bytes if device.type == "cuda" else 0  # on CPU the device is the host
+        row_bytes = 0  # the smallest row seen: once neither tier can take one, stop computing
+        was_training = [(m, m.training) for m in model.modules()]
         model.eval()
-        for start in range(0, len(data), batch_size):
-            feats = data.features[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(feats, pad_id).items()}
-            hidden = model.prefix_hidden(batch)  # (B, T, H)
-            for i, f in enumerate(feats):
-                self.states.append(hidden[i, : len(f["input_ids"])].to(dtype).clone())
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.states)
+        try:
+            for start in range(0, len(data), batch_size):
+                feats = data.features[start:start + batch_size]
+                if row_bytes and self.device_bytes + row_bytes > max_bytes and \
+                        self.host_bytes + row_bytes > host_max_bytes:
+                    self.states.extend([None] * len(feats))
+                    continue
+                batch = {k: v.to(device) for k, v in collate(feats, pad_id).items()}
+                hidden = model.prefix_hidden(batch)  # (B, T, H)
+                for i, f in enumerate(feats):
+                    t = hidden[i, : len(f["input_ids"])].to(dtype)
+                    n = t.numel() * t.element_size()
+                    row_bytes = min(row_bytes or n, n)
+                    if self.device_bytes + n <= max_bytes:
+                        self.states.append(t.clone())
+                        self.device_bytes += n
+                    elif self.host_bytes + n <= host_max_bytes:
+                        self.states.append(t.to("cpu").pin_memory())
+                        self.host_bytes += n
+                    else:
+                        self.states.append(None)
+        finally:
+            for m, mode in was_training:
+                m.training = mode
+        self.nbytes = self.device_bytes + self.host_bytes
+        self.recomputed_rows = sum(1 for t in self.states if t is None)
 
     def batch(self, indices: list[int], dtype: torch.dtype) -> torch.Tensor:
         rows = [self.states[i] for i in indices]
+        missing = [j for j, r in enumerate(rows) if r is None]
+        if missing:  # beyond the bound: run the prefix for these rows now (eval mode, no grad)
+            feats = [self.data.features[indices[j]] for j in missing]
+            batch = {k: v.to(self.device) for k, v in collate(feats, self.pad_id).items()}
+            hidden = self.model.prefix_hidden(batch)
+            for k, j in enumerate(missing):
+                rows[j] = hidden[k, : len(feats[k]["input_ids"])].to(self.dtype)
         T = max(r.shape[0] for r in rows)
-        out = rows[0].new_zeros((len(rows), T, rows[0].shape[-1]), dtype=dtype)  # pad positions are masked
+        out = torch.zeros((len(rows), T, rows[0].shape[-1]), dtype=dtype, device=self.device)  # pads are masked
         for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r
+            out[i, : r.shape[0]] = r.to(self.device, non_blocking=True)
         return out
+
+
+def cache_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The prefix cache's dtype: `auto` is bfloat16 on CUDA (half the memory), float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------- validation split
+MIN_CARVED_ROWS = 8  # a carved validation split (and what is left to train on) has at least this many rows
+
+
+def carve_validation(data: Encoded, fraction: float, seed: int, task_type: str) -> tuple[Encoded, Encoded] | None:
+    """(train, validation) with `fraction` of the rows held out: per class for single-label classification
+    (round(fraction x class size) of each class), at random otherwise; a function of `seed` only. None when
+    either part would have fewer than MIN_CARVED_ROWS rows or there are no labels."""
+    if fraction <= 0 or data.labels is None:
+        return None
+    g = torch.Generator().manual_seed(seed + 7919)  # not the data order's stream
+    n = len(data)
+    if task_type == "single_label_classification":
+        held: list[int] = []
+        for c in sorted(set(data.labels.tolist())):
+            idx = (data.labels == c).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            held += idx[: int(round(fraction * len(idx)))].tolist()
+    else:
+        held = torch.randperm(n, generator=g)[: int(round(fraction * n))].tolist()
+    if len(held) < MIN_CARVED_ROWS or n - len(held) < MIN_CARVED_ROWS:
+        return None
+    held_set = set(held)
+    keep = [i for i in range(n) if i not in held_set]
+    held = sorted(held)
+
+    train_part = Encoded([data.features[i] for i in keep], data.labels[keep], data.truncated)  # as reported before
+    return train_part, Encoded([data.features[i] for i in held], data.labels[held], 0)
 
 
 # ----------------------------------------------------------------------------- results
@@ -171,7 +241,19 @@ def train(
 
     if len(train_data) == 0:
         raise ConfigError("the training set is empty", field="train_dataset")
+    emit = callback or (lambda e: None)
     task_type = model.task.task_type
+    carved = 0
+    if validation is None:  # carve one, so that best-epoch selection and early stopping have something to go by
+        split = carve_validation(train_data, cfg.validation_fraction, cfg.seed, task_type)
+        if split is not None:
+            train_data, validation = split
+            carved = len(validation)
+            emit({"type": "log", "message": f"validation: {carved} of {carved + len(train_data)} training rows "
+                                            f"held out ({cfg.validation_fraction:g}, stratified, seed {cfg.seed})"})
+        elif cfg.validation_fraction > 0:
+            emit({"type": "log", "message": "validation: none given and too few rows to carve one; the last "
+                                            "epoch's adapter is kept"})
     metrics = metrics or default_metrics(task_type, model.task.num_labels)
     main = metrics[0]
     higher_better = HIGHER_IS_BETTER.get(main, True)
@@ -179,21 +261,18 @@ def train(
     set_seed(cfg.seed)
     model.to(device)
     pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
-    emit = callback or (lambda e: None)
 
     use_cache = cfg.prefix_cache and not model.plan.full and model.plan.first_trained_layer > 0 and \
         model.plan.first_trained_layer < model.stack.num_layers
     if cfg.prefix_cache and not use_cache:
         emit({"type": "log", "message": "prefix cache not used: no frozen layers below a trained one"})
+    # Every module's mode and the prefix flag as the caller left them: restored when train() returns.
+    modes = [(m, m.training) for m in model.modules()]
+    prefix_eval_before = model.prefix_eval
     model.prefix_eval = use_cache
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr_for(model.method_config.name),
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr_for(model.method_config.name))
     steps_per_epoch = math.ceil(math.ceil(len(train_data) / cfg.batch_size) / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_ratio * total_steps)
@@ -210,7 +289,7 @@ def train(
     resumed_from = 0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     if ckpt is not None and ckpt.exists():
-        state, best_tensors = load_checkpoint(ckpt, model, optimizer, scheduler, cfg)
+        state, best_tensors = load_checkpoint(ckpt, model, optimizer, scheduler, cfg, scaler=scaler)
         resumed_from = state["step"]
         emit({"type": "resumed", "step": resumed_from, "epoch": state["epoch"]})
 
@@ -218,13 +297,15 @@ def train(
     if use_cache:
         t0 = time.perf_counter()
         cache = PrefixCache(model, train_data, cfg.eval_batch_size or 2 * cfg.batch_size, device,
-                            getattr(torch, cfg.prefix_cache_dtype), pad_id)
-        emit({"type": "log", "message": f"prefix cache: {len(train_data)} examples, {cache.nbytes} bytes, "
-                                        f"{time.perf_counter() - t0:.2f}s"})
+                            cache_dtype(cfg.prefix_cache_dtype, device), pad_id, max_bytes=cfg.prefix_cache_max_bytes,
+                            host_max_bytes=cfg.prefix_cache_host_max_bytes)
+        emit({"type": "log", "message": f"prefix cache: {len(train_data)} examples, {cache.device_bytes} bytes on "
+                                        f"{device.type}, {cache.host_bytes} in host memory, {cache.recomputed_rows} "
+                                        f"recomputed each epoch, {time.perf_counter() - t0:.2f}s"})
 
     def save(at_epoch_end: bool) -> None:
         if ckpt is not None:
-            save_checkpoint(ckpt, model, optimizer, scheduler, state, best_tensors, cfg)
+            save_checkpoint(ckpt, model, optimizer, scheduler, state, best_tensors, cfg, scaler=scaler)
             emit({"type": "checkpoint", "step": state["step"], "epoch": state["epoch"],
                   "path": str(ckpt), "epoch_end": at_epoch_end})
 
@@ -318,10 +399,13 @@ def train(
             save(True)
     except _Stopped:
         raise TrainingCancelled(f"training stopped by request at step {state['step']}") from None
+    finally:
+        model.prefix_eval = prefix_eval_before
+        for m, mode in modes:
+            m.training = mode
 
     if best_tensors is not None:
         model.load_adapter_state_dict(best_tensors)
-    model.eval()
     best_metrics = {}
     if state["best_epoch"] is not None:
         best_metrics = state["history"][state["best_epoch"] - 1].get("metrics", {})
@@ -330,7 +414,29 @@ def train(
         train_seconds=state["train_seconds"], truncated_rows=train_data.truncated, stopped_early=stopped_early,
         prefix_cache_bytes=cache.nbytes if cache is not None else 0, resumed_from_step=resumed_from,
         main_metric=main if validation is not None else None,
+        extra={"validation_carved_rows": carved} if carved else {},
     )
+
+
+def param_groups(model: SpafitModel, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: (head | bias deltas | LoRA factors | other) x (decayed weights | biases and norms), each
+    kind at its own learning rate (`TrainConfig.lr_for`). The layout depends on the model only, so a
+    checkpoint's optimizer state maps onto it whatever the rates."""
+    kind: dict[int, str] = {id(p): "head" for _, p in model.head_named_parameters()}
+    for mod in model.adapted.values():
+        for name, k in (("bias_delta", "bias"), ("lora_A", "lora"), ("lora_B", "lora")):
+            t = getattr(mod, name, None)
+            if t is not None:
+                kind[id(t)] = k
+    groups: dict[tuple[str, bool], list] = {}
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((kind.get(id(p), "other"), p.dim() >= 2), []).append(p)
+    order = [(k, d) for k in ("other", "lora", "bias", "head") for d in (True, False)]
+    method = model.method_config.name
+    return [{"params": groups[key], "weight_decay": cfg.weight_decay if key[1] else 0.0,
+             "lr": cfg.lr_for(method, None if key[0] == "other" else key[0]), "kind": key[0]}
+            for key in order if key in groups]
 
 
 def check_finite(weights: bytes | dict[str, torch.Tensor]) -> None:
@@ -384,7 +490,7 @@ def evaluate(model: SpafitModel, data: Encoded, metrics: list[str], *, batch_siz
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, model: SpafitModel, optimizer, scheduler, state: dict,
-                    best: dict[str, torch.Tensor] | None, cfg: TrainConfig) -> None:
+                    best: dict[str, torch.Tensor] | None, cfg: TrainConfig, *, scaler=None) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for k, v in model.adapter_state_dict().items():
         tensors[f"adapter/{k}"] = v.detach().cpu().contiguous()
@@ -404,6 +510,8 @@ def save_checkpoint(path: Path, model: SpafitModel, optimizer, scheduler, state:
         "format": CHECKPOINT_FORMAT,
         "state": state,
         "train_config": cfg.to_dict(),
+        "run": run_identity(model),
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
         "optimizer_param_groups": opt_state["param_groups"],
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         "python_rng": _py_rng_to_json(random.getstate()),
@@ -430,8 +538,36 @@ def read_checkpoint_meta(path: Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: Path, model: SpafitModel, optimizer, scheduler, cfg: TrainConfig):
+def run_identity(model: SpafitModel) -> dict:
+    """What a checkpoint must have been made under to be resumed by this model: method, base model, task."""
+    return json.loads(json.dumps({"method": model.method_config.to_dict(), "task": model.task.to_dict(),
+                                  "base_model": {"name": model.base_model_name,
+                                                 "fingerprint": model.base_fingerprint}}))
+
+
+def check_resumable(meta: dict, model: SpafitModel, cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint made under another method, task, base model or training config (fields
+    in TrainConfig.RESUMABLE_CHANGES aside), naming every difference."""
+    diffs: list[str] = []
+    then, now = meta.get("run") or {}, run_identity(model)
+    for part in ("method", "task"):
+        if part in then:
+            diffs += [f"{part}.{k}: {then[part].get(k)!r} then, {now[part].get(k)!r} now"
+                      for k in sorted(set(then[part]) | set(now[part])) if then[part].get(k) != now[part].get(k)]
+    if "base_model" in then and then["base_model"].get("fingerprint") != now["base_model"]["fingerprint"]:
+        diffs.append(f"base model: {then['base_model'].get('name')!r} then, {now['base_model']['name']!r} now "
+                     "(other weights)")
+    old_cfg, new_cfg = meta.get("train_config") or {}, json.loads(json.dumps(cfg.to_dict()))
+    diffs += [f"training.{k}: {old_cfg[k]!r} then, {new_cfg[k]!r} now" for k in sorted(set(old_cfg) & set(new_cfg))
+              if k not in TrainConfig.RESUMABLE_CHANGES and old_cfg[k] != new_cfg[k]]
+    if diffs:
+        raise ConfigError(f"the checkpoint {path.name} was made under another configuration, so it is not resumed: "
+                          + "; ".join(diffs), field="checkpoint", detail={"differences": diffs})
+
+
+def load_checkpoint(path: Path, model: SpafitModel, optimizer, scheduler, cfg: TrainConfig, *, scaler=None):
     meta = read_checkpoint_meta(path)
+    check_resumable(meta, model, cfg, path)
     tensors = load_file(str(path))
     model.load_adapter_state_dict({k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")})
     best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
@@ -444,6 +580,8 @@ def load_checkpoint(path: Path, model: SpafitModel, optimizer, scheduler, cfg: T
     sched = scheduler.state_dict()
     sched.update(meta["scheduler"])
     scheduler.load_state_dict(sched)
+    if scaler is not None and meta.get("grad_scaler"):  # fp16: the loss scale it had reached, not the initial one
+        scaler.load_state_dict(meta["grad_scaler"])
     torch.set_rng_state(tensors["rng/torch"])
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
     if cuda_states and torch.cuda.is_available():

@@ -149,3 +149,86 @@ def test_missing_target_role_names_architecture(tiny_dirs):
                                          for layer in stack.layers))
     with pytest.raises(UnsupportedArchitectureError, match="ffn_in"):
         require_roles(broken, ("ffn_in",))
+
+
+# ----------------------------------------------------------------------------- models the method does not fit
+def _without_biases(path):
+    """The tiny BERT classifier with every bias of its layer stack removed (as in ModernBERT / LLaMA blocks)."""
+    from torch import nn
+
+    from spafit_core.model import load_hf_classifier
+
+    hf = load_hf_classifier(path, TaskSpec(labels=("a", "b", "c")))
+    for m in hf.base_model.encoder.modules():
+        if isinstance(m, nn.Linear | nn.LayerNorm) and m.bias is not None:
+            m.bias = None
+    return hf
+
+
+@pytest.mark.parametrize("method", [dict(name="bitfit"), dict(name="spafit", n1=1, n2=3)])
+def test_bias_only_layers_on_a_model_without_biases_are_refused(tiny_bert, method):
+    with pytest.raises(UnsupportedArchitectureError, match=r"have no bias terms.*would train nothing") as e:
+        SpafitModel(_without_biases(tiny_bert), MethodConfig(rank=R, **method), TaskSpec(labels=("a", "b", "c")),
+                    base_model_name=tiny_bert)
+    assert e.value.field == "method" and e.value.detail["layers_without_bias"]
+
+
+@pytest.mark.parametrize("method", [dict(name="lora"), dict(name="spafit", n1=2, n2=2)])
+def test_lora_on_a_model_without_biases_still_trains_its_factors(tiny_bert, method):
+    m = SpafitModel(_without_biases(tiny_bert), MethodConfig(rank=R, **method), TaskSpec(labels=("a", "b", "c")),
+                    base_model_name=tiny_bert)
+    assert m.param_counts()["without_head"] > 0
+    assert not any(k.endswith("bias_delta") for k in m.adapter_state_dict())
+
+
+def test_bitfit_on_a_tiny_modernbert_is_refused():
+    from transformers import AutoModelForSequenceClassification, ModernBertConfig
+
+    config = ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, num_labels=3, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                              cls_token_id=2, sep_token_id=3)
+    hf = AutoModelForSequenceClassification.from_config(config)
+    with pytest.raises(UnsupportedArchitectureError, match="no bias terms"):
+        SpafitModel(hf, MethodConfig(name="bitfit"), TaskSpec(labels=("a", "b", "c")), base_model_name="modernbert")
+
+
+def test_encoder_decoder_models_are_refused_not_half_adapted():
+    from transformers import AutoModelForSequenceClassification, BartConfig
+
+    config = BartConfig(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_labels=3,
+                        max_position_embeddings=64)
+    hf = AutoModelForSequenceClassification.from_config(config)
+    with pytest.raises(UnsupportedArchitectureError, match="encoder-decoder"):
+        SpafitModel(hf, MethodConfig(), TaskSpec(labels=("a", "b", "c")), base_model_name="bart")
+
+
+# ----------------------------------------------------------------------------- trainable tensors in float32
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["spafit", "lora", "bitfit"])
+def test_trainable_tensors_are_float32_on_a_half_precision_base(tiny_bert, dtype, name):
+    from spafit_core import TrainConfig
+    from spafit_core.train import encode, train
+    from tests.tiny import toy_examples
+
+    m = SpafitModel.from_pretrained(tiny_bert, MethodConfig(name=name, rank=R, n1=1, n2=2) if name == "spafit"
+                                    else MethodConfig(name=name, rank=R), TaskSpec(labels=("a", "b")), dtype=dtype)
+    trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for _, p in trainable), \
+        [(n, p.dtype) for n, p in trainable if p.dtype != torch.float32]
+    assert m.hf.base_model.embeddings.word_embeddings.weight.dtype == dtype  # the base keeps its dtype
+    if dtype == torch.float16:
+        return  # fp16 matmuls on CPU are not everywhere; training in fp16 is CUDA's (amp) business
+    d = encode(toy_examples(16), m.tokenizer, 32, "single_label_classification")
+    before = {k: v.clone() for k, v in m.adapter_state_dict().items()}
+    r = train(m, d, TrainConfig(epochs=1, batch_size=8, learning_rate=1e-2, device="cpu"))
+    assert all(h["loss"] == h["loss"] for h in r.history)  # finite
+    after = m.adapter_state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any((before[k] - after[k]).abs().max() > 0 for k in before)
+
+
+def test_full_fine_tuning_on_a_half_precision_base_trains_in_float32(tiny_bert):
+    m = SpafitModel.from_pretrained(tiny_bert, MethodConfig(name="full"), TaskSpec(labels=("a", "b")),
+                                    dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)

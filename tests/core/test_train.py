@@ -185,3 +185,188 @@ def test_truncated_rows_are_counted(tiny_bert):
     ex.texts[0] = " ".join(["good"] * 100)
     enc = encode(ex, m.tokenizer, 16, "single_label_classification")
     assert enc.truncated == 1 and max(len(f["input_ids"]) for f in enc.features) == 16
+
+
+# ----------------------------------------------------------------------------- prefix cache semantics and bound
+def test_prefix_cache_runs_the_prefix_in_eval_mode_and_restores_every_mode(tiny_bert):
+    """With dropout > 0 and the cache on, the embeddings and frozen layers run in eval mode while training
+    (their cached output has no dropout) and the layers above train with dropout; when train() returns every
+    module is in the mode it had before, and a later model.train() trains the prefix too."""
+    m = make(tiny_bert, n1=2, n2=3)
+    m.train()
+    before = {n: mod.training for n, mod in m.named_modules()}
+    prefix = m.prefix_modules()
+    upper = m.hf.base_model.get_submodule(m.stack.path)[3]
+    seen = []
+
+    def look(e):
+        if e["type"] == "progress":
+            seen.append((any(p.training for p in prefix for p in p.modules()), upper.training))
+
+    r = train(m, data(m), cfg(prefix_cache=True), callback=look)
+    assert r.prefix_cache_bytes > 0 and seen and all(s == (False, True) for s in seen)
+    assert {n: mod.training for n, mod in m.named_modules()} == before
+    assert not m.prefix_eval
+    m.train()
+    assert all(p.training for p in prefix)
+
+
+def _logits(m):
+    b = dict(m.tokenizer(["good movie", "the plot was very boring and bad", "ok"], padding=True,
+                         return_tensors="pt"))
+    with torch.no_grad():
+        return m.hf.eval()(**b).logits
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.0])
+def test_a_bounded_prefix_cache_recomputes_what_it_does_not_hold(tmp_path, fraction):
+    from tests.tiny import make_tiny_model
+
+    path = str(make_tiny_model(tmp_path / "nodrop", "bert", dropout=0.0))
+    full = make(path, n1=2, n2=3)
+    ref = train(full, data(full), cfg(prefix_cache=True))
+    bound = int(fraction * ref.prefix_cache_bytes)
+    m = make(path, n1=2, n2=3)
+    logs = []
+    r = train(m, data(m), cfg(prefix_cache=True, prefix_cache_max_bytes=bound),
+              callback=lambda e: logs.append(e.get("message", "")))
+    assert 0 < ref.prefix_cache_bytes and r.prefix_cache_bytes <= bound
+    assert any("recomputed each epoch" in msg and " 0 recomputed" not in msg for msg in logs)
+    a, b = full.adapter_state_dict(), m.adapter_state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_prefix_cache_dtype_defaults_to_bf16_on_cuda_only():
+    from spafit_core.train import cache_dtype
+
+    assert TrainConfig().prefix_cache_dtype == "auto"
+    assert cache_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert cache_dtype("auto", torch.device("cpu")) == torch.float32
+    assert cache_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+# ----------------------------------------------------------------------------- resuming under another config
+@pytest.fixture
+def one_epoch_checkpoint(tiny_bert, tmp_path):
+    m = make(tiny_bert, n1=1, n2=2)
+    ckpt = tmp_path / "ckpt.safetensors"
+    with pytest.raises(TrainingCancelled):  # after the first epoch's checkpoint
+        train(m, data(m), cfg(epochs=2), checkpoint_path=ckpt, should_stop=_stop_after(7))
+    return ckpt
+
+
+def _stop_after(n):
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > n
+    return stop
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(method=dict(n2=3)), "method.n2: 2 then, 3 now"),
+    (dict(method=dict(name="lora")), "method.name: 'spafit' then, 'lora' now"),
+    (dict(train=dict(learning_rate=1e-3)), "training.learning_rate: 0.005 then, 0.001 now"),
+    (dict(train=dict(epochs=3, seed=4)), "training.epochs: 2 then, 3 now; training.seed: 3 then, 4 now"),
+    (dict(base="other"), "base model"),
+    (dict(task=("a", "b")), "task.labels"),
+])
+def test_resuming_under_another_method_config_or_base_is_refused_naming_it(tiny_bert, tiny_dirs, tmp_path,
+                                                                         one_epoch_checkpoint, change, words):
+    from spafit_core.errors import ConfigError
+    from tests.tiny import make_tiny_model
+
+    method = dict(n1=1, n2=2) | change.get("method", {})
+    path = str(make_tiny_model(tmp_path / "other", "bert", seed=5)) if change.get("base") else tiny_bert
+    task = TaskSpec(labels=change["task"]) if "task" in change else TaskSpec(labels=LABELS)
+    m = make(path, task=task, **method)
+    with pytest.raises(ConfigError, match="not resumed") as e:
+        train(m, data(m), cfg(epochs=2) if "train" not in change else cfg(**({"epochs": 2} | change["train"])),
+              checkpoint_path=one_epoch_checkpoint)
+    assert words in str(e.value)
+
+
+def test_resuming_with_only_operational_changes_is_accepted(tiny_bert, one_epoch_checkpoint):
+    m = make(tiny_bert, n1=1, n2=2)
+    r = train(m, data(m), cfg(epochs=2, log_every_steps=5, checkpoint_every_steps=3, eval_batch_size=4),
+              checkpoint_path=one_epoch_checkpoint)
+    assert r.resumed_from_step > 0
+
+
+def test_fp16_grad_scaler_state_is_saved_and_restored(tiny_bert, tmp_path):
+    from spafit_core.train import load_checkpoint, param_groups, save_checkpoint
+
+    def parts(m, c):
+        opt = torch.optim.AdamW(param_groups(m, c), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        return opt, sched, torch.amp.GradScaler("cpu", init_scale=2.0**16)
+
+    c = cfg()
+    m = make(tiny_bert)
+    opt, sched, scaler = parts(m, c)
+    scaler.scale(torch.ones(()))  # the scale exists once used
+    scaler.update(new_scale=123.0)  # as if fp16 steps had backed it off from 2^16
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_metric": None, "best_epoch": None, "bad_epochs": 0,
+             "history": [], "train_seconds": 0.0}
+    save_checkpoint(tmp_path / "c.safetensors", m, opt, sched, state, None, c, scaler=scaler)
+    m2 = make(tiny_bert)
+    opt2, sched2, scaler2 = parts(m2, c)
+    load_checkpoint(tmp_path / "c.safetensors", m2, opt2, sched2, c, scaler=scaler2)
+    assert scaler2.get_scale() == 123.0
+
+
+# ----------------------------------------------------------------------------- learning rates per kind
+def test_head_bias_and_lora_take_their_own_learning_rates(tiny_bert):
+    from spafit_core.train import param_groups
+
+    m = make(tiny_bert, n1=1, n2=2)
+    c = cfg(learning_rate=1e-3, head_learning_rate=1e-2, bias_learning_rate=2e-3, lora_learning_rate=5e-4)
+    lrs = {g["kind"]: g["lr"] for g in param_groups(m, c)}
+    assert lrs == {"head": 1e-2, "bias": 2e-3, "lora": 5e-4}
+    assert {g["kind"]: g["lr"] for g in param_groups(m, cfg(learning_rate=1e-3))} == \
+        {"head": 1e-3, "bias": 1e-3, "lora": 1e-3}
+    # a LoRA rate of ~0 leaves the LoRA factors where they started while the head and biases move
+    start = {k: v.clone() for k, v in m.adapter_state_dict().items()}
+    train(m, data(m), cfg(lora_learning_rate=1e-12, learning_rate=5e-3))
+    end = m.adapter_state_dict()
+    moved = {k for k in start if (start[k] - end[k]).abs().max() > 1e-8}
+    assert moved and not any(k.endswith(("lora_A", "lora_B")) for k in moved)
+    assert any(k.endswith("bias_delta") for k in moved) and any(k.startswith("head.") for k in moved)
+
+
+def test_learning_rates_out_of_range_name_their_field():
+    from spafit_core.errors import ConfigError
+
+    for name in ("head_learning_rate", "bias_learning_rate", "lora_learning_rate"):
+        with pytest.raises(ConfigError) as e:
+            TrainConfig(**{name: 2.0})
+        assert e.value.field == name
+
+
+# ----------------------------------------------------------------------------- a carved validation split
+def test_without_validation_a_stratified_split_is_carved_and_picks_the_best_epoch(tiny_bert):
+    m = make(tiny_bert)
+    d = data(m, 200)
+    logs = []
+    r = train(m, d, cfg(epochs=2), callback=lambda e: logs.append(e.get("message", "")))
+    assert r.extra["validation_carved_rows"] == 20 and r.best_epoch is not None and r.main_metric
+    assert "accuracy" in r.metrics
+    assert r.steps == 2 * -(-180 // 8)  # trained on the other 180 rows
+    assert any("20 of 200 training rows held out" in msg for msg in logs)
+
+
+def test_the_carved_split_is_stratified_seeded_and_optional(tiny_bert):
+    from spafit_core.train import carve_validation
+
+    m = make(tiny_bert)
+    d = data(m, 200)
+    d.labels = torch.tensor([0] * 150 + [1] * 50)
+    tr, va = carve_validation(d, 0.2, seed=1, task_type="single_label_classification")
+    assert (va.labels == 0).sum() == 30 and (va.labels == 1).sum() == 10 and len(tr) == 160
+    tr2, va2 = carve_validation(d, 0.2, seed=1, task_type="single_label_classification")
+    assert va.features == va2.features
+    assert carve_validation(d, 0.2, seed=2, task_type="single_label_classification")[1].features != va.features
+    assert carve_validation(d, 0.02, seed=1, task_type="single_label_classification") is None  # 4 rows: too few
+    r = train(m, data(m, 200), cfg(epochs=1, validation_fraction=0.0))
+    assert r.best_epoch is None and not r.extra
