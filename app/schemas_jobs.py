@@ -62,6 +62,15 @@ class HyperparametersIn(BaseModel):
     epochs: int = Field(default=3, ge=1, le=100)
     batch_size: int = Field(default=16, ge=1, le=1024)
     learning_rate: float | None = Field(default=None, gt=0, le=0.1, description="default: 1e-3 for adapters")
+    head_learning_rate: float | None = Field(default=None, gt=0, le=0.1,
+                                             description="the classifier head's; default: learning_rate")
+    bias_learning_rate: float | None = Field(default=None, gt=0, le=0.1,
+                                             description="the bias deltas'; default: learning_rate")
+    lora_learning_rate: float | None = Field(default=None, gt=0, le=0.1,
+                                             description="the LoRA factors'; default: learning_rate")
+    validation_fraction: float = Field(default=0.1, ge=0, le=0.5, description="without a validation dataset, "
+                                       "this stratified, seeded share of the training rows becomes one (when it "
+                                       "and the rest have at least 8 rows each); 0: none")
     max_seq_length: int = Field(default=128, ge=8, le=8192, description="at most the base model's positions; "
                                 "default 128, or fewer when the model takes fewer")
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1)

@@ -91,6 +91,10 @@ class Hyperparameters(SpafitModel):
     epochs: int | None = None
     batch_size: int | None = None
     learning_rate: float | None = None
+    head_learning_rate: float | None = None
+    bias_learning_rate: float | None = None
+    lora_learning_rate: float | None = None
+    validation_fraction: float | None = None
     max_seq_length: int | None = None
     warmup_ratio: float | None = None
     seed: int | None = None

@@ -7,7 +7,8 @@ export const METHOD_DEFAULTS = {
 };
 
 export const HYPERPARAMETER_DEFAULTS = {
-  "epochs": 3, "batch_size": 16, "learning_rate": null, "max_seq_length": 128, "warmup_ratio": 0.06, "seed": 42,
+  "epochs": 3, "batch_size": 16, "learning_rate": null, "head_learning_rate": null, "bias_learning_rate": null,
+  "lora_learning_rate": null, "validation_fraction": 0.1, "max_seq_length": 128, "warmup_ratio": 0.06, "seed": 42,
   "early_stopping_patience": null, "weight_decay": 0.0, "gradient_accumulation_steps": 1, "max_grad_norm": 1.0,
   "prefix_cache": false, "checkpoint_every_steps": null
 };
