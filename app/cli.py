@@ -977,10 +977,12 @@ def tasks_activate(client: Any, task: str, version: int, as_json: bool) -> None:
 @click.option("--version", type=click.IntRange(min=1), default=None, help="[default: the active version]")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="A .zip path or a folder [default: <task>-v<N>.zip here].")
+@click.option("--format", "fmt", type=click.Choice(["spafit", "peft"]), default="spafit", show_default=True,
+              help="peft: a zipped PEFT LoRA folder for peft.PeftModel.from_pretrained.")
 @remote
-def tasks_export(client: Any, task: str, version: int | None, out: Path | None, as_json: bool) -> None:
-    """Download a version as a zip (spafit_adapter.json + adapter.safetensors)."""
-    path = client.tasks.download(task, out, version=version)
+def tasks_export(client: Any, task: str, version: int | None, out: Path | None, fmt: str, as_json: bool) -> None:
+    """Download a version as a zip (spafit_adapter.json + adapter.safetensors, or a PEFT folder)."""
+    path = client.tasks.download(task, out, version=version, format=None if fmt == "spafit" else fmt)
     _emit({"task": task, "path": str(path.resolve()), "size_bytes": path.stat().st_size}, as_json, f"wrote {path}")
 
 

@@ -317,8 +317,9 @@ class AsyncTasks:
         await self._c._call(E.delete_task(task))
 
     async def download(self, task: str, path: str | os.PathLike[str] | None = None, *,
-                       version: int | None = None) -> Path:
-        return E.save_archive(await self._c._call(E.download_adapter(task, version=version)), task, path)
+                       version: int | None = None, format: str | None = None) -> Path:
+        return E.save_archive(await self._c._call(E.download_adapter(task, version=version, format=format)),
+                              task, path)
 
     async def import_adapter(self, task: str, path_or_zip: E.FileInput) -> AdapterVersion:
         return await self._c._call(E.import_adapter(task, E.adapter_archive(path_or_zip)))

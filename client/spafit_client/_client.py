@@ -351,10 +351,12 @@ class Tasks:
         """Delete the task and all its versions."""
         self._c._call(E.delete_task(task))
 
-    def download(self, task: str, path: str | os.PathLike[str] | None = None, *, version: int | None = None) -> Path:
+    def download(self, task: str, path: str | os.PathLike[str] | None = None, *, version: int | None = None,
+                 format: str | None = None) -> Path:
         """Save a version (default: the active one) as a zip at `path` (a folder: `<task>-v<N>.zip` in it;
-        default: that name in the current folder). Returns where it went."""
-        return E.save_archive(self._c._call(E.download_adapter(task, version=version)), task, path)
+        default: that name in the current folder). `format="peft"`: a zipped PEFT LoRA folder. Returns where
+        it went."""
+        return E.save_archive(self._c._call(E.download_adapter(task, version=version, format=format)), task, path)
 
     def import_adapter(self, task: str, path_or_zip: E.FileInput) -> AdapterVersion:
         """Register an adapter trained elsewhere (a zip, or an adapter folder as `spafit train` writes it) as

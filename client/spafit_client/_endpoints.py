@@ -169,8 +169,8 @@ def delete_task(task: str) -> Call[None]:
     return Call("DELETE", f"/v1/tasks/{_seg(task)}")
 
 
-def download_adapter(task: str, *, version: int | None) -> Call[httpx.Response]:
-    return Call("GET", f"/v1/tasks/{_seg(task)}/adapter", params={"version": version},
+def download_adapter(task: str, *, version: int | None, format: str | None = None) -> Call[httpx.Response]:
+    return Call("GET", f"/v1/tasks/{_seg(task)}/adapter", params={"version": version, "format": format},
                 headers={"Accept": "application/zip, application/problem+json"}, raw=True)
 
 

@@ -143,3 +143,13 @@ def test_download_as_peft_loads_in_peft_with_our_outputs(api, tenant_key, db, ba
     # another tenant sees no such task, in any format
     other = tenant_key("train", "predict")
     assert_problem(api.get("/v1/tasks/ours/adapter", params={"format": "peft"}, headers=other.headers), 404)
+
+
+def test_an_adapter_without_lora_has_no_peft_form_and_says_so(api, tenant_key, db, base):
+    from .adapters import BITFIT
+
+    key = tenant_key("train", "predict")
+    register(db, key.tenant_id, "biases", *random_adapter(base, BITFIT, seed=4))
+    r = api.get("/v1/tasks/biases/adapter", params={"format": "peft"}, headers=key.headers)
+    assert "no LoRA" in assert_problem(r, 422, "invalid-adapter")["detail"]
+    assert assert_problem(api.get("/v1/tasks/biases/adapter", params={"format": "onnx"}, headers=key.headers), 422)

@@ -370,3 +370,48 @@ def test_the_carved_split_is_stratified_seeded_and_optional(tiny_bert):
     assert carve_validation(d, 0.02, seed=1, task_type="single_label_classification") is None  # 4 rows: too few
     r = train(m, data(m, 200), cfg(epochs=1, validation_fraction=0.0))
     assert r.best_epoch is None and not r.extra
+
+
+# ----------------------------------------------------------------------------- on a GPU (run where one is lent)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_the_cache_is_bf16_spills_to_pinned_host_memory_and_recomputes(tmp_path):
+    from spafit_core.train import PrefixCache
+    from tests.tiny import make_tiny_model
+
+    path = str(make_tiny_model(tmp_path / "nodrop", "bert", dropout=0.0))
+    m = make(path, n1=2, n2=3).to("cuda")
+    d = data(m)
+    whole = PrefixCache(m, d, 16, torch.device("cuda"), torch.bfloat16, 0)
+    assert all(t.dtype == torch.bfloat16 and t.is_cuda for t in whole.states)
+    part = PrefixCache(m, d, 16, torch.device("cuda"), torch.bfloat16, 0, max_bytes=whole.nbytes // 3,
+                       host_max_bytes=whole.nbytes // 3)
+    held = [t for t in part.states if t is not None]
+    assert any(t.is_cuda for t in held) and any(not t.is_cuda and t.is_pinned() for t in held)
+    assert part.recomputed_rows > 0 and part.device_bytes <= whole.nbytes // 3
+    idx = list(range(len(d)))
+    assert torch.allclose(part.batch(idx, torch.float32), whole.batch(idx, torch.float32), atol=1e-2)
+    r = train(m, d, cfg(prefix_cache=True, device="cuda", prefix_cache_max_bytes=whole.nbytes // 3,
+                        prefix_cache_host_max_bytes=whole.nbytes // 3))
+    assert 0 < r.prefix_cache_bytes <= 2 * (whole.nbytes // 3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fp16_run_resumes_with_its_loss_scale_and_float32_factors(tiny_bert, tmp_path):
+    from spafit_core.train import read_checkpoint_meta
+
+    ckpt = tmp_path / "c.safetensors"
+    m = make(tiny_bert, n1=1, n2=2)
+    with pytest.raises(TrainingCancelled):
+        train(m, data(m), cfg(epochs=2, amp="fp16", device="cuda"), checkpoint_path=ckpt,
+              should_stop=_stop_after(7))
+    saved = read_checkpoint_meta(ckpt)["grad_scaler"]
+    assert saved and saved["scale"] > 0
+    m2 = make(tiny_bert, n1=1, n2=2)
+    r = train(m2, data(m2), cfg(epochs=2, amp="fp16", device="cuda"), checkpoint_path=ckpt)
+    assert r.resumed_from_step > 0
+    assert all(p.dtype == torch.float32 for p in m2.parameters() if p.requires_grad)
