@@ -127,7 +127,7 @@ def test_a_flood_of_overlong_inputs_on_one_task_never_fails_another(api, tenants
     f_seen, f_fail, v_seen, v_fail = asyncio.run(_flood_and_victim(api.url, flood, ("short", SHORT, tenants["b"]),
                                                                    seconds=4))
     measure(flood=dict(f_seen), victim=dict(v_seen))
-    assert v_fail == [] and set(v_seen) == {200} and v_seen[200] >= 5, (v_seen, v_fail[:3])
+    assert v_fail == [] and set(v_seen) == {200} and v_seen[200] >= 2, (v_seen, v_fail[:3])
     assert f_fail == [] and f_seen[200] >= 1 and set(f_seen) <= {200, 429}, (f_seen, f_fail[:3])
     _log_is_clean(api)
 
@@ -138,5 +138,5 @@ def test_a_tenant_that_floods_gets_429_while_another_is_served(api, tenants, mea
                                                                    seconds=4))
     measure(flood=dict(f_seen), victim=dict(v_seen))
     assert f_fail == [] and f_seen[429] >= 1 and f_seen[200] >= 1 and set(f_seen) <= {200, 429}, (f_seen, f_fail)
-    assert v_fail == [] and set(v_seen) == {200} and v_seen[200] >= 5, (v_seen, v_fail[:3])
+    assert v_fail == [] and set(v_seen) == {200} and v_seen[200] >= 2, (v_seen, v_fail[:3])
     _log_is_clean(api)
