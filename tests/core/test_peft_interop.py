@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spafit_core import AdapterError, MethodConfig, TaskSpec, TrainConfig
-from spafit_core.adapter import save_adapter, load_adapter
+from spafit_core.adapter import load_adapter, save_adapter
 from spafit_core.model import SpafitModel
 from spafit_core.peft_interop import EXPORT_INFO, PEFT_CONFIG, PEFT_WEIGHTS, from_peft, to_peft
 from spafit_core.train import encode, set_seed, train
@@ -170,3 +170,15 @@ def test_our_folder_is_no_peft_folder(tiny_bert, tmp_path):
         peft.PeftModel.from_pretrained(stock(tiny_bert), tmp_path / "ours")
     info = json.loads(to_peft(m)[EXPORT_INFO])
     assert info["task"]["labels"] == list(LABELS)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "distilbert", "electra", "deberta-v2"])
+def test_export_and_import_on_other_encoders(tiny_dirs, tmp_path, arch):
+    path = tiny_dirs(arch)
+    m = trained(path, name="spafit", n1=1, n2=2)
+    files = to_peft(m)
+    pm = peft.PeftModel.from_pretrained(stock(path), write(files, tmp_path / "peft")).eval()
+    b = batch(m.tokenizer)
+    with torch.no_grad():
+        assert (m(b) - pm(**b).logits).abs().max() < TOL
+        assert (m(b) - from_peft(files, path)(b)).abs().max() < TOL
