@@ -221,7 +221,8 @@ class Settings(BaseSettings):
         "that tenant's predicts get 429 with Retry-After while other tenants are served.",
     )
     batch_tenant_quantum: int = Field(
-        default=8, ge=1, description="Rows a tenant of weight 1 is served per turn of the deficit round robin."
+        default=512, ge=1, description="Tokens a tenant of weight 1 is served per turn of the deficit round robin "
+        "(a row costs its length): under contention tenants share the engine's work, not just its rows."
     )
     batch_tenant_weights: Annotated[dict[str, float], NoDecode, BeforeValidator(_split_weights)] = Field(
         default_factory=dict,

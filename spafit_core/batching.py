@@ -4,8 +4,8 @@ isolated between requests.
 Requests are tokenised by the caller and queued row by row, one queue per tenant. Admission is bounded twice:
 a tenant past `max_queue_per_tenant` waiting rows is refused (TenantOverloadedError: that tenant retries later),
 and the whole queue past `max_queue` rows is refused (OverloadedError). One worker thread drains the queues by
-deficit round robin: each tenant in turn may take `quantum x weight` rows, so a tenant's backlog delays only
-itself. It waits up to `max_wait_ms` for company, then packs what it took (at most `max_batch_size` rows,
+deficit round robin: each tenant in turn may take rows worth `quantum x weight` tokens (a row costs its
+length, so long inputs use up a share faster than short ones), and a tenant's backlog delays only itself. It waits up to `max_wait_ms` for company, then packs what it took (at most `max_batch_size` rows,
 sorted by length, within `max_tokens` padded tokens) into mixed-task forward passes.
 
 Invariants a caller may rely on:
@@ -50,7 +50,7 @@ class BatchingConfig:
     max_tokens: int = 16384  # rows x padded length per forward pass
     max_queue: int = 2048  # rows waiting, all tenants; beyond this requests are refused as overload
     max_queue_per_tenant: int | None = None  # rows waiting of one tenant (None: max_queue)
-    quantum: int = 8  # rows a tenant of weight 1 may take per turn of the round robin
+    quantum: int = 512  # tokens (a row costs its length) a tenant of weight 1 may take per turn of the round robin
     weights: dict[str, float] = field(default_factory=dict)  # tenant -> weight (default 1)
     timeout_s: float = 30.0  # per request, from submission
 
@@ -264,17 +264,22 @@ class MicroBatcher:
                     self._deficit[tenant] += cfg.quantum * cfg.weight(tenant)
                     self._in_turn = True
                 queue = self._queues[tenant]
-                while queue and self._deficit[tenant] >= 1 and len(items) < cfg.max_batch_size:
-                    it = queue.popleft()
-                    self._rows -= 1
+                while queue and len(items) < cfg.max_batch_size:
+                    it = queue[0]
                     if it.request.future.done():  # cancelled or failed meanwhile: costs nothing
+                        queue.popleft()
+                        self._rows -= 1
                         self.stats["dropped"] += 1
                         continue
-                    self._deficit[tenant] -= 1
+                    if it.length > self._deficit[tenant]:  # a row costs its tokens: this one waits a turn
+                        break
+                    queue.popleft()
+                    self._rows -= 1
+                    self._deficit[tenant] -= it.length
                     items.append(it)
                 if not queue:
                     self._forget(tenant)
-                elif self._deficit[tenant] < 1:  # turn used up: next tenant
+                elif queue[0].length > self._deficit[tenant]:  # turn used up: next tenant
                     self._ring.rotate(-1)
                     self._in_turn = False
                 # else the batch is full mid-turn: the tenant goes on next time, with what it has left

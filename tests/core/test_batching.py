@@ -242,7 +242,7 @@ def test_rows_of_cancelled_requests_are_dropped_before_they_run(engine, monkeypa
 # ------------------------------------------------------------------------------ fair shares
 def test_a_tenants_backlog_delays_only_itself(engine, monkeypatch):
     calls = _poisoned_forward(engine, monkeypatch, poison="unused")
-    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, quantum=4))
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, quantum=16))
     flood = [batcher.submit("t0", TEXTS[:4], tenant="a") for _ in range(16)]  # 64 rows first
     quiet = batcher.submit("t1", TEXTS[:3], tenant="b")  # 3 rows after them
     batcher.start()
@@ -258,10 +258,10 @@ def test_a_tenants_backlog_delays_only_itself(engine, monkeypatch):
 
 def test_weights_share_the_engine_in_proportion(engine, monkeypatch):
     calls = _poisoned_forward(engine, monkeypatch, poison="unused")
-    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, quantum=2,
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, quantum=8,  # 2 rows of 4
                                                   weights={"heavy": 3.0}))
-    futures = [batcher.submit("t0", TEXTS[:4], tenant="heavy") for _ in range(12)]
-    futures += [batcher.submit("t1", TEXTS[:4], tenant="light") for _ in range(12)]
+    futures = [batcher.submit("t0", ["good movie"] * 4, tenant="heavy") for _ in range(12)]  # 4 tokens a row
+    futures += [batcher.submit("t1", ["good movie"] * 4, tenant="light") for _ in range(12)]
     batcher.start()
     try:
         for f in futures:
@@ -315,3 +315,19 @@ def test_a_request_cancelled_while_its_rows_are_made_never_leaves_them_queued(en
     asyncio.run(gone_while_submitting())
     assert batcher.depth == 0 and batcher.stats["dropped"] == 3
     batcher.stop()
+
+
+def test_a_row_costs_its_tokens_so_long_inputs_use_up_a_share_faster(engine, monkeypatch):
+    calls = _poisoned_forward(engine, monkeypatch, poison="unused")
+    long = " ".join(["the plot was very boring and bad"] * 4)  # 30 tokens a row (the adapter's limit is 32)
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=32, max_tokens=1 << 20, max_wait_ms=1, quantum=60))
+    futures = [batcher.submit("t0", [long] * 8, tenant="long") for _ in range(4)]
+    futures += [batcher.submit("t1", ["good movie"] * 8, tenant="short") for _ in range(4)]  # 4 tokens a row
+    batcher.start()
+    try:
+        for f in futures:
+            f.result(timeout=30)
+    finally:
+        batcher.stop()
+    first = calls[0]  # both had a backlog: turns of 60 tokens each, i.e. 2 long rows or 15 short ones
+    assert first.count(("t0", 30)) == 4 and first.count(("t1", 4)) == 28  # 120 tokens against 112, not 16 rows each
