@@ -102,22 +102,27 @@ def test_a_paused_worker_woken_after_a_takeover_cannot_change_the_job(app_client
         refused = int(line.split(summary)[1].split()[0])
 
         done = _wait_final(app_client, job_id, key.headers, 180, second.tail)
-        assert done["status"] == "succeeded" and done["attempts"] == 2, (done, worker.tail(), second.tail())
+        # Attempt 2 normally finishes it; on a starved machine (heartbeat stale after 4 s) the woken worker's
+        # process may in turn take attempt 3 over from the second: fenced the same way.
+        assert done["status"] == "succeeded" and done["attempts"] >= 2, (done, worker.tail(), second.tail())
         assert done["adapter_version"] == 1 and _versions(db, key.tenant_id, "takeover") == 1
         events = _events(db, job_id)
         starts = [e for e in events if e.type == "status" and e.data.get("status") == "running"]
-        assert [s.data["attempt"] for s in starts] == [1, 2]
-        # After the takeover only the new holder wrote: its progress counts on from where it resumed, one step
+        assert [s.data["attempt"] for s in starts] == list(range(1, done["attempts"] + 1))
+        # After each takeover only the new holder wrote: its progress counts on from where it resumed, one step
         # at a time, with nothing of the old holder's (which was past that step when it woke) in between.
-        after = [e for e in events if e.seq > starts[1].seq]
-        resumed = next(e for e in after if e.type == "resumed")
-        steps = [e.data["step"] for e in after if e.type == "progress"]
-        assert steps == list(range(resumed.data["step"] + 1, resumed.data["step"] + 1 + len(steps))), steps
+        for k, start in enumerate(starts[1:], 1):
+            end = starts[k + 1].seq if k + 1 < len(starts) else events[-1].seq + 1
+            run = [e for e in events if start.seq < e.seq < end]
+            resumed = next(e for e in run if e.type == "resumed")
+            steps = [e.data["step"] for e in run if e.type == "progress"]
+            assert steps == list(range(resumed.data["step"] + 1, resumed.data["step"] + 1 + len(steps))), steps
         assert [e.data.get("status") for e in events if e.type == "status"][-1] == "succeeded"
         assert refused >= 1
+        resumed = next(e for e in events if e.type == "resumed")
         measure(step_at_pause=step_at_pause, resumed_from_step=resumed.data["step"],
                 seconds_paused_to_takeover=round(takeover_s, 1), fenced_writes_refused=refused,
-                old_holder_writes_after_wake=0, final=done["status"], versions=1)
+                old_holder_writes_after_wake=0, attempts=done["attempts"], final=done["status"], versions=1)
     finally:
         if paused is not None:
             os.kill(paused, signal.SIGCONT)
