@@ -288,7 +288,11 @@ def train(
     best_tensors: dict[str, torch.Tensor] | None = None
     resumed_from = 0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    if ckpt is not None and ckpt.exists():
+    if ckpt is not None and ckpt.exists() and "run" not in read_checkpoint_meta(ckpt):
+        # Written by a version that recorded neither the run's identity nor this optimizer layout: what it was
+        # made under cannot be checked, so it is not resumed (the next checkpoint replaces it).
+        emit({"type": "log", "message": "checkpoint from an older version: training starts over"})
+    elif ckpt is not None and ckpt.exists():
         state, best_tensors = load_checkpoint(ckpt, model, optimizer, scheduler, cfg, scaler=scaler)
         resumed_from = state["step"]
         emit({"type": "resumed", "step": resumed_from, "epoch": state["epoch"]})

@@ -415,3 +415,21 @@ def test_fp16_run_resumes_with_its_loss_scale_and_float32_factors(tiny_bert, tmp
     r = train(m2, data(m2), cfg(epochs=2, amp="fp16", device="cuda"), checkpoint_path=ckpt)
     assert r.resumed_from_step > 0
     assert all(p.dtype == torch.float32 for p in m2.parameters() if p.requires_grad)
+
+
+def test_a_checkpoint_from_an_older_version_is_not_resumed_but_replaced(tiny_bert, one_epoch_checkpoint):
+    """Older checkpoints carry no run identity (method, task, base model): they cannot be checked, so the
+    run starts over instead of resuming into another optimizer layout or configuration."""
+    from safetensors.torch import load_file, save_file
+
+    from spafit_core.train import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(one_epoch_checkpoint)
+    del meta["run"]
+    save_file(load_file(str(one_epoch_checkpoint)), str(one_epoch_checkpoint), metadata={"spafit": json.dumps(meta)})
+    m = make(tiny_bert, n1=1, n2=2)
+    logs = []
+    r = train(m, data(m), cfg(epochs=2), checkpoint_path=one_epoch_checkpoint,
+              callback=lambda e: logs.append(e.get("message", "")))
+    assert r.resumed_from_step == 0 and any("older version" in msg for msg in logs)
+    assert "run" in read_checkpoint_meta(one_epoch_checkpoint)
