@@ -234,7 +234,8 @@ def train(
     checkpoint_path: str | Path | None = None,
 ) -> TrainResult:
     """Train `model` in place; on return it holds the best epoch's tensors (by the first of `metrics`
-    on `validation`, else the last epoch's). With `checkpoint_path`, state is saved there every
+    on `validation`, else the last epoch's) and every module is in the mode it had before. Without
+    `validation`, `cfg.validation_fraction` of the training rows (per class, seeded) becomes it. With `checkpoint_path`, state is saved there every
     `cfg.checkpoint_every_steps` steps and each epoch's end, and an existing checkpoint is resumed.
     `should_stop()` is polled each step; when true, TrainingCancelled is raised and nothing is saved."""
     from .metrics import HIGHER_IS_BETTER, compute_metrics, default_metrics
@@ -250,7 +251,9 @@ def train(
             train_data, validation = split
             carved = len(validation)
             emit({"type": "log", "message": f"validation: {carved} of {carved + len(train_data)} training rows "
-                                            f"held out ({cfg.validation_fraction:g}, stratified, seed {cfg.seed})"})
+                                            f"held out ({cfg.validation_fraction:g}"
+                                            f"{', per class' if task_type == 'single_label_classification' else ''}"
+                                            f", seed {cfg.seed})"})
         elif cfg.validation_fraction > 0:
             emit({"type": "log", "message": "validation: none given and too few rows to carve one; the last "
                                             "epoch's adapter is kept"})

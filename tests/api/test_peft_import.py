@@ -59,8 +59,8 @@ def peft_folder(base, tmp_path_factory):
     pm.save_pretrained(folder)
     pm.eval()
     with torch.no_grad():
-        probs = pm(**tok(TEXTS, padding=True, return_tensors="pt")).logits.softmax(-1)
-    return folder, probs
+        logits = pm(**tok(TEXTS, padding=True, return_tensors="pt")).logits
+    return folder, logits
 
 
 def zipped(folder, prefix=""):
@@ -83,7 +83,13 @@ def test_a_peft_trained_adapter_imports_and_serves_peft_outputs(api, tenant_key,
     assert r.status_code == 201, r.text
     v = r.json()
     assert v["labels"] == LABELS and v["method"]["rank"] == 4 and v["stratification"]["n2"] == 2
-    assert (scores(api, "from-peft", key.headers) - want).abs().max() < 1e-5
+    assert (scores(api, "from-peft", key.headers) - want.softmax(-1)).abs().max() < 1e-5
+    from spafit_core.engine import Row  # the served logits themselves, from the app's engine
+
+    engine = api.serving.engine
+    adapter = engine.adapter(str(v["id"]))
+    served = torch.stack(engine.forward([Row(adapter, f) for f in engine.encode(adapter, TEXTS)]))
+    assert (served - want).abs().max() < 1e-5
 
 
 def test_peft_import_refuses_a_base_model_the_service_does_not_serve(api, tenant_key, peft_folder):
