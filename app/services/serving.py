@@ -5,6 +5,12 @@ Every request resolves its task's active version from the registry, so an activa
 replica is served by the next request everywhere, without a restart. The engine loads a version it does not
 hold through `registry.version_payload` (the blob is verified on every read). torch is imported lazily, when
 the engine is first needed: importing this module does not import it.
+
+No request can hurt another's: each predict is admitted against its tenant's share of rows in flight (429
+`tenant-queue-full` past it; 503 `overloaded` only when every tenant's rows together fill the queue), and
+`PredictGate` refuses a tenant already over its share from its headers alone; the batcher serves tenants by
+deficit round robin and retries a failing pass per adapter, then per row; its thread is supervised (restarted
+by `batcher` and by the readiness check); a request whose client went away is cancelled and its rows dropped.
 """
 
 from __future__ import annotations
