@@ -159,3 +159,16 @@ def test_an_adapter_without_lora_has_no_peft_form_and_says_so(api, tenant_key, d
     r = api.get("/v1/tasks/biases/adapter", params={"format": "peft"}, headers=key.headers)
     assert "no LoRA" in assert_problem(r, 422, "invalid-adapter")["detail"]
     assert assert_problem(api.get("/v1/tasks/biases/adapter", params={"format": "onnx"}, headers=key.headers), 422)
+
+
+def test_an_archive_in_the_old_layout_still_imports(api, tenant_key, base):
+    """Downloads made before the config was renamed (adapter_config.json + adapter.safetensors) import as
+    they are; new downloads carry spafit_adapter.json."""
+    key = tenant_key("train", "predict")
+    cfg, weights = random_adapter(base, SPAFIT, seed=5)
+    old = zip_of({"adapter_config.json": json.dumps(cfg).encode(), "adapter.safetensors": weights})
+    r = api.put("/v1/tasks/old-layout/adapter", content=old, headers={**key.headers, **ZIP})
+    assert r.status_code == 201, r.text
+    new = api.get("/v1/tasks/old-layout/adapter", headers=key.headers)
+    with zipfile.ZipFile(io.BytesIO(new.content)) as z:
+        assert sorted(z.namelist()) == ["adapter.safetensors", "spafit_adapter.json"]
