@@ -146,12 +146,14 @@ def _write(db: Database, fn: Callable[[Session], T], *, retry_s: float, what: st
         except Exception as e:
             if not _transient(e):
                 raise
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise DatabaseOutage(f"{what}: the database stayed unreachable for {retry_s:g} s") from e
-            log.warning("%s failed on a database error (%s); retrying in %.1f s", what, type(e).__name__, delay)
+            wait = min(delay, remaining)  # the last try lands on the deadline, not a backoff step before it
+            log.warning("%s failed on a database error (%s); retrying in %.1f s", what, type(e).__name__, wait)
             if on_retry is not None:
                 on_retry()
-            time.sleep(delay)
+            time.sleep(wait)
             delay = min(delay * 2, MAX_BACKOFF_S)
 
 
