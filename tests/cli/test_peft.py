@@ -53,3 +53,15 @@ def test_export_peft_then_import_back_keeps_the_logits(spafit, adapter, tiny_bas
 def test_import_of_something_that_is_not_peft_fails_in_words(spafit, adapter, tmp_path):
     r = spafit("import", str(adapter), "--out", str(tmp_path / "x"), "--json")
     assert r.exit_code != 0 and "adapter_config.json" in r.error()["message"]
+
+
+def test_export_merged_is_a_plain_transformers_folder(spafit, adapter, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    r = spafit("export", str(adapter), "--format", "merged", "--out", str(tmp_path / "merged"), "--json")
+    assert r.exit_code == 0, r
+    ours = load_adapter(adapter)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    b = texts(ours.tokenizer)
+    with torch.no_grad():
+        assert (plain(**b).logits - ours(b)).abs().max() < 1e-5
