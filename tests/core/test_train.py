@@ -433,3 +433,24 @@ def test_a_checkpoint_from_an_older_version_is_not_resumed_but_replaced(tiny_ber
               callback=lambda e: logs.append(e.get("message", "")))
     assert r.resumed_from_step == 0 and any("older version" in msg for msg in logs)
     assert "run" in read_checkpoint_meta(one_epoch_checkpoint)
+
+
+def test_with_dropout_cached_training_equals_training_with_a_dropout_free_prefix(tiny_bert):
+    """The cache's semantics, stated as an equivalence: with dropout 0.1 everywhere, training with the cache
+    gives the adapter that uncached training gives when the embeddings and frozen layers have no dropout."""
+    from torch import nn
+
+    cached = make(tiny_bert, n1=2, n2=3)
+    train(cached, data(cached), cfg(prefix_cache=True))
+    plain = make(tiny_bert, n1=2, n2=3)
+    for mod in plain.prefix_modules():
+        for d in mod.modules():
+            if isinstance(d, nn.Dropout):
+                d.p = 0.0
+    train(plain, data(plain), cfg(prefix_cache=False))
+    a, b = cached.adapter_state_dict(), plain.adapter_state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    noisy = make(tiny_bert, n1=2, n2=3)  # and it is a real difference: with prefix dropout the result differs
+    train(noisy, data(noisy), cfg(prefix_cache=False))
+    c = noisy.adapter_state_dict()
+    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
