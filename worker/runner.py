@@ -233,8 +233,8 @@ def claim(db: Database, job_id: uuid.UUID, me: str, settings: Settings) -> Claim
             Job.claimed_by.is_(None) if job.claimed_by is None else Job.claimed_by == job.claimed_by)
     deadline = _deadline(job, settings)
     if job.cancel_requested:
-        ended = _end_unclaimed(db, job_id, seen, "cancelled", event={"status": "cancelled",
-                                                             "reason": "cancelled before it ran"})
+        reason = "cancelled before it ran" if job.attempts == 0 else "cancelled while its worker was lost"
+        ended = _end_unclaimed(db, job_id, seen, "cancelled", event={"status": "cancelled", "reason": reason})
         return Claim("cancelled" if ended else "busy", job)
     if deadline is not None and utcnow() > deadline:
         reason = _time_limit_reason(job, settings)
