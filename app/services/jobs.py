@@ -24,7 +24,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -361,6 +361,7 @@ class Broker:
         self._app = make_celery(settings)
         self._queue = TRAINING_QUEUE
         self._url = settings.broker_url
+        self._prefix = settings.broker_key_prefix
         self._timeout = settings.readiness_timeout
         self._import_timeout = settings.import_timeout_s
 
@@ -386,6 +387,27 @@ class Broker:
             return str(client.info("server")["run_id"])
         finally:
             client.close()
+
+
+    def waiting(self) -> int | None:
+        """Messages waiting in the training queue (Redis: the queue's list; None where it cannot be told)."""
+        if not self._url.startswith(("redis://", "rediss://")):
+            return None
+        import redis
+
+        client = redis.Redis.from_url(self._url, socket_connect_timeout=self._timeout, socket_timeout=self._timeout)
+        try:
+            return int(client.llen(f"{self._prefix}{self._queue}"))
+        finally:
+            client.close()
+
+
+def _waiting(send: Sender) -> int | None:
+    waiting = getattr(send, "waiting", None)
+    try:
+        return waiting() if waiting is not None else None
+    except Exception:
+        return None
 
 
 def _epoch(send: Sender) -> str | None:
@@ -415,14 +437,19 @@ def requeue_orphans(db: Database, send: Sender, settings: Settings) -> list[uuid
     exists, or handed over more than `job_claim_timeout_s` ago and still not claimed (a worker took the message
     and died before claiming), and (2) running jobs whose heartbeat went stale (their worker died where no
     re-delivery happens, e.g. its whole machine). Sending twice is harmless: the worker's claim is atomic.
-    Then settle sweeps whose trials all ended (idempotent)."""
+    Then settle sweeps whose trials all ended (idempotent).
+
+    An unclaimed job is re-sent only while the training queue holds no message (where the broker can tell):
+    a job waiting behind others is not lost, and re-sending it every timeout would pile up duplicates."""
     now = utcnow()
     stale = now - timedelta(seconds=settings.job_heartbeat_stale_s)
     unclaimed_since = now - timedelta(seconds=settings.job_claim_timeout_s)
     epoch = _epoch(send)
+    backlog = _waiting(send)
     with db.session() as s:
+        unclaimed = (Job.enqueued_at < unclaimed_since) if not backlog else false()
         lost_queued = (Job.status == "queued") & (Job.kind != "sweep") & (Job.cancel_requested.is_(False)) & (
-            Job.enqueued_at.is_(None) | (Job.enqueued_at < unclaimed_since)
+            Job.enqueued_at.is_(None) | unclaimed
             | ((Job.broker_epoch != epoch) if epoch is not None else False))
         dead_running = (Job.status == "running") & (Job.kind != "sweep") & (Job.heartbeat_at.is_(None) | (Job.heartbeat_at < stale)) & (
             Job.enqueued_at.is_(None) | (Job.enqueued_at < stale))

@@ -8,11 +8,12 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.main import create_app
 from app.models import Job
@@ -218,3 +219,37 @@ def test_registration_refuses_an_adapter_with_non_finite_tensors(db, tenant_key,
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(Task).where(Task.tenant_id == key.tenant_id)) == 0
         assert s.scalar(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.blob_sha256 == sha256_hex(bad))) == 0
+
+
+def test_an_unclaimed_job_is_resent_only_while_no_message_waits(make_settings, tiny_base, tenant_key, db,
+                                                                redis_client, redis_prefix):
+    """The claim timeout re-sends a queued job nobody claimed, unless the training queue still holds messages
+    (the job then waits its turn; re-sending it every timeout would pile up duplicates). A broker prefix no
+    worker reads: what is sent stays in the queue."""
+    from app.models import utcnow
+    from app.services import jobs
+
+    prefix = f"{redis_prefix}idle-{uuid.uuid4().hex[:6]}:"
+    settings = make_settings(broker_key_prefix=prefix, allowed_base_models=[tiny_base], default_base_model=tiny_base,
+                             job_claim_timeout_s=1.0, job_requeue_interval_s=3600.0)
+    app = create_app(settings)
+    key = tenant_key("train")
+    with TestClient(app) as client:
+        broker = app.state.send_job
+        train, val = datasets(client, key.headers, n=16)
+        job_id = uuid.UUID(client.post("/v1/jobs", json=job_body(train, val), headers=key.headers).json()["id"])
+        assert broker.waiting() == 1
+        with db.transaction() as s:  # sent long ago and never claimed
+            s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow() - timedelta(minutes=5)))
+        assert jobs.requeue_orphans(app.state.db, broker, settings) == []  # its message may still be waiting
+        redis_client.delete(f"{prefix}training")  # taken by a worker that died before claiming
+        assert broker.waiting() == 0
+        assert jobs.requeue_orphans(app.state.db, broker, settings) == [job_id]
+        assert broker.waiting() == 1 and job_row_enqueued_recently(db, job_id)
+
+
+def job_row_enqueued_recently(db, job_id) -> bool:
+    from app.models import utcnow
+
+    with db.session() as s:
+        return s.get(Job, job_id).enqueued_at > utcnow() - timedelta(seconds=30)
