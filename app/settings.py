@@ -173,7 +173,8 @@ class Settings(BaseSettings):
     job_claim_timeout_s: float = Field(
         default=900.0, gt=0,
         description="A queued job handed to the broker that no worker claimed within this is sent again (its "
-        "worker may have died between taking the message and claiming the job). A duplicate is a no-op.",
+        "worker may have died between taking the message and claiming the job), once no message waits in the "
+        "training queue (a job behind a backlog is not lost). A duplicate is a no-op.",
     )
     job_db_retry_s: float = Field(
         default=60.0, ge=0,
