@@ -37,9 +37,10 @@ from .adapter import check_fingerprint, load_weights, parse_config
 from .backbone import canonical_model_name, fingerprint, resolve_model_path, wrap_stack
 from .config import MethodConfig, TaskSpec
 from .errors import AdapterError, AdapterNotLoadedError
-from .layers import Delta, MixedBatchUnsupported, Route, route
+from .layers import MixedBatchUnsupported, Route, route
 from .model import HEAD, check_shapes, delta_shapes, load_hf_classifier, load_tokenizer, quiet_transformers
 from .outputs import postprocess
+from .slots import SlotPools, kernel
 from .train import collate
 
 Input = str | tuple[str, str] | dict
@@ -86,12 +87,26 @@ class Backbone:
 
     def head_template(self, task: TaskSpec) -> nn.Module:
         """A head-only copy of the HF classifier for `task` (its base swapped for a stub)."""
-        key = (task.num_labels, task.task_type)
+        return self._head(task.num_labels, task.task_type)
+
+    def padded_head(self, num_labels: int) -> nn.Module:
+        """The head module that serves every head of up to `num_labels` labels (their label dimensions
+        zero-padded, the extra logits sliced away)."""
+        return self._head(num_labels, "single_label_classification" if num_labels > 1 else "regression")
+
+    def head_label_dims(self) -> dict[str, tuple[int, ...]]:
+        """Per head tensor name, its dimensions with one entry per label."""
+        one, two = self.padded_head(1).state_dict(), self.padded_head(2).state_dict()
+        return {k: tuple(i for i, (a, b) in enumerate(zip(v.shape, two[k].shape, strict=True)) if a != b)
+                for k, v in one.items()}
+
+    def _head(self, num_labels: int, task_type: str) -> nn.Module:
+        key = (num_labels, task_type)
         if key not in self._head_templates:
             from transformers import AutoModelForSequenceClassification
 
             cfg = copy.deepcopy(self.config)
-            cfg.num_labels, cfg.problem_type = task.num_labels, task.task_type
+            cfg.num_labels, cfg.problem_type = num_labels, task_type
             with quiet_transformers(), torch.device("meta"):
                 model = AutoModelForSequenceClassification.from_config(cfg)
             setattr(model, model.base_model_prefix, _BaseStub())
@@ -187,10 +202,12 @@ def _viewer(buffer: torch.Tensor) -> Callable[[Slot | None], torch.Tensor | None
     return view
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedAdapter:
-    """An adapter as the engine holds it: one packed buffer with its per-module deltas (B pre-scaled) and
-    its head tensors, the shared layout that says where each sits, its task and plan."""
+    """An adapter as the engine holds it: its task and plan, and its tensors (per-module deltas, B pre-scaled,
+    and head tensors) either in its bank's slot pools (`slot`, while resident on the device) or in one
+    packed buffer in `layout` (before it is admitted, in the CPU tier, and after it leaves the pools: a
+    request still holding it is then served from the buffer)."""
 
     name: str
     sha256: str
@@ -198,26 +215,39 @@ class LoadedAdapter:
     task: TaskSpec
     first_trained_layer: int
     max_seq_length: int
-    buffer: torch.Tensor  # (layout.numel,) in the backbone's dtype, on `device`
+    buffer: torch.Tensor | None  # (layout.numel,) in the backbone's dtype; None while only in the pools
     layout: PackedLayout
     nbytes: int
     device: torch.device
     rank: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    pools: SlotPools | None = None  # the pools holding it, with `slot`
+    slot: int | None = None
+
+    def packed(self) -> torch.Tensor:
+        """Its packed buffer (read back from the pools where it is only there)."""
+        if self.buffer is not None:
+            return self.buffer
+        pools = self.pools
+        with pools.lock:
+            if self.buffer is None:
+                return pools.read(self.slot, self.layout)
+            return self.buffer
 
     @property
     def deltas(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
-        """Module key -> (bias (out,), A (r, in), B (out, r) pre-scaled), as views of the buffer."""
-        return self.layout.delta_views(self.buffer)
+        """Module key -> (bias (out,), A (r, in), B (out, r) pre-scaled), as views of its packed buffer."""
+        return self.layout.delta_views(self.packed())
 
     @property
     def head_state(self) -> dict[str, torch.Tensor]:
-        """The head's state_dict, as views of the buffer."""
-        return self.layout.head_views(self.buffer)
+        """The head's state_dict, as views of its packed buffer."""
+        return self.layout.head_views(self.packed())
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> LoadedAdapter:
-        """The adapter with its buffer on `device` (the same object where nothing changes)."""
-        buffer = self.buffer.to(device, dtype=dtype or self.buffer.dtype)
+        """A detached copy with its buffer on `device` (the same object where nothing changes)."""
+        packed = self.packed()
+        buffer = packed.to(device, dtype=dtype or packed.dtype)
         if buffer is self.buffer:
             return self
         return LoadedAdapter(self.name, self.sha256, self.config, self.task, self.first_trained_layer,
@@ -269,19 +299,21 @@ def build_adapter(backbone: Backbone, name: str, cfg: dict, weights: bytes) -> L
 
 
 class AdapterBank:
-    """Adapters by name, in an LRU bounded by bytes per tier: `device_bytes` on the backbone's device and,
-    where that is a GPU, `cpu_bytes` in host memory (an adapter evicted from the GPU is kept on the CPU
-    and moves back on its next use). A miss calls `loader(name) -> (config, weights)` if one is set."""
+    """Adapters by name, in an LRU bounded by bytes per tier: `device_bytes` on the backbone's device (in
+    the bank's slot pools) and, where that is a GPU, `cpu_bytes` in pinned host memory (an adapter evicted
+    from the GPU is kept on the CPU and moves back on its next use). A miss calls
+    `loader(name) -> (config, weights)` if one is set. Lock order: the bank's lock, then the pools'."""
 
     def __init__(self, backbone: Backbone, *, device_bytes: int = 256 << 20, cpu_bytes: int = 1 << 30,
-                 loader: Callable[[str], tuple[dict, bytes]] | None = None):
+                 loader: Callable[[str], tuple[dict, bytes]] | None = None, slot_kernel: str = "torch"):
         self.backbone = backbone
         self.device_bytes = device_bytes
         self.cpu_bytes = cpu_bytes if backbone.device.type != "cpu" else 0
         self.loader = loader
+        self.pools = SlotPools(backbone.device, backbone.dtype, backbone.head_label_dims(), slot_kernel)
         self._lock = threading.RLock()
-        self._hot: OrderedDict[str, LoadedAdapter] = OrderedDict()  # on the backbone's device
-        self._warm: OrderedDict[str, LoadedAdapter] = OrderedDict()  # on the CPU (GPU hosts only)
+        self._hot: OrderedDict[str, LoadedAdapter] = OrderedDict()  # in the pools, on the backbone's device
+        self._warm: OrderedDict[str, LoadedAdapter] = OrderedDict()  # packed on the CPU (GPU hosts only)
         self._loading: dict[str, threading.Event] = {}
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
 
@@ -296,8 +328,15 @@ class AdapterBank:
 
     @property
     def nbytes(self) -> int:
+        """The bytes of the adapters held: their pool rows (heads at their padded size) and CPU buffers."""
         with self._lock:
             return sum(a.nbytes for a in self._hot.values()) + sum(a.nbytes for a in self._warm.values())
+
+    @property
+    def capacity_bytes(self) -> int:
+        """What holding them costs: the pools' whole capacity (free and zero rows, the table) and the CPU tier."""
+        with self._lock:
+            return self.pools.capacity_bytes + sum(a.nbytes for a in self._warm.values())
 
     # -- load / evict
     def load(self, name: str, cfg: dict, weights: bytes) -> LoadedAdapter:
@@ -310,21 +349,21 @@ class AdapterBank:
                 return current
         adapter = build_adapter(self.backbone, name, cfg, weights)  # slow part outside the lock
         with self._lock:
-            self._warm.pop(name, None)
-            self._hot.pop(name, None)
-            self._insert_hot(adapter.to(self.backbone.device, self.backbone.dtype))
+            old = [self._warm.pop(name, None), self._hot.pop(name, None)]
+            self._admit(adapter)
+            self._retire([a for a in old if a is not None])
             self.stats["loads"] += 1
-            return self._hot[name]
+            return adapter
 
     def evict(self, name: str) -> bool:
         """Drop an adapter from every tier. Idempotent; True if it was held."""
         with self._lock:
-            found = self._hot.pop(name, None) is not None
-            found = self._warm.pop(name, None) is not None or found
-            return found
+            old = [a for a in (self._hot.pop(name, None), self._warm.pop(name, None)) if a is not None]
+            self._retire(old)
+            return bool(old)
 
     def get(self, name: str) -> LoadedAdapter:
-        """The adapter on the backbone's device, loading it through `loader` on a miss."""
+        """The adapter, resident in the pools, loading it through `loader` on a miss."""
         with self._lock:
             a = self._hot.get(name)
             if a is not None:
@@ -334,8 +373,8 @@ class AdapterBank:
             a = self._warm.pop(name, None)
             if a is not None:  # CPU tier hit: promote
                 self.stats["hits"] += 1
-                self._insert_hot(a.to(self.backbone.device, self.backbone.dtype))
-                return self._hot[name]
+                self._admit(a)
+                return a
             self.stats["misses"] += 1
             if self.loader is None:
                 raise AdapterNotLoadedError(f"adapter {name!r} is not loaded", detail={"adapter": name})
@@ -357,14 +396,37 @@ class AdapterBank:
                 self._loading.pop(name, None)
             event.set()
 
-    def _insert_hot(self, adapter: LoadedAdapter) -> None:
+    def _admit(self, adapter: LoadedAdapter) -> None:
+        """Into the pools and the device tier, evicting least recently used ones past `device_bytes`. Call
+        under the lock."""
+        pools = self.pools
+        with pools.lock:  # a forward in flight finishes first: it never sees a slot change under it
+            buffer = adapter.buffer.to(pools.device, non_blocking=True) if adapter.buffer is not None else \
+                adapter.packed()
+            slot = pools.attach(adapter.layout, buffer, adapter.task.num_labels)
+            adapter.pools, adapter.slot, adapter.buffer = pools, slot, None
+            adapter.nbytes, adapter.device = pools.nbytes_of(slot), pools.device
         self._hot[adapter.name] = adapter
         self._hot.move_to_end(adapter.name)
+        victims = []
         while self._bytes(self._hot) > self.device_bytes and len(self._hot) > 1:
-            old_name, old = self._hot.popitem(last=False)
+            victims.append(self._hot.popitem(last=False)[1])
             self.stats["evictions"] += 1
-            if self.cpu_bytes:
-                self._warm[old_name] = old.to(torch.device("cpu"))
+        self._retire(victims, keep=bool(self.cpu_bytes))
+
+    def _retire(self, adapters: list[LoadedAdapter], keep: bool = False) -> None:
+        """Out of the pools, each with its tensors back in its own packed buffer (pinned host memory on a GPU
+        host): a request still holding one is served from it. `keep`: into the CPU tier. Call under the lock."""
+        cpu = torch.device("cpu")
+        for a in adapters:
+            with self.pools.lock:
+                if a.pools is self.pools and a.slot is not None:
+                    a.buffer = self.pools.read(a.slot, a.layout, cpu if keep else None)
+                    self.pools.detach(a.slot)
+                    a.pools, a.slot = None, None
+                    a.nbytes, a.device = a.buffer.numel() * a.buffer.element_size(), a.buffer.device
+            if keep:
+                self._warm[a.name] = a
                 while self._bytes(self._warm) > self.cpu_bytes and self._warm:
                     self._warm.popitem(last=False)
 
@@ -395,7 +457,7 @@ class Engine:
                  device_bytes: int = 256 << 20, cpu_bytes: int = 1 << 30,
                  loader: Callable[[str], tuple[dict, bytes]] | None = None,
                  base_model_of: Callable[[str], str] | None = None, default_base_model: str | None = None,
-                 max_backbones: int = 4):
+                 max_backbones: int = 4, slot_kernel: str = "torch"):
         from .train import pick_device
 
         self.device = pick_device(device)
@@ -404,6 +466,8 @@ class Engine:
         self._loader = loader
         self._base_model_of = base_model_of
         self.default_base_model = default_base_model
+        self.slot_kernel = slot_kernel
+        kernel(slot_kernel)  # an unknown name fails here, not on the first load
         self.max_backbones = max(1, max_backbones)
         self._backbones: OrderedDict[str, Backbone] = OrderedDict()  # LRU: least recently used first
         self._banks: dict[str, AdapterBank] = {}
@@ -440,7 +504,8 @@ class Engine:
             return self.backbone(name)
         try:
             bb = Backbone(name, device=self.device, dtype=self.dtype)  # slow: outside the lock
-            bank = AdapterBank(bb, device_bytes=self._device_bytes, cpu_bytes=self._cpu_bytes, loader=self._loader)
+            bank = AdapterBank(bb, device_bytes=self._device_bytes, cpu_bytes=self._cpu_bytes, loader=self._loader,
+                                slot_kernel=self.slot_kernel)
             with self._lock:
                 self._backbones[name] = bb
                 self._banks[name] = bank
@@ -541,7 +606,7 @@ class Engine:
         return self.backbone(_base_of(adapter))
 
     # -- forward
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, rows: Sequence[Row]) -> list[torch.Tensor]:
         """Logits per row, rows of any adapters (on one backbone) in one forward pass."""
         if not rows:
@@ -553,51 +618,51 @@ class Engine:
             return self._forward(bb, rows)
 
     def _forward(self, bb: Backbone, rows: Sequence[Row]) -> list[torch.Tensor]:
-        batch = {k: v.to(bb.device) for k, v in collate([r.features for r in rows], bb.pad_id).items()}
+        batch = _to_device(collate([r.features for r in rows], bb.pad_id), bb.device)
         adapters = [r.adapter for r in rows]
-        with self._forward_lock:
-            try:
-                outputs = self._run(bb, batch, adapters, Route(deltas=gather_deltas(adapters)))
-            except MixedBatchUnsupported:  # e.g. DeBERTa's shared relative-position projections
-                return self._forward_by_group(rows)
-            return self._heads(bb, outputs, adapters)
+        pools = self._banks[bb.name].pools
+        with self._forward_lock, pools.lock:
+            with _slots(pools, adapters) as row_slot:
+                deltas = pools.route(row_slot)
+                try:
+                    outputs = self._run(bb, batch, Route(deltas=deltas))
+                except MixedBatchUnsupported:  # e.g. DeBERTa's shared relative-position projections
+                    return self._forward_by_group(rows)
+                return self._heads(bb, pools, outputs, adapters, deltas.cols)
 
     def _forward_by_group(self, rows: Sequence[Row]) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(rows)
-        groups: dict[str, list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault(r.adapter.name, []).append(i)
+            groups.setdefault(id(r.adapter), []).append(i)
         for idx in groups.values():
             for i, logits in zip(idx, self.forward([rows[i] for i in idx]), strict=True):
                 out[i] = logits
         return out  # type: ignore[return-value]
 
-    def _run(self, bb: Backbone, batch: dict, adapters: Sequence[LoadedAdapter], r: Route):
+    def _run(self, bb: Backbone, batch: dict, r: Route):
         with route(r):
             return bb.base(**bb.model_inputs(batch))
 
-    def _heads(self, bb: Backbone, outputs, adapters: Sequence[LoadedAdapter]) -> list[torch.Tensor]:
-        """Each adapter's head on its own rows of the shared base outputs: the shared head module for its
-        shape, called with the adapter's head tensors."""
-        groups: dict[int, list[int]] = {}
-        for i, a in enumerate(adapters):
-            groups.setdefault(id(a), []).append(i)
-        result: list[torch.Tensor | None] = [None] * len(adapters)
-        for idx in groups.values():
-            adapter = adapters[idx[0]]
-            head = bb.head_template(adapter.task)
-            stub = getattr(head, head.base_model_prefix)
-            if len(idx) == len(adapters):  # one adapter for every row: nothing to slice
+    def _heads(self, bb: Backbone, pools: SlotPools, outputs, adapters: Sequence[LoadedAdapter],
+               cols: torch.Tensor) -> list[torch.Tensor]:
+        """Every row's head in one call: the head module padded to the most labels resident, with each row's
+        head tensors gathered from the pools (one row of them for a single-adapter batch; per row, batched
+        with `vmap`, otherwise). One copy to the host at the end; padded logits sliced away."""
+        head = bb.padded_head(pools.labels)
+        stub = getattr(head, head.base_model_prefix)
+        params = pools.head_params(cols)
+        try:
+            if cols.shape[0] == 1:
                 stub.outputs = outputs
+                logits = torch.func.functional_call(head, {k: v[0] for k, v in params.items()}, (),
+                                                    strict=True).logits
             else:
-                stub.outputs = _slice_output(outputs, torch.tensor(idx, device=outputs.last_hidden_state.device))
-            try:
-                logits = torch.func.functional_call(head, adapter.head_state, (), strict=True).logits.float().cpu()
-            finally:
-                stub.outputs = None
-            for j, i in enumerate(idx):
-                result[i] = logits[j]
-        return result  # type: ignore[return-value]
+                logits = _vmapped_head(head, stub, params, outputs)
+        finally:
+            stub.outputs = None
+        logits = logits.float().cpu()  # the batch's one synchronisation
+        return [logits[i, : a.task.num_labels] for i, a in enumerate(adapters)]
 
     # -- public prediction API
     def predict(self, name: str, inputs: Sequence[Input], top_k: int | None = None) -> list[dict[str, Any]]:
@@ -612,61 +677,120 @@ class Engine:
             rows.append(Row(adapter, self.encode(adapter, [inp])[0]))
         return [postprocess(r.adapter.task, logits, top_k) for r, logits in zip(rows, self.forward(rows), strict=True)]
 
-    @torch.no_grad()
     def fan_out(self, names: Sequence[str], inp: Input, top_k: int | None = None) -> dict[str, dict]:
         """One input asked of many tasks: the shared frozen prefix runs once, then one row per task."""
+        return self.fan_out_many(names, [inp], top_k)[0]
+
+    @torch.inference_mode()
+    def fan_out_many(self, names: Sequence[str], inputs: Sequence[Input],
+                     top_k: int | None = None) -> list[dict[str, dict]]:
+        """Every input asked of every task in one forward: the frozen prefix (the layers below the smallest
+        first trained layer) runs once per input, on a batch of the inputs, then branches into one row per
+        (input, task). Tasks that truncate differently, or on other base models, branch in their own
+        group. Per input, task name -> prediction."""
         adapters = [self.adapter(n) for n in names]
-        if not adapters:
-            return {}
-        feats = [self.encode(a, [inp])[0] for a in adapters]
-        base = _base_of(adapters[0])
-        if any(f != feats[0] for f in feats) or any(_base_of(a) != base for a in adapters):
-            # different truncation lengths or base models: no common prefix to share
-            logits = self.forward([Row(a, f) for a, f in zip(adapters, feats, strict=True)])
-        else:
-            with self._using(base) as bb:
-                logits = self._fan_out_shared(bb, adapters, feats[0])
-            if logits is None:
-                logits = self._forward_by_group([Row(a, f) for a, f in zip(adapters, feats, strict=True)])
-        return {n: postprocess(a.task, lg, top_k) for n, a, lg in zip(names, adapters, logits, strict=True)}
+        out: list[dict[str, dict]] = [{} for _ in inputs]
+        if not adapters or not inputs:
+            return out
+        groups: dict[tuple, list[int]] = {}
+        for j, a in enumerate(adapters):
+            bb = self._backbone_of(a)
+            limit = a.max_seq_length if bb.max_length is None else min(a.max_seq_length, bb.max_length)
+            groups.setdefault((_base_of(a), limit), []).append(j)
+        for idx in groups.values():
+            group = [adapters[j] for j in idx]
+            feats = self.encode(group[0], inputs)  # the same for the whole group
+            with self._using(_base_of(group[0])) as bb:
+                logits = self._fan_out_shared(bb, group, feats)
+            if logits is None:  # the model cannot mix adapters in one batch
+                rows = [Row(a, f) for f in feats for a in group]
+                logits = self._forward_by_group(rows)
+            for i in range(len(inputs)):
+                for jj, j in enumerate(idx):
+                    a = adapters[j]
+                    out[i][names[j]] = postprocess(a.task, logits[i * len(group) + jj], top_k)
+        return out
 
     def _fan_out_shared(self, bb: Backbone, adapters: Sequence[LoadedAdapter],
-                        feats: dict[str, list[int]]) -> list[torch.Tensor] | None:
-        """Logits of one input under each adapter, the layers below the first trained one run once. None
-        where the model cannot mix adapters in one batch."""
+                        feats: Sequence[dict[str, list[int]]]) -> list[torch.Tensor] | None:
+        """Logits of each input under each adapter (row i * K + j: input i, adapter j), the layers below the
+        first trained one run once per input. None where the model cannot mix adapters in one batch."""
+        k_tasks, n = len(adapters), len(feats)
         k = min(a.first_trained_layer for a in adapters)
-        one = {key: v.to(bb.device) for key, v in collate([feats], bb.pad_id).items()}
-        deltas = gather_deltas(adapters)
-        with self._forward_lock:
-            if k >= bb.stack.num_layers and not deltas:  # head-only adapters: the whole base is shared
-                with route(Route()):
-                    outputs = bb.base(**bb.model_inputs(one))
-                return self._heads(bb, _expand_output(outputs, len(adapters)), adapters)
-            many = {key: v.expand(len(adapters), -1) for key, v in one.items()}
+        inputs = _to_device(collate(list(feats), bb.pad_id), bb.device)  # (N, T)
+        rows = [a for _ in feats for a in adapters]  # input-major
+        many = {key: v.repeat_interleave(k_tasks, 0) for key, v in inputs.items()}  # (N * K, T)
+        pools = self._banks[bb.name].pools
+        with self._forward_lock, pools.lock, _slots(pools, rows) as row_slot:
+            deltas = pools.route(row_slot)
+            if k >= bb.stack.num_layers:  # head-only adapters: the whole base is shared
+                outputs = self._run(bb, inputs, Route())
+                outputs = _repeat_output(outputs, k_tasks)
+                return self._heads(bb, pools, outputs, rows, deltas.cols)
             with route(Route(stop_at=k)) as r:
-                bb.base(**bb.model_inputs(one))
+                bb.base(**bb.model_inputs(inputs))
             if r.captured is None:  # no layer at index k ran (k is past the stack): run each row in full
-                return self._forward(bb, [Row(a, feats) for a in adapters])
-            shared = r.captured.expand(len(adapters), -1, -1)  # (K, T, H), a view: no copy
+                return self._forward(bb, [Row(a, f) for f in feats for a in adapters])
+            shared = r.captured.repeat_interleave(k_tasks, 0) if k_tasks > 1 else r.captured  # (N * K, T, H)
             try:
-                outputs = self._run(bb, many, adapters, Route(deltas=deltas, skip_below=k, inject=shared))
-                return self._heads(bb, outputs, adapters)
+                outputs = self._run(bb, many, Route(deltas=deltas, skip_below=k, inject=shared))
             except MixedBatchUnsupported:
                 return None
+            assert outputs.last_hidden_state.shape[0] == n * k_tasks
+            return self._heads(bb, pools, outputs, rows, deltas.cols)
+
+
+@contextlib.contextmanager
+def _slots(pools: SlotPools, adapters: Sequence[LoadedAdapter]) -> Iterator[torch.Tensor]:
+    """The row-to-slot index of a batch whose row i belongs to adapters[i] (one entry where every row has
+    the same adapter), on the pools' device. An adapter not in these pools (evicted or replaced while its
+    request waited, or of a backbone since reloaded) borrows a slot for the block. Call under the pools'
+    lock: no slot changes meanwhile."""
+    borrowed: dict[int, int] = {}
+    slots = []
+    first = adapters[0]
+    if all(a is first for a in adapters):
+        adapters = adapters[:1]
+    for a in adapters:
+        s = a.slot if a.pools is pools else None
+        if s is None:
+            s = borrowed.get(id(a))
+            if s is None:
+                s = borrowed[id(a)] = pools.attach(a.layout, a.packed(), a.task.num_labels)
+        slots.append(s)
+    try:
+        yield _to_device({"s": torch.tensor(slots)}, pools.device)["s"]
+    finally:
+        for s in borrowed.values():
+            pools.detach(s)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host tensors onto `device`: as they are on the CPU; through pinned memory, without waiting, on a GPU."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _vmapped_head(head: nn.Module, stub, params: dict[str, torch.Tensor], outputs) -> torch.Tensor:
+    """The head on each row with that row's own head tensors: `vmap` over rows of a batch-of-one call."""
+    keys = [k for k, v in outputs.items() if isinstance(v, torch.Tensor)]
+    cls = type(outputs)
+
+    def one(p, *tensors):
+        stub.outputs = cls(**{k: t.unsqueeze(0) for k, t in zip(keys, tensors, strict=True)})
+        return torch.func.functional_call(head, p, (), strict=True).logits[0]
+
+    return torch.func.vmap(one)(params, *[outputs[k] for k in keys])
 
 
 def _base_of(adapter: LoadedAdapter) -> str:
     return canonical_model_name(adapter.config["base_model"]["name"])
 
 
-def _expand_output(outputs, n: int):
-    """A batch-of-one model output as a batch of `n` (views: no copy)."""
-    kwargs = {k: v.expand(n, *v.shape[1:]) for k, v in outputs.items() if isinstance(v, torch.Tensor)}
-    return type(outputs)(**kwargs)
-
-
-def _slice_output(outputs, sel: torch.Tensor):
-    kwargs = {k: v.index_select(0, sel) for k, v in outputs.items() if isinstance(v, torch.Tensor)}
+def _repeat_output(outputs, n: int):
+    """A model output over N inputs as one over N * n rows, each input's row repeated n times."""
+    kwargs = {k: v.repeat_interleave(n, 0) for k, v in outputs.items() if isinstance(v, torch.Tensor)}
     return type(outputs)(**kwargs)
 
 
@@ -688,50 +812,3 @@ def split_inputs(inputs: Sequence[Input]) -> tuple[list[str], list[str] | None]:
         raise AdapterError("mix of single texts and text pairs in one call; send them separately",
                            field="inputs")
     return texts, pairs
-
-
-def gather_deltas(adapters: Sequence[LoadedAdapter]) -> dict[str, Delta]:
-    """Per-module deltas for a batch whose row i belongs to adapters[i].
-
-    One adapter for every row: its tensors as they are (broadcast). Several: per-row tensors, built by
-    stacking each distinct adapter's tensor once (zeros where it does not adapt that module, LoRA
-    factors zero-padded to the largest rank, which adds exact zeros) and indexing by row. Modules that
-    no row's adapter adapts get no delta at all."""
-    distinct: list[LoadedAdapter] = []
-    slot: dict[int, int] = {}
-    for a in adapters:
-        if id(a) not in slot:
-            slot[id(a)] = len(distinct)
-            distinct.append(a)
-    if len(distinct) == 1:
-        return {k: Delta(bias=b, A=A, B=B) for k, (b, A, B) in distinct[0].deltas.items()}
-    views = [a.deltas for a in distinct]
-    ref = next((a.buffer for a, v in zip(distinct, views, strict=True) if v), None)
-    if ref is None:
-        return {}
-    device, dtype, U = ref.device, ref.dtype, len(distinct)
-    row_slot = torch.tensor([slot[id(a)] for a in adapters], device=device)
-    none = (None, None, None)
-    out: dict[str, Delta] = {}
-    for key in dict.fromkeys(k for v in views for k in v):
-        entries = [v.get(key, none) for v in views]
-        bias = A = B = None
-        present = [(u, e) for u, e in enumerate(entries) if e[0] is not None]
-        if present:
-            stacked = torch.zeros((U, present[0][1][0].shape[0]), device=device, dtype=dtype)  # (U, out)
-            for u, e in present:
-                stacked[u] = e[0]
-            bias = stacked.index_select(0, row_slot).unsqueeze(1)  # (B, 1, out)
-        present = [(u, e) for u, e in enumerate(entries) if e[1] is not None]
-        if present:
-            r = max(e[1].shape[0] for _, e in present)
-            a0, b0 = present[0][1][1], present[0][1][2]
-            stacked_a = torch.zeros((U, r, a0.shape[1]), device=device, dtype=dtype)  # (U, r, in)
-            stacked_b = torch.zeros((U, b0.shape[0], r), device=device, dtype=dtype)  # (U, out, r)
-            for u, e in present:
-                stacked_a[u, : e[1].shape[0]] = e[1]
-                stacked_b[u, :, : e[2].shape[1]] = e[2]
-            A = stacked_a.index_select(0, row_slot)  # (B, r, in)
-            B = stacked_b.index_select(0, row_slot)  # (B, out, r)
-        out[key] = Delta(bias=bias, A=A, B=B)
-    return out

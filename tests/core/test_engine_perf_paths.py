@@ -1,5 +1,6 @@
-"""The engine's performance paths: packed adapter buffers with shared layouts, shared heads called with
-each adapter's tensors, in-place delta application, and bias deltas folded into the module's own op."""
+"""The engine's performance paths: adapters held in slot pools (read back as packed buffers in shared
+layouts), one padded head module for every head, in-place delta application, and bias deltas folded into
+the module's own op."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from spafit_core import TaskSpec
-from spafit_core.engine import Engine, Row, gather_deltas
+from spafit_core.engine import Engine, Row, _slots
 from spafit_core.layers import AdaptedLayerNorm, AdaptedLinear, Delta, Route, route
 from tests.core.test_engine import METHODS, TASKS, TEXTS, loaded_engine, random_adapter
 
@@ -25,18 +26,22 @@ def engine(adapters, tiny_bert):
     return loaded_engine(tiny_bert, adapters)
 
 
-def test_an_adapter_is_one_buffer_whose_views_hold_its_tensors(engine, adapters):
+def test_a_resident_adapter_lives_in_pool_rows_that_read_back_as_its_tensors(engine, adapters):
+    labels = engine.bank().pools.labels
     for name, (model, _, w) in adapters.items():
         a = engine.adapter(name)
+        assert a.buffer is None and a.slot is not None and a.pools is engine.bank().pools
         tensors = st_load(w)
         scaling = model.plan.scaling
-        assert a.nbytes == a.buffer.numel() * a.buffer.element_size() == sum(t.numel() * 4 for t in tensors.values())
+        head = sum(t.numel() for k, t in tensors.items() if k.startswith("head."))
+        deltas = sum(t.numel() for k, t in tensors.items() if not k.startswith("head."))
+        # head rows are padded to the most labels resident: counted at that size
+        assert deltas * 4 < a.nbytes <= (deltas + head * labels) * 4
         for key, (b, A, B) in a.deltas.items():
             for t, kind, scale in ((b, "bias_delta", 1.0), (A, "lora_A", 1.0), (B, "lora_B", scaling)):
                 if t is None:
                     assert f"{key}.{kind}" not in tensors
                 else:
-                    assert t.untyped_storage().data_ptr() == a.buffer.untyped_storage().data_ptr()
                     assert torch.allclose(t, tensors[f"{key}.{kind}"] * scale, atol=0, rtol=1e-6)
         for k, t in a.head_state.items():
             assert torch.equal(t, tensors["head." + k])
@@ -52,23 +57,25 @@ def test_adapters_of_the_same_shape_share_one_layout(tiny_bert):
     e.load("other", cfg, w)
     layouts = [e.adapter(n).layout for n in ("s0", "s1", "s2", "other")]
     assert layouts[0] is layouts[1] is layouts[2] and layouts[3] is not layouts[0]
-    assert len({e.adapter(n).buffer.data_ptr() for n in ("s0", "s1", "s2")}) == 3
+    assert len({e.adapter(n).slot for n in ("s0", "s1", "s2", "other")}) == 4
 
 
 def test_moving_an_adapter_copies_its_buffer_and_keeps_the_views_consistent(engine):
     a = engine.adapter("p0")
-    assert a.to(torch.device("cpu")) is a  # nothing to move: the same object
+    packed = a.to(torch.device("cpu"))  # read back from the pools: a detached copy
+    assert packed.slot is None and packed.buffer is not None and packed.to(torch.device("cpu")) is packed
     half = a.to(torch.device("cpu"), torch.float64)
-    assert half.buffer.dtype == torch.float64 and half.nbytes == a.nbytes * 2
+    assert half.buffer.dtype == torch.float64 and half.nbytes == packed.nbytes * 2
     for va, vb in zip(a.deltas.values(), half.deltas.values(), strict=True):
         for x, y in zip(va, vb, strict=True):
             assert (x is None) == (y is None) and (x is None or torch.equal(x.double(), y))
 
 
-def test_heads_of_one_shape_share_one_module_and_stay_per_adapter(engine):
-    """Two adapters with the same head shape share the head module yet give their own logits."""
+def test_heads_share_one_padded_module_and_stay_per_adapter(engine):
+    """Every head runs in one call of the head module padded to the most labels, yet each row gets its own
+    adapter's logits, as many as its task has labels."""
     a, b = engine.adapter("p0"), engine.adapter("p4")  # both 2-label classification heads
-    assert engine.backbone().head_template(a.task) is engine.backbone().head_template(b.task)
+    assert engine.bank().pools.labels == 3  # the zoo's largest head
     feats = engine.encode(a, TEXTS[:2])
     mixed = engine.forward([Row(a, feats[0]), Row(b, feats[0]), Row(a, feats[1])])
     assert (mixed[0] - engine.forward([Row(a, feats[0])])[0]).abs().max() <= 1e-5
@@ -144,8 +151,12 @@ def test_mixed_route_folds_per_row_bias_exactly(engine):
     names = list(engine.bank().names())
     rows = [Row(engine.adapter(n), engine.encode(engine.adapter(n), [TEXTS[i % len(TEXTS)]])[0])
             for i, n in enumerate(names)]
-    deltas = gather_deltas([r.adapter for r in rows])
-    assert all(d.bias is None or d.bias.dim() == 3 for d in deltas.values())
+    pools = engine.bank().pools
+    with pools.lock, _slots(pools, [r.adapter for r in rows]) as row_slot:
+        assert row_slot.shape == (len(rows),)
+        for d in pools.route(row_slot).values():  # per-row bias rows, the module's own bias moved in
+            _, rest = d.fold_bias(torch.zeros(d.h.m.bias.widths[0]) if d.h.bias_col is not None else None)
+            assert rest is None or rest.bias is None or rest.bias.dim() == 3
     mixed = engine.forward(rows)
     for r, got in zip(rows, mixed, strict=True):
         assert (got - engine.forward([r])[0]).abs().max() <= 1e-5

@@ -1,0 +1,429 @@
+"""Adapter slot pools: every resident adapter's deltas and head tensors in device-resident pools, one
+pool per adapted module and tensor kind, so a mixed forward gathers each module's per-row tensors in one
+indexed op instead of rebuilding them per adapter.
+
+- `RowPool`: rows of one width (`pool.data[0]` is all zeros; rows are handed out one at a time and reused
+  once freed, so a pool never fragments); capacity grows by 1/16 at a time.
+- `SlotPools`: the pools of one bank. A resident adapter holds one slot `g`; the table row `table[g]` holds
+  the pool rows of its bias delta (one column per module), of its LoRA factors (`R` columns per module:
+  its rank rows, then the zero row: LoRA is padded per pool to the largest resident rank, which adds exact
+  zeros) and of its head tensors (label dimensions padded to the most labels resident; the padded logits
+  are sliced away). A forward passes one row-to-slot index tensor; `table.index_select(0, row_slot)` gives
+  every module its pool rows at once, and each module gathers and applies them itself.
+- `SlotKernel`: how a module applies its rows. `TorchGather` (gather + batched matmul, the reference) is
+  the implementation here; a segmented-matmul kernel (punica-style SGMV / BGMV) implements the same two
+  calls and is chosen by name (`Engine(slot_kernel=...)`).
+
+Invariants: pools change only under `SlotPools.lock`, which a forward holds for its whole run, so a forward
+never sees a slot half-written or reused (atomic hot-swap); an adapter leaving the pools first gets its
+tensors back in its own packed buffer, so a request still holding it keeps being served exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+GROWTH = 16  # a full pool grows by 1/GROWTH of its size: capacity stays within ~6% of the rows in use
+
+
+# --------------------------------------------------------------------------------------- kernels
+class SlotKernel:
+    """Applies a module's slot rows to a batch. `idx` holds pool row indices, one row of them per batch row
+    (or a single row shared by the whole batch)."""
+
+    name = "abstract"
+
+    def bias_rows(self, pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(B, out) bias deltas of rows `idx` (B,) of `pool` (N, out)."""
+        raise NotImplementedError
+
+    def lora_(self, y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, bt_pool: torch.Tensor,
+              idx: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """y + x A_i^T B_i per row i, where A_i = a_pool[idx[i]] (R, in) and B_i = bt_pool[idx[i]] (R, out)
+        (pre-scaled). In place into `y` where `inplace`. `idx` (B, R), or (1, R) for one adapter."""
+        raise NotImplementedError
+
+
+class TorchGather(SlotKernel):
+    """Gather the rows (one `embedding` per pool), then one batched matmul per factor."""
+
+    name = "torch"
+
+    def bias_rows(self, pool, idx):
+        return F.embedding(idx, pool)
+
+    def lora_(self, y, x, a_pool, bt_pool, idx, inplace):
+        if idx.shape[0] == 1:  # one adapter for every row: plain matmuls, any input layout
+            a, bt = F.embedding(idx[0], a_pool), F.embedding(idx[0], bt_pool)  # (R, in), (R, out)
+            xa = x @ a.t()  # (..., R)
+            if inplace:
+                y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), bt)
+                return y
+            return y + xa @ bt
+        a, bt = F.embedding(idx, a_pool), F.embedding(idx, bt_pool)  # (B, R, in), (B, R, out)
+        xa = torch.bmm(x, a.transpose(1, 2))  # (B, T, R)
+        if inplace:
+            return y.baddbmm_(xa, bt)  # (B, T, out) += (B, T, R) @ (B, R, out)
+        return torch.baddbmm(y, xa, bt)
+
+
+KERNELS: dict[str, SlotKernel] = {"torch": TorchGather()}
+
+
+def kernel(name: str) -> SlotKernel:
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise ValueError(f"unknown slot kernel {name!r}; available: {sorted(KERNELS)}") from None
+
+
+# --------------------------------------------------------------------------------------- pools
+class RowPool:
+    """Rows on one device, in one or more tensors that share row ids (LoRA: A rows and B^T rows); row 0 of
+    each stays zero."""
+
+    def __init__(self, widths: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+        self.widths = widths
+        self.data = [torch.zeros((GROWTH, w), device=device, dtype=dtype) for w in widths]
+        self.top = 1  # rows [1, top) have been handed out at least once
+        self.free: list[int] = []
+
+    def take(self, n: int) -> list[int]:
+        rows = [self.free.pop() for _ in range(min(n, len(self.free)))]
+        need = n - len(rows)
+        if need:
+            cap = self.data[0].shape[0]
+            if self.top + need > cap:
+                cap = max(self.top + need, cap + cap // GROWTH)
+                grown = []
+                for d in self.data:
+                    g = torch.zeros((cap, d.shape[1]), device=d.device, dtype=d.dtype)
+                    g[: self.top].copy_(d[: self.top])
+                    grown.append(g)
+                self.data = grown
+            rows += range(self.top, self.top + need)
+            self.top += need
+        return rows
+
+    def release(self, rows: list[int]) -> None:
+        self.free.extend(rows)
+
+    @property
+    def used_rows(self) -> int:
+        return self.top - 1 - len(self.free)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.numel() * d.element_size() for d in self.data)
+
+
+class _Module:
+    """The pools of one adapted module and their columns in the table."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.bias: RowPool | None = None  # (out,) rows
+        self.lora: RowPool | None = None  # A rows (in,) and pre-scaled B^T rows (out,), one pair per rank
+        self.rank = 0  # LoRA columns in the table: the largest rank resident
+        self.bias_col: int | None = None
+        self.lora_cols: slice | None = None
+
+
+class SlotPools:
+    """Every resident adapter of one bank, in pools on `device`. Thread-safe under `lock`.
+    `head_label_dims`: per head tensor name, its dimensions that have one entry per label."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, head_label_dims: dict[str, tuple[int, ...]],
+                 kernel_name: str = "torch"):
+        self.device, self.dtype = device, dtype
+        self.kernel = kernel(kernel_name)
+        self.lock = threading.RLock()
+        self.modules: dict[str, _Module] = {}
+        self.head: dict[str, RowPool] = {}  # head state_dict name -> rows of its (padded) flat tensor
+        self.head_shapes: dict[str, tuple[int, ...]] = {}  # padded shapes
+        self.head_label_dims = head_label_dims
+        self.head_cols: dict[str, int] = {}
+        self.labels = 0  # label dimension of the head pools: the most labels resident
+        self.table = torch.zeros((0, 0), dtype=torch.long, device=device)  # (G, C) slot -> pool rows
+        self._records: dict[int, dict[str, Any]] = {}  # slot -> its pool rows
+        self._free_slots: list[int] = []
+        self._handles: dict[str, _Handle] = {}
+
+    # -- sizes
+    @property
+    def capacity_bytes(self) -> int:
+        """Everything the pools hold (rows in use, free rows, zero rows, the table): what they cost."""
+        with self.lock:
+            pools = [p for m in self.modules.values() for p in (m.bias, m.lora) if p is not None]
+            pools += list(self.head.values())
+            return sum(p.nbytes for p in pools) + self.table.numel() * self.table.element_size()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    # -- attach / detach
+    @torch.inference_mode(False)  # pools outlive the forward that may grow them
+    def attach(self, layout, buffer: torch.Tensor, num_labels: int) -> int:
+        """Write an adapter's tensors (its packed `buffer` in `layout`) into pool rows; its slot."""
+        with self.lock:
+            deltas, heads = layout.delta_views(buffer), layout.head_views(buffer)
+            widened = self._ensure_columns(deltas, heads, num_labels)
+            rec: dict[str, Any] = {"modules": {}, "head": {}}
+            for key, (b, a, bb) in deltas.items():
+                m, r = self.modules[key], {}
+                if b is not None:
+                    (row,) = m.bias.take(1)
+                    m.bias.data[0][row].copy_(b, non_blocking=True)
+                    r["bias"] = row
+                if a is not None:
+                    rows = m.lora.take(a.shape[0])
+                    idx = torch.tensor(rows, device=self.device)
+                    m.lora.data[0].index_copy_(0, idx, a.to(self.device, self.dtype, non_blocking=True))
+                    m.lora.data[1].index_copy_(0, idx, bb.t().to(self.device, self.dtype, non_blocking=True))
+                    r["lora"] = rows
+                rec["modules"][key] = r
+            for k, t in heads.items():
+                (row,) = self.head[k].take(1)
+                self.head[k].data[0][row].copy_(self._pad_head(k, t).reshape(-1), non_blocking=True)
+                rec["head"][k] = row
+            slot = self._free_slots.pop() if self._free_slots else len(self._records)
+            self._records[slot] = rec
+            if widened or slot >= self.table.shape[0]:
+                self._rebuild_table()
+            else:
+                self.table[slot] = torch.tensor(self._table_row(rec), device=self.device)
+            return slot
+
+    @torch.inference_mode(False)  # pools outlive the forward that may grow them
+    def read(self, slot: int, layout, device: torch.device | None = None) -> torch.Tensor:
+        """The packed buffer (in `layout`) of the adapter in `slot`, on `device` (pinned host memory where the
+        pools are on a GPU)."""
+        with self.lock:
+            rec = self._records[slot]
+            device = torch.device(device or self.device)
+            pin = device.type == "cpu" and self.device.type == "cuda"
+            buffer = torch.empty(layout.numel, dtype=self.dtype, device=device, pin_memory=pin)
+            for key, (b, a, bb) in layout.delta_views(buffer).items():
+                m, r = self.modules[key], rec["modules"][key]
+                if b is not None:
+                    b.copy_(m.bias.data[0][r["bias"]], non_blocking=True)
+                if a is not None:
+                    idx = torch.tensor(r["lora"], device=self.device)
+                    a.copy_(m.lora.data[0].index_select(0, idx), non_blocking=True)
+                    bb.copy_(m.lora.data[1].index_select(0, idx).t(), non_blocking=True)
+            for k, t in layout.head_views(buffer).items():
+                padded = self.head[k].data[0][rec["head"][k]].view(self.head_shapes[k])
+                t.copy_(padded[tuple(slice(0, n) for n in t.shape)], non_blocking=True)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the host reads the buffer next
+            return buffer
+
+    @torch.inference_mode(False)  # pools outlive the forward that may grow them
+    def detach(self, slot: int) -> None:
+        """Free `slot` and its rows (reused by later attaches; never while a forward holds the lock)."""
+        with self.lock:
+            rec = self._records.pop(slot)
+            for key, r in rec["modules"].items():
+                m = self.modules[key]
+                if "bias" in r:
+                    m.bias.release([r["bias"]])
+                if "lora" in r:
+                    m.lora.release(r["lora"])
+            for k, row in rec["head"].items():
+                self.head[k].release([row])
+            self.table[slot] = 0
+            self._free_slots.append(slot)
+
+    def nbytes_of(self, slot: int) -> int:
+        """The bytes of the pool rows `slot` holds (head rows at their padded size)."""
+        with self.lock:
+            rec = self._records[slot]
+            n = 0
+            for key, r in rec["modules"].items():
+                m = self.modules[key]
+                n += m.bias.widths[0] if "bias" in r else 0
+                n += len(r["lora"]) * sum(m.lora.widths) if "lora" in r else 0
+            n += sum(self.head[k].widths[0] for k in rec["head"])
+            return n * torch.empty((), dtype=self.dtype).element_size()
+
+    # -- the forward pass
+    def route(self, row_slot: torch.Tensor) -> _Bound:
+        """Per-module deltas of a batch whose row i is in slot row_slot[i] (or one slot for every row): one
+        indexed op on the table; each module gathers its own rows when it runs."""
+        return _Bound(self._handles, self.table.index_select(0, row_slot))
+
+    def head_params(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each head tensor per row (B, *padded shape): one gather per head tensor."""
+        return {k: F.embedding(cols[:, c], self.head[k].data[0]).view(-1, *self.head_shapes[k])
+                for k, c in self.head_cols.items()}
+
+    # -- layout of the table
+    def _ensure_columns(self, deltas, heads, num_labels: int) -> bool:
+        widened = False
+        for key, (b, a, bb) in deltas.items():
+            m = self.modules.get(key)
+            if m is None:
+                m = self.modules[key] = _Module(key)
+            if b is not None and m.bias is None:
+                m.bias, widened = RowPool((b.shape[0],), self.device, self.dtype), True
+            if a is not None:
+                if m.lora is None:
+                    m.lora = RowPool((a.shape[1], bb.shape[0]), self.device, self.dtype)
+                if a.shape[0] > m.rank:
+                    m.rank, widened = a.shape[0], True
+        if num_labels > self.labels or set(heads) - set(self.head):
+            self._widen_heads(heads, max(num_labels, self.labels))
+            widened = True
+        return widened
+
+    def _widen_heads(self, heads: Mapping[str, torch.Tensor], labels: int) -> None:
+        """Head pools padded to `labels` entries per label dimension; rows already held are re-padded at the
+        same row ids."""
+        for k, t in heads.items():
+            dims = self.head_label_dims.get(k, ())
+            shape = tuple(labels if i in dims else n for i, n in enumerate(t.shape))
+            old = self.head.get(k)
+            pool = RowPool((_prod(shape),), self.device, self.dtype)
+            if old is not None:
+                pool.take(old.top - 1)
+                pool.free = list(old.free)
+                prev = old.data[0][: old.top].view(-1, *self.head_shapes[k])
+                pool.data[0][: old.top].view(-1, *shape)[(slice(None), *(slice(0, n) for n in prev.shape[1:]))] \
+                    .copy_(prev)
+            self.head[k], self.head_shapes[k] = pool, shape
+        self.labels = labels
+
+    def _rebuild_table(self) -> None:
+        col = 0
+        for m in self.modules.values():
+            m.bias_col = m.lora_cols = None
+            if m.bias is not None:
+                m.bias_col, col = col, col + 1
+            if m.lora is not None:
+                m.lora_cols, col = slice(col, col + m.rank), col + m.rank
+        self.head_cols = {}
+        for k in self.head:
+            self.head_cols[k], col = col, col + 1
+        rows = max(self.table.shape[0], max(self._records, default=-1) + 1)
+        rows += rows // GROWTH
+        table = torch.zeros((rows, col), dtype=torch.long)
+        for slot, rec in self._records.items():
+            table[slot] = torch.tensor(self._table_row(rec, col))
+        self.table = table.to(self.device)
+        self._handles = {k: _Handle(m, self.kernel) for k, m in self.modules.items()}
+
+    def _table_row(self, rec: dict, width: int | None = None) -> list[int]:
+        row = [0] * (self.table.shape[1] if width is None else width)
+        for key, r in rec["modules"].items():
+            m = self.modules[key]
+            if "bias" in r:
+                row[m.bias_col] = r["bias"]
+            if "lora" in r:
+                lo = m.lora_cols.start
+                row[lo: lo + len(r["lora"])] = r["lora"]
+        for k, rowid in rec["head"].items():
+            row[self.head_cols[k]] = rowid
+        return row
+
+    def _pad_head(self, k: str, t: torch.Tensor) -> torch.Tensor:
+        shape = self.head_shapes[k]
+        if tuple(t.shape) == shape:
+            return t
+        out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        out[tuple(slice(0, n) for n in t.shape)] = t
+        return out
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# --------------------------------------------------------------------------------------- per-forward views
+class _Handle:
+    """One module's pools, columns and kernel (rebuilt when the table's columns change)."""
+
+    __slots__ = ("m", "bias_col", "lora_cols", "kernel")
+
+    def __init__(self, m: _Module, k: SlotKernel):
+        self.m, self.bias_col, self.lora_cols, self.kernel = m, m.bias_col, m.lora_cols, k
+
+
+class _Bound(Mapping):
+    """The route's `deltas` for one forward: module key -> its `SlotDelta` over this batch's table rows."""
+
+    def __init__(self, handles: dict[str, _Handle], cols: torch.Tensor):
+        self.handles, self.cols = handles, cols  # cols: (B, C) pool rows per batch row, or (1, C)
+
+    def get(self, key, default=None):
+        h = self.handles.get(key)
+        return default if h is None else SlotDelta(h, self.cols)
+
+    def __getitem__(self, key):
+        return SlotDelta(self.handles[key], self.cols)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.handles)
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __bool__(self) -> bool:
+        return bool(self.handles)
+
+
+class SlotDelta:
+    """A module's update for one forward from its pools (duck-types `layers.Delta`): `bias` is the
+    gathered per-row bias (B, 1, out), or one (out,) for a single-adapter batch, once folded."""
+
+    __slots__ = ("h", "cols", "bias", "folded")
+
+    def __init__(self, h: _Handle, cols: torch.Tensor):
+        self.h, self.cols, self.bias, self.folded = h, cols, None, False
+
+    def _bias(self) -> torch.Tensor | None:
+        h = self.h
+        if h.bias_col is None:
+            return None
+        idx = self.cols[:, h.bias_col]
+        if idx.shape[0] == 1:
+            return h.m.bias.data[0][idx[0]]  # (out,)
+        return h.kernel.bias_rows(h.m.bias.data[0], idx).unsqueeze(1)  # (B, 1, out)
+
+    def fold_bias(self, bias: torch.Tensor | None, *, per_row: bool = True):
+        """(the bias for the module's own op, what is left to `apply`), as `layers.Delta.fold_bias`."""
+        mine = self._bias()
+        if mine is None:
+            return bias, self
+        self.folded = True
+        if mine.dim() == 1:  # one adapter: its bias delta folds into the module's bias
+            return (mine if bias is None else bias + mine), (self if self.h.lora_cols is not None else None)
+        if per_row and bias is not None and not torch.is_grad_enabled():
+            self.bias = mine + bias  # the module's matmul writes no bias; the per-row add writes both
+            return None, self
+        self.bias = mine
+        return bias, self
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, *, fresh: bool = True) -> torch.Tensor:
+        from .layers import MixedBatchUnsupported
+
+        h, cols = self.h, self.cols
+        bias = self.bias if self.folded else self._bias()
+        rows = cols.shape[0]
+        if rows > 1 and (x.dim() != 3 or x.shape[0] != rows):
+            raise MixedBatchUnsupported(f"input of shape {tuple(x.shape)} is not per-row over {rows} rows")
+        inplace = fresh and not torch.is_grad_enabled() and y.is_contiguous()
+        if h.lora_cols is not None:
+            lora = h.m.lora.data
+            y = h.kernel.lora_(y, x, lora[0], lora[1], cols[:, h.lora_cols], inplace)
+            inplace = not torch.is_grad_enabled()  # y is fresh now, in any case
+        if bias is not None:
+            y = y.add_(bias) if inplace else y + bias
+        return y
