@@ -602,6 +602,19 @@ class Engine:
         keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
         return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
+    def _encode_mixed(self, adapter: LoadedAdapter, inputs: Sequence[Input]) -> list[dict[str, list[int]]]:
+        """As `encode`, for inputs that may mix single texts and text pairs (each kind in one call)."""
+        pair = [not isinstance(x, str) and (not isinstance(x, dict) or x.get("text_pair") is not None)
+                for x in inputs]
+        if all(pair) or not any(pair):
+            return self.encode(adapter, inputs)
+        out: list[dict[str, list[int]] | None] = [None] * len(inputs)
+        for kind in (False, True):
+            idx = [i for i, p in enumerate(pair) if p is kind]
+            for i, f in zip(idx, self.encode(adapter, [inputs[i] for i in idx]), strict=True):
+                out[i] = f
+        return out  # type: ignore[return-value]
+
     def _backbone_of(self, adapter: LoadedAdapter) -> Backbone:
         return self.backbone(_base_of(adapter))
 
@@ -699,7 +712,7 @@ class Engine:
             groups.setdefault((_base_of(a), limit), []).append(j)
         for idx in groups.values():
             group = [adapters[j] for j in idx]
-            feats = self.encode(group[0], inputs)  # the same for the whole group
+            feats = self._encode_mixed(group[0], inputs)  # the same for the whole group
             with self._using(_base_of(group[0])) as bb:
                 logits = self._fan_out_shared(bb, group, feats)
             if logits is None:  # the model cannot mix adapters in one batch
@@ -709,7 +722,7 @@ class Engine:
                 for jj, j in enumerate(idx):
                     a = adapters[j]
                     out[i][names[j]] = postprocess(a.task, logits[i * len(group) + jj], top_k)
-        return out
+        return [{n: d[n] for n in names} for d in out]  # in the order asked
 
     def _fan_out_shared(self, bb: Backbone, adapters: Sequence[LoadedAdapter],
                         feats: Sequence[dict[str, list[int]]]) -> list[torch.Tensor] | None:

@@ -3,7 +3,7 @@ pool per adapted module and tensor kind, so a mixed forward gathers each module'
 indexed op instead of rebuilding them per adapter.
 
 - `RowPool`: rows of one width (`pool.data[0]` is all zeros; rows are handed out one at a time and reused
-  once freed, so a pool never fragments); capacity grows by 1/16 at a time.
+  once freed, so a pool never fragments); capacity grows by 1/32 at a time.
 - `SlotPools`: the pools of one bank. A resident adapter holds one slot `g`; the table row `table[g]` holds
   the pool rows of its bias delta (one column per module), of its LoRA factors (`R` columns per module:
   its rank rows, then the zero row: LoRA is padded per pool to the largest resident rank, which adds exact
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-GROWTH = 16  # a full pool grows by 1/GROWTH of its size: capacity stays within ~6% of the rows in use
+GROWTH = 32  # a full pool grows by 1/GROWTH of its size: capacity stays within ~3% of the rows in use
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -89,7 +89,7 @@ class RowPool:
 
     def __init__(self, widths: tuple[int, ...], device: torch.device, dtype: torch.dtype):
         self.widths = widths
-        self.data = [torch.zeros((GROWTH, w), device=device, dtype=dtype) for w in widths]
+        self.data = [torch.zeros((1, w), device=device, dtype=dtype) for w in widths]
         self.top = 1  # rows [1, top) have been handed out at least once
         self.free: list[int] = []
 
@@ -149,7 +149,7 @@ class SlotPools:
         self.head_label_dims = head_label_dims
         self.head_cols: dict[str, int] = {}
         self.labels = 0  # label dimension of the head pools: the most labels resident
-        self.table = torch.zeros((0, 0), dtype=torch.long, device=device)  # (G, C) slot -> pool rows
+        self.table = torch.zeros((0, 0), dtype=torch.int32, device=device)  # (G, C) slot -> pool rows
         self._records: dict[int, dict[str, Any]] = {}  # slot -> its pool rows
         self._free_slots: list[int] = []
         self._handles: dict[str, _Handle] = {}
@@ -311,7 +311,7 @@ class SlotPools:
             self.head_cols[k], col = col, col + 1
         rows = max(self.table.shape[0], max(self._records, default=-1) + 1)
         rows += rows // GROWTH
-        table = torch.zeros((rows, col), dtype=torch.long)
+        table = torch.zeros((rows, col), dtype=torch.int32)
         for slot, rec in self._records.items():
             table[slot] = torch.tensor(self._table_row(rec, col))
         self.table = table.to(self.device)
@@ -394,7 +394,7 @@ class SlotDelta:
             return None
         idx = self.cols[:, h.bias_col]
         if idx.shape[0] == 1:
-            return h.m.bias.data[0][idx[0]]  # (out,)
+            return F.embedding(idx, h.m.bias.data[0])[0]  # (out,): no host read of the index
         return h.kernel.bias_rows(h.m.bias.data[0], idx).unsqueeze(1)  # (B, 1, out)
 
     def fold_bias(self, bias: torch.Tensor | None, *, per_row: bool = True):

@@ -1,0 +1,224 @@
+"""Adapter slot pools: slots freed on eviction and reused, hot-swap atomic for requests in flight, pool
+capacity counted honestly, heads padded as labels grow, fan-out of many inputs in one forward, and the
+same on a GPU where one is lent."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from spafit_core import TaskSpec
+from spafit_core.engine import Engine, Row, _slots
+from tests.core.test_engine import METHODS, TASKS, TEXTS, loaded_engine, random_adapter
+
+
+@pytest.fixture(scope="module")
+def zoo(tiny_dirs):
+    path = tiny_dirs("bert")
+    return {f"z{i}": random_adapter(path, m, TASKS[i % len(TASKS)], seed=70 + i) for i, m in enumerate(METHODS)}
+
+
+def lone(engine: Engine, name: str, text: str) -> torch.Tensor:
+    a = engine.adapter(name)
+    return engine.forward([Row(a, engine.encode(a, [text])[0])])[0]
+
+
+def used_rows(pools) -> int:
+    return sum(p.used_rows for m in pools.modules.values() for p in (m.bias, m.lora) if p is not None) + \
+        sum(p.used_rows for p in pools.head.values())
+
+
+def test_eviction_frees_the_slot_and_its_rows_for_the_next_adapter(tiny_bert, zoo):
+    e = loaded_engine(tiny_bert, zoo)
+    pools = e.bank().pools
+    full = used_rows(pools)
+    slot = e.adapter("z0").slot
+    assert e.evict("z0") and len(pools) == len(zoo) - 1 and used_rows(pools) < full
+    _, cfg, w = zoo["z0"]
+    e.load("again", cfg, w)
+    assert e.adapter("again").slot == slot and used_rows(pools) == full  # the same slot and rows, reused
+    for name in list(zoo)[1:]:
+        e.evict(name)
+    e.evict("again")
+    assert len(pools) == 0 and used_rows(pools) == 0
+
+
+def test_a_request_holding_a_replaced_or_evicted_adapter_is_served_its_own_weights(tiny_bert, zoo):
+    """The slot of the old version is reused by the new one at once; a row built before the swap still gets
+    the old version's logits, exactly, mixed in one batch with rows of the new one."""
+    e = loaded_engine(tiny_bert, zoo)
+    before = lone(e, "z1", TEXTS[0])
+    old = e.adapter("z1")
+    old_row = Row(old, e.encode(old, [TEXTS[0]])[0])
+    _, cfg, w = random_adapter(tiny_bert, METHODS[1], TASKS[1], seed=999)
+    e.load("z1", cfg, w)  # hot-swap under the same name
+    new = e.adapter("z1")
+    assert new is not old and old.slot is None and old.buffer is not None
+    after = lone(e, "z1", TEXTS[0])
+    assert not torch.allclose(before, after)
+    got = e.forward([old_row, Row(new, e.encode(new, [TEXTS[0]])[0])])
+    assert (got[0] - before).abs().max() <= 1e-5 and (got[1] - after).abs().max() <= 1e-5
+    slots = len(e.bank().pools)
+    e.evict("z2")
+    gone = e.forward([Row(e.adapter("z3"), old_row.features), old_row])
+    assert (gone[1] - before).abs().max() <= 1e-5
+    assert len(e.bank().pools) == slots - 1  # the borrowed slot went back
+
+
+def test_a_forward_never_sees_a_hot_swap_half_done(tiny_bert, zoo):
+    """Swaps of one name between two versions race mixed forwards; every row equals one version's lone run."""
+    e = loaded_engine(tiny_bert, zoo)
+    versions = [zoo["z0"], random_adapter(tiny_bert, METHODS[0], TASKS[0], seed=321)]
+    want = []
+    for _, cfg, w in versions:
+        e.load("z0", cfg, w)
+        want.append(lone(e, "z0", TEXTS[1]))
+    stop, errors = threading.Event(), []
+
+    def swapper():
+        i = 0
+        while not stop.is_set():
+            _, cfg, w = versions[i % 2]
+            e.load("z0", cfg, w)
+            i += 1
+
+    t = threading.Thread(target=swapper)
+    t.start()
+    try:
+        for _ in range(15):
+            rows = [Row(e.adapter(n), e.encode(e.adapter(n), [TEXTS[1]])[0]) for n in ("z0", "z3", "z0", "z5")]
+            got = e.forward(rows)
+            for i in (0, 2):
+                if min((got[i] - w).abs().max().item() for w in want) > 1e-5:
+                    errors.append(got[i])
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+
+
+def test_pool_capacity_stays_within_a_tenth_of_the_adapters_bytes(tiny_bert):
+    e = Engine(device="cpu", default_base_model=tiny_bert)
+    total = 0
+    for i in range(48):
+        _, cfg, w = random_adapter(tiny_bert, METHODS[i % 3], TaskSpec(labels=("a", "b")), seed=200 + i)
+        total += e.load(f"c{i}", cfg, w).nbytes
+    bank = e.bank()
+    assert bank.nbytes == total
+    assert total < bank.capacity_bytes <= 1.1 * total
+
+
+def test_a_head_with_more_labels_repads_the_heads_already_held(tiny_bert, zoo):
+    e = loaded_engine(tiny_bert, {k: zoo[k] for k in ("z0", "z2")})  # 2 labels, regression
+    before = {n: lone(e, n, TEXTS[2]) for n in ("z0", "z2")}
+    _, cfg, w = random_adapter(tiny_bert, METHODS[0], TaskSpec(labels=tuple("abcdefg")), seed=5)
+    e.load("seven", cfg, w)
+    assert e.bank().pools.labels == 7
+    rows = [Row(e.adapter(n), e.encode(e.adapter(n), [TEXTS[2]])[0]) for n in ("z0", "seven", "z2")]
+    got = e.forward(rows)
+    assert [g.shape[0] for g in got] == [2, 7, 1]
+    assert (got[0] - before["z0"]).abs().max() <= 1e-5 and (got[2] - before["z2"]).abs().max() <= 1e-5
+
+
+def test_one_adapter_for_every_row_passes_one_slot(engine_zoo):
+    e = engine_zoo
+    pools = e.bank().pools
+    a, b = e.adapter("z0"), e.adapter("z1")
+    with pools.lock, _slots(pools, [a, a, a]) as one, _slots(pools, [a, b, a]) as mixed:
+        assert one.tolist() == [a.slot] and mixed.tolist() == [a.slot, b.slot, a.slot]
+        cols = pools.route(mixed).cols
+        assert cols.shape == (3, pools.table.shape[1]) and torch.equal(cols[0], cols[2])
+
+
+@pytest.fixture
+def engine_zoo(tiny_bert, zoo):
+    return loaded_engine(tiny_bert, zoo)
+
+
+def test_fan_out_of_many_inputs_runs_the_prefix_once_on_all_of_them(engine_zoo):
+    e = engine_zoo
+    names = ["z0", "z1", "z3"]  # first trained layers >= 1
+    layer0 = e.backbone().base.encoder.layer[0].layer
+    sizes = []
+    handle = layer0.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[0]))
+    try:
+        many = e.fan_out_many(names, TEXTS[:4])
+    finally:
+        handle.remove()
+    assert sizes == [4]  # one call over the 4 inputs, not one per task or per input
+    for text, got in zip(TEXTS[:4], many, strict=True):
+        for n in names:
+            single = e.predict(n, [text])[0]
+            assert got[n]["label"] == single["label"] and abs(got[n]["score"] - single["score"]) <= 1e-5
+
+
+def test_fan_out_many_with_tasks_that_truncate_differently(tiny_bert, zoo):
+    e = loaded_engine(tiny_bert, {k: zoo[k] for k in ("z0", "z1")})
+    m, cfg, w = zoo["z4"]
+    cfg = {**cfg, "max_seq_length": 4}  # truncates sooner: its own group
+    e.load("short", cfg, w)
+    out = e.fan_out_many(["z0", "short", "z1"], TEXTS[1:3])
+    for text, got in zip(TEXTS[1:3], out, strict=True):
+        assert list(got) == ["z0", "short", "z1"]
+        for n in got:
+            assert abs(got[n]["score"] - e.predict(n, [text])[0]["score"]) <= 1e-5
+
+
+def test_an_unknown_slot_kernel_is_refused_at_construction():
+    with pytest.raises(ValueError, match="unknown slot kernel 'sgmv'"):
+        Engine(device="cpu", slot_kernel="sgmv")
+
+
+# ----------------------------------------------------------------------------- on a GPU (run where one is lent)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_mixed_batches_are_exact_and_the_cpu_tier_is_pinned(tiny_bert, zoo):
+    e = Engine(device="cuda", default_base_model=tiny_bert, device_bytes=1)  # one adapter on the GPU at a time
+    for name, (_, cfg, w) in zoo.items():
+        e.load(name, cfg, w)
+    bank = e.bank()
+    assert len(bank.pools) == 1
+    warm = [bank._warm[n] for n in bank._warm]
+    assert warm and all(a.buffer.is_pinned() and a.slot is None for a in warm)
+    ref = loaded_engine(tiny_bert, zoo)  # the CPU engine
+    rows = [(n, TEXTS[i % len(TEXTS)]) for i, n in enumerate(list(zoo) * 2)]
+    got = e.predict_mixed(rows)  # rows of CPU-tier adapters borrow slots for the batch
+    want = ref.predict_mixed(rows)
+    assert all(abs(g["score"] - w["score"]) <= 1e-4 for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_a_mixed_forward_adds_one_synchronisation_to_the_bare_backbones(tiny_bert, zoo):
+    """The adapter path (slot lookup, gathers, heads) waits for the device once: the logits' copy home."""
+    import warnings
+
+    from spafit_core.train import collate
+
+    e = Engine(device="cuda", default_base_model=tiny_bert)
+    for name, (_, cfg, w) in zoo.items():
+        e.load(name, cfg, w)
+    rows = [Row(e.adapter(n), e.encode(e.adapter(n), [TEXTS[0]])[0]) for n in zoo]
+    bb = e.backbone()
+    batch = {k: v.cuda() for k, v in collate([r.features for r in rows], bb.pad_id).items()}
+
+    def syncs(fn) -> int:
+        fn()  # warm up lazy initialisations
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(r.message) for r in record)
+
+    with torch.inference_mode():
+        bare = syncs(lambda: bb.base(**bb.model_inputs(batch)))
+    assert syncs(lambda: e.forward(rows)) == bare + 1
+    assert syncs(lambda: e.forward(rows[:1] * 3)) == bare + 1  # one adapter for every row
