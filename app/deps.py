@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -28,19 +29,19 @@ _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key, as an alternative header")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     return request.app.state.db
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_serving(request: Request) -> Serving:
+async def get_serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
@@ -57,22 +58,25 @@ SessionDep = Annotated[Session, Depends(get_session)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
-def get_principal(
-    session: SessionDep,
+async def get_principal(
+    request: Request,
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> Principal:
+    """The caller. A key verified before (and not revoked anywhere since) comes from the in-process cache, on
+    the event loop; any other is checked against the database in a thread, in a session of its own that is
+    closed before the handler runs (a pooled connection held while waiting for another thread deadlocked the
+    pool under load)."""
     if not settings.auth_enabled:
         return keys.local_principal()
     presented = bearer.credentials if bearer is not None else api_key
     if not presented:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
-    principal = keys.authenticate(session, presented)
-    # End the key lookup's transaction: its pooled connection must not stay checked out while the request waits
-    # for a thread for its other dependencies. Under load every thread was waiting for a connection and every
-    # connection for a thread, until the 30 s pool timeout. The handler's queries take one again when they run.
-    session.rollback()
+    state = request.app.state
+    principal = keys.authenticate_cached(state.db, state.serving.cache, presented)
+    if principal is None:
+        principal = await run_in_threadpool(keys.authenticate_fresh, state.db, state.serving.cache, presented)
     return principal
 
 
@@ -84,7 +88,7 @@ def require_scope(scope: str, *alternatives: str) -> Any:
     `alternatives` (admin has all). The 403 names `scope` as `required_scope` and lists every accepted one."""
     accepted = (scope, *alternatives)
 
-    def _check(principal: TenantDep) -> Principal:
+    async def _check(principal: TenantDep) -> Principal:  # async: no thread to read a set
         if not any(principal.has(s) for s in accepted):
             which = " or ".join(repr(s) for s in accepted)
             raise Forbidden(f"this API key lacks the {which} scope", required_scope=scope,
@@ -103,7 +107,7 @@ TaskReaderPrincipal = Annotated[Principal, require_scope("predict", "train")]
 AdminPrincipal = Annotated[Principal, require_scope("admin")]
 
 
-def metrics_access(
+async def metrics_access(
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

@@ -1,7 +1,10 @@
 """Predict: one task over many inputs (`POST /v1/tasks/{task}/predict`, micro-batched with concurrent
 requests of any task) and many tasks over each input (`POST /v1/predict`, one shared backbone prefix per
 input). Needs the `predict` scope; another tenant's task is a 404. A request whose client goes away is
-cancelled: its rows leave the engine's queue instead of running."""
+cancelled: its rows leave the engine's queue instead of running.
+
+The answers are serialised by orjson in one call (`_json`), not validated field by field through the response
+model: the engine's predictions already have its shape (`_PREDICTION_DEFAULTS` fills what pydantic would)."""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request
+import orjson
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from ..deps import PredictPrincipal, ServingDep, SessionDep, SettingsDep
+from ..deps import PredictPrincipal, ServingDep, SettingsDep
 from ..errors import ClientClosedRequest
 from ..schemas import (
     FanOutRequest,
@@ -41,6 +45,18 @@ _RESPONSES = {
     503: {"model": Problem, "description": "The prediction queue is full: retry after `Retry-After` seconds"},
     504: {"model": Problem, "description": "The prediction did not finish within the service's timeout"},
 }
+
+
+_PREDICTION_DEFAULTS = (("labels", None), ("value", None))  # Prediction's optional fields, as pydantic writes them
+
+
+def _json(results: list[dict[str, Any]], body: dict[str, Any]) -> Response:
+    """`body` as JSON in one orjson call, every prediction of `results` with `Prediction`'s optional fields."""
+    for result in results:
+        for prediction in result["predictions"]:
+            for key, default in _PREDICTION_DEFAULTS:
+                prediction.setdefault(key, default)
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def _error(loc: tuple, kind: str, message: str) -> dict[str, Any]:
@@ -116,21 +132,20 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 @router.post("/v1/tasks/{task}/predict", response_model=TaskPredictions, summary="Predict with a task's active "
              "version", responses=_RESPONSES)
-async def predict(*, task: TaskName, body: PredictRequest, principal: PredictPrincipal, session: SessionDep,
-                  settings: SettingsDep, serving: ServingDep, request: Request) -> Any:
+async def predict(*, task: TaskName, body: PredictRequest, principal: PredictPrincipal, settings: SettingsDep,
+                  serving: ServingDep, request: Request) -> Any:
     inputs = checked_inputs(body.inputs, settings, one_kind=True)
     serving.remember_key(request.headers, str(principal.tenant_id))
-    return await unless_disconnected(request, serving.predict(session, principal.tenant_id, task, inputs,
-                                                              body.top_k))
+    result = await unless_disconnected(request, serving.predict(principal.tenant_id, task, inputs, body.top_k))
+    return _json([result], result)
 
 
 @router.post("/v1/predict", response_model=FanOutResponse, summary="Ask every input of several tasks at once",
              responses=_RESPONSES)
-async def fan_out(*, body: FanOutRequest, principal: PredictPrincipal, session: SessionDep, settings: SettingsDep,
-                  serving: ServingDep, request: Request) -> Any:
+async def fan_out(*, body: FanOutRequest, principal: PredictPrincipal, settings: SettingsDep, serving: ServingDep,
+                  request: Request) -> Any:
     tasks = checked_tasks(body.tasks)
     inputs = checked_inputs(body.inputs, settings, one_kind=False)
     serving.remember_key(request.headers, str(principal.tenant_id))
-    results = await unless_disconnected(request, serving.fan_out(session, principal.tenant_id, tasks, inputs,
-                                                                 body.top_k))
-    return {"results": results}
+    results = await unless_disconnected(request, serving.fan_out(principal.tenant_id, tasks, inputs, body.top_k))
+    return _json(results, {"results": results})

@@ -3,6 +3,7 @@ auth dependency call these; mutating functions commit their own transaction."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import timedelta
 
@@ -10,10 +11,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..db import Database
 from ..errors import Conflict, InvalidInput, NotFound, Unauthorized
 from ..models import ApiKey, Tenant, utcnow
 from ..security import Principal, check_scopes, hash_secret, new_key, parse_key, verify_secret
 from ..settings import SCOPES
+from .cache import Invalidation
 
 # The built-in tenant every request acts as when auth is off (embedded mode only).
 LOCAL_TENANT_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
@@ -112,3 +115,24 @@ def authenticate(session: Session, plaintext: str) -> Principal:
         key.last_used_at = now
         session.commit()
     return Principal(tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes))
+
+
+def authenticate_cached(db: Database, cache: Invalidation, plaintext: str) -> Principal | None:
+    """The principal of a key verified before and unchanged everywhere since (a revocation in any replica
+    empties every cache within a second), or None: then `authenticate` it. The cache is keyed by the sha256 of
+    the whole presented key, so a hit needs the key itself; a failure is never cached, so every wrong guess
+    pays the database lookup and the constant-time compare as before."""
+    return cache.get(("key", _digest(plaintext)))
+
+
+def authenticate_fresh(db: Database, cache: Invalidation, plaintext: str) -> Principal:
+    """`authenticate` against the database (blocking: call it from a thread), caching a success."""
+    generation = cache.generation  # read before the database: a revocation meanwhile drops what we read
+    with db.session() as session:
+        principal = authenticate(session, plaintext)
+    cache.put(("key", _digest(plaintext)), principal, generation)
+    return principal
+
+
+def _digest(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("spafit.serving")
 
 RETRY_AFTER_SECONDS = 1  # a full queue drains in well under a second at serving batch sizes
+FAN_OUT_ROWS = 64  # rows per forward pass of a fan-out (inputs x tasks), about a serving batch
 Input = str | dict[str, str]  # a text, or {text, text_pair}
 
 
@@ -349,23 +350,29 @@ class Serving:
         for s in served:  # the shared prefix only exists within one backbone
             groups.setdefault(s.base_model, []).append(s)
         per_task: dict[str, list[dict]] = {s.adapter: [] for s in served}
-        for i, inp in enumerate(inputs):
-            if time.monotonic() > deadline or stop.is_set():  # the caller has gone: stop spending the engine on it
-                raise RequestTimeoutError("prediction timed out")
-            for group in groups.values():
+        for group in groups.values():
+            # the inputs of the request share forward passes: the prefix runs once per input, then one row per
+            # (input, task); chunks of about FAN_OUT_ROWS rows keep the deadline checked between passes
+            step = max(1, FAN_OUT_ROWS // len(group))
+            for lo in range(0, len(inputs), step):
+                if time.monotonic() > deadline or stop.is_set():  # the caller has gone: stop spending the engine
+                    raise RequestTimeoutError("prediction timed out")
+                chunk = inputs[lo: lo + step]
                 start = time.perf_counter()
                 try:
-                    out = engine.fan_out([s.adapter for s in group], inp, top_k)
+                    outs = engine.fan_out_many([s.adapter for s in group], chunk, top_k)
                 except SpafitError:
                     raise
-                except Exception as e:  # the engine failed on this input: say so with a reference to the log
+                except Exception as e:  # the engine failed on these inputs: say so with a reference to the log
                     ref = uuid.uuid4().hex
                     log.error("fan-out failed (ref %s) over %s", ref, [s.task for s in group], exc_info=e)
-                    raise PredictionFailedError(f"the prediction failed on input {i} (ref {ref})",
+                    where = f"input {lo}" if len(chunk) == 1 else f"input {lo} to {lo + len(chunk) - 1}"
+                    raise PredictionFailedError(f"the prediction failed on {where} (ref {ref})",
                                                 detail={"reference": ref}) from None
-                self._on_batch(len(group), 0, time.perf_counter() - start)
-                for s in group:
-                    per_task[s.adapter].append(out[s.adapter])
+                self._on_batch(len(group) * len(chunk), 0, time.perf_counter() - start)
+                for out in outs:
+                    for s in group:
+                        per_task[s.adapter].append(out[s.adapter])
         return [{"task": s.task, "version": s.version, "predictions": per_task[s.adapter]} for s in served]
 
     def _fan_out_done(self, work: asyncio.Future, release: Callable[[], None]) -> None:

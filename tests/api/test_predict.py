@@ -130,16 +130,16 @@ def test_fan_out_equals_separate_predicts(api, tenant):
         assert_same_predictions(result["predictions"], separate)
 
 
-def test_fan_out_runs_the_shared_prefix_once_per_input(api, tenant, monkeypatch):
+def test_fan_out_runs_the_inputs_of_a_request_in_one_forward(api, tenant, monkeypatch):
     engine = api.serving.engine
     calls = []
-    fan_out = engine.fan_out
-    monkeypatch.setattr(engine, "fan_out", lambda names, inp, top_k=None: calls.append(len(names))
-                        or fan_out(names, inp, top_k))
+    fan_out_many = engine.fan_out_many
+    monkeypatch.setattr(engine, "fan_out_many", lambda names, inputs, top_k=None:
+                        calls.append((len(names), len(inputs))) or fan_out_many(names, inputs, top_k))
     r = api.post("/v1/predict", json={"tasks": ["spam", "sentiment", "topic"], "inputs": TEXTS[:2]},
                  headers=tenant.headers)
     assert r.status_code == 200, r.text
-    assert calls == [3, 3]
+    assert calls == [(3, 2)]  # one pass: the prefix once per input, then 6 rows
 
 
 @pytest.mark.parametrize("body, field", [

@@ -297,10 +297,10 @@ def test_a_fan_out_the_engine_fails_on_is_a_prediction_failed_problem(live, tena
     url, app = live
     engine = app.state.serving.engine
 
-    def broken(names, inp, top_k=None):
+    def broken(names, inputs, top_k=None):
         raise RuntimeError("index out of range in self")
 
-    monkeypatch.setattr(engine, "fan_out", broken)
+    monkeypatch.setattr(engine, "fan_out_many", broken)
     r = httpx.post(f"{url}/v1/predict", json={"tasks": ["sentiment", "topic"], "inputs": ["good", "bad"]},
                    headers=tenant.headers, timeout=30)
     problem = assert_problem(r, 500, "prediction-failed")
