@@ -1,8 +1,10 @@
 """Serving: one `Serving` per API process (`app.state.serving`) owns the engine (one frozen backbone per base
 model, adapters hot-swapped under their version id), the micro-batcher and their metrics.
 
-Every request resolves its task's active version from the registry, so an activation made through any API
-replica is served by the next request everywhere, without a restart. The engine loads a version it does not
+Every request resolves its task's active version through an in-process cache (`cache.Invalidation`) that any
+activation, deletion or key change empties in every replica (Postgres NOTIFY; SQLite's data version), so an
+activation made through any API replica is served everywhere within a second, without a restart and without a
+database round trip per request. The engine loads a version it does not
 hold through `registry.version_payload` (the blob is verified on every read). torch is imported lazily, when
 the engine is first needed: importing this module does not import it.
 
@@ -48,6 +50,7 @@ from ..metrics import Metrics
 from ..models import AdapterVersion
 from ..settings import Settings
 from . import registry
+from .cache import Invalidation
 
 if TYPE_CHECKING:
     from spafit_core.batching import MicroBatcher
@@ -96,13 +99,16 @@ class Serving:
         # Tenants refused for their share, until their rows in flight fall below the low-water mark: the gate
         # refuses their requests from the headers alone meanwhile.
         self._saturated: set[str] = set()
+        # Active versions (and, in deps, API keys) read without the database; emptied on any change anywhere.
+        self.cache = Invalidation(settings.database_url)
         metrics.watch_engine(self.stats, self.queue_depth)
         metrics.watch_tenants(self.tenant_depths, self.tenant_served)
 
     # ------------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """With `preload_base_model`, load the default backbone in a background thread (readiness waits
-        for it); otherwise the engine starts on the first request that needs it."""
+        for it); otherwise the engine starts on the first request that needs it. The cache's listener starts."""
+        self.cache.start()
         if self.settings.preload_base_model:
             threading.Thread(target=self._preload, name="spafit-preload", daemon=True).start()
 
@@ -124,6 +130,7 @@ class Serving:
         with self._lock:
             self._stopped = True
             batcher = self._batcher
+        self.cache.stop()
         if batcher is not None:
             batcher.stop()
 
@@ -297,15 +304,17 @@ class Serving:
         return [Served(task=t.name, version=v.version, adapter=str(v.id), base_model=v.base_model)
                 for t, v in registry.active_versions(session, tenant_id, tasks)]
 
-    async def predict(self, session: Session, tenant_id: uuid.UUID, task: str, inputs: Sequence[Input],
+    async def predict(self, tenant_id: uuid.UUID, task: str, inputs: Sequence[Input],
                       top_k: int | None = None) -> dict[str, Any]:
         """One task over `inputs`, batched with whatever else is in flight (any tasks)."""
         tenant = str(tenant_id)
         with self._measure(len(inputs)):
             release = self._admit(tenant, len(inputs))
             try:
-                served = await self._resolve(session, tenant_id, [task])
-                batcher = await asyncio.to_thread(lambda: self.batcher)
+                served = await self._resolve(tenant_id, [task])
+                batcher = self._batcher  # started and alive: no thread needed to read it
+                if batcher is None or not batcher.alive:
+                    batcher = await asyncio.to_thread(lambda: self.batcher)
                 predictions = await batcher.predict(served[0].adapter, inputs, top_k,
                                                     timeout_s=self.settings.predict_timeout_s, tenant=tenant)
             except TenantOverloadedError as e:  # the batcher's own bounds (only reached past ours)
@@ -316,7 +325,7 @@ class Serving:
                 release()  # a cancelled request's rows have left the batcher's queue too
             return {"task": task, "version": served[0].version, "predictions": predictions}
 
-    async def fan_out(self, session: Session, tenant_id: uuid.UUID, tasks: Sequence[str],
+    async def fan_out(self, tenant_id: uuid.UUID, tasks: Sequence[str],
                       inputs: Sequence[Input], top_k: int | None = None) -> list[dict[str, Any]]:
         """Every input asked of every task: per input, the frozen prefix runs once and branches into one row
         per task (tasks on different base models branch per backbone). One result per task, in order."""
@@ -324,8 +333,8 @@ class Serving:
         with self._measure(len(inputs)):
             release = self._admit(tenant, len(inputs) * len(tasks))  # fan-out rows bypass the batcher's queue
             try:
-                served = await self._resolve(session, tenant_id, tasks)
-                engine = await asyncio.to_thread(lambda: self.engine)
+                served = await self._resolve(tenant_id, tasks)
+                engine = self._engine if self._engine is not None else await asyncio.to_thread(lambda: self.engine)
                 timeout = self.settings.predict_timeout_s
                 stop = threading.Event()
                 work = asyncio.get_running_loop().run_in_executor(
@@ -380,13 +389,21 @@ class Serving:
         if not work.cancelled():
             work.exception()  # retrieved: an abandoned (timed out) call's error is not worth a log line
 
-    async def _resolve(self, session: Session, tenant_id: uuid.UUID, tasks: Sequence[str]) -> list[Served]:
-        # Hold no pooled connection while waiting for a thread (see deps.get_principal): the threads that load
-        # adapters on a miss need connections too.
-        session.close()
-        served = await asyncio.to_thread(self.resolve, session, tenant_id, tasks)
-        session.close()  # not needed while the engine works
+    async def _resolve(self, tenant_id: uuid.UUID, tasks: Sequence[str]) -> list[Served]:
+        """The active versions, from the cache when every task is there (no thread, no database), else from the
+        registry in a thread (its own short session: no pooled connection is held while the engine works)."""
+        hits = [self.cache.get(("task", tenant_id, t)) for t in tasks]
+        if all(h is not None for h in hits):
+            return hits  # type: ignore[return-value]
+        generation = self.cache.generation  # read before the database: a change meanwhile drops what we read
+        served = await asyncio.to_thread(self._resolve_sync, tenant_id, tasks)
+        for s in served:
+            self.cache.put(("task", tenant_id, s.task), s, generation)
         return served
+
+    def _resolve_sync(self, tenant_id: uuid.UUID, tasks: Sequence[str]) -> list[Served]:
+        with self.db.session() as session:
+            return self.resolve(session, tenant_id, tasks)
 
     def _overloaded(self, message: str, depth: int | None = None) -> Overloaded:
         return Overloaded(message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
