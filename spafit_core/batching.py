@@ -1,11 +1,14 @@
 """Dynamic micro-batching of concurrent prediction requests onto the engine, fair between tenants and
 isolated between requests.
 
-Requests are tokenised by the caller and queued row by row, one queue per tenant. Admission is bounded twice:
+Requests are queued as they come (their adapter resolved by the caller) and tokenised by the worker thread in
+batches: everything that arrived since its last pass in one call of the fast tokenizer per (backbone, length
+limit, kind of input), off the event loop; their rows then join one queue per tenant. Admission is bounded twice:
 a tenant past `max_queue_per_tenant` waiting rows is refused (TenantOverloadedError: that tenant retries later),
 and the whole queue past `max_queue` rows is refused (OverloadedError). One worker thread drains the queues by
 deficit round robin: each tenant in turn may take rows worth `quantum x weight` tokens (a row costs its
-length, so long inputs use up a share faster than short ones), and a tenant's backlog delays only itself. It waits up to `max_wait_ms` for company, then packs what it took (at most `max_batch_size` rows,
+length, so long inputs use up a share faster than short ones), and a tenant's backlog delays only itself. When rows were already waiting as its last batch ended, it waits up to `max_wait_ms` for company (an idle batcher
+does not wait), then packs what it took (at most `max_batch_size` rows,
 sorted by length, within `max_tokens` padded tokens) into mixed-task forward passes.
 
 Invariants a caller may rely on:
@@ -71,6 +74,15 @@ class _Request:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass(eq=False)
+class _Pending:
+    """A request whose rows are not tokenised yet (they count as waiting rows of its tenant already)."""
+
+    request: _Request
+    adapter: Any  # the engine's LoadedAdapter
+    inputs: list[Input]
+
+
 @dataclass
 class _Item:
     request: _Request
@@ -89,6 +101,8 @@ class MicroBatcher:
         self.config = config or BatchingConfig()
         self.on_batch = on_batch  # (rows, padded tokens, seconds) after each forward pass
         self._queues: dict[str, deque[_Item]] = {}  # tenant -> its rows, oldest first
+        self._pending: list[_Pending] = []  # requests queued and not tokenised yet, oldest first
+        self._pending_rows: Counter[str] = Counter()  # their rows, by tenant (part of `_rows`)
         self._ring: deque[str] = deque()  # tenants with rows waiting, in serving order
         self._deficit: dict[str, float] = {}
         self._in_turn = False  # the tenant at the head of the ring is in the middle of its turn
@@ -99,7 +113,7 @@ class MicroBatcher:
         self.stats = {"batches": 0, "rows": 0, "timeouts": 0, "overloads": 0, "tenant_overloads": 0,
                       "dropped": 0, "retries": 0, "failed_rows": 0, "loop_errors": 0, "restarts": 0}
         self._served: Counter[str] = Counter()  # rows run, by tenant (under the lock)
-        # Adapter loads on a miss and tokenising, for `predict`: threads of their own, so that waiting for them
+        # Adapter loads on a miss, for `predict`: threads of their own, so that waiting for them
         # never queues behind other work on the event loop's default executor.
         self._submitter = _submitter()
 
@@ -158,7 +172,9 @@ class MicroBatcher:
     def depths(self) -> dict[str, int]:
         """Rows waiting, by tenant (tenants with none are left out)."""
         with self._cond:
-            return {t: len(q) for t, q in self._queues.items() if q}
+            out = Counter({t: len(q) for t, q in self._queues.items() if q})
+            out.update(+self._pending_rows)
+            return dict(out)
 
     # -- submission
     def admit(self, tenant: str, rows: int) -> None:
@@ -168,7 +184,7 @@ class MicroBatcher:
 
     def _admit(self, tenant: str, rows: int) -> None:
         cfg = self.config
-        waiting = len(self._queues.get(tenant, ()))
+        waiting = len(self._queues.get(tenant, ())) + self._pending_rows.get(tenant, 0)
         if cfg.max_queue_per_tenant is not None and waiting + rows > cfg.max_queue_per_tenant:
             self.stats["tenant_overloads"] += 1
             raise TenantOverloadedError(f"this tenant has {waiting} rows waiting (at most {cfg.max_queue_per_tenant}"
@@ -183,22 +199,18 @@ class MicroBatcher:
         """Queue a request; the future resolves to one prediction per input. Cancelling the future takes its
         rows out of the queue."""
         adapter = self.engine.adapter(adapter_name)  # loads on a miss, in the caller's thread
-        features = self.engine.encode(adapter, inputs)
+        n = len(inputs)
         fut: Future = Future()
         req = _Request(adapter_name, top_k, time.monotonic() + (timeout_s or self.config.timeout_s), fut,
-                       [None] * len(features), len(features), tenant)
-        if not features:
+                       [None] * n, n, tenant)
+        if not n:
             fut.set_result([])
             return fut
         with self._cond:
-            self._admit(tenant, len(features))
-            queue = self._queues.get(tenant)
-            if queue is None:
-                queue = self._queues[tenant] = deque()
-                self._ring.append(tenant)
-                self._deficit[tenant] = 0.0
-            queue.extend(_Item(req, i, Row(adapter, f)) for i, f in enumerate(features))
-            self._rows += len(features)
+            self._admit(tenant, n)
+            self._pending.append(_Pending(req, adapter, list(inputs)))  # tokenised by the worker, in a batch
+            self._pending_rows[tenant] += n
+            self._rows += n
             self._cond.notify()
         fut.add_done_callback(lambda f: self._withdraw(req) if f.cancelled() else None)
         return fut
@@ -206,6 +218,13 @@ class MicroBatcher:
     def _withdraw(self, req: _Request) -> None:
         """A cancelled request's rows leave the queue at once (they no longer count against any limit)."""
         with self._cond:
+            for i, p in enumerate(self._pending):
+                if p.request is req:
+                    del self._pending[i]
+                    self._unpend(p)
+                    self._rows -= len(p.inputs)
+                    self.stats["dropped"] += len(p.inputs)
+                    return
             queue = self._queues.get(req.tenant)
             if not queue:
                 return
@@ -217,6 +236,85 @@ class MicroBatcher:
                 self.stats["dropped"] += dropped
                 if not kept:
                     self._forget(req.tenant)
+
+    def _unpend(self, p: _Pending) -> None:
+        """`p`'s rows no longer wait untokenised. Call under the lock."""
+        left = self._pending_rows[p.request.tenant] - len(p.inputs)
+        if left > 0:
+            self._pending_rows[p.request.tenant] = left
+        else:
+            del self._pending_rows[p.request.tenant]
+
+    def _tokenize_pending(self) -> None:
+        """Tokenise the requests that wait untokenised, in batches, and queue their rows. The lock is not held
+        while the tokenizer runs: requests keep arriving meanwhile."""
+        with self._cond:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            made = self._tokenize(pending)
+        except Exception as e:  # a bug of ours: these requests fail, the counts stay right
+            made = [(p, e) for p in pending]
+        with self._cond:
+            self._enqueue(made)
+
+    def _tokenize(self, pending: list[_Pending]) -> list[tuple[_Pending, list[dict] | Exception]]:
+        """The rows of `pending`, one tokenizer call per (base model, length limit, kind of input): the same
+        features `engine.encode` gives each request alone. A call that fails is retried per request, so that
+        only a request whose own inputs fail gets the error. Runs without the lock."""
+        groups: dict[tuple, list[_Pending]] = {}
+        for p in pending:
+            kinds = {isinstance(x, str) for x in p.inputs}
+            key = (p.adapter.config["base_model"]["name"], p.adapter.max_seq_length,
+                   kinds.pop() if len(kinds) == 1 else id(p))  # a request mixing kinds is a group of its own
+            groups.setdefault(key, []).append(p)
+        out: list[tuple[_Pending, list[dict] | Exception]] = []
+        for group in groups.values():
+            try:
+                feats = self.engine.encode(group[0].adapter, [x for p in group for x in p.inputs])
+            except Exception:
+                if len(group) == 1:
+                    feats = None
+                else:
+                    out += self._tokenize_apart(group)
+                    continue
+            if feats is None:
+                out += self._tokenize_apart(group)
+                continue
+            at = 0
+            for p in group:
+                out.append((p, feats[at: at + len(p.inputs)]))
+                at += len(p.inputs)
+        return out
+
+    def _tokenize_apart(self, group: list[_Pending]) -> list[tuple[_Pending, list[dict] | Exception]]:
+        out: list[tuple[_Pending, list[dict] | Exception]] = []
+        for p in group:
+            try:
+                out.append((p, self.engine.encode(p.adapter, p.inputs)))
+            except Exception as e:
+                out.append((p, e))
+        return out
+
+    def _enqueue(self, made: list[tuple[_Pending, list[dict] | Exception]]) -> None:
+        """Tokenised requests join their tenants' queues (a request done meanwhile is dropped). Under the lock."""
+        for p, feats in made:
+            req = p.request
+            self._unpend(p)
+            if isinstance(feats, Exception) or req.future.done():
+                self._rows -= len(p.inputs)
+                if isinstance(feats, Exception):
+                    _fail(req, _tokenize_error(feats, p))
+                else:
+                    self.stats["dropped"] += len(p.inputs)
+                continue
+            queue = self._queues.get(req.tenant)
+            if queue is None:
+                queue = self._queues[req.tenant] = deque()
+                self._ring.append(req.tenant)
+                self._deficit[req.tenant] = 0.0
+            queue.extend(_Item(req, i, Row(p.adapter, f)) for i, f in enumerate(feats))
 
     def _forget(self, tenant: str) -> None:
         """Take a tenant with no rows left out of the round robin. Call under the lock."""
@@ -231,7 +329,7 @@ class MicroBatcher:
         """`submit` and wait. Cancelling the awaiting task (a client that went away) cancels the request,
         whose rows are then dropped before they run."""
         timeout = timeout_s or self.config.timeout_s
-        # Loading an adapter on a miss and tokenising are blocking: keep them off the event loop.
+        # Loading an adapter on a miss is blocking: keep it off the event loop (tokenising is the worker's).
         queued = self._submitter.submit(self.submit, adapter_name, inputs, top_k, timeout, tenant)
         try:
             fut = await asyncio.wrap_future(queued)
@@ -247,16 +345,22 @@ class MicroBatcher:
 
     # -- the worker
     def _take(self) -> list[_Item]:
-        """Up to `max_batch_size` rows by deficit round robin over the tenants' queues."""
+        """Up to `max_batch_size` rows by deficit round robin over the tenants' queues, after tokenising (in
+        batches) the requests that arrived since the last call."""
         cfg = self.config
         with self._cond:
+            idle = not self._rows
             while self._running and not self._rows:
                 self._cond.wait(timeout=0.5)
             if not self._running:
                 return []
-            deadline = time.monotonic() + cfg.max_wait_ms / 1000
+            # Wait for company only when busy (rows were already waiting as the last batch ended: more are
+            # likely on their way); an idle batcher runs the first row at once, at the one-row forward's latency.
+            deadline = time.monotonic() + (0 if idle else cfg.max_wait_ms / 1000)
             while self._rows < cfg.max_batch_size and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(timeout=left)
+        self._tokenize_pending()
+        with self._cond:
             items: list[_Item] = []
             while len(items) < cfg.max_batch_size and self._ring:
                 tenant = self._ring[0]
@@ -391,6 +495,17 @@ def _row_error(error: Exception, items: list[_Item]) -> SpafitError:
     log.error("a prediction row failed alone (ref %s): adapter %s, %d tokens", ref, it.row.adapter.name, it.length,
               exc_info=error)
     return PredictionFailedError(f"the prediction failed on this input (ref {ref}); other requests were served",
+                                 detail={"reference": ref})
+
+
+def _tokenize_error(error: Exception, p: _Pending) -> SpafitError:
+    """The error a request gets when its inputs could not be tokenised (alone)."""
+    if isinstance(error, SpafitError):
+        return error
+    ref = uuid.uuid4().hex
+    log.error("tokenising a request failed (ref %s): adapter %s, %d inputs", ref, p.adapter.name, len(p.inputs),
+              exc_info=error)
+    return PredictionFailedError(f"the prediction failed on these inputs (ref {ref}); other requests were served",
                                  detail={"reference": ref})
 
 

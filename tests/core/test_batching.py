@@ -80,6 +80,7 @@ def test_packing_respects_rows_tokens_and_sorts_by_length(engine):
     batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=3, max_tokens=40))
     texts = ["ok", "good movie", " ".join(["good"] * 12), "the plot was very boring and bad", "fine", "bad"]
     batcher.submit("t0", texts)
+    batcher._tokenize_pending()  # what the worker does first
     items = list(batcher._queues[""])
     batches = batcher._pack(items)
     assert sum(len(b) for b in batches) == len(texts)
@@ -331,3 +332,75 @@ def test_a_row_costs_its_tokens_so_long_inputs_use_up_a_share_faster(engine, mon
         batcher.stop()
     first = calls[0]  # both had a backlog: turns of 60 tokens each, i.e. 2 long rows or 15 short ones
     assert first.count(("t0", 30)) == 4 and first.count(("t1", 4)) == 28  # 120 tokens against 112, not 16 rows each
+
+
+def test_requests_waiting_together_are_tokenised_in_one_call_with_each_answer_exact(engine, monkeypatch):
+    want = {f"t{i}": engine.predict(f"t{i}", TEXTS[i % 3:]) for i in range(4)}
+    calls = []
+    encode = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda adapter, inputs: calls.append(len(inputs)) or encode(adapter, inputs))
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=32, max_wait_ms=1))
+    futures = {name: batcher.submit(name, TEXTS[i % 3:]) for i, name in enumerate(want)}  # before the thread runs
+    batcher.start()
+    try:
+        for name, fut in futures.items():
+            got = fut.result(timeout=30)
+            assert [p["label"] for p in got] == [p["label"] for p in want[name]]
+            assert all(abs(p["score"] - d["score"]) <= 1e-5 for p, d in zip(got, want[name], strict=True))
+    finally:
+        batcher.stop()
+    limits = {engine.adapter(name).max_seq_length for name in want}
+    assert len(calls) == len(limits) < len(want)  # one tokenizer call per length limit, not one per request
+    assert sum(calls) == sum(len(TEXTS[i % 3:]) for i in range(4))
+
+
+def test_inputs_that_fail_to_tokenise_fail_only_their_own_request(engine, monkeypatch):
+    from spafit_core.errors import PredictionFailedError
+
+    encode = engine.encode
+
+    def fragile(adapter, inputs):
+        if POISON in inputs:
+            raise ValueError("the tokenizer choked")
+        return encode(adapter, inputs)
+
+    monkeypatch.setattr(engine, "encode", fragile)
+    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1))
+    good = [batcher.submit("t0", TEXTS[:2]) for _ in range(3)]
+    bad = batcher.submit("t0", ["fine", POISON])
+    batcher.start()
+    try:
+        assert all(len(f.result(timeout=30)) == 2 for f in good)
+        with pytest.raises(PredictionFailedError, match="ref [0-9a-f]{32}"):
+            bad.result(timeout=30)
+        assert batcher.depth == 0 and batcher.depths() == {}  # no row of it is left counted
+    finally:
+        batcher.stop()
+
+
+def test_an_idle_batcher_runs_a_lone_request_without_waiting_for_company(engine):
+    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=3000)).start()
+    try:
+        batcher.submit("t0", TEXTS[:1]).result(timeout=30)  # warm
+        import time
+
+        start = time.perf_counter()
+        batcher.submit("t1", TEXTS[:1]).result(timeout=30)
+        assert time.perf_counter() - start < 1.0  # not the 3 s a busy batcher would wait for company
+    finally:
+        batcher.stop()
+
+
+def test_a_request_cancelled_before_it_is_tokenised_leaves_no_row_behind(engine):
+    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1))  # not started: everything stays pending
+    gone = batcher.submit("t0", TEXTS[:3], tenant="a")
+    kept = batcher.submit("t1", TEXTS[:2], tenant="a")
+    assert batcher.depths() == {"a": 5}
+    gone.cancel()
+    assert batcher.depth == 2 and batcher.depths() == {"a": 2}
+    batcher.start()
+    try:
+        assert len(kept.result(timeout=30)) == 2
+    finally:
+        batcher.stop()
+    assert batcher.stats["dropped"] == 3
