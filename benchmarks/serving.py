@@ -290,8 +290,8 @@ def bench_backbone(engine: Engine, fac: Factory, args) -> dict[str, Any]:
 
         def bookkeeping_x20(rows=mixed):  # what a forward spends deciding which adapter rows go where
             for _ in range(20):
-                with pools.lock, _slots(pools, [r.adapter for r in rows]) as row_slot:
-                    pools.route(row_slot)
+                with pools.lock, _slots(pools, [r.adapter for r in rows]) as (row_slot, distinct):
+                    pools.route(row_slot, distinct)
 
         fns[f"bare_backbone_{L}"] = run_bare
         fns[f"mixed_32x32_{L}"] = lambda r=mixed: engine.forward(r)

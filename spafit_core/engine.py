@@ -635,8 +635,8 @@ class Engine:
         adapters = [r.adapter for r in rows]
         pools = self._banks[bb.name].pools
         with self._forward_lock, pools.lock:
-            with _slots(pools, adapters) as row_slot:
-                deltas = pools.route(row_slot)
+            with _slots(pools, adapters) as (row_slot, distinct):
+                deltas = pools.route(row_slot, distinct)
                 try:
                     outputs = self._run(bb, batch, Route(deltas=deltas))
                 except MixedBatchUnsupported:  # e.g. DeBERTa's shared relative-position projections
@@ -734,8 +734,8 @@ class Engine:
         rows = [a for _ in feats for a in adapters]  # input-major
         many = {key: v.repeat_interleave(k_tasks, 0) for key, v in inputs.items()}  # (N * K, T)
         pools = self._banks[bb.name].pools
-        with self._forward_lock, pools.lock, _slots(pools, rows) as row_slot:
-            deltas = pools.route(row_slot)
+        with self._forward_lock, pools.lock, _slots(pools, rows) as (row_slot, distinct):
+            deltas = pools.route(row_slot, distinct)
             if k >= bb.stack.num_layers:  # head-only adapters: the whole base is shared
                 outputs = self._run(bb, inputs, Route())
                 outputs = _repeat_output(outputs, k_tasks)
@@ -754,9 +754,9 @@ class Engine:
 
 
 @contextlib.contextmanager
-def _slots(pools: SlotPools, adapters: Sequence[LoadedAdapter]) -> Iterator[torch.Tensor]:
+def _slots(pools: SlotPools, adapters: Sequence[LoadedAdapter]) -> Iterator[tuple[torch.Tensor, list[int]]]:
     """The row-to-slot index of a batch whose row i belongs to adapters[i] (one entry where every row has
-    the same adapter), on the pools' device. An adapter not in these pools (evicted or replaced while its
+    the same adapter), on the pools' device, and its distinct slots. An adapter not in these pools (evicted or replaced while its
     request waited, or of a backbone since reloaded) borrows a slot for the block. Call under the pools'
     lock: no slot changes meanwhile."""
     borrowed: dict[int, int] = {}
@@ -772,7 +772,7 @@ def _slots(pools: SlotPools, adapters: Sequence[LoadedAdapter]) -> Iterator[torc
                 s = borrowed[id(a)] = pools.attach(a.layout, a.packed(), a.task.num_labels)
         slots.append(s)
     try:
-        yield _to_device({"s": torch.tensor(slots)}, pools.device)["s"]
+        yield _to_device({"s": torch.tensor(slots)}, pools.device)["s"], list(set(slots))
     finally:
         for s in borrowed.values():
             pools.detach(s)

@@ -132,6 +132,7 @@ class _Module:
         self.rank = 0  # LoRA columns in the table: the largest rank resident
         self.bias_col: int | None = None
         self.lora_cols: slice | None = None
+        self.index = 0  # in the pools' module order (`SlotPools.meta` columns)
 
 
 class SlotPools:
@@ -153,6 +154,10 @@ class SlotPools:
         self._records: dict[int, dict[str, Any]] = {}  # slot -> its pool rows
         self._free_slots: list[int] = []
         self._handles: dict[str, _Handle] = {}
+        # (G, 2M) on the host: per slot and module, its LoRA rank (first M columns) and whether it has a bias
+        # delta (last M): a forward reads its slots' rows to skip modules no row adapts and trim LoRA columns
+        # to the batch's largest rank, without touching the device
+        self.meta = torch.zeros((0, 0), dtype=torch.int32)
 
     # -- sizes
     @property
@@ -197,6 +202,7 @@ class SlotPools:
                 self._rebuild_table()
             else:
                 self.table[slot] = torch.tensor(self._table_row(rec), device=self.device)
+                self.meta[slot] = torch.tensor(self._meta_row(rec))
             return slot
 
     @torch.inference_mode(False)  # pools outlive the forward that may grow them
@@ -237,6 +243,7 @@ class SlotPools:
             for k, row in rec["head"].items():
                 self.head[k].release([row])
             self.table[slot] = 0
+            self.meta[slot] = 0
             self._free_slots.append(slot)
 
     def nbytes_of(self, slot: int) -> int:
@@ -252,10 +259,13 @@ class SlotPools:
             return n * torch.empty((), dtype=self.dtype).element_size()
 
     # -- the forward pass
-    def route(self, row_slot: torch.Tensor) -> _Bound:
-        """Per-module deltas of a batch whose row i is in slot row_slot[i] (or one slot for every row): one
-        indexed op on the table; each module gathers its own rows when it runs."""
-        return _Bound(self._handles, self.table.index_select(0, row_slot))
+    def route(self, row_slot: torch.Tensor, distinct: list[int]) -> _Bound:
+        """Per-module deltas of a batch whose row i is in slot row_slot[i] (or one slot for every row), over
+        the `distinct` slots: one indexed op on the table; each module gathers its own rows when it runs.
+        Modules that no row's adapter adapts get no delta; LoRA runs to the batch's largest rank."""
+        active = self.meta[distinct].amax(0).tolist()  # host-side: no device round trip
+        # int32 in the table (half the bytes), int64 per forward (the gathers' native index type)
+        return _Bound(self._handles, self.table.index_select(0, row_slot).long(), active)
 
     def head_params(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each head tensor per row (B, *padded shape): one gather per head tensor."""
@@ -312,8 +322,12 @@ class SlotPools:
         rows = max(self.table.shape[0], max(self._records, default=-1) + 1)
         rows += rows // GROWTH
         table = torch.zeros((rows, col), dtype=torch.int32)
+        self.meta = torch.zeros((rows, 2 * len(self.modules)), dtype=torch.int32)
+        for i, m in enumerate(self.modules.values()):
+            m.index = i
         for slot, rec in self._records.items():
             table[slot] = torch.tensor(self._table_row(rec, col))
+            self.meta[slot] = torch.tensor(self._meta_row(rec))
         self.table = table.to(self.device)
         self._handles = {k: _Handle(m, self.kernel) for k, m in self.modules.items()}
 
@@ -328,6 +342,15 @@ class SlotPools:
                 row[lo: lo + len(r["lora"])] = r["lora"]
         for k, rowid in rec["head"].items():
             row[self.head_cols[k]] = rowid
+        return row
+
+    def _meta_row(self, rec: dict) -> list[int]:
+        n = len(self.modules)
+        row = [0] * (2 * n)
+        for key, r in rec["modules"].items():
+            i = self.modules[key].index
+            row[i] = len(r.get("lora", ()))
+            row[n + i] = int("bias" in r)
         return row
 
     def _pad_head(self, k: str, t: torch.Tensor) -> torch.Tensor:
@@ -350,47 +373,55 @@ def _prod(shape) -> int:
 class _Handle:
     """One module's pools, columns and kernel (rebuilt when the table's columns change)."""
 
-    __slots__ = ("m", "bias_col", "lora_cols", "kernel")
+    __slots__ = ("m", "bias_col", "lora_cols", "kernel", "index")
 
     def __init__(self, m: _Module, k: SlotKernel):
-        self.m, self.bias_col, self.lora_cols, self.kernel = m, m.bias_col, m.lora_cols, k
+        self.m, self.bias_col, self.lora_cols, self.kernel, self.index = m, m.bias_col, m.lora_cols, k, m.index
 
 
 class _Bound(Mapping):
-    """The route's `deltas` for one forward: module key -> its `SlotDelta` over this batch's table rows."""
+    """The route's `deltas` for one forward: module key -> its `SlotDelta` over this batch's table rows, for
+    the modules some row's adapter adapts."""
 
-    def __init__(self, handles: dict[str, _Handle], cols: torch.Tensor):
-        self.handles, self.cols = handles, cols  # cols: (B, C) pool rows per batch row, or (1, C)
+    def __init__(self, handles: dict[str, _Handle], cols: torch.Tensor, active: list[int]):
+        self.handles, self.cols, self.active = handles, cols, active  # cols: (B, C) or (1, C)
+        self.n = len(active) // 2
 
     def get(self, key, default=None):
         h = self.handles.get(key)
-        return default if h is None else SlotDelta(h, self.cols)
+        if h is None:
+            return default
+        rank, bias = self.active[h.index], self.active[self.n + h.index]
+        if not rank and not bias:
+            return default
+        return SlotDelta(h, self.cols, rank, bias)
 
     def __getitem__(self, key):
-        return SlotDelta(self.handles[key], self.cols)
+        d = self.get(key)
+        if d is None:
+            raise KeyError(key)
+        return d
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.handles)
+        return (k for k, h in self.handles.items() if self.active[h.index] or self.active[self.n + h.index])
 
     def __len__(self) -> int:
-        return len(self.handles)
-
-    def __bool__(self) -> bool:
-        return bool(self.handles)
+        return sum(1 for _ in self)
 
 
 class SlotDelta:
     """A module's update for one forward from its pools (duck-types `layers.Delta`): `bias` is the
     gathered per-row bias (B, 1, out), or one (out,) for a single-adapter batch, once folded."""
 
-    __slots__ = ("h", "cols", "bias", "folded")
+    __slots__ = ("h", "cols", "rank", "has_bias", "bias", "folded")
 
-    def __init__(self, h: _Handle, cols: torch.Tensor):
-        self.h, self.cols, self.bias, self.folded = h, cols, None, False
+    def __init__(self, h: _Handle, cols: torch.Tensor, rank: int, has_bias: bool):
+        self.h, self.cols, self.rank, self.has_bias = h, cols, rank, has_bias  # rank: the batch's largest here
+        self.bias, self.folded = None, False
 
     def _bias(self) -> torch.Tensor | None:
         h = self.h
-        if h.bias_col is None:
+        if not self.has_bias:
             return None
         idx = self.cols[:, h.bias_col]
         if idx.shape[0] == 1:
@@ -404,7 +435,7 @@ class SlotDelta:
             return bias, self
         self.folded = True
         if mine.dim() == 1:  # one adapter: its bias delta folds into the module's bias
-            return (mine if bias is None else bias + mine), (self if self.h.lora_cols is not None else None)
+            return (mine if bias is None else bias + mine), (self if self.rank else None)
         if per_row and bias is not None and not torch.is_grad_enabled():
             self.bias = mine + bias  # the module's matmul writes no bias; the per-row add writes both
             return None, self
@@ -420,9 +451,9 @@ class SlotDelta:
         if rows > 1 and (x.dim() != 3 or x.shape[0] != rows):
             raise MixedBatchUnsupported(f"input of shape {tuple(x.shape)} is not per-row over {rows} rows")
         inplace = fresh and not torch.is_grad_enabled() and y.is_contiguous()
-        if h.lora_cols is not None:
-            lora = h.m.lora.data
-            y = h.kernel.lora_(y, x, lora[0], lora[1], cols[:, h.lora_cols], inplace)
+        if self.rank:
+            lora, lo = h.m.lora.data, h.lora_cols.start
+            y = h.kernel.lora_(y, x, lora[0], lora[1], cols[:, lo: lo + self.rank], inplace)
             inplace = not torch.is_grad_enabled()  # y is fresh now, in any case
         if bias is not None:
             y = y.add_(bias) if inplace else y + bias

@@ -152,9 +152,9 @@ def test_mixed_route_folds_per_row_bias_exactly(engine):
     rows = [Row(engine.adapter(n), engine.encode(engine.adapter(n), [TEXTS[i % len(TEXTS)]])[0])
             for i, n in enumerate(names)]
     pools = engine.bank().pools
-    with pools.lock, _slots(pools, [r.adapter for r in rows]) as row_slot:
+    with pools.lock, _slots(pools, [r.adapter for r in rows]) as (row_slot, distinct):
         assert row_slot.shape == (len(rows),)
-        for d in pools.route(row_slot).values():  # per-row bias rows, the module's own bias moved in
+        for d in pools.route(row_slot, distinct).values():  # per-row bias rows, the module's own bias moved in
             _, rest = d.fold_bias(torch.zeros(d.h.m.bias.widths[0]) if d.h.bias_col is not None else None)
             assert rest is None or rest.bias is None or rest.bias.dim() == 3
     mixed = engine.forward(rows)

@@ -126,9 +126,9 @@ def test_one_adapter_for_every_row_passes_one_slot(engine_zoo):
     e = engine_zoo
     pools = e.bank().pools
     a, b = e.adapter("z0"), e.adapter("z1")
-    with pools.lock, _slots(pools, [a, a, a]) as one, _slots(pools, [a, b, a]) as mixed:
+    with pools.lock, _slots(pools, [a, a, a]) as (one, _), _slots(pools, [a, b, a]) as (mixed, distinct):
         assert one.tolist() == [a.slot] and mixed.tolist() == [a.slot, b.slot, a.slot]
-        cols = pools.route(mixed).cols
+        cols = pools.route(mixed, distinct).cols
         assert cols.shape == (3, pools.table.shape[1]) and torch.equal(cols[0], cols[2])
 
 
