@@ -29,6 +29,16 @@ Reported: B's p50/p99 alone and under the flood (target: p99 within 1.5x, zero e
 
     python -m benchmarks.load --noisy            # about 80 s on MiniLM: 5 s warm-up, 10 s capacity, 2 x 25 s
 
+HTTP against the engine (`--vs-engine`, instead of the phases above): two SPAFIT tasks, short inputs (4 to 6
+words), one input per request. Per mode (`--mode embedded|server|both`: embedded defaults on SQLite with auth
+off; server mode on Postgres with an API key), the engine alone first (`Engine.predict_mixed` on the same kind of
+rows, `--engine-batch` rows a call, and its one-row forward; in a child process while the server is idle), then
+the service at `--clients` clients and at one client. Reported: requests/s over the engine's rows/s (target
+>= 0.7), p50/p99, and the one client's p50 minus the one-row forward (target <= 3 ms). `--profile NAME` records
+the server with py-spy during the loaded phase into benchmarks/profiles/NAME_<mode>.txt (top frames).
+
+    python -m benchmarks.load --vs-engine --profile after   # about 3 minutes on MiniLM
+
 Results: benchmarks/results/load.json (load_quick.json with --quick, load_tiny*.json with --tiny,
 load_noisy*.json with --noisy).
 """
@@ -523,6 +533,177 @@ def _loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+# ------------------------------------------------------------------------------------------ HTTP vs the engine
+SHORT_TEXTS = ["a great film with a fun plot", "boring and slow, I left early", "not bad but not great",
+               "the actors were truly awful", "I loved every minute of it", "superb soundtrack and great cast",
+               "dull story and flat jokes", "a classic worth seeing twice"]  # 4 to 6 words each
+VS_TASKS = [t for t in TASKS if t[1]["name"] == "spafit"][:2]  # two SPAFIT tasks
+
+
+def engine_figures(base_model: str, adapters: list[tuple[str, dict, bytes]], batch: int, seconds: float,
+                   one_row: int) -> dict[str, Any]:
+    """In a child process (its own torch threads, the server idle meanwhile): `Engine.predict_mixed` on the
+    requests the clients send (one short input each, tasks alternating), `batch` rows a call, for `seconds`;
+    and the one-row forward (`predict_mixed` of one row) `one_row` times."""
+    from spafit_core.engine import Engine
+
+    engine = Engine(device="cpu", default_base_model=base_model)
+    for name, cfg, weights in adapters:
+        engine.load(name, cfg, weights)
+    names = [name for name, _, _ in adapters]
+    rng = random.Random(3)
+    make = lambda n: [(names[i % len(names)], rng.choice(SHORT_TEXTS)) for i in range(n)]  # noqa: E731
+    for _ in range(3):
+        engine.predict_mixed(make(batch))
+    rows, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        rows += len(engine.predict_mixed(make(batch)))
+    rows_s = rows / (time.perf_counter() - start)
+    one = []
+    for _ in range(one_row):
+        req = make(1)
+        t = time.perf_counter()
+        engine.predict_mixed(req)
+        one.append((time.perf_counter() - t) * 1000)
+    return {"batch": batch, "rows_per_s": round(rows_s, 1), "one_row_ms": _percentiles(one)}
+
+
+def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
+    """`py-spy record` of the server for `seconds` (raw collapsed stacks, every thread), or None without it."""
+    exe = Path(sys.executable).with_name("py-spy")
+    if not exe.exists():
+        return None
+    return subprocess.Popen([str(exe), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-t",
+                             "--format", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def profile_summary(raw: Path, title: str, top: int = 30) -> str:
+    """Top frames of a collapsed-stack file: by own samples and by inclusive samples (a frame counted once
+    per stack), each as a share of the samples of all threads that were not idle."""
+    own: Counter = Counter()
+    inclusive: Counter = Counter()
+    total = 0
+    idle = ("wait (threading.py", "Condition.wait (threading.py", "select (selectors.py", "_worker (concurrent/futures/thread.py",
+            "poll (", "_run_once (asyncio/base_events.py")
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        leaf = frames[-1]
+        if any(leaf.startswith(i) for i in idle) or "_listen_postgres" in stack:  # the cache's LISTEN: idle
+            continue
+        n = int(count)
+        total += n
+        own[leaf] += n
+        for f in set(frames[1:]):  # frames[0] is the thread
+            inclusive[f] += n
+    lines = [title, f"busy samples (all threads, idle waits left out): {total}", "", "by own time:"]
+    lines += [f"{100 * n / max(total, 1):6.1f}%  {f}" for f, n in own.most_common(top)]
+    lines += ["", "inclusive (the frame or anything it called):"]
+    lines += [f"{100 * n / max(total, 1):6.1f}%  {f}" for f, n in inclusive.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+def _one_input_phase(url: str, headers: dict, tasks: list[str], clients: int, duration: float, seed: int) -> Phase:
+    global TEXTS
+    saved, TEXTS = TEXTS, SHORT_TEXTS
+    try:
+        return asyncio.run(run_phase(url, headers, tasks, clients=clients, duration=duration, inputs=(1, 1),
+                                     seed=seed))
+    finally:
+        TEXTS = saved
+
+
+def run_vs_engine(args: argparse.Namespace, base: str, tmp: Path, prefix: str, result: dict[str, Any],
+                  name: str) -> None:
+    """Per mode (embedded defaults; server mode with keys): the engine's rows/s and one-row forward (child
+    process), then the service at `--clients` clients and at one client, one input per request."""
+    profiles = REPO / "benchmarks" / "profiles"
+    clients = args.clients or 64
+    duration = args.duration or 20.0
+    modes = ["embedded", "server"] if args.mode == "both" else [args.mode]
+    adapters = [(n, *random_adapter(base, m, lab, seed=i)) for i, (n, m, lab) in enumerate(VS_TASKS)]
+    result["vs_engine"] = {}
+    for mode in modes:
+        with (fresh_database() if mode == "server" else _embedded_database(tmp / mode)) as db_url:
+            headers, tasks = register_vs_tasks(db_url, mode, adapters)
+            env = server_env(db_url, REDIS_URL, prefix, base, tmp / mode)
+            if mode == "embedded":
+                env = {k: v for k, v in env.items() if k not in ("SPAFIT_MODE", "SPAFIT_BROKER_URL",
+                                                                   "SPAFIT_BROKER_KEY_PREFIX")}
+                env["SPAFIT_MODE"] = "embedded"
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                engine = pool.submit(engine_figures, base, adapters, args.engine_batch, args.engine_seconds,
+                                     args.one_row).result()
+            common.log(f"{mode}: engine {engine['rows_per_s']} rows/s at {args.engine_batch} rows a batch, "
+                       f"one row p50 {engine['one_row_ms']['p50']} ms")
+            server = Server(env, tmp / f"server-{mode}.log").start()
+            try:
+                _one_input_phase(server.url, headers, tasks, clients, args.warmup, seed=0)  # warm-up
+                load_before = _loadavg()
+                spy = py_spy(server.proc.pid, duration, tmp / f"{mode}.raw") if args.profile else None
+                many = _one_input_phase(server.url, headers, tasks, clients, duration, seed=1)
+                if spy is not None:
+                    spy.wait(timeout=60)
+                one = _one_input_phase(server.url, headers, tasks, 1, args.one_duration, seed=2)
+                load_after = _loadavg()
+            finally:
+                server.stop()
+        m, o = many.summary(), one.summary()
+        entry = {"engine": engine, f"http_{clients}_clients": m, "http_1_client": o,
+                 "ratio_rps_to_engine": round(m["throughput_rps"] / engine["rows_per_s"], 3),
+                 "one_client_p50_minus_one_row_ms": round(o["latency_ms"]["p50"] - engine["one_row_ms"]["p50"], 1),
+                 "loadavg": [load_before, load_after]}
+        result["vs_engine"][mode] = entry
+        if args.profile and (tmp / f"{mode}.raw").exists():
+            profiles.mkdir(exist_ok=True)
+            title = (f"py-spy record of the API process, {mode} mode, {clients} clients, one input per request, "
+                     f"{duration:g}s ({m['throughput_rps']} req/s; loadavg {load_before}); {common.command_line()}")
+            path = profiles / f"{args.profile}_{mode}.txt"
+            path.write_text(profile_summary(tmp / f"{mode}.raw", title))
+            entry["profile"] = str(path.relative_to(REPO))
+        common.log(f"{mode}: {m['throughput_rps']} req/s at {clients} clients = {entry['ratio_rps_to_engine']}x the "
+                   f"engine; p50 {m['latency_ms']['p50']} ms p99 {m['latency_ms']['p99']} ms; one client p50 "
+                   f"{o['latency_ms']['p50']} ms ({entry['one_client_p50_minus_one_row_ms']:+} ms vs the one-row "
+                   f"forward); errors {m['errors']}/{o['errors']}; loadavg {load_before} -> {load_after}")
+    result["loadavg_after"] = _loadavg()
+    common.log(f"wrote {common.write_result(name, result)}")
+
+
+@contextmanager
+def _embedded_database(folder: Path):
+    from app.services import migrate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{folder / 'spafit.db'}"
+    migrate.upgrade(url)
+    yield url
+
+
+def register_vs_tasks(database_url: str, mode: str, adapters: list) -> tuple[dict[str, str], list[str]]:
+    """The tasks of `adapters` under the local tenant (embedded, no key) or a new tenant with a predict key."""
+    from app.db import Database
+    from app.services import keys, registry
+
+    db = Database.from_url(database_url)
+    try:
+        with db.session() as s:
+            if mode == "embedded":
+                tenant, headers = keys.ensure_local_tenant(s), {}
+            else:
+                tenant = keys.create_tenant(s, "load")
+                _, plaintext = keys.create_key(s, tenant.id, "load", ["predict"])
+                headers = {"Authorization": f"Bearer {plaintext}"}
+            for name, cfg, weights in adapters:
+                registry.register_version(s, tenant.id, name, cfg, weights)
+            s.commit()
+    finally:
+        db.dispose()
+    return headers, [name for name, _, _ in adapters]
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -541,6 +722,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--capacity-duration", type=float, default=10.0, help="--noisy: seconds measuring capacity")
     p.add_argument("--set", nargs=2, action="append", metavar=("SETTING", "VALUE"),
                    help="a server setting, e.g. --set batch_max_size 8 (repeatable)")
+    p.add_argument("--vs-engine", action="store_true", help="requests/s against the engine's rows/s (see above)")
+    p.add_argument("--mode", choices=["embedded", "server", "both"], default="both", help="--vs-engine: which modes")
+    p.add_argument("--engine-batch", type=int, default=32, help="--vs-engine: rows per predict_mixed call")
+    p.add_argument("--engine-seconds", type=float, default=10.0, help="--vs-engine: seconds of engine throughput")
+    p.add_argument("--one-row", type=int, default=100, help="--vs-engine: one-row forwards timed")
+    p.add_argument("--one-duration", type=float, default=10.0, help="--vs-engine: seconds of the one-client run")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="--vs-engine: py-spy the server at full load into benchmarks/profiles/NAME_<mode>.txt")
     args = p.parse_args(argv)
     clients = args.clients or (16 if args.quick else 64)
     duration = args.duration or (10.0 if args.quick else 60.0)
@@ -555,6 +744,8 @@ def main(argv: list[str] | None = None) -> None:
                               "base_model": "tiny random BERT (hidden 64, 4 layers)" if args.tiny else base,
                               "tasks": [{"name": n, "method": m["name"], "labels": len(lab)} for n, m, lab in TASKS],
                               "clients": clients, "loadavg_before": _loadavg()}
+    if args.vs_engine:
+        return run_vs_engine(args, base, tmp, prefix, result, args.out or "load_vs_engine" + ("_tiny" if args.tiny else ""))
     if args.noisy:
         return run_noisy(args, base, tmp, prefix, result, name)
     with fresh_database() as db_url:

@@ -94,7 +94,12 @@ class Invalidation:
     # -- the listener
     def start(self) -> Invalidation:
         if self._thread is None:
-            target = self._listen_postgres if self.url.startswith("postgresql") else self._poll_sqlite
+            from sqlalchemy import make_url
+
+            from ..settings import normalize_database_url
+
+            backend = make_url(normalize_database_url(self.url)).get_backend_name()
+            target = self._listen_postgres if backend == "postgresql" else self._poll_sqlite
             self._thread = threading.Thread(target=target, name="spafit-cache-listener", daemon=True)
             self._thread.start()
         return self
@@ -115,9 +120,12 @@ class Invalidation:
         import psycopg
         from sqlalchemy import make_url
 
-        u = make_url(self.url)
+        from ..settings import normalize_database_url
+
+        u = make_url(normalize_database_url(self.url))
         params = {k: v for k, v in {"host": u.host, "port": u.port, "user": u.username, "password": u.password,
                                     "dbname": u.database}.items() if v is not None}
+        params.update({k: v for k, v in u.query.items() if isinstance(v, str)})  # sslmode and the like
         backoff = POLL_S
         while not self._stop.is_set():
             try:

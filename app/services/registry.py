@@ -24,6 +24,7 @@ from ..errors import Conflict, NotFound
 from ..models import AdapterVersion, Job, Task
 from ..schemas import DB_INT_MAX, AdapterVersionOut, TaskOut, TaskType
 from . import blobs
+from . import cache as _cache  # noqa: F401 (its session hooks tell every replica's caches of a change made here)
 from .pagination import paginate
 
 log = logging.getLogger("spafit.registry")

@@ -5,6 +5,7 @@ cache that never lets a wrong key in; an SQLite database whose caches follow ano
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -78,6 +79,30 @@ def test_a_version_activated_through_one_replica_is_served_by_the_other_within_a
     assert _predict(a.url, key, "swap").json()["version"] == 2  # the replica that activated: at once
     for _ in range(5):  # and it stays there (no stale entry written back by a racing read)
         assert _predict(b.url, key, "swap").json()["version"] == 2
+
+
+def test_a_version_a_worker_process_registers_is_served_by_every_replica_within_a_second(replicas, tenant_key, db,
+                                                                                       versions, worker_env):
+    """The worker's path: another process that imports only the registry (not the API) registers and activates
+    the task's next version, as a finished job does."""
+    import subprocess
+    import sys
+
+    a, b = replicas
+    key = tenant_key("predict")
+    register(db, key.tenant_id, "retrained", *versions[0])
+    for url in (a.url, b.url):
+        assert _predict(url, key, "retrained").json()["version"] == 1
+    cfg, weights = versions[1]
+    code = ("import json, sys, uuid; from app.db import Database; from app.services import registry;"
+            "db = Database.from_url(sys.argv[1]); s = db.session();"
+            "registry.register_version(s, uuid.UUID(sys.argv[2]), 'retrained', json.loads(sys.argv[3]),"
+            " sys.stdin.buffer.read(), activate=True); s.commit(); s.close(); db.dispose()")
+    subprocess.run([sys.executable, "-c", code, worker_env["SPAFIT_DATABASE_URL"], str(key.tenant_id),
+                    json.dumps(cfg)], input=weights, check=True, env=subprocess_env(), timeout=60)
+    took = max(_until(lambda u=url: _predict(u, key, "retrained").json()["version"] == 2, f"{url} serving v2")
+               for url in (a.url, b.url))
+    assert took < WITHIN_S, took
 
 
 def test_a_task_deleted_through_one_replica_is_gone_from_the_other_within_a_second(replicas, tenant_key, db,
