@@ -11,13 +11,33 @@ TORCH_INDEX ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: quickstart test install chromium serve lint clean
+PYTEST := $(BIN)/python -m pytest
+# `make test` runs the suite on TEST_WORKERS pytest-xdist processes (tests/conftest.py keeps together what must
+# share one: the live worker/API/browser tests, a file's module-scoped fixtures), then the timing-sensitive tests
+# (marker `serial`) alone. Many tests wait on child processes, so more processes than cores pays (README, Tests).
+TEST_WORKERS ?= 4
+XDIST := --dist loadgroup --no-loadscope-reorder
+# The unit tests: no Postgres, Redis or service processes (tests marked `slow` left out); CPU-bound, so one
+# process per core.
+UNIT_TESTS ?= tests/core tests/deploy tests/bench
+UNIT_WORKERS ?= 2
+
+.PHONY: quickstart test test-fast install chromium serve lint clean
 
 quickstart: install  ## start the embedded service, fine-tune an adapter, predict with it
 	$(BIN)/spafit quickstart
 
 test: install chromium  ## the whole test suite (needs the Postgres and Redis of the machine)
-	$(BIN)/python -m pytest -q
+	status=0; \
+	$(PYTEST) -q -n $(TEST_WORKERS) $(XDIST) -m "not serial" --durations=15 || status=$$?; \
+	$(PYTEST) -q -m serial --durations=5 || { s=$$?; [ $$s = 5 ] || status=$$s; }; \
+	exit $$status
+
+test-fast: install  ## the unit tests alone, in under a minute (README, Tests)
+	status=0; \
+	$(PYTEST) -q -n $(UNIT_WORKERS) $(XDIST) -m "not slow and not serial" $(UNIT_TESTS) || status=$$?; \
+	$(PYTEST) -q -m "serial and not slow" $(UNIT_TESTS) || { s=$$?; [ $$s = 5 ] || status=$$s; }; \
+	exit $$status
 
 # The dashboard's browser tests drive Debian's Chromium (Playwright never downloads a browser). Installed here
 # when missing and we may (root, apt); otherwise say how.

@@ -19,6 +19,14 @@ from typing import Any
 
 import pytest
 
+# Set before anything imports torch or the Hugging Face libraries (this file is loaded first), and inherited by
+# the processes the tests start unless they set their own:
+# - one torch thread per process: the suite runs several processes on few cores, and two threads spinning
+#   against each other made single tests 50-100x slower (a 0.6 s training test took 61 s next to its twin);
+# - no Hugging Face Hub: this machine has no network, and a Hub call fails at once instead of retrying ~45 s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 PG_ADMIN_URL = os.environ.get("SPAFIT_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SPAFIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -209,6 +217,74 @@ def tenant_key(db: Any) -> Callable[..., TenantKey]:
             return TenantKey(tenant_id=tenant_id, key_id=row.id, key=plaintext, scopes=list(row.scopes))
 
     return make
+
+
+# --------------------------------------------------------------------------------------------- parallel runs
+
+# `make test` runs the suite on several pytest-xdist processes (`-n N --dist loadgroup`). Each is its own pytest
+# session, so each has its own database and Redis prefix (above) and its own session fixtures. What must not be
+# split across them is grouped here, from the fixtures a test requests (new tests land in the right place
+# without a marker):
+# - the tests on the session's real processes (tests/live.py's worker and API server, the browser tests'
+#   Chromium and embedded server) form two groups, each on one xdist process with one set of those processes:
+#   `live-jobs` (tests/worker, tests/reliability: they hold, kill and fill the worker) and `live-clients` (SDK,
+#   CLI, browser). One group was the whole run's longest chain (mostly waiting on the one worker); two halve it
+#   for one more worker/server pair (about 1 GB);
+# - a test with a module-, class- or package-scoped fixture runs on the process of the rest of its file, so
+#   that fixture is set up once;
+# - every other test is scheduled on its own, wherever a process is free.
+# Under xdist the groups are ordered longest first (live, then files, then single tests): with
+# `--no-loadscope-reorder` that is the order they are handed out, so no long chain starts last.
+LIVE_FIXTURES = frozenset({"worker", "live_server_process", "embedded_server", "browser"})
+LIVE_JOBS_FOLDERS = ("tests/worker/", "tests/reliability/")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups and `-m` selects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank: dict[int, int] = {}
+    for i, item in enumerate(items):
+        names = set(getattr(item, "fixturenames", ()))
+        if names & LIVE_FIXTURES:
+            item.add_marker(pytest.mark.live)
+            group, rank[i] = ("live-jobs" if item.nodeid.startswith(LIVE_JOBS_FOLDERS) else "live-clients"), 0
+        else:
+            defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+            wide = any(d.scope in ("module", "class", "package") for fds in defs.values() for d in fds)
+            group, rank[i] = (item.nodeid.split("::")[0], 1) if wide else (None, 2)
+        if group and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    if getattr(config.option, "loadgroup", False):  # an xdist process: the same order on every one
+        order = sorted(range(len(items)), key=lambda i: (rank[i], i))
+        items[:] = [items[i] for i in order]
+
+
+# A test may take over SLOW_TEST_S only with its reason in its docstring, on a line starting `Slow:`; the run's
+# summary names the ones without (a warning, not a failure: durations depend on the machine's load).
+SLOW_TEST_S = float(os.environ.get("SPAFIT_TEST_SLOW_S", "60"))
+_slow_without_reason: list[tuple[str, float]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.duration > SLOW_TEST_S:
+        doc = getattr(getattr(item, "function", None), "__doc__", None) or ""
+        if not any(line.strip().startswith("Slow:") for line in doc.splitlines()):
+            report.user_properties.append(("slow_without_reason", round(report.duration, 1)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:  # on the xdist controller too
+    for name, seconds in report.user_properties:
+        if name == "slow_without_reason":
+            _slow_without_reason.append((report.nodeid, seconds))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _slow_without_reason:
+        terminalreporter.section(f"tests over {SLOW_TEST_S:.0f} s without a `Slow:` reason in their docstring")
+        for nodeid, seconds in sorted(_slow_without_reason, key=lambda x: -x[1]):
+            terminalreporter.line(f"{seconds:7.1f}s {nodeid}")
 
 
 # The service as real processes (worker, live server, a trained job), shared by every test folder.

@@ -378,6 +378,7 @@ def test_inputs_that_fail_to_tokenise_fail_only_their_own_request(engine, monkey
         batcher.stop()
 
 
+@pytest.mark.serial  # a 1 s bound: run alone, not next to the parallel suite
 def test_an_idle_batcher_runs_a_lone_request_without_waiting_for_company(engine):
     batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=3000)).start()
     try:

@@ -20,7 +20,7 @@ from benchmarks.load import TASKS, _health_after, register_tasks, run_phase
 
 from .conftest import ApiProcess, service_env, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # load tests: `make test` runs them alone
 
 CLIENTS = 16
 COLD_CLIENTS = 96  # more than the 40 request threads plus the 15 pooled connections
