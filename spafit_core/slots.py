@@ -42,10 +42,11 @@ class SlotKernel:
         """(B, out) bias deltas of rows `idx` (B,) of `pool` (N, out)."""
         raise NotImplementedError
 
-    def lora_(self, y: torch.Tensor, x: torch.Tensor, a_pool: torch.Tensor, bt_pool: torch.Tensor,
+    def lora_(self, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, in_features: int,
               idx: torch.Tensor, inplace: bool) -> torch.Tensor:
-        """y + x A_i^T B_i per row i, where A_i = a_pool[idx[i]] (R, in) and B_i = bt_pool[idx[i]] (R, out)
-        (pre-scaled). In place into `y` where `inplace`. `idx` (B, R), or (1, R) for one adapter."""
+        """y + x A_i B_i^T per row i, where row n of `pool` (N, in + out) is [A row | pre-scaled B^T row] and
+        row i's rank rows are idx[i]: A_i = pool[idx[i], :in] (R, in), B_i^T = pool[idx[i], in:] (R, out).
+        In place into `y` where `inplace`. `idx` (B, R), or (1, R) for one adapter."""
         raise NotImplementedError
 
 
@@ -57,15 +58,16 @@ class TorchGather(SlotKernel):
     def bias_rows(self, pool, idx):
         return F.embedding(idx, pool)
 
-    def lora_(self, y, x, a_pool, bt_pool, idx, inplace):
+    def lora_(self, y, x, pool, in_features, idx, inplace):
+        rows = F.embedding(idx, pool)  # (B, R, in + out): one gather for both factors
+        a, bt = rows[..., :in_features], rows[..., in_features:]
         if idx.shape[0] == 1:  # one adapter for every row: plain matmuls, any input layout
-            a, bt = F.embedding(idx[0], a_pool), F.embedding(idx[0], bt_pool)  # (R, in), (R, out)
+            a, bt = a[0], bt[0]  # (R, in), (R, out)
             xa = x @ a.t()  # (..., R)
             if inplace:
                 y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), bt)
                 return y
             return y + xa @ bt
-        a, bt = F.embedding(idx, a_pool), F.embedding(idx, bt_pool)  # (B, R, in), (B, R, out)
         xa = torch.bmm(x, a.transpose(1, 2))  # (B, T, R)
         if inplace:
             return y.baddbmm_(xa, bt)  # (B, T, out) += (B, T, R) @ (B, R, out)
@@ -128,11 +130,13 @@ class _Module:
     def __init__(self, key: str):
         self.key = key
         self.bias: RowPool | None = None  # (out,) rows
-        self.lora: RowPool | None = None  # A rows (in,) and pre-scaled B^T rows (out,), one pair per rank
+        self.lora: RowPool | None = None  # per rank: [A row (in,) | pre-scaled B^T row (out,)] in one row
+        self.in_features = 0
         self.rank = 0  # LoRA columns in the table: the largest rank resident
         self.bias_col: int | None = None
         self.lora_cols: slice | None = None
         self.index = 0  # in the pools' module order (`SlotPools.meta` columns)
+        self.bias_pos = 0  # among the modules sharing its bias pool
 
 
 class SlotPools:
@@ -145,6 +149,8 @@ class SlotPools:
         self.kernel = kernel(kernel_name)
         self.lock = threading.RLock()
         self.modules: dict[str, _Module] = {}
+        self.bias: dict[int, RowPool] = {}  # width -> the bias rows of every module of that width
+        self.bias_cols: dict[int, torch.Tensor] = {}  # width -> its modules' table columns, in order
         self.head: dict[str, RowPool] = {}  # head state_dict name -> rows of its (padded) flat tensor
         self.head_shapes: dict[str, tuple[int, ...]] = {}  # padded shapes
         self.head_label_dims = head_label_dims
@@ -164,8 +170,8 @@ class SlotPools:
     def capacity_bytes(self) -> int:
         """Everything the pools hold (rows in use, free rows, zero rows, the table): what they cost."""
         with self.lock:
-            pools = [p for m in self.modules.values() for p in (m.bias, m.lora) if p is not None]
-            pools += list(self.head.values())
+            pools = [m.lora for m in self.modules.values() if m.lora is not None]
+            pools += list(self.bias.values()) + list(self.head.values())
             return sum(p.nbytes for p in pools) + self.table.numel() * self.table.element_size()
 
     def __len__(self) -> int:
@@ -188,8 +194,8 @@ class SlotPools:
                 if a is not None:
                     rows = m.lora.take(a.shape[0])
                     idx = torch.tensor(rows, device=self.device)
-                    m.lora.data[0].index_copy_(0, idx, a.to(self.device, self.dtype, non_blocking=True))
-                    m.lora.data[1].index_copy_(0, idx, bb.t().to(self.device, self.dtype, non_blocking=True))
+                    both = torch.cat([a, bb.t()], 1).to(self.device, self.dtype, non_blocking=True)  # (r, in + out)
+                    m.lora.data[0].index_copy_(0, idx, both)
                     r["lora"] = rows
                 rec["modules"][key] = r
             for k, t in heads.items():
@@ -220,8 +226,9 @@ class SlotPools:
                     b.copy_(m.bias.data[0][r["bias"]], non_blocking=True)
                 if a is not None:
                     idx = torch.tensor(r["lora"], device=self.device)
-                    a.copy_(m.lora.data[0].index_select(0, idx), non_blocking=True)
-                    bb.copy_(m.lora.data[1].index_select(0, idx).t(), non_blocking=True)
+                    both = m.lora.data[0].index_select(0, idx)
+                    a.copy_(both[:, : m.in_features], non_blocking=True)
+                    bb.copy_(both[:, m.in_features:].t(), non_blocking=True)
             for k, t in layout.head_views(buffer).items():
                 padded = self.head[k].data[0][rec["head"][k]].view(self.head_shapes[k])
                 t.copy_(padded[tuple(slice(0, n) for n in t.shape)], non_blocking=True)
@@ -254,7 +261,7 @@ class SlotPools:
             for key, r in rec["modules"].items():
                 m = self.modules[key]
                 n += m.bias.widths[0] if "bias" in r else 0
-                n += len(r["lora"]) * sum(m.lora.widths) if "lora" in r else 0
+                n += len(r["lora"]) * m.lora.widths[0] if "lora" in r else 0
             n += sum(self.head[k].widths[0] for k in rec["head"])
             return n * torch.empty((), dtype=self.dtype).element_size()
 
@@ -265,7 +272,7 @@ class SlotPools:
         Modules that no row's adapter adapts get no delta; LoRA runs to the batch's largest rank."""
         active = self.meta[distinct].amax(0).tolist()  # host-side: no device round trip
         # int32 in the table (half the bytes), int64 per forward (the gathers' native index type)
-        return _Bound(self._handles, self.table.index_select(0, row_slot).long(), active)
+        return _Bound(self._handles, self.table.index_select(0, row_slot).long(), active, self)
 
     def head_params(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each head tensor per row (B, *padded shape): one gather per head tensor."""
@@ -279,11 +286,15 @@ class SlotPools:
             m = self.modules.get(key)
             if m is None:
                 m = self.modules[key] = _Module(key)
-            if b is not None and m.bias is None:
-                m.bias, widened = RowPool((b.shape[0],), self.device, self.dtype), True
+            if b is not None and m.bias is None:  # bias rows of one width share a pool: one gather per forward
+                w = b.shape[0]
+                if w not in self.bias:
+                    self.bias[w] = RowPool((w,), self.device, self.dtype)
+                m.bias, widened = self.bias[w], True
             if a is not None:
                 if m.lora is None:
-                    m.lora = RowPool((a.shape[1], bb.shape[0]), self.device, self.dtype)
+                    m.lora = RowPool((a.shape[1] + bb.shape[0],), self.device, self.dtype)
+                    m.in_features = a.shape[1]
                 if a.shape[0] > m.rank:
                     m.rank, widened = a.shape[0], True
         if num_labels > self.labels or set(heads) - set(self.head):
@@ -319,6 +330,12 @@ class SlotPools:
         self.head_cols = {}
         for k in self.head:
             self.head_cols[k], col = col, col + 1
+        self.bias_cols = {}
+        for w in self.bias:
+            mods = [m for m in self.modules.values() if m.bias is self.bias[w]]
+            for j, m in enumerate(mods):
+                m.bias_pos = j
+            self.bias_cols[w] = torch.tensor([m.bias_col for m in mods], device=self.device)
         rows = max(self.table.shape[0], max(self._records, default=-1) + 1)
         rows += rows // GROWTH
         table = torch.zeros((rows, col), dtype=torch.int32)
@@ -373,19 +390,30 @@ def _prod(shape) -> int:
 class _Handle:
     """One module's pools, columns and kernel (rebuilt when the table's columns change)."""
 
-    __slots__ = ("m", "bias_col", "lora_cols", "kernel", "index")
+    __slots__ = ("m", "bias_col", "lora_cols", "kernel", "index", "width", "pos")
 
     def __init__(self, m: _Module, k: SlotKernel):
         self.m, self.bias_col, self.lora_cols, self.kernel, self.index = m, m.bias_col, m.lora_cols, k, m.index
+        self.width = m.bias.widths[0] if m.bias is not None else 0
+        self.pos = m.bias_pos
 
 
 class _Bound(Mapping):
     """The route's `deltas` for one forward: module key -> its `SlotDelta` over this batch's table rows, for
     the modules some row's adapter adapts."""
 
-    def __init__(self, handles: dict[str, _Handle], cols: torch.Tensor, active: list[int]):
-        self.handles, self.cols, self.active = handles, cols, active  # cols: (B, C) or (1, C)
+    def __init__(self, handles: dict[str, _Handle], cols: torch.Tensor, active: list[int], pools: SlotPools):
+        self.handles, self.cols, self.active, self.pools = handles, cols, active, pools  # cols: (B, C) or (1, C)
         self.n = len(active) // 2
+        self._bias: dict[int, torch.Tensor] = {}
+
+    def bias_rows(self, width: int) -> torch.Tensor:
+        """(B, M, width): the bias rows of every module of this width, gathered once per forward."""
+        rows = self._bias.get(width)
+        if rows is None:
+            p = self.pools
+            rows = self._bias[width] = p.kernel.bias_rows(p.bias[width].data[0], self.cols[:, p.bias_cols[width]])
+        return rows
 
     def get(self, key, default=None):
         h = self.handles.get(key)
@@ -394,7 +422,7 @@ class _Bound(Mapping):
         rank, bias = self.active[h.index], self.active[self.n + h.index]
         if not rank and not bias:
             return default
-        return SlotDelta(h, self.cols, rank, bias)
+        return SlotDelta(h, self, rank, bias)
 
     def __getitem__(self, key):
         d = self.get(key)
@@ -413,20 +441,21 @@ class SlotDelta:
     """A module's update for one forward from its pools (duck-types `layers.Delta`): `bias` is the
     gathered per-row bias (B, 1, out), or one (out,) for a single-adapter batch, once folded."""
 
-    __slots__ = ("h", "cols", "rank", "has_bias", "bias", "folded")
+    __slots__ = ("h", "bound", "cols", "rank", "has_bias", "bias", "folded")
 
-    def __init__(self, h: _Handle, cols: torch.Tensor, rank: int, has_bias: bool):
-        self.h, self.cols, self.rank, self.has_bias = h, cols, rank, has_bias  # rank: the batch's largest here
+    def __init__(self, h: _Handle, bound: _Bound, rank: int, has_bias: bool):
+        self.h, self.bound, self.cols = h, bound, bound.cols
+        self.rank, self.has_bias = rank, has_bias  # rank: the batch's largest here
         self.bias, self.folded = None, False
 
     def _bias(self) -> torch.Tensor | None:
         h = self.h
         if not self.has_bias:
             return None
-        idx = self.cols[:, h.bias_col]
-        if idx.shape[0] == 1:
-            return F.embedding(idx, h.m.bias.data[0])[0]  # (out,): no host read of the index
-        return h.kernel.bias_rows(h.m.bias.data[0], idx).unsqueeze(1)  # (B, 1, out)
+        rows = self.bound.bias_rows(h.width)[:, h.pos]  # (B, out), a view
+        if rows.shape[0] == 1:
+            return rows[0]  # (out,)
+        return rows.unsqueeze(1)  # (B, 1, out)
 
     def fold_bias(self, bias: torch.Tensor | None, *, per_row: bool = True):
         """(the bias for the module's own op, what is left to `apply`), as `layers.Delta.fold_bias`."""
@@ -452,8 +481,8 @@ class SlotDelta:
             raise MixedBatchUnsupported(f"input of shape {tuple(x.shape)} is not per-row over {rows} rows")
         inplace = fresh and not torch.is_grad_enabled() and y.is_contiguous()
         if self.rank:
-            lora, lo = h.m.lora.data, h.lora_cols.start
-            y = h.kernel.lora_(y, x, lora[0], lora[1], cols[:, lo: lo + self.rank], inplace)
+            lo = h.lora_cols.start
+            y = h.kernel.lora_(y, x, h.m.lora.data[0], h.m.in_features, cols[:, lo: lo + self.rank], inplace)
             inplace = not torch.is_grad_enabled()  # y is fresh now, in any case
         if bias is not None:
             y = y.add_(bias) if inplace else y + bias

@@ -26,8 +26,8 @@ def lone(engine: Engine, name: str, text: str) -> torch.Tensor:
 
 
 def used_rows(pools) -> int:
-    return sum(p.used_rows for m in pools.modules.values() for p in (m.bias, m.lora) if p is not None) + \
-        sum(p.used_rows for p in pools.head.values())
+    return sum(m.lora.used_rows for m in pools.modules.values() if m.lora is not None) + \
+        sum(p.used_rows for p in (*pools.bias.values(), *pools.head.values()))
 
 
 def test_eviction_frees_the_slot_and_its_rows_for_the_next_adapter(tiny_bert, zoo):
