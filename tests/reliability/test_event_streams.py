@@ -197,6 +197,7 @@ def _p95(xs: list[float]) -> float:
     return sorted(xs)[int(0.95 * (len(xs) - 1))]
 
 
+@pytest.mark.serial  # a latency bound: run alone, not next to the parallel suite
 def test_50_open_streams_leave_other_routes_at_their_normal_latency(replicas, db, make_key, measure):
     long, _ = replicas
     tenants = [make_key("train") for _ in range(10)]  # 10 tenants x 5 streams: each at its cap

@@ -163,6 +163,7 @@ def _cut_while_training(db, client, headers, job_id, proxy, seconds: float) -> i
     return step
 
 
+@pytest.mark.serial  # a 3 s cut within a 4 s heartbeat: run alone, not next to the parallel suite
 def test_a_database_cut_in_the_middle_of_training_is_survived(proxied, db, measure):
     client, proxy, worker, key = proxied["client"], proxied["proxy"], proxied["worker"], proxied["key"]
     train, val = _datasets(client, key.headers, n=400)
