@@ -29,6 +29,26 @@ import torch
 import torch.nn.functional as F
 
 GROWTH = 32  # a full pool grows by 1/GROWTH of its size: capacity stays within ~3% of the rows in use
+TRIM_BYTES = 1 << 20  # host memory freed by pool growth before it is handed back to the OS (see `_trim`)
+_freed = [0]  # host bytes freed by pool growth since the last trim
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the OS. Pools grow by reallocation; on the CPU the old blocks land in
+    glibc's heap between live ones and stay resident (measured: 1.45x the tensor bytes in RSS after 200
+    adapters, 1.03x after a trim). No-op where glibc is not the allocator."""
+    _freed[0] = 0
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _note_freed(t: torch.Tensor) -> None:
+    if t.device.type == "cpu":
+        _freed[0] += t.numel() * t.element_size()
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -107,6 +127,7 @@ class RowPool:
                     g = torch.zeros((cap, d.shape[1]), device=d.device, dtype=d.dtype)
                     g[: self.top].copy_(d[: self.top])
                     grown.append(g)
+                    _note_freed(d)
                 self.data = grown
             rows += range(self.top, self.top + need)
             self.top += need
@@ -209,6 +230,8 @@ class SlotPools:
             else:
                 self.table[slot] = torch.tensor(self._table_row(rec), device=self.device)
                 self.meta[slot] = torch.tensor(self._meta_row(rec))
+            if _freed[0] > TRIM_BYTES:
+                _trim()
             return slot
 
     @torch.inference_mode(False)  # pools outlive the forward that may grow them
