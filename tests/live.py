@@ -30,6 +30,8 @@ WORKER_SETTINGS = {
     "job_heartbeat_interval_s": 0.5,
     "job_heartbeat_stale_s": 4.0,
     "job_requeue_interval_s": 2.0,
+    # Many tests hold their jobs' messages back on purpose (jobs stay queued): never re-send those mid-suite.
+    "job_claim_timeout_s": 3600.0,
     "checkpoint_every_steps": 5,
     "job_log_every_steps": 1,
     "preload_base_model": False,

@@ -61,8 +61,12 @@ def _step(db: Any, job_id: str) -> int:
 
 
 @pytest.fixture
-def app_client(make_settings, tiny_base, worker) -> Iterator[TestClient]:
-    """The API in-process (its requeue loop running every 2 s), sending to the session worker's queue."""
+def app_client(make_settings, tiny_base, worker, db) -> Iterator[TestClient]:
+    """The API in-process (its requeue loop running every 2 s, re-sending jobs unclaimed after 3 s), sending to
+    the session worker's queue. Jobs other tests left queued on purpose (their messages held back) are cancelled
+    first, or this requeuer would hand them all to the session's worker."""
+    with db.transaction() as s:
+        s.execute(update(Job).where(Job.status == "queued").values(status="cancelled", cancel_requested=True))
     app = create_app(make_settings(allowed_base_models=[tiny_base], default_base_model=tiny_base,
                                    **{**WORKER_SETTINGS, "job_claim_timeout_s": 3.0}))
     with TestClient(app) as client:

@@ -241,11 +241,12 @@ def test_an_unclaimed_job_is_resent_only_while_no_message_waits(make_settings, t
         assert broker.waiting() == 1
         with db.transaction() as s:  # sent long ago and never claimed
             s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow() - timedelta(minutes=5)))
-        assert jobs.requeue_orphans(app.state.db, broker, settings) == []  # its message may still be waiting
+        # (Other tests' jobs in the session's database may be re-sent too: only this job is looked at.)
+        assert job_id not in jobs.requeue_orphans(app.state.db, broker, settings)  # its message may still wait
         redis_client.delete(f"{prefix}training")  # taken by a worker that died before claiming
         assert broker.waiting() == 0
-        assert jobs.requeue_orphans(app.state.db, broker, settings) == [job_id]
-        assert broker.waiting() == 1 and job_row_enqueued_recently(db, job_id)
+        assert job_id in jobs.requeue_orphans(app.state.db, broker, settings)
+        assert broker.waiting() >= 1 and job_row_enqueued_recently(db, job_id)
 
 
 def job_row_enqueued_recently(db, job_id) -> bool:
