@@ -235,6 +235,12 @@ class Settings(BaseSettings):
         description="Base models held by the serving engine at once (LRU; one running a batch is never dropped). "
         "A dropped one loads again on its next predict.",
     )
+    engine_slot_kernel: Literal["torch"] = Field(
+        default="torch",
+        description="How the serving engine applies each row's adapter rows from its slot pools: `torch` (gather, "
+        "then batched matmul). A segmented-matmul kernel (SGMV/BGMV) registers under its own name in "
+        "`spafit_core.slots.KERNELS`.",
+    )
     predict_timeout_s: float = Field(default=30.0, gt=0, description="Longest a predict request may take.")
     max_input_chars: int = Field(default=20000, ge=1, description="Longest text accepted in one predict input.")
     cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_origins)] = Field(

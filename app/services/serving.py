@@ -180,7 +180,7 @@ class Serving:
             engine = Engine(device=s.engine_device, device_bytes=s.engine_cache_bytes,
                             cpu_bytes=s.engine_cpu_cache_bytes, loader=self._load,
                             base_model_of=self._base_model_of, default_base_model=s.default_base_model,
-                            max_backbones=s.engine_max_backbones)
+                            max_backbones=s.engine_max_backbones, slot_kernel=s.engine_slot_kernel)
             config = BatchingConfig(max_batch_size=s.batch_max_size, max_wait_ms=s.batch_max_wait_ms,
                                     max_tokens=s.batch_max_tokens, max_queue=s.batch_max_queue,
                                     max_queue_per_tenant=s.batch_max_queue_per_tenant,
