@@ -163,6 +163,8 @@ def make_settings(pg_url: str, redis_client: Any, redis_url: str, redis_prefix: 
         values: dict[str, Any] = dict(mode="server", database_url=pg_url, broker_url=redis_url,
                                       broker_key_prefix=redis_prefix, data_dir=tmp_path / "data",
                                       readiness_timeout=3.0,
+                                      # jobs other tests hold queued on purpose are never re-sent mid-suite
+                                      job_claim_timeout_s=3600.0,
                                       preload_base_model=False)  # serving tests opt in, with a tiny backbone
         values.update(overrides)
         return Settings(_env_file=None, **values)
