@@ -222,3 +222,22 @@ def test_on_cuda_a_mixed_forward_adds_one_synchronisation_to_the_bare_backbones(
         bare = syncs(lambda: bb.base(**bb.model_inputs(batch)))
     assert syncs(lambda: e.forward(rows)) == bare + 1
     assert syncs(lambda: e.forward(rows[:1] * 3)) == bare + 1  # one adapter for every row
+
+
+def test_a_row_held_across_its_backbones_eviction_is_served_from_its_old_pools(tiny_dirs, zoo, tmp_path):
+    """The backbone (and its bank and pools) is dropped and loaded again while a request holds an adapter of
+    it: the row borrows a slot in the new pools, with the weights read back from the old ones."""
+    from tests.tiny import make_tiny_model
+
+    a = tiny_dirs("bert")
+    b = str(make_tiny_model(tmp_path / "other", "bert", seed=3))
+    e = loaded_engine(a, {"z0": zoo["z0"]})
+    e.max_backbones = 1
+    want = lone(e, "z0", TEXTS[0])
+    held = e.adapter("z0")
+    row = Row(held, e.encode(held, [TEXTS[0]])[0])
+    e.backbone(b)  # a is dropped with its bank
+    assert e.backbones == [b]
+    got = e.forward([row])[0]  # a loads again: a fresh bank whose pools never held z0
+    assert held.pools is not e.bank(a).pools and len(e.bank(a).pools) == 0
+    assert (got - want).abs().max() <= 1e-5
