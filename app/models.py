@@ -34,7 +34,8 @@ from sqlalchemy.sql.expression import false
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 JOB_FINAL_STATUSES = ("succeeded", "failed", "cancelled")
-JOB_KINDS = ("train", "sweep", "trial")  # a sweep is a parent whose trials are jobs of their own
+JOB_KINDS = ("train", "sweep", "trial", "predict", "evaluate")  # a sweep is a parent whose trials are jobs of their own;
+# predict (batch prediction) and evaluate run a registered version over a dataset (worker/batch.py)
 DATASET_SOURCES = ("upload", "hf")
 DATASET_STATES = ("importing", "ready", "failed")  # an upload is ready at once; an import starts importing
 
@@ -324,4 +325,34 @@ class AdapterVersion(Base):
     base_model: Mapped[str] = mapped_column(String(300))
     base_fingerprint: Mapped[str] = mapped_column(String(128))
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), unique=True)
+    created_at: Mapped[datetime] = _created()
+
+
+class BatchChunk(Base):
+    """One finished chunk of a batch prediction job's result (rows [chunk * chunk_rows, ...) of its dataset, in
+    the job's output format). Written under the job's fenced lease, keyed by (job, chunk): a resumed job starts
+    after its last chunk, and no chunk can be written twice. The result file is the chunks in order."""
+
+    __tablename__ = "batch_chunks"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    chunk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    created_at: Mapped[datetime] = _created()
+
+
+class VersionEvaluation(Base):
+    """A version's metrics on a labelled dataset, written by an `evaluate` job."""
+
+    __tablename__ = "version_evaluations"
+    __table_args__ = (Index("ix_version_evaluations_version_created", "version_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = _id()
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    version_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"))
+    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), unique=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = _created()

@@ -12,7 +12,7 @@ from app.models import Base
 from app.services import migrate
 
 TABLES = {"tenants", "api_keys", "blobs", "datasets", "jobs", "job_events", "tasks", "adapter_versions",
-          "alembic_version", "webhook_deliveries"}
+          "alembic_version", "webhook_deliveries", "batch_chunks", "version_evaluations"}
 
 
 def _diff(url: str) -> list:
