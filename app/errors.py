@@ -123,6 +123,20 @@ class TooManyJobs(AppError):
     status = 429
 
 
+class TooManyRows(AppError):
+    """A batch prediction or evaluation over a dataset with more rows than `batch_max_rows_per_job`."""
+
+    type = "too-many-rows"
+    status = 422
+
+
+class ResultsNotReady(AppError):
+    """A batch prediction's results asked for before the job succeeded."""
+
+    type = "results-not-ready"
+    status = 409
+
+
 class TooManyImports(AppError):
     """The tenant already has `max_concurrent_imports` dataset imports in progress."""
 

@@ -21,7 +21,7 @@ from .db import Database
 from .errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, HostOriginMiddleware, MetricsMiddleware, RequestIdMiddleware
-from .routes import api_keys, dashboard, datasets, health, jobs, predict, tasks, webhooks
+from .routes import api_keys, batch, dashboard, datasets, health, jobs, predict, tasks, webhooks
 from .services import datasets as dataset_service
 from .services import jobs as job_service
 from .services import keys, migrate
@@ -192,6 +192,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
+    app.include_router(batch.router)
+    app.include_router(batch.evaluate_router)
     app.include_router(tasks.router)
     app.include_router(webhooks.router)
     app.include_router(api_keys.router)

@@ -124,7 +124,7 @@ class JobError(BaseModel):
 
 class JobOut(BaseModel):
     id: uuid.UUID
-    kind: Literal["train", "sweep", "trial"] = Field(
+    kind: Literal["train", "sweep", "trial", "predict", "evaluate"] = Field(
         description="`sweep`: a parent whose trials are jobs of their own (see its `trial` events)")
     task: str
     task_type: str

@@ -197,6 +197,20 @@ class Settings(BaseSettings):
         "one (64: room for the largest sweep); one more gets 429 with Retry-After, a sweep with more trials "
         "than this 422. Counted in the database, so it holds across API replicas.",
     )
+    batch_max_rows_per_job: int = Field(
+        default=1_000_000, ge=1,
+        description="Most dataset rows one batch prediction or evaluation job may take (per job, for every tenant); "
+        "a larger dataset is refused at creation (422 `too-many-rows`).",
+    )
+    batch_chunk_rows: int = Field(
+        default=512, ge=1, le=100_000,
+        description="Rows a batch prediction job predicts and stores as one chunk of its result; a resumed job "
+        "starts after its last stored chunk.",
+    )
+    batch_forward_rows: int = Field(
+        default=64, ge=1, le=4096,
+        description="Rows of a batch prediction or evaluation job in one engine forward pass.",
+    )
     engine_device: str = Field(default="auto", description="Device of the serving engine: auto, cpu, cuda, cuda:N.")
     engine_cache_bytes: int = Field(
         default=256 * MiB, ge=1,

@@ -374,6 +374,11 @@ def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Setti
 
     job_id = job.id
     try:
+        if job.kind in ("predict", "evaluate"):  # batch prediction, evaluation: worker/batch.py, same lease
+            from .batch import run as run_batch
+
+            return run_batch(db, job, lease, hb, settings)
+
         def load(s: Session) -> tuple[dict, bytes | None]:  # bytes only: parsing happens outside the transaction
             train_ds, train_bytes = _dataset(s, job.tenant_id, job.train_dataset_id)
             raw = {"train": (train_bytes, train_ds.format)}

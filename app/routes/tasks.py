@@ -54,15 +54,30 @@ def get_task(*, task: TaskName, principal: TaskReaderPrincipal, session: Session
     return registry.task_out(session, registry.get_task(session, principal.tenant_id, task))
 
 
-@router.get("/{task}/versions", response_model=Page[AdapterVersionOut], summary="A task's versions, newest first",
-            responses=problem_responses(401, 403, 404, 422))
+class VersionsPage(Page[AdapterVersionOut]):
+    compare: dict[str, Any] | None = None
+
+
+@router.get("/{task}/versions", response_model=VersionsPage, summary="A task's versions, newest first",
+            responses=problem_responses(401, 403, 404, 409, 422))
 def list_versions(*, task: TaskName, principal: TaskReaderPrincipal, session: SessionDep,
                   limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
-                  cursor: Annotated[str | None, Query(max_length=500)] = None) -> Any:
+                  cursor: Annotated[str | None, Query(max_length=500)] = None,
+                  compare: Annotated[str | None, Query(max_length=40, description=(
+                      "`v1,v2`: also compare two versions' latest evaluations on each dataset both were evaluated "
+                      "on (metrics side by side, with the deltas b - a)"))] = None) -> Any:
+    from ..services import batch
+
     row = registry.get_task(session, principal.tenant_id, task)
     versions, next_cursor = registry.versions_page(session, row, limit=limit, cursor=cursor)
-    return {"items": [registry.version_out(v, active=v.id == row.active_version_id) for v in versions],
-            "next_cursor": next_cursor}
+    evaluations = batch.evaluations(session, row)
+    items = []
+    for v in versions:
+        out = registry.version_out(v, active=v.id == row.active_version_id)
+        out.evaluations = [e.model_dump(mode="json") for e in evaluations.get(v.version, [])]
+        items.append(out)
+    return {"items": items, "next_cursor": next_cursor,
+            "compare": batch.compare(session, principal.tenant_id, task, compare) if compare is not None else None}
 
 
 @router.post("/{task}/versions/{version}/activate", response_model=TaskOut,

@@ -114,6 +114,7 @@ class ValidationError(SpafitAPIError):
     # `type` .../webhook-url-refused: the job's webhook_url is not http(s) or points inside the network.
     # `type` .../unsafe-data-source: a dataset import named a path, or a card pointing outside the dataset.
     # `type` .../dataset-not-ready: a job named a dataset still importing, or whose import failed.
+    # `type` .../too-many-rows: a batch prediction or evaluation over more rows than a job may take.
     """422: the request is well-formed but not acceptable; `field` and `errors` say where."""
 
 

@@ -79,6 +79,11 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("DELETE", "/v1/jobs/{job_id}"): Rule("hidden", TRAIN, 204, fresh="finished_job"),
     ("POST", "/v1/jobs/{job_id}/cancel"): Rule("hidden", TRAIN, fresh="job"),
     ("GET", "/v1/jobs/{job_id}/events"): Rule("hidden", TRAIN),
+    ("POST", "/v1/batch-predictions"): Rule("hidden", TRAIN, 202, "batch"),  # on the owner's task and dataset
+    ("GET", "/v1/batch-predictions"): Rule("listed", TRAIN),
+    ("GET", "/v1/batch-predictions/{job_id}"): Rule("hidden", TRAIN, ok=404),  # world.job is a training job
+    ("GET", "/v1/batch-predictions/{job_id}/results"): Rule("hidden", TRAIN, ok=404),
+    ("POST", "/v1/tasks/{task}/versions/{version}/evaluate"): Rule("hidden", TRAIN, 202, "evaluate"),
     ("GET", "/v1/tasks"): Rule("listed", READ_TASKS),
     ("GET", "/v1/tasks/{task}"): Rule("hidden", READ_TASKS),
     ("DELETE", "/v1/tasks/{task}"): Rule("hidden", TRAIN, 204, fresh="task"),
@@ -245,6 +250,10 @@ def _call(world: World, method: str, template: str, headers: dict[str, str], **p
         kw["files"] = {"file": ("other.csv", unique_csv())}
     elif body == "job":
         kw["json"] = {"task": "stolen", "train_dataset": world.dataset, "method": JOB_METHOD}
+    elif body == "batch":
+        kw["json"] = {"task": world.task, "dataset": world.dataset}
+    elif body == "evaluate":
+        kw["json"] = {"dataset": world.dataset}
     elif body == "archive":
         kw.update(content=world.archive, headers={"Content-Type": "application/zip"})
     elif body == "predict":
@@ -287,7 +296,8 @@ def test_the_table_gives_each_scope_only_its_own_routes():
                                   ("GET", "/v1/tasks/{task}/versions"), ("POST", "/v1/tasks/{task}/predict"),
                                   ("POST", "/v1/predict")}
     assert not any(p.endswith("predict") for _, p in allowed["train"])
-    assert all(p.startswith(("/v1/datasets", "/v1/jobs", "/v1/tasks", "/v1/webhooks/deliveries"))
+    assert all(p.startswith(("/v1/datasets", "/v1/jobs", "/v1/tasks", "/v1/webhooks/deliveries",
+                              "/v1/batch-predictions"))
                for _, p in allowed["train"])
     assert allowed["admin"] == set(KEYED)
 

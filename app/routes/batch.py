@@ -1,0 +1,86 @@
+"""/v1/batch-predictions: predict every row of a dataset with a task's version, offline, on the workers (a job of
+kind `predict`: queued, claimed, fenced, cancellable, with events and progress like a training job; watch and
+cancel it under /v1/jobs/{id} too), and download its result file, streamed. And
+/v1/tasks/{task}/versions/{version}/evaluate: a version's metrics on a labelled dataset (a job of kind `evaluate`).
+Every route needs the `train` scope: a batch job reads a whole dataset, which predict-only keys never see."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from ..deps import SessionDep, SettingsDep, TrainPrincipal
+from ..schemas import DB_INT_MAX, Page, problem_responses
+from ..schemas_jobs import JobOut
+from ..services import batch, jobs, registry
+from ..services.pagination import DEFAULT_LIMIT, MAX_LIMIT
+
+router = APIRouter(prefix="/v1/batch-predictions", tags=["batch"])
+evaluate_router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+IdempotencyKey = Annotated[str | None, Header(max_length=200, description=(
+    "retrying a create with the same key returns the same job"))]
+
+
+def _started(request: Request, response: Response, session, job, created: bool) -> JobOut:
+    if created:
+        jobs.dispatch(request.app.state.send_job, job.id, request.app.state.db)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return jobs.to_out(session, job)
+
+
+@router.post("", status_code=202, response_model=JobOut,
+             responses=problem_responses(401, 403, 404, 409, 422, 429),
+             summary="Predict every row of a dataset (202: a queued job of kind `predict`)")
+def create_batch_prediction(*, request: Request, response: Response, body: batch.BatchPredictionCreate,
+                            session: SessionDep, settings: SettingsDep, principal: TrainPrincipal,
+                            idempotency_key: IdempotencyKey = None) -> JobOut:
+    job, created = batch.create_prediction(session, principal.tenant_id, body, settings,
+                                           idempotency_key=idempotency_key)
+    return _started(request, response, session, job, created)
+
+
+@router.get("", response_model=Page[JobOut], responses=problem_responses(401, 403, 422),
+            summary="List batch predictions, newest first")
+def list_batch_predictions(*, session: SessionDep, principal: TrainPrincipal,
+                           limit: int = Query(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+                           cursor: str | None = Query(default=None, max_length=500)) -> Page[JobOut]:
+    rows, next_cursor = batch.list_predictions(session, principal.tenant_id, limit=limit, cursor=cursor)
+    return Page[JobOut](items=[jobs.to_out(session, j) for j in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=problem_responses(401, 403, 404, 422),
+            summary="A batch prediction job: status, progress (rows done of total), error")
+def get_batch_prediction(*, job_id: uuid.UUID, session: SessionDep, principal: TrainPrincipal) -> JobOut:
+    return jobs.to_out(session, batch.get_prediction(session, principal.tenant_id, job_id))
+
+
+@router.get("/{job_id}/results", responses={**problem_responses(401, 403, 404, 409, 422), 200: {
+                "description": "the result file, streamed: JSON Lines (`{id, label, score[, scores]}` per input row, "
+                               "in the dataset's order) or CSV (`id,label,score,scores`)",
+                "content": {"application/x-ndjson": {}, "text/csv": {}}}},
+            summary="Download a succeeded batch prediction's results (409 before it has succeeded)")
+def batch_prediction_results(*, job_id: uuid.UUID, request: Request, session: SessionDep,
+                             principal: TrainPrincipal) -> StreamingResponse:
+    job = batch.check_results(session, principal.tenant_id, job_id)
+    fmt = job.hyperparameters.get("format", "jsonl")
+    ext = "csv" if fmt == "csv" else "jsonl"
+    return StreamingResponse(batch.stream_results(request.app.state.db, job.id, fmt), media_type=batch.media_type(job),
+                             headers={"Content-Disposition": f'attachment; filename="{job.id}.{ext}"'})
+
+
+@evaluate_router.post("/{task}/versions/{version}/evaluate", status_code=202, response_model=JobOut,
+                      responses=problem_responses(401, 403, 404, 409, 422, 429),
+                      summary="Evaluate a version on a labelled dataset (202: a queued job of kind `evaluate`)")
+def evaluate_version(*, request: Request, response: Response,
+                     task: Annotated[str, Path(pattern=f"^{registry.TASK_NAME.pattern}$")],
+                     version: Annotated[int, Path(ge=1, le=DB_INT_MAX)], body: batch.EvaluateCreate,
+                     session: SessionDep, settings: SettingsDep, principal: TrainPrincipal,
+                     idempotency_key: IdempotencyKey = None) -> JobOut:
+    job, created = batch.create_evaluation(session, principal.tenant_id, task, version, body, settings,
+                                           idempotency_key=idempotency_key)
+    return _started(request, response, session, job, created)

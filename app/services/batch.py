@@ -1,0 +1,253 @@
+"""Batch prediction and evaluation: jobs of kinds `predict` and `evaluate` in the one job system (the same queue,
+claim, fencing, cancel, events, progress and per-tenant active-job limit as training jobs: app/services/jobs.py,
+worker/runner.py); the worker side is worker/batch.py.
+
+A job of either kind names its dataset in `train_dataset_id` (the dataset deletion check and retention see it like
+any job's), the adapter version it runs in `adapter_version_id`, and its options in `hyperparameters`. A batch
+prediction's result is stored as chunks (`batch_chunks`, keyed by (job, chunk)) and streamed back in order.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from spafit_core.errors import ConfigError, DataError
+
+from ..db import Database
+from ..errors import Conflict, NotFound, ResultsNotReady, TooManyRows
+from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task, VersionEvaluation
+from ..settings import Settings
+from . import events, jobs, registry
+
+MAX_TOP_K = 1000
+CSV_HEADER = ("id", "label", "score")
+
+
+class BatchPredictionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(max_length=64, description="the task whose adapter predicts", examples=["sentiment"])
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1, description="default: the task's active version")
+    dataset: uuid.UUID = Field(description="a ready dataset of this tenant: the rows to predict")
+    text_fields: list[str] | None = Field(default=None, min_length=1, max_length=2,
+                                          description="the input column(s) (a second one is the text pair); "
+                                                      "default: the dataset's")
+    id_field: str | None = Field(default=None, max_length=200, description=(
+        "the column whose value is each result row's `id`; default: `id` where the dataset has it, else the "
+        "row's 0-based index"))
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K, description="with all_scores: at most this many")
+    format: Literal["jsonl", "csv"] = "jsonl"
+    all_scores: bool = Field(default=False, description="also every label's score (JSONL: a list; CSV: a JSON column)")
+
+
+class EvaluateCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: uuid.UUID = Field(description="a ready, labelled dataset of this tenant")
+    text_fields: list[str] | None = Field(default=None, min_length=1, max_length=2)
+    label_field: str | None = Field(default=None, max_length=200, description="default: the dataset's")
+
+
+class EvaluationOut(BaseModel):
+    id: uuid.UUID
+    version: int
+    dataset: uuid.UUID
+    job: uuid.UUID | None
+    rows: int
+    metrics: dict[str, Any]
+    created_at: Any
+
+
+def _version(session: Session, tenant_id: uuid.UUID, task_name: str, number: int | None) -> AdapterVersion:
+    task = registry.get_task(session, tenant_id, task_name)
+    return registry.active_version(session, task) if number is None else registry.get_version(session, task, number)
+
+
+def _dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID, settings: Settings) -> Dataset:
+    ds = jobs._check_dataset(session, tenant_id, dataset_id, "dataset")
+    if (ds.rows or 0) > settings.batch_max_rows_per_job:
+        raise TooManyRows(f"dataset {dataset_id} has {ds.rows} rows; a batch job may take at most "
+                          f"{settings.batch_max_rows_per_job} (SPAFIT_BATCH_MAX_ROWS_PER_JOB): split it",
+                          field="dataset", rows=ds.rows, limit=settings.batch_max_rows_per_job)
+    return ds
+
+
+def _columns(ds: Dataset, wanted: list[str] | None, field: str) -> list[str]:
+    fields = list(wanted or ds.text_fields or [])
+    if not fields:
+        raise DataError(f"dataset {ds.id} has no text column: pass {field} (columns: {ds.columns})", field=field)
+    missing = [c for c in fields if c not in ds.columns]
+    if missing:
+        raise DataError(f"dataset {ds.id} has no column(s) {missing}; its columns are {ds.columns}", field=field)
+    return fields
+
+
+def _hash(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _job(session: Session, tenant_id: uuid.UUID, kind: str, version: AdapterVersion, task: str, ds: Dataset,
+         text_fields: list[str], label_field: str | None, options: dict, settings: Settings,
+         idempotency_key: str | None) -> tuple[Job, bool]:
+    digest = _hash({"kind": kind, "task": task, "version": version.version, "dataset": str(ds.id),
+                                   "text_fields": text_fields, "label_field": label_field, **options})
+    if idempotency_key is not None:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            return jobs._replay(existing, digest), False
+    jobs._check_active_jobs(session, tenant_id, settings, 1)
+    task_type = ((version.config or {}).get("task") or {}).get("task_type") or "single_label_classification"
+    job = Job(tenant_id=tenant_id, kind=kind, task_name=task, task_type=task_type, base_model=version.base_model,
+              train_dataset_id=ds.id, text_fields=text_fields, label_field=label_field, method=dict(version.method or {}),
+              hyperparameters={**options, "rows": ds.rows}, status="queued", idempotency_key=idempotency_key,
+              request_hash=digest, max_attempts=settings.job_max_attempts, adapter_version_id=version.id)
+    session.add(job)
+    session.flush()
+    events.append_in(session, job.id, "status", {"status": "queued"})
+    session.commit()
+    return job, True
+
+
+def create_prediction(session: Session, tenant_id: uuid.UUID, body: BatchPredictionCreate, settings: Settings, *,
+                      idempotency_key: str | None = None) -> tuple[Job, bool]:
+    registry.check_task_name(body.task)
+    version = _version(session, tenant_id, body.task, body.version)
+    ds = _dataset(session, tenant_id, body.dataset, settings)
+    text_fields = _columns(ds, body.text_fields, "text_fields")
+    id_field = body.id_field
+    if id_field is not None and id_field not in ds.columns:
+        raise DataError(f"dataset {ds.id} has no column {id_field!r}; its columns are {ds.columns}", field="id_field")
+    if id_field is None and "id" in ds.columns:
+        id_field = "id"
+    options = {"format": body.format, "all_scores": body.all_scores, "top_k": body.top_k, "id_field": id_field,
+               "chunk_rows": settings.batch_chunk_rows}
+    return _job(session, tenant_id, "predict", version, body.task, ds, text_fields, None, options, settings,
+                idempotency_key)
+
+
+def create_evaluation(session: Session, tenant_id: uuid.UUID, task: str, number: int, body: EvaluateCreate,
+                      settings: Settings, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    registry.check_task_name(task)
+    version = _version(session, tenant_id, task, number)
+    ds = _dataset(session, tenant_id, body.dataset, settings)
+    text_fields = _columns(ds, body.text_fields, "text_fields")
+    label_field = body.label_field or ds.label_field
+    if label_field is None or label_field not in ds.columns:
+        raise DataError(f"dataset {ds.id} has no label column{f' {label_field!r}' if label_field else ''}: an "
+                        f"evaluation needs labels (columns: {ds.columns})", field="label_field")
+    return _job(session, tenant_id, "evaluate", version, task, ds, text_fields, label_field, {}, settings,
+                idempotency_key)
+
+
+def get_prediction(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = jobs.get(session, tenant_id, job_id)
+    if job.kind != "predict":
+        raise NotFound(f"batch prediction {job_id} not found")
+    return job
+
+
+def list_predictions(session: Session, tenant_id: uuid.UUID, *, limit: int, cursor: str | None):
+    from .pagination import paginate
+
+    return paginate(session, select(Job).where(Job.tenant_id == tenant_id, Job.kind == "predict"), Job,
+                    limit=limit, cursor=cursor)
+
+
+def media_type(job: Job) -> str:
+    return "text/csv" if job.hyperparameters.get("format") == "csv" else "application/x-ndjson"
+
+
+def check_results(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = get_prediction(session, tenant_id, job_id)
+    if job.status != "succeeded":
+        raise ResultsNotReady(f"batch prediction {job_id} is {job.status}; its results are there once it has "
+                              "succeeded", status=job.status)
+    return job
+
+
+def stream_results(db: Database, job_id: uuid.UUID, fmt: str) -> Iterator[bytes]:
+    """The result file, one stored chunk at a time (never the whole file in memory); a session per chunk, so a
+    slow reader holds no pooled connection between chunks."""
+    if fmt == "csv":
+        yield (",".join(CSV_HEADER) + ",scores\r\n").encode()
+    chunk = 0
+    while True:
+        with db.session() as s:
+            data = s.scalar(select(BatchChunk.data).where(BatchChunk.job_id == job_id, BatchChunk.chunk == chunk))
+        if data is None:
+            return
+        yield bytes(data)
+        chunk += 1
+
+
+def encode_rows(rows: list[dict], fmt: str, all_scores: bool) -> bytes:
+    """Result rows ({id, label, score, scores}) in the job's format; CSV without its header (added at download)."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        for r in rows:
+            w.writerow([r["id"], "" if r["label"] is None else r["label"], r["score"],
+                        json.dumps(r["scores"], separators=(",", ":")) if all_scores else ""])
+        return buf.getvalue().encode()
+    out = []
+    for r in rows:
+        row = {"id": r["id"], "label": r["label"], "score": r["score"]}
+        if "labels" in r:
+            row["labels"] = r["labels"]
+        if all_scores:
+            row["scores"] = r["scores"]
+        out.append(json.dumps(row, separators=(",", ":"), ensure_ascii=False))
+    return ("\n".join(out) + "\n").encode() if out else b""
+
+
+# ------------------------------------------------------------------------------------------ evaluations
+def evaluation_out(e: VersionEvaluation, version: int) -> EvaluationOut:
+    return EvaluationOut(id=e.id, version=version, dataset=e.dataset_id, job=e.job_id, rows=e.rows,
+                         metrics=e.metrics, created_at=e.created_at)
+
+
+def evaluations(session: Session, task: Task) -> dict[int, list[EvaluationOut]]:
+    """Every evaluation of the task's versions, by version number, oldest first."""
+    rows = session.execute(select(VersionEvaluation, AdapterVersion.version)
+                           .join(AdapterVersion, AdapterVersion.id == VersionEvaluation.version_id)
+                           .where(AdapterVersion.task_id == task.id)
+                           .order_by(VersionEvaluation.created_at, VersionEvaluation.id)).all()
+    out: dict[int, list[EvaluationOut]] = {}
+    for e, number in rows:
+        out.setdefault(number, []).append(evaluation_out(e, number))
+    return out
+
+
+def compare(session: Session, tenant_id: uuid.UUID, task_name: str, spec: str) -> dict[str, Any]:
+    """`v1,v2`: the two versions' latest evaluations on each dataset both were evaluated on, side by side."""
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) < 2**31 for p in parts):
+        raise ConfigError(f"compare takes two version numbers, e.g. compare=1,2; got {spec[:50]!r}", field="compare")
+    a, b = int(parts[0]), int(parts[1])
+    task = registry.get_task(session, tenant_id, task_name)
+    registry.get_version(session, task, a)
+    registry.get_version(session, task, b)
+    by_version = evaluations(session, task)
+    latest = {v: {str(e.dataset): e for e in by_version.get(v, [])} for v in (a, b)}  # oldest first: last wins
+    shared = sorted(set(latest[a]) & set(latest[b]))
+    rows = []
+    for ds in shared:
+        ea, eb = latest[a][ds], latest[b][ds]
+        delta = {k: eb.metrics[k] - ea.metrics[k] for k in ea.metrics
+                 if isinstance(ea.metrics.get(k), int | float) and isinstance(eb.metrics.get(k), int | float)
+                 and not isinstance(ea.metrics.get(k), bool)}
+        rows.append({"dataset": ds, "a": ea.model_dump(mode="json"), "b": eb.model_dump(mode="json"), "delta": delta})
+    if not rows:
+        raise Conflict(f"versions {a} and {b} of task {task_name!r} were not evaluated on a common dataset: "
+                       "evaluate both on the same dataset first")
+    return {"task": task_name, "versions": [a, b], "datasets": rows}

@@ -1,0 +1,270 @@
+"""Batch prediction and evaluation jobs over HTTP, run by the session's real Celery worker on Postgres and Redis:
+results equal the engine's own predictions, row for row; a worker child SIGKILLed mid-job resumes after its last
+stored chunk and the result has every row exactly once; evaluation metrics, the versions list and comparison;
+the per-tenant limits and the errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.api.adapters import SPAFIT, random_adapter, register
+from tests.api.helpers import assert_problem, upload
+from tests.live import WORKER_SETTINGS
+from tests.tiny import toy_csv
+
+pytestmark = pytest.mark.slow
+
+LABELS = ("negative", "positive")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture
+def batch_client(make_settings, tiny_base, worker) -> Iterator[Any]:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    app = create_app(make_settings(allowed_base_models=[tiny_base], default_base_model=tiny_base,
+                                   batch_chunk_rows=16, batch_max_rows_per_job=5000, **WORKER_SETTINGS))
+    with TestClient(app) as c:
+        yield c
+
+
+def _version(db, tenant_id, tiny_base, task="sentiment", seed=0):
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=LABELS, seed=seed)
+    return register(db, tenant_id, task, cfg, weights), cfg, weights
+
+
+def _dataset(client, headers, n, seed=0, with_id=False) -> str:
+    data = toy_csv(n, seed)
+    if with_id:
+        rows = list(csv.reader(io.StringIO(data.decode())))
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["id", *rows[0]])
+        for i, r in enumerate(rows[1:]):
+            w.writerow([f"row-{i}", *r])
+        data = buf.getvalue().encode()
+    r = upload(client, data, "rows.csv", headers=headers)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _wait(client, job_id, headers, timeout=120, worker=None) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if job["status"] in FINAL:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never ended: {job}\n{worker.tail() if worker else ''}")
+
+
+def _engine_predictions(tiny_base, cfg, weights, texts) -> list[dict]:
+    from spafit_core.engine import Engine
+
+    engine = Engine(device="cpu", default_base_model=tiny_base)
+    engine.load("v", cfg, weights)
+    return engine.predict("v", texts)
+
+
+def _texts(n, seed=0) -> list[str]:
+    return [r["text"] for r in csv.DictReader(io.StringIO(toy_csv(n, seed).decode()))]
+
+
+def test_batch_prediction_matches_the_engine_row_for_row(batch_client, tenant_key, db, tiny_base, worker):
+    key = tenant_key("train")
+    _, cfg, weights = _version(db, key.tenant_id, tiny_base)
+    ds = _dataset(batch_client, key.headers, 70, with_id=True)
+    r = batch_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "all_scores": True},
+                          headers=key.headers)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["kind"] == "predict" and job["status"] == "queued" and job["adapter_version"] == 1
+    done = _wait(batch_client, job["id"], key.headers, worker=worker)
+    assert done["status"] == "succeeded", (done, worker.tail())
+    assert done["progress"]["step"] == done["progress"]["total_steps"] == 70
+    assert done["metrics"]["rows"] == 70
+
+    with batch_client.stream("GET", f"/v1/batch-predictions/{job['id']}/results", headers=key.headers) as res:
+        assert res.status_code == 200
+        assert res.headers["content-type"].startswith("application/x-ndjson")
+        body = b"".join(res.iter_bytes())
+    rows = [json.loads(line) for line in body.decode().splitlines()]
+    assert [r["id"] for r in rows] == [f"row-{i}" for i in range(70)]  # every row once, in order
+    want = _engine_predictions(tiny_base, cfg, weights, _texts(70))
+    for got, exp in zip(rows, want, strict=True):
+        assert got["label"] == exp["label"]
+        assert got["score"] == pytest.approx(exp["score"], abs=1e-5)
+        assert {s["label"] for s in got["scores"]} == set(LABELS)
+
+    events = batch_client.get(f"/v1/jobs/{job['id']}/events", headers=key.headers).json()
+    kinds = [(e["type"], e["data"].get("status")) for e in events]
+    assert kinds[0] == ("status", "queued") and kinds[-1] == ("status", "succeeded")
+    assert sum(1 for k, _ in kinds if k == "progress") == 5  # ceil(70 / 16) chunks
+
+    listed = batch_client.get("/v1/batch-predictions", headers=key.headers).json()["items"]
+    assert [j["id"] for j in listed] == [job["id"]]
+
+
+def test_csv_results_with_row_index_ids(batch_client, tenant_key, db, tiny_base, worker):
+    key = tenant_key("train")
+    _version(db, key.tenant_id, tiny_base)
+    ds = _dataset(batch_client, key.headers, 20)
+    r = batch_client.post("/v1/batch-predictions", json={"task": "sentiment", "version": 1, "dataset": ds,
+                                                         "format": "csv"}, headers=key.headers)
+    assert r.status_code == 202, r.text
+    assert _wait(batch_client, r.json()["id"], key.headers, worker=worker)["status"] == "succeeded"
+    res = batch_client.get(f"/v1/batch-predictions/{r.json()['id']}/results", headers=key.headers)
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(res.text)))
+    assert [int(r["id"]) for r in rows] == list(range(20))
+    assert all(r["label"] in LABELS and 0 < float(r["score"]) <= 1 and r["scores"] == "" for r in rows)
+
+
+def test_bad_requests_limits_and_other_tenants(batch_client, tenant_key, db, tiny_base):
+    key, other = tenant_key("train"), tenant_key("train")
+    _version(db, key.tenant_id, tiny_base)
+    ds = _dataset(batch_client, key.headers, 20)
+    post = batch_client.post
+    assert_problem(post("/v1/batch-predictions", json={"task": "nope", "dataset": ds}, headers=key.headers), 404)
+    assert_problem(post("/v1/batch-predictions", json={"task": "sentiment", "version": 9, "dataset": ds},
+                        headers=key.headers), 404)
+    assert_problem(post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds},
+                        headers=other.headers), 404)  # another tenant's task and dataset do not exist for it
+    _version(db, other.tenant_id, tiny_base)
+    assert_problem(post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds},
+                        headers=other.headers), 404, "not-found")  # ... nor its dataset
+    assert_problem(post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "text_fields": ["x"]},
+                        headers=key.headers), 422)
+    assert_problem(post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "format": "xml"},
+                        headers=key.headers), 422)
+    assert_problem(post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "top_k": 0},
+                        headers=key.headers), 422)
+    big = _dataset(batch_client, key.headers, 5001)
+    assert_problem(post("/v1/batch-predictions", json={"task": "sentiment", "dataset": big}, headers=key.headers),
+                   422, "too-many-rows")
+    assert_problem(post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds}, headers=tenant_key(
+        "predict", tenant=key.tenant_id).headers), 403)
+
+    batch_client.app.state.send_job = lambda job_id: None  # held queued: no worker takes it
+    r = post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds}, headers=key.headers)
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    assert_problem(batch_client.get(f"/v1/batch-predictions/{job_id}/results", headers=key.headers), 409,
+                   "results-not-ready")
+    assert_problem(batch_client.get(f"/v1/batch-predictions/{job_id}/results", headers=other.headers), 404)
+    assert_problem(batch_client.get(f"/v1/batch-predictions/{uuid.uuid4()}", headers=key.headers), 404)
+    again = post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds}, headers={
+        **key.headers, "Idempotency-Key": "k1"})
+    replay = post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds}, headers={
+        **key.headers, "Idempotency-Key": "k1"})
+    assert replay.json()["id"] == again.json()["id"] and replay.headers["Idempotent-Replayed"] == "true"
+    assert_problem(post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "format": "csv"},
+                        headers={**key.headers, "Idempotency-Key": "k1"}), 409)
+    cancelled = batch_client.post(f"/v1/jobs/{job_id}/cancel", headers=key.headers).json()
+    assert cancelled["status"] == "cancelled"
+    # the dataset a batch job names cannot be deleted under it
+    assert_problem(batch_client.delete(f"/v1/datasets/{ds}", headers=key.headers), 409)
+
+
+def test_active_jobs_limit_counts_batch_jobs(make_settings, tenant_key, db, tiny_base):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    app = create_app(make_settings(allowed_base_models=[tiny_base], default_base_model=tiny_base,
+                                   max_active_jobs_per_tenant=1, **WORKER_SETTINGS))
+    with TestClient(app) as c:
+        c.app.state.send_job = lambda job_id: None
+        key = tenant_key("train")
+        _version(db, key.tenant_id, tiny_base)
+        ds = _dataset(c, key.headers, 20)
+        assert c.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds},
+                      headers=key.headers).status_code == 202
+        r = c.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": ds}, headers=key.headers)
+        assert_problem(r, 429, "too-many-jobs")
+
+
+def test_worker_killed_mid_batch_prediction_resumes_and_writes_every_row_once(batch_client, tenant_key, db,
+                                                                               tiny_base, worker):
+    from tests.reliability.conftest import job_row
+
+    key = tenant_key("train")
+    _version(db, key.tenant_id, tiny_base)
+    n = 4000
+    ds = _dataset(batch_client, key.headers, n, seed=3, with_id=True)
+    r = batch_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds}, headers=key.headers)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    killed = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and killed is None:
+        job = job_row(db, job_id)
+        step = (job.progress or {}).get("step") or 0
+        assert job.status not in FINAL, f"the job ended before it could be killed: {job.status}, step {step}"
+        if job.status == "running" and 16 * 3 <= step < n - 16 * 10:
+            killed = (int(job.claimed_by.rpartition(":")[2]), step)
+            os.kill(killed[0], signal.SIGKILL)  # the worker child running the job, mid-stream
+        time.sleep(0.02)
+    assert killed is not None, worker.tail()
+    done = _wait(batch_client, job_id, key.headers, timeout=180, worker=worker)
+    assert done["status"] == "succeeded", (done, worker.tail())
+    assert done["attempts"] == 2
+    events = batch_client.get(f"/v1/jobs/{job_id}/events?limit=10000", headers=key.headers).json()
+    starts = [e["data"] for e in events if e["type"] == "status" and e["data"].get("status") == "running"]
+    assert len(starts) == 2
+    chunks = [e["data"]["chunk"] for e in events if e["type"] == "progress"]
+    assert chunks == list(range(len(chunks))) and len(chunks) == -(-n // 16)  # each chunk stored once
+    body = batch_client.get(f"/v1/batch-predictions/{job_id}/results", headers=key.headers).text
+    ids = [json.loads(line)["id"] for line in body.splitlines()]
+    assert ids == [f"row-{i}" for i in range(n)]  # every row exactly once, in order
+
+
+def test_evaluate_versions_list_and_compare(batch_client, tenant_key, db, tiny_base, worker):
+    key = tenant_key("train")
+    _version(db, key.tenant_id, tiny_base, seed=0)
+    _version(db, key.tenant_id, tiny_base, seed=1)
+    ds = _dataset(batch_client, key.headers, 40, seed=5)
+    ids = []
+    for v in (1, 2):
+        r = batch_client.post(f"/v1/tasks/sentiment/versions/{v}/evaluate", json={"dataset": ds}, headers=key.headers)
+        assert r.status_code == 202, r.text
+        assert r.json()["kind"] == "evaluate"
+        ids.append(r.json()["id"])
+    for job_id in ids:
+        done = _wait(batch_client, job_id, key.headers, worker=worker)
+        assert done["status"] == "succeeded", (done, worker.tail())
+    m = done["metrics"]
+    assert set(m) >= {"accuracy", "macro_f1", "f1", "per_class", "confusion_matrix"}
+    assert sum(map(sum, m["confusion_matrix"])) == 40
+    cm = m["confusion_matrix"]
+    assert m["accuracy"] == pytest.approx((cm[0][0] + cm[1][1]) / 40)
+    assert set(m["per_class"]) == set(LABELS)
+
+    versions = batch_client.get("/v1/tasks/sentiment/versions", headers=key.headers).json()["items"]
+    by = {v["version"]: v for v in versions}
+    assert len(by[1]["evaluations"]) == len(by[2]["evaluations"]) == 1
+    assert by[2]["evaluations"][0]["metrics"] == m and by[2]["evaluations"][0]["dataset"] == ds
+
+    cmp = batch_client.get("/v1/tasks/sentiment/versions?compare=1,2", headers=key.headers)
+    assert cmp.status_code == 200, cmp.text
+    row = cmp.json()["compare"]["datasets"][0]
+    assert row["dataset"] == ds and row["delta"]["accuracy"] == pytest.approx(
+        row["b"]["metrics"]["accuracy"] - row["a"]["metrics"]["accuracy"])
+    assert_problem(batch_client.get("/v1/tasks/sentiment/versions?compare=1", headers=key.headers), 422)
+    assert_problem(batch_client.get("/v1/tasks/sentiment/versions?compare=1,7", headers=key.headers), 404)
+    # a dataset without labels cannot evaluate
+    nolabel = upload(batch_client, b"text\nhello\nworld\n", "n.csv", headers=key.headers).json()["id"]
+    assert_problem(batch_client.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": nolabel},
+                                     headers=key.headers), 422)

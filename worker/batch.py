@@ -1,0 +1,302 @@
+"""Runs a claimed job of kind `predict` (batch prediction) or `evaluate` (a version's metrics on a labelled dataset)
+under the lease worker/runner.py claimed: every write carries the claim's fencing token, cancel, the wall-clock
+limit and a takeover stop the run between chunks.
+
+The dataset is streamed: its blob is read from the database in pieces (`substring`), parsed row by row, and fed
+through the engine (the task's adapter on its backbone, in this process, no HTTP) `batch_forward_rows` at a time.
+A batch prediction stores each `chunk_rows` rows of output as one `batch_chunks` row, in the same fenced
+transaction as its progress, keyed by (job, chunk): a resumed attempt starts after the last stored chunk, so the
+result has every row once. An evaluation keeps only its predictions and labels (numbers), and restarts from the
+first row when resumed (its writes are its final ones).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db import Database
+from app.models import BatchChunk, Blob, Dataset, Job, VersionEvaluation, utcnow
+from app.services import batch as batch_service
+from app.services import events, registry
+from app.settings import Settings
+
+log = logging.getLogger("spafit.worker.batch")
+
+PIECE_BYTES = 1 << 20  # what one read of the dataset blob fetches
+
+
+class _BlobReader(io.RawIOBase):
+    """A blob's bytes read from the database a piece at a time (a short session per piece), hashed as they go."""
+
+    def __init__(self, db: Database, sha: str, size: int):
+        self.db, self.sha, self.size, self.pos = db, sha, size, 0
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.pos >= self.size:
+            return 0
+        n = min(len(buf), PIECE_BYTES, self.size - self.pos)
+        with self.db.session() as s:
+            part = s.scalar(select(func.substring(Blob.data, self.pos + 1, n)).where(Blob.sha256 == self.sha))
+        if not part:
+            return 0
+        part = bytes(part)
+        buf[: len(part)] = part
+        self.pos += len(part)
+        self.digest.update(part)
+        return len(part)
+
+    def verified(self) -> bool:
+        return self.pos == self.size and self.digest.hexdigest() == self.sha
+
+
+def stream_rows(reader: _BlobReader, fmt: str) -> Iterator[dict[str, object]]:
+    """The dataset's records in order, parsed the way spafit_core.data reads them (blank lines and records
+    skipped alike, so row i here is row i of the dataset)."""
+    from spafit_core import data as core_data
+
+    lines = core_data.NumberedLines(io.BufferedReader(reader, buffer_size=PIECE_BYTES))
+    if fmt in ("csv", "tsv"):
+        rdr = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True) if fmt == "tsv" \
+            else csv.reader(lines, strict=True)
+        header = None
+        for _start, _end, row in core_data._numbered_rows(rdr, lines):
+            if header is None:
+                header = row
+                continue
+            yield dict(zip(header, row, strict=False))
+        return
+    first = True
+    for text in lines:
+        if not text.strip():
+            continue
+        yield core_data._parse_json_line(text.rstrip("\r\n"), lines.number, first=first)
+        first = False
+
+
+def _input(row: dict[str, object], fields: list[str]) -> Any:
+    def text(v: object) -> str:
+        return "" if v is None else v if isinstance(v, str) else str(v)
+
+    if len(fields) == 1:
+        return text(row.get(fields[0]))
+    return (text(row.get(fields[0])), text(row.get(fields[1])))
+
+
+def _batches(rows: Iterator[dict], n: int) -> Iterator[list[dict]]:
+    out: list[dict] = []
+    for r in rows:
+        out.append(r)
+        if len(out) >= n:
+            yield out
+            out = []
+    if out:
+        yield out
+
+
+class _Stop(Exception):
+    pass
+
+
+def _engine(db: Database, job: Job, settings: Settings):
+    from spafit_core.engine import Engine
+
+    with db.session() as s:
+        cfg, weights = registry.version_payload(s, job.adapter_version_id)
+    engine = Engine(device=settings.engine_device, device_bytes=settings.engine_cache_bytes,
+                    cpu_bytes=settings.engine_cpu_cache_bytes, default_base_model=settings.default_base_model,
+                    slot_kernel=settings.engine_slot_kernel)
+    name = str(job.adapter_version_id)
+    engine.load(name, cfg, weights)
+    return engine, name, cfg
+
+
+def run(db: Database, job: Job, lease, hb, settings: Settings) -> str:
+    """Run a claimed predict/evaluate job to its end (the runner's error handling wraps this)."""
+    from spafit_core.errors import DataError, TrainingCancelled
+
+    if job.adapter_version_id is None:
+        raise DataError("the adapter version this job runs was deleted")
+    with db.session() as s:
+        ds = s.get(Dataset, job.train_dataset_id)
+        if ds is None or ds.sha256 is None:
+            raise DataError("the dataset of this job was deleted")
+        fmt, sha, size, total = ds.format, ds.sha256, ds.size_bytes or 0, ds.rows or 0
+    engine, name, cfg = _engine(db, job, settings)
+    reader = _BlobReader(db, sha, size)
+    rows = stream_rows(reader, fmt)
+    try:
+        if job.kind == "predict":
+            _predict(job, lease, hb, engine, name, rows, total, settings)
+        else:
+            _evaluate(db, job, lease, hb, engine, name, cfg, rows, total, settings)
+    except _Stop:
+        raise TrainingCancelled("the job was cancelled") from None
+    if not reader.verified():
+        from app.errors import BlobIntegrityError
+
+        raise BlobIntegrityError("the dataset's stored bytes do not match their sha256 (corrupted storage)")
+    return "succeeded"
+
+
+def _check_stop(hb) -> None:
+    if hb.should_stop():
+        raise _Stop()
+
+
+def _predict(job: Job, lease, hb, engine, name: str, rows: Iterator[dict], total: int, settings: Settings) -> None:
+    opts = job.hyperparameters or {}
+    chunk_rows = int(opts.get("chunk_rows") or settings.batch_chunk_rows)
+    fmt, all_scores, top_k, id_field = opts.get("format", "jsonl"), bool(opts.get("all_scores")), opts.get("top_k"), \
+        opts.get("id_field")
+    fields = list(job.text_fields)
+
+    def done(s: Session) -> tuple[int, int]:
+        lease.hold(s)
+        n, last = s.execute(select(func.coalesce(func.sum(BatchChunk.rows), 0), func.max(BatchChunk.chunk))
+                            .where(BatchChunk.job_id == job.id)).one()
+        return int(n), (-1 if last is None else int(last))
+
+    rows_done, last = lease.write(done, "find the stored chunks")
+    chunk = last + 1
+    skip = chunk * chunk_rows
+    if skip:
+        log.info("job %s resumes after chunk %d (%d rows stored)", job.id, last, rows_done)
+    started, predicted = time.monotonic(), 0
+    index = 0
+    for block in _batches(rows, chunk_rows):
+        if index + len(block) <= skip:  # a chunk a previous attempt stored
+            index += len(block)
+            continue
+        _check_stop(hb)
+        out: list[dict] = []
+        for part in _batches(iter(block), settings.batch_forward_rows):
+            preds = engine.predict(name, [_input(r, fields) for r in part], top_k if all_scores else None)
+            base = index + len(out)
+            for i, (r, p) in enumerate(zip(part, preds, strict=True)):
+                out.append({**p, "id": r.get(id_field) if id_field else base + i})
+            _check_stop(hb)
+        payload = batch_service.encode_rows(out, fmt, all_scores)
+        index += len(block)
+        predicted += len(block)
+        rows_done += len(block)
+        n, c = len(block), chunk
+        progress = {"step": rows_done, "total_steps": total, "eta_seconds": _eta(started, predicted, total - rows_done)}
+
+        def store(s: Session, n=n, c=c, payload=payload, rows_done=rows_done, progress=progress) -> None:
+            lease.hold(s, progress=progress)
+            s.add(BatchChunk(job_id=job.id, chunk=c, rows=n, data=payload))
+            events.append_in(s, job.id, "progress", {"rows_done": rows_done, "rows": total, "chunk": c})
+
+        lease.write(store, f"store chunk {c}")
+        chunk += 1
+    elapsed = time.monotonic() - started
+    metrics = {"rows": rows_done, "rows_per_s": round(predicted / elapsed, 2) if elapsed > 0 and predicted else None}
+    lease.end("succeeded", metrics=metrics, progress={"step": rows_done, "total_steps": total, "eta_seconds": 0},
+              event={"status": "succeeded", "rows": rows_done, "chunks": chunk})
+
+
+def _eta(started: float, done: int, left: int) -> float | None:
+    elapsed = time.monotonic() - started
+    return round(left * elapsed / done, 1) if done and elapsed > 0 else None
+
+
+def _evaluate(db: Database, job: Job, lease, hb, engine, name: str, cfg: dict, rows: Iterator[dict], total: int,
+              settings: Settings) -> None:
+    from spafit_core import data as core_data
+    from spafit_core.errors import DataError
+
+    task = cfg.get("task") or {}
+    task_type = task.get("task_type", "single_label_classification")
+    labels: list[str] = list(task.get("labels") or [])
+    index = {lab: i for i, lab in enumerate(labels)}
+    fields, label_field = list(job.text_fields), job.label_field
+    preds: list[Any] = []
+    gold: list[Any] = []
+    started, seen = time.monotonic(), 0
+    for part in _batches(rows, settings.batch_forward_rows):
+        _check_stop(hb)
+        out = engine.predict(name, [_input(r, fields) for r in part], None)
+        for r, p in zip(part, out, strict=True):
+            seen += 1
+            value = r.get(label_field)
+            if task_type == "regression":
+                try:
+                    y = float(value)  # type: ignore[arg-type]
+                except (TypeError, ValueError):
+                    raise DataError(f"row {seen - 1}: label {value!r} is not a number", field="label_field") from None
+                preds.append(p["value"])
+                gold.append(y)
+            elif task_type == "single_label_classification":
+                lab = core_data.label_str(value)
+                if lab not in index:
+                    raise DataError(f"row {seen - 1}: label {lab!r} is not one of the version's labels {labels}",
+                                    field="label_field")
+                preds.append(index[p["label"]])
+                gold.append(index[lab])
+            else:
+                raise DataError("evaluating multi-label versions is not supported yet", field="task")
+        if seen % (settings.batch_forward_rows * 16) < settings.batch_forward_rows:
+            def progress(s: Session, seen=seen) -> None:
+                lease.hold(s, progress={"step": seen, "total_steps": total,
+                                        "eta_seconds": _eta(started, seen, total - seen)})
+
+            lease.write(progress, "record progress")
+    if not gold:
+        raise DataError("the dataset has no rows", field="dataset")
+    metrics = evaluation_metrics(task_type, preds, gold, labels)
+
+    def finish(s: Session) -> None:
+        lease.hold(s, status="succeeded", finished_at=utcnow(), metrics=metrics,
+                   progress={"step": seen, "total_steps": total, "eta_seconds": 0})
+        s.add(VersionEvaluation(tenant_id=job.tenant_id, version_id=job.adapter_version_id,
+                                dataset_id=job.train_dataset_id, job_id=job.id, rows=seen, metrics=metrics))
+        events.append_in(s, job.id, "status", {"status": "succeeded", "rows": seen, "metrics": metrics})
+
+    lease.write(finish, "store the evaluation")
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def evaluation_metrics(task_type: str, preds: list, gold: list, labels: list[str]) -> dict[str, Any]:
+    """Regression: pearson, spearman, mse. Single-label: accuracy, macro-F1 (and F1 of label 1 for two labels),
+    per-class precision and recall, the confusion matrix (rows: true label, columns: predicted)."""
+    import numpy as np
+
+    from spafit_core import metrics as m
+
+    if task_type == "regression":
+        return {"pearson": _finite(m.pearson(preds, gold)), "spearman": _finite(m.spearman(preds, gold)),
+                "mse": _finite(m.mse(preds, gold)), "main_metric": "pearson"}
+    k = len(labels)
+    p, y = np.asarray(preds, dtype=np.int64), np.asarray(gold, dtype=np.int64)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (y, p), 1)
+    per_class = {}
+    for i, lab in enumerate(labels):
+        tp = int(confusion[i, i])
+        predicted, actual = int(confusion[:, i].sum()), int(confusion[i, :].sum())
+        per_class[lab] = {"precision": tp / predicted if predicted else 0.0, "recall": tp / actual if actual else 0.0,
+                          "support": actual}
+    out: dict[str, Any] = {"accuracy": m.accuracy(p, y), "macro_f1": m.macro_f1(p, y, num_labels=k)}
+    if k == 2:
+        out["f1"] = m.f1(p, y)
+    out.update(main_metric="f1" if k == 2 else "macro_f1", per_class=per_class, labels=labels,
+               confusion_matrix=confusion.tolist())
+    return out
+
