@@ -264,7 +264,14 @@ def test_evaluate_versions_list_and_compare(batch_client, tenant_key, db, tiny_b
         row["b"]["metrics"]["accuracy"] - row["a"]["metrics"]["accuracy"])
     assert_problem(batch_client.get("/v1/tasks/sentiment/versions?compare=1", headers=key.headers), 422)
     assert_problem(batch_client.get("/v1/tasks/sentiment/versions?compare=1,7", headers=key.headers), 404)
-    # a dataset without labels cannot evaluate
-    nolabel = upload(batch_client, b"text\nhello\nworld\n", "n.csv", headers=key.headers).json()["id"]
-    assert_problem(batch_client.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": nolabel},
-                                     headers=key.headers), 422)
+    # no such label column; another tenant's version; another tenant's dataset
+    assert_problem(batch_client.post("/v1/tasks/sentiment/versions/1/evaluate",
+                                     json={"dataset": ds, "label_field": "nope"}, headers=key.headers), 422)
+    other = tenant_key("train")
+    assert_problem(batch_client.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": ds},
+                                     headers=other.headers), 404)
+    _version(db, other.tenant_id, tiny_base)
+    assert_problem(batch_client.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": ds},
+                                     headers=other.headers), 404)
+    assert other and batch_client.get("/v1/tasks/sentiment/versions", headers=other.headers).json()[
+        "items"][0]["evaluations"] == []
