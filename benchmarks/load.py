@@ -574,7 +574,7 @@ def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
     if not exe.exists():
         return None
     return subprocess.Popen([str(exe), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-t",
-                             "--format", "raw", "-o", str(out)],
+                             "--format", "raw", "-o", str(out), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -606,7 +606,59 @@ def profile_summary(raw: Path, title: str, top: int = 30) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _one_input_phase(url: str, headers: dict, tasks: list[str], clients: int, duration: float, seed: int) -> Phase:
+async def _raw_client(host: str, port: int, tasks: list[str], headers: dict, deadline: float, phase: Phase,
+                      rng: random.Random) -> None:
+    """One keep-alive HTTP/1.1 connection sending prebuilt requests: far less client CPU per request than
+    httpx, so that on a machine of 2 cores the figure is the server's, not the load generator's."""
+    import orjson
+
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    reader, writer = await asyncio.open_connection(host, port)
+    k = rng.randrange(len(tasks))
+    try:
+        while time.monotonic() < deadline:
+            task = tasks[k % len(tasks)]
+            k += 1
+            body = orjson.dumps({"inputs": [rng.choice(SHORT_TEXTS)]})
+            start = time.perf_counter()
+            writer.write(f"POST /v1/tasks/{task}/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}Content-Type: "
+                         f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            data = await reader.readexactly(length)
+            ms = (time.perf_counter() - start) * 1000
+            status = int(status_line.split()[1]) if status_line else 0
+            if not status:
+                phase.failures["closed"] += 1
+                return
+            phase.statuses[status] += 1
+            if status == 200:
+                got = orjson.loads(data)
+                if got.get("task") != task or len(got.get("predictions", [])) != 1:
+                    phase.failures["wrong_body"] += 1
+                phase.latencies_ms.append(ms)
+                phase.inputs_ok += 1
+    finally:
+        writer.close()
+
+
+async def _raw_phase(url: str, headers: dict, tasks: list[str], clients: int, duration: float, seed: int) -> Phase:
+    host, port = url.split("//", 1)[1].split(":")
+    phase = Phase()
+    start = time.monotonic()
+    await asyncio.gather(*(_raw_client(host, int(port), tasks, headers, start + duration, phase,
+                                       random.Random(seed * 1000 + i)) for i in range(clients)))
+    phase.seconds = time.monotonic() - start
+    return phase
+
+
+def _one_input_phase(url: str, headers: dict, tasks: list[str], clients: int, duration: float, seed: int,
+                     raw: bool = False) -> Phase:
+    if raw:
+        return asyncio.run(_raw_phase(url, headers, tasks, clients, duration, seed))
     global TEXTS
     saved, TEXTS = TEXTS, SHORT_TEXTS
     try:
@@ -629,30 +681,47 @@ def run_vs_engine(args: argparse.Namespace, base: str, tmp: Path, prefix: str, r
     for mode in modes:
         with (fresh_database() if mode == "server" else _embedded_database(tmp / mode)) as db_url:
             headers, tasks = register_vs_tasks(db_url, mode, adapters)
-            env = server_env(db_url, REDIS_URL, prefix, base, tmp / mode)
+            token = secrets.token_hex(16)
+            env = server_env(db_url, REDIS_URL, prefix, base, tmp / mode, metrics_token=token,
+                             **dict(args.set or []))
             if mode == "embedded":
                 env = {k: v for k, v in env.items() if k not in ("SPAFIT_MODE", "SPAFIT_BROKER_URL",
                                                                    "SPAFIT_BROKER_KEY_PREFIX")}
                 env["SPAFIT_MODE"] = "embedded"
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                engine = pool.submit(engine_figures, base, adapters, args.engine_batch, args.engine_seconds,
-                                     args.one_row).result()
+            def measure_engine() -> dict[str, Any]:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    return pool.submit(engine_figures, base, adapters, args.engine_batch, args.engine_seconds,
+                                       args.one_row).result()
+
+            engine = measure_engine()
             common.log(f"{mode}: engine {engine['rows_per_s']} rows/s at {args.engine_batch} rows a batch, "
                        f"one row p50 {engine['one_row_ms']['p50']} ms")
             server = Server(env, tmp / f"server-{mode}.log").start()
             try:
-                _one_input_phase(server.url, headers, tasks, clients, args.warmup, seed=0)  # warm-up
+                raw = args.client == "raw"
+                _one_input_phase(server.url, headers, tasks, clients, args.warmup, seed=0, raw=raw)  # warm-up
                 load_before = _loadavg()
                 spy = py_spy(server.proc.pid, duration, tmp / f"{mode}.raw") if args.profile else None
-                many = _one_input_phase(server.url, headers, tasks, clients, duration, seed=1)
+                before = _batches(server.url, token)
+                many = _one_input_phase(server.url, headers, tasks, clients, duration, seed=1, raw=raw)
+                after = _batches(server.url, token)
                 if spy is not None:
                     spy.wait(timeout=60)
-                one = _one_input_phase(server.url, headers, tasks, 1, args.one_duration, seed=2)
+                one = _one_input_phase(server.url, headers, tasks, 1, args.one_duration, seed=2, raw=raw)
                 load_after = _loadavg()
             finally:
                 server.stop()
+            engine_after = measure_engine()  # the engine again, after: the machine's load drifts
+            common.log(f"{mode}: engine again {engine_after['rows_per_s']} rows/s, one row p50 "
+                       f"{engine_after['one_row_ms']['p50']} ms")
         m, o = many.summary(), one.summary()
+        engine = {"before": engine, "after": engine_after, "batch": args.engine_batch,
+                  "rows_per_s": round((engine["rows_per_s"] + engine_after["rows_per_s"]) / 2, 1),
+                  "one_row_ms": {"p50": round((engine["one_row_ms"]["p50"] + engine_after["one_row_ms"]["p50"]) / 2, 1)}}
+        rows, batches = after[0] - before[0], after[1] - before[1]
         entry = {"engine": engine, f"http_{clients}_clients": m, "http_1_client": o,
+                 "server_mean_batch_rows": round(rows / batches, 1) if batches else None,
+                 "settings": dict(args.set or []), "client": args.client,
                  "ratio_rps_to_engine": round(m["throughput_rps"] / engine["rows_per_s"], 3),
                  "one_client_p50_minus_one_row_ms": round(o["latency_ms"]["p50"] - engine["one_row_ms"]["p50"], 1),
                  "loadavg": [load_before, load_after]}
@@ -667,9 +736,19 @@ def run_vs_engine(args: argparse.Namespace, base: str, tmp: Path, prefix: str, r
         common.log(f"{mode}: {m['throughput_rps']} req/s at {clients} clients = {entry['ratio_rps_to_engine']}x the "
                    f"engine; p50 {m['latency_ms']['p50']} ms p99 {m['latency_ms']['p99']} ms; one client p50 "
                    f"{o['latency_ms']['p50']} ms ({entry['one_client_p50_minus_one_row_ms']:+} ms vs the one-row "
-                   f"forward); errors {m['errors']}/{o['errors']}; loadavg {load_before} -> {load_after}")
+                   f"forward); mean batch {entry['server_mean_batch_rows']} rows; errors {m['errors']}/{o['errors']}; loadavg {load_before} -> {load_after}")
     result["loadavg_after"] = _loadavg()
     common.log(f"wrote {common.write_result(name, result)}")
+
+
+def _batches(url: str, token: str) -> tuple[float, float]:
+    """(rows, forward passes) the server has batched so far, from its /metrics."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10).text
+    pick = lambda name: sum(float(line.split()[-1]) for line in text.splitlines()  # noqa: E731
+                            if line.startswith(name + " ") or line.startswith(name + "{"))
+    return pick("spafit_engine_batch_size_sum"), pick("spafit_engine_batch_size_count")
 
 
 @contextmanager
@@ -727,6 +806,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine-batch", type=int, default=32, help="--vs-engine: rows per predict_mixed call")
     p.add_argument("--engine-seconds", type=float, default=10.0, help="--vs-engine: seconds of engine throughput")
     p.add_argument("--one-row", type=int, default=100, help="--vs-engine: one-row forwards timed")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="--vs-engine: the load generator's HTTP client (raw: prebuilt requests on keep-alive sockets)")
     p.add_argument("--one-duration", type=float, default=10.0, help="--vs-engine: seconds of the one-client run")
     p.add_argument("--profile", default=None, metavar="NAME",
                    help="--vs-engine: py-spy the server at full load into benchmarks/profiles/NAME_<mode>.txt")

@@ -49,23 +49,20 @@ class Invalidation:
         self.generation = 0
         self.ready = False  # the listener is connected: entries may be stored
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()  # key -> (stored at, value); LRU
+        self._entries: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()  # key -> (stored at, value), oldest first
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         _live.add(self)
 
     # -- the cache
     def get(self, key: Hashable) -> Any | None:
-        """The value stored under `key`, or None (never stored, invalidated, too old, or the cache is off)."""
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is None:
-                return None
-            if time.monotonic() - hit[0] > self.max_age_s:
-                del self._entries[key]
-                return None
-            self._entries.move_to_end(key)
-            return hit[1]
+        """The value stored under `key`, or None (never stored, invalidated, too old, or the cache is off).
+        Lock-free (one dict read, atomic under the GIL): this runs on the event loop for every request. The
+        size bound evicts the oldest stored first."""
+        hit = self._entries.get(key)
+        if hit is None or time.monotonic() - hit[0] > self.max_age_s:
+            return None
+        return hit[1]
 
     def put(self, key: Hashable, value: Any, generation: int) -> None:
         """Store `value`, read from the database when the generation was `generation`: dropped if anything
@@ -73,8 +70,8 @@ class Invalidation:
         with self._lock:
             if generation != self.generation or not self.ready:
                 return
+            self._entries.pop(key, None)  # a refreshed entry counts as new
             self._entries[key] = (time.monotonic(), value)
-            self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 

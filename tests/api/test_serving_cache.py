@@ -244,3 +244,20 @@ def test_sqlite_caches_follow_another_process_commits(tmp_path, base, versions, 
                        timeout=60)
         took = _until(lambda: ask() == 2, "version 2 served after another process activated it")
         assert took < WITHIN_S, took
+
+
+def test_the_cache_is_bounded_and_drops_a_read_that_raced_an_invalidation():
+    from app.services.cache import Invalidation
+
+    cache = Invalidation("sqlite://", max_entries=3)
+    cache.ready = True  # as once its listener runs
+    for i in range(5):
+        cache.put(i, f"v{i}", cache.generation)
+    assert len(cache) == 3 and cache.get(0) is None and cache.get(4) == "v4"  # the oldest went first
+    generation = cache.generation  # a request starts reading the database...
+    cache.bump()  # ...an activation lands meanwhile...
+    cache.put("task", "stale", generation)  # ...and what it read is not kept
+    assert cache.get("task") is None and len(cache) == 0
+    cache.ready = False  # no listener: nothing is kept at all
+    cache.put("task", "fresh", cache.generation)
+    assert cache.get("task") is None
