@@ -3,16 +3,18 @@
 - `Backbone`: one frozen base model per base-model name per process, its layer stack wrapped once.
 - `AdapterBank`: adapters loaded, replaced and evicted at run time, LRU-bounded by bytes, with a
   device tier and a CPU tier where there is a GPU. Thread-safe; load and evict are idempotent.
-  Each adapter is held as one packed buffer (every delta and head tensor) plus a layout shared by all
-  adapters of the same shape, so its resident size is close to its tensor bytes.
-- `Engine.forward`: one forward pass over rows that belong to different adapters. Each adapted module
-  gets per-row bias deltas and per-row LoRA factors (gathered, then a batched matmul); a row's delta is
-  zero wherever its adapter does not adapt that layer, so adapters with different n1/n2/rank mix.
-  Deltas accumulate in place into each module's fresh output.
-  Heads run per adapter group on the rows that belong to it: one shared head module per head shape,
-  called with the adapter's head tensors.
-- `Engine.fan_out`: one input, many tasks: the embeddings and the layers below the smallest first
-  trained layer run once, then the batch branches.
+  A resident adapter lives in the bank's slot pools (`slots.SlotPools`); outside them (in the pinned CPU
+  tier, or held by a request after its eviction) it is one packed buffer in a layout shared by all
+  adapters of the same shape. Resident bytes stay close to tensor bytes.
+- `Engine.forward`: one forward pass over rows that belong to different adapters. The rows' slots make one
+  index; each adapted module gathers its per-row bias and LoRA rows from the pools in one indexed op and
+  applies them with batched matmuls (a row's rows are zero wherever its adapter does not adapt that
+  module, so adapters with different n1/n2/rank mix; modules no row adapts are skipped). Deltas
+  accumulate in place into each module's fresh output. Every row's head runs in one call of one head
+  module padded to the most labels resident, with one copy of the logits to the host.
+- `Engine.fan_out_many` (`fan_out` for one input): inputs asked of many tasks: the embeddings and the
+  layers below the smallest first trained layer run once per input, on one batch of the inputs, then
+  the batch branches into one row per (input, task).
 
 Switching the task of a request never reloads or copies the backbone: adapters only ever contribute
 deltas through the route of one forward pass.

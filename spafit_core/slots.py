@@ -1,22 +1,26 @@
-"""Adapter slot pools: every resident adapter's deltas and head tensors in device-resident pools, one
-pool per adapted module and tensor kind, so a mixed forward gathers each module's per-row tensors in one
-indexed op instead of rebuilding them per adapter.
+"""Adapter slot pools: every resident adapter's deltas and head tensors in device-resident pools, so a
+mixed forward gathers each module's per-row tensors in one indexed op instead of rebuilding them per adapter.
 
-- `RowPool`: rows of one width (`pool.data[0]` is all zeros; rows are handed out one at a time and reused
-  once freed, so a pool never fragments); capacity grows by 1/32 at a time.
-- `SlotPools`: the pools of one bank. A resident adapter holds one slot `g`; the table row `table[g]` holds
-  the pool rows of its bias delta (one column per module), of its LoRA factors (`R` columns per module:
-  its rank rows, then the zero row: LoRA is padded per pool to the largest resident rank, which adds exact
-  zeros) and of its head tensors (label dimensions padded to the most labels resident; the padded logits
-  are sliced away). A forward passes one row-to-slot index tensor; `table.index_select(0, row_slot)` gives
-  every module its pool rows at once, and each module gathers and applies them itself.
-- `SlotKernel`: how a module applies its rows. `TorchGather` (gather + batched matmul, the reference) is
-  the implementation here; a segmented-matmul kernel (punica-style SGMV / BGMV) implements the same two
-  calls and is chosen by name (`Engine(slot_kernel=...)`).
+- `RowPool`: rows on one device (row 0 all zeros); rows are handed out one at a time and reused once freed,
+  so a pool never fragments and stores no padding; capacity grows by 1/32 at a time.
+- `SlotPools`: the pools of one bank: per adapted module one pool of LoRA rows (`[A row | pre-scaled B^T
+  row]` per rank), one pool of bias rows per width (shared by the modules of that width), one pool per head
+  tensor (label dimensions padded to the most labels resident; the padded logits are sliced away). A
+  resident adapter holds one slot `g`; `table[g]` holds its pool rows: one column per module bias, `R`
+  columns per module LoRA (its rank rows, then the zero row: padded to the largest rank resident there,
+  which adds exact zeros), one per head tensor. A forward passes one row-to-slot index; one
+  `table.index_select` gives every module its rows, a host-side read of `meta` says which modules some row
+  adapts and the batch's largest rank in each (the others are skipped or trimmed), and each module gathers
+  and applies its own rows when it runs.
+- `SlotKernel`: how a module applies its rows. `TorchGather` (gather, then batched matmul, the reference)
+  is the implementation here; a segmented-matmul kernel (punica-style SGMV / BGMV) implements the same two
+  calls, registers in `KERNELS` and is chosen by name (`Engine(slot_kernel=...)`, SPAFIT_ENGINE_SLOT_KERNEL).
 
 Invariants: pools change only under `SlotPools.lock`, which a forward holds for its whole run, so a forward
 never sees a slot half-written or reused (atomic hot-swap); an adapter leaving the pools first gets its
-tensors back in its own packed buffer, so a request still holding it keeps being served exactly.
+tensors back in its own packed buffer, so a request still holding it is served exactly (it borrows a slot
+for its forward). Device work is queued without waiting; the forward's one synchronisation is the copy of
+the logits to the host.
 """
 
 from __future__ import annotations
