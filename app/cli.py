@@ -1175,5 +1175,9 @@ def _event_text(e: Any) -> str:
     return f"{e.seq:>5}  {e.type:<10} {json.dumps(e.data, default=str)}"
 
 
+from .cli_batch import register as _register_batch  # noqa: E402
+
+_register_batch(main, remote=remote, emit=_emit, job_text=_job_text, group_cls=SpafitGroup)  # `spafit batch`, `evaluate`
+
 if __name__ == "__main__":
     main()

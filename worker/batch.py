@@ -199,7 +199,7 @@ def _predict(job: Job, lease, hb, engine, name: str, rows: Iterator[dict], total
         def store(s: Session, n=n, c=c, payload=payload, rows_done=rows_done, progress=progress) -> None:
             lease.hold(s, progress=progress)
             s.add(BatchChunk(job_id=job.id, chunk=c, rows=n, data=payload))
-            events.append_in(s, job.id, "progress", {"rows_done": rows_done, "rows": total, "chunk": c})
+            events.append_in(s, job.id, "progress", {**progress, "chunk": c})  # step: rows done (progress bars)
 
         lease.write(store, f"store chunk {c}")
         chunk += 1
@@ -250,9 +250,11 @@ def _evaluate(db: Database, job: Job, lease, hb, engine, name: str, cfg: dict, r
             else:
                 raise DataError("evaluating multi-label versions is not supported yet", field="task")
         if seen % (settings.batch_forward_rows * 16) < settings.batch_forward_rows:
-            def progress(s: Session, seen=seen) -> None:
-                lease.hold(s, progress={"step": seen, "total_steps": total,
-                                        "eta_seconds": _eta(started, seen, total - seen)})
+            now = {"step": seen, "total_steps": total, "eta_seconds": _eta(started, seen, total - seen)}
+
+            def progress(s: Session, now=now) -> None:
+                lease.hold(s, progress=now)
+                events.append_in(s, job.id, "progress", now)
 
             lease.write(progress, "record progress")
     if not gold:

@@ -78,6 +78,7 @@ class AsyncClient:
         self.datasets = AsyncDatasets(self)
         self.jobs = AsyncJobs(self)
         self.tasks = AsyncTasks(self)
+        self.batch = AsyncBatchPredictions(self)
 
     async def health(self) -> Health:
         return await self._call(E.health())
@@ -326,3 +327,67 @@ class AsyncTasks:
 
     async def predict(self, task: str, inputs: str | Sequence[Any], *, top_k: int | None = None) -> TaskPredictions:
         return await self._c._call(E.predict(task, inputs, top_k=top_k))
+
+    async def evaluate(self, task: str, version: int, dataset: Any, *, text_fields: list[str] | None = None,
+                       label_field: str | None = None, idempotency_key: str | None = None) -> Job:
+        """See `Client.tasks.evaluate`."""
+        return await self._c._call(E.evaluate_version(task, version, dataset=dataset, text_fields=text_fields,
+                                                      label_field=label_field, idempotency_key=idempotency_key))
+
+    async def compare(self, task: str, a: int, b: int) -> dict[str, Any]:
+        """See `Client.tasks.compare`."""
+        return (await self._c._call(E.compare_versions(task, a, b)))["compare"]
+
+
+class AsyncBatchPredictions:
+    """See `Client.batch`."""
+
+    def __init__(self, client: AsyncClient):
+        self._c = client
+
+    async def create(self, *, task: str, dataset: Any, version: int | None = None, text_fields: list[str] | None = None,
+                     id_field: str | None = None, top_k: int | None = None, format: str | None = None,
+                     all_scores: bool = False, idempotency_key: str | None = None) -> Job:
+        return await self._c._call(E.create_batch_prediction(
+            task=task, dataset=dataset, version=version, text_fields=text_fields, id_field=id_field, top_k=top_k,
+            format=format, all_scores=all_scores, idempotency_key=idempotency_key))
+
+    async def get(self, job: Any) -> Job:
+        return await self._c._call(E.get_batch_prediction(job))
+
+    def list(self, *, limit: int | None = None, cursor: str | None = None) -> AsyncPager[Job]:
+        return AsyncPager(lambda c: self._c._call(E.list_batch_predictions(limit=limit, cursor=c)), cursor)
+
+    async def wait(self, job: Any, *, progress: bool = True, timeout: float | None = None,
+                   file: TextIO | None = None) -> Job:
+        return await self._c.jobs.wait(job, progress=progress, timeout=timeout, file=file)
+
+    async def cancel(self, job: Any) -> Job:
+        return await self._c.jobs.cancel(job)
+
+    async def download(self, job: Any, path: str | os.PathLike[str]) -> Path:
+        out = Path(path)
+        async with self._c._stream(E.batch_results(job)) as response:
+            with out.open("wb") as f:
+                async for part in response.aiter_bytes():
+                    f.write(part)
+        return out
+
+    async def results(self, job: Any) -> AsyncIterator[dict[str, Any]]:
+        import csv
+        import json
+
+        async with self._c._stream(E.batch_results(job)) as response:
+            is_csv = response.headers.get("content-type", "").startswith("text/csv")
+            header: list[str] | None = None
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                if not is_csv:
+                    yield json.loads(line)
+                    continue
+                row = next(csv.reader([line]))
+                if header is None:
+                    header = row
+                else:
+                    yield dict(zip(header, row, strict=False))

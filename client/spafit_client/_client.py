@@ -80,6 +80,7 @@ class Client:
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
         self.tasks = Tasks(self)
+        self.batch = BatchPredictions(self)
 
     # ----------------------------------------------------------------------------------- top level
     def health(self) -> Health:
@@ -366,3 +367,66 @@ class Tasks:
     def predict(self, task: str, inputs: str | Sequence[Any], *, top_k: int | None = None) -> TaskPredictions:
         """Predict with the task's active version: texts, (text, text_pair) tuples or {text, text_pair}."""
         return self._c._call(E.predict(task, inputs, top_k=top_k))
+
+    def evaluate(self, task: str, version: int, dataset: str | Dataset, *, text_fields: builtins.list[str] | None = None,
+                 label_field: str | None = None, idempotency_key: str | None = None) -> Job:
+        """Start a job (kind `evaluate`) computing `version`'s metrics on a labelled dataset; wait for it with
+        `client.jobs.wait`. The metrics are then on the job and in the version's `evaluations`."""
+        return self._c._call(E.evaluate_version(task, version, dataset=dataset, text_fields=text_fields,
+                                                label_field=label_field, idempotency_key=idempotency_key))
+
+    def compare(self, task: str, a: int, b: int) -> dict[str, Any]:
+        """Versions `a` and `b` side by side on each dataset both were evaluated on: {task, versions, datasets:
+        [{dataset, a, b, delta}]} (delta: b - a per metric)."""
+        return self._c._call(E.compare_versions(task, a, b))["compare"]
+
+
+class BatchPredictions:
+    """`/v1/batch-predictions`: predict every row of an uploaded dataset on the workers (a job of kind `predict`),
+    then download the result file (JSON Lines or CSV), streamed."""
+
+    def __init__(self, client: Client):
+        self._c = client
+
+    def create(self, *, task: str, dataset: str | Dataset, version: int | None = None,
+               text_fields: builtins.list[str] | None = None, id_field: str | None = None, top_k: int | None = None,
+               format: str | None = None, all_scores: bool = False, idempotency_key: str | None = None) -> Job:
+        return self._c._call(E.create_batch_prediction(
+            task=task, dataset=dataset, version=version, text_fields=text_fields, id_field=id_field, top_k=top_k,
+            format=format, all_scores=all_scores, idempotency_key=idempotency_key))
+
+    def get(self, job: str | Job) -> Job:
+        return self._c._call(E.get_batch_prediction(job))
+
+    def list(self, *, limit: int | None = None, cursor: str | None = None) -> SyncPager[Job]:
+        return SyncPager(lambda c: self._c._call(E.list_batch_predictions(limit=limit, cursor=c)), cursor)
+
+    def wait(self, job: str | Job, *, progress: bool = True, timeout: float | None = None,
+             file: TextIO | None = None) -> Job:
+        """See `client.jobs.wait` (the bar counts rows)."""
+        return self._c.jobs.wait(job, progress=progress, timeout=timeout, file=file)
+
+    def cancel(self, job: str | Job) -> Job:
+        return self._c.jobs.cancel(job)
+
+    def download(self, job: str | Job, path: str | os.PathLike[str]) -> Path:
+        """Write a succeeded job's result file to `path`, streamed; returns the path."""
+        out = Path(path)
+        with self._c._stream(E.batch_results(job)) as response, out.open("wb") as f:
+            for part in response.iter_bytes():
+                f.write(part)
+        return out
+
+    def results(self, job: str | Job) -> Iterator[dict[str, Any]]:
+        """A succeeded job's result rows as dicts ({id, label, score[, scores]}), streamed."""
+        import csv
+        import json
+
+        with self._c._stream(E.batch_results(job)) as response:
+            lines = response.iter_lines()
+            if response.headers.get("content-type", "").startswith("text/csv"):
+                yield from csv.DictReader(lines)
+            else:
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)

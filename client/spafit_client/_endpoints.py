@@ -146,6 +146,44 @@ def stream_job_events(job: Any, *, after: int, last_event_id: int | None) -> Cal
     return Call("GET", f"/v1/jobs/{_seg(resource_id(job))}/events", params={"after": after}, headers=headers, raw=True)
 
 
+# ---------------------------------------------------------------------------------- batch predictions
+def create_batch_prediction(*, task: str, dataset: Any, version: int | None, text_fields: list[str] | None,
+                            id_field: str | None, top_k: int | None, format: str | None, all_scores: bool,
+                            idempotency_key: str | None) -> Call[Job]:
+    body: dict[str, Any] = {"task": task, "dataset": resource_id(dataset)}
+    optional = {"version": version, "text_fields": text_fields, "id_field": id_field, "top_k": top_k,
+                "format": format, "all_scores": all_scores or None}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    key = idempotency_key or f"spafit-client-{uuid.uuid4()}"
+    return Call("POST", "/v1/batch-predictions", json=body, headers={"Idempotency-Key": key}, model=Job)
+
+
+def get_batch_prediction(job: Any) -> Call[Job]:
+    return Call("GET", f"/v1/batch-predictions/{_seg(resource_id(job))}", model=Job)
+
+
+def list_batch_predictions(*, limit: int | None, cursor: str | None) -> Call[Page[Job]]:
+    return Call("GET", "/v1/batch-predictions", params={"limit": limit, "cursor": cursor}, model=Page[Job])
+
+
+def batch_results(job: Any) -> Call[httpx.Response]:
+    return Call("GET", f"/v1/batch-predictions/{_seg(resource_id(job))}/results", raw=True)
+
+
+def evaluate_version(task: str, version: int, *, dataset: Any, text_fields: list[str] | None,
+                     label_field: str | None, idempotency_key: str | None) -> Call[Job]:
+    body: dict[str, Any] = {"dataset": resource_id(dataset)}
+    body.update({k: v for k, v in {"text_fields": text_fields, "label_field": label_field}.items() if v is not None})
+    key = idempotency_key or f"spafit-client-{uuid.uuid4()}"
+    return Call("POST", f"/v1/tasks/{_seg(task)}/versions/{int(version)}/evaluate", json=body,
+                headers={"Idempotency-Key": key}, model=Job)
+
+
+def compare_versions(task: str, a: int, b: int) -> Call[dict[str, Any]]:
+    return Call("GET", f"/v1/tasks/{_seg(task)}/versions", params={"compare": f"{int(a)},{int(b)}", "limit": 1},
+                model=dict[str, Any])
+
+
 # ------------------------------------------------------------------------------------------------- tasks
 def list_tasks(*, limit: int | None, cursor: str | None) -> Call[Page[Task]]:
     return Call("GET", "/v1/tasks", params={"limit": limit, "cursor": cursor}, model=Page[Task])

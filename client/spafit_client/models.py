@@ -123,6 +123,7 @@ class Job(SpafitModel):
     """A fine-tuning job. `status`: queued, running, succeeded, failed or cancelled."""
 
     id: str
+    kind: str = "train"  # train | sweep | trial | predict (batch prediction) | evaluate
     task: str
     task_type: str
     base_model: str
@@ -183,6 +184,7 @@ class AdapterVersion(SpafitModel):
     metrics: dict[str, Any] | None = None
     max_seq_length: int | None = None
     job_id: str | None = None
+    evaluations: list[dict[str, Any]] = Field(default_factory=list)  # {dataset, job, rows, metrics, ...}
     created_at: datetime
 
 

@@ -12,7 +12,7 @@ from app.cli import main
 from tests.client.conftest import ROOT, subprocess_env
 
 COMMANDS = {"serve", "worker", "db", "keys", "quickstart", "train", "predict", "datasets", "jobs", "tasks", "sweep",
-            "export", "import"}
+            "export", "import", "batch", "evaluate"}
 
 
 def walk(group: click.Group, prefix: tuple[str, ...] = ()):
@@ -39,7 +39,8 @@ def test_the_subcommands_are_all_there():
         ("datasets", "import"), ("datasets", "show"), ("datasets", "list"),
         ("jobs", "list"), ("jobs", "show"), ("jobs", "wait"), ("jobs", "cancel"), ("jobs", "delete"), ("jobs", "events"),
         ("tasks", "list"), ("tasks", "show"), ("tasks", "versions"), ("tasks", "activate"), ("tasks", "export"),
-        ("tasks", "import")}
+        ("tasks", "import"), ("batch", "create"), ("batch", "list"), ("batch", "show"), ("batch", "wait"),
+        ("batch", "results"), ("batch", "cancel")}
 
 
 @pytest.mark.parametrize("path", ALL, ids=" ".join)
