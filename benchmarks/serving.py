@@ -405,8 +405,25 @@ def bench_engine_ref(fac: Factory, args, tmp: Path) -> dict[str, Any]:
     rows_cls = {"ref": ref_mod.Row, "new": Row}
     blobs = [fac.make(m, t, seed=700 + i) for i, (m, t) in enumerate(MIX)]
     fan_blobs = [fac.make(FANOUT[i % 4], (TWO, THREE, REG, TWO)[i // 4], seed=800 + i) for i in range(16)]
+    blobs32 = [fac.make(*MIX[i % 8], seed=900 + i) for i in range(32)]
     fns: dict[str, Any] = {}
     for tag, eng in engines.items():
+        d32 = [eng.load(f"d{i}", c, w) for i, (c, w) in enumerate(blobs32)]
+        for L in (16, 64):  # 32 rows over 32 distinct adapters, spread lengths
+            rows32 = [rows_cls[tag](d32[i], f) for i, f in enumerate(spread_rows(eng.backbone(), 32, L, seed=L))]
+            fns[f"mixed_32_rows_32_adapters_{L}:{tag}"] = lambda e=eng, r=rows32: e.forward(r)
+        if tag == "ref":  # the per-forward bookkeeping: rebuilding per-row tensors from 32 adapters...
+            fns["bookkeeping_32_adapters_x10:ref"] = \
+                lambda a=d32, g=ref_mod.gather_deltas: [g(a) for _ in range(10)]
+        else:  # ...vs one row-to-slot index and one table lookup
+            pools = eng.bank().pools
+
+            def bookkeeping(a=d32, pools=pools):
+                for _ in range(10):
+                    with pools.lock, _slots(pools, a) as (row_slot, distinct):
+                        pools.route(row_slot, distinct)
+
+            fns["bookkeeping_32_adapters_x10:new"] = bookkeeping
         mix = [eng.load(f"mix{i}", c, w) for i, (c, w) in enumerate(blobs)]
         fan = [f"fan{i}" for i in range(16)]
         for name, (c, w) in zip(fan, fan_blobs, strict=True):
