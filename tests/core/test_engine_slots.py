@@ -241,3 +241,22 @@ def test_a_row_held_across_its_backbones_eviction_is_served_from_its_old_pools(t
     got = e.forward([row])[0]  # a loads again: a fresh bank whose pools never held z0
     assert held.pools is not e.bank(a).pools and len(e.bank(a).pools) == 0
     assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["roberta", "distilbert", "electra", "deberta-v2"])
+def test_every_architectures_heads_run_batched_and_exact(tiny_dirs, arch):
+    """Heads with a dense layer (RoBERTa, ELECTRA), a pre-classifier (DistilBERT) or a context pooler
+    (DeBERTa, whose mixed batches fall back per adapter) give each row its lone-run logits, in mixed batches
+    and in fan-outs of several inputs."""
+    path = tiny_dirs(arch)
+    e = Engine(device="cpu", default_base_model=path)
+    for i, (method, task) in enumerate(zip(METHODS[:3], TASKS[:3], strict=True)):
+        _, cfg, w = random_adapter(path, method, task, seed=60 + i)
+        e.load(f"h{i}", cfg, w)
+    names = ["h0", "h1", "h2"]
+    rows = [Row(e.adapter(n), e.encode(e.adapter(n), [t])[0]) for n in names for t in TEXTS[:2]]
+    for row, got in zip(rows, e.forward(rows), strict=True):
+        assert (got - e.forward([row])[0]).abs().max() <= 1e-5
+    for text, got in zip(TEXTS[:2], e.fan_out_many(names, TEXTS[:2]), strict=True):
+        for n in names:
+            assert abs(got[n]["score"] - e.predict(n, [text])[0]["score"]) <= 1e-5
