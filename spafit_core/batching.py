@@ -7,8 +7,8 @@ limit, kind of input), off the event loop; their rows then join one queue per te
 a tenant past `max_queue_per_tenant` waiting rows is refused (TenantOverloadedError: that tenant retries later),
 and the whole queue past `max_queue` rows is refused (OverloadedError). One worker thread drains the queues by
 deficit round robin: each tenant in turn may take rows worth `quantum x weight` tokens (a row costs its
-length, so long inputs use up a share faster than short ones), and a tenant's backlog delays only itself. When rows were already waiting as its last batch ended, it waits up to `max_wait_ms` for company (an idle batcher
-does not wait), then packs what it took (at most `max_batch_size` rows,
+length, so long inputs use up a share faster than short ones), and a tenant's backlog delays only itself. When its last batch was full or left rows waiting (saturated), it waits up to `max_wait_ms` for company (otherwise
+it does not wait: a lone request costs the one-row forward), then packs what it took (at most `max_batch_size` rows,
 sorted by length, within `max_tokens` padded tokens) into mixed-task forward passes.
 
 Invariants a caller may rely on:
@@ -44,6 +44,10 @@ from .errors import (
 from .outputs import postprocess
 
 log = logging.getLogger("spafit.batching")
+
+# A request with more characters than this is tokenised in the caller's thread (the submitter pool), as one call of
+# its own: the worker tokenises small requests in batches, and one huge request must not hold up everyone's batch.
+BATCH_TOKENIZE_CHARS = 16_384
 
 
 @dataclass
@@ -106,6 +110,7 @@ class MicroBatcher:
         self._ring: deque[str] = deque()  # tenants with rows waiting, in serving order
         self._deficit: dict[str, float] = {}
         self._in_turn = False  # the tenant at the head of the ring is in the middle of its turn
+        self._saturated = False  # the last batch was full or left rows waiting: worth waiting for company
         self._rows = 0
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -206,9 +211,22 @@ class MicroBatcher:
         if not n:
             fut.set_result([])
             return fut
+        pending = _Pending(req, adapter, list(inputs))
+        made = None
+        if sum(_chars(x) for x in inputs) > BATCH_TOKENIZE_CHARS:  # big: tokenised here, not on the worker's time
+            with self._cond:
+                self._admit(tenant, n)  # refused before the work, as below
+            made = self._tokenize_apart([pending])
         with self._cond:
             self._admit(tenant, n)
-            self._pending.append(_Pending(req, adapter, list(inputs)))  # tokenised by the worker, in a batch
+            if made is not None:
+                self._pending_rows[tenant] += n
+                self._rows += n
+                self._enqueue(made)
+                self._cond.notify()
+                fut.add_done_callback(lambda f: self._withdraw(req) if f.cancelled() else None)
+                return fut
+            self._pending.append(pending)  # tokenised by the worker, in a batch with the others
             self._pending_rows[tenant] += n
             self._rows += n
             self._cond.notify()
@@ -349,14 +367,14 @@ class MicroBatcher:
         batches) the requests that arrived since the last call."""
         cfg = self.config
         with self._cond:
-            idle = not self._rows
             while self._running and not self._rows:
                 self._cond.wait(timeout=0.5)
             if not self._running:
                 return []
-            # Wait for company only when busy (rows were already waiting as the last batch ended: more are
-            # likely on their way); an idle batcher runs the first row at once, at the one-row forward's latency.
-            deadline = time.monotonic() + (0 if idle else cfg.max_wait_ms / 1000)
+            # Wait for company only when saturated (the last batch was full or left rows behind: demand is above
+            # what one batch takes, so more rows are on their way); otherwise run what is there at once, so that a
+            # lone request costs the one-row forward, not `max_wait_ms` more.
+            deadline = time.monotonic() + (cfg.max_wait_ms / 1000 if self._saturated else 0)
             while self._rows < cfg.max_batch_size and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(timeout=left)
         self._tokenize_pending()
@@ -387,6 +405,7 @@ class MicroBatcher:
                     self._ring.rotate(-1)
                     self._in_turn = False
                 # else the batch is full mid-turn: the tenant goes on next time, with what it has left
+            self._saturated = len(items) >= cfg.max_batch_size or self._rows > 0
             return items
 
     def _pack(self, items: list[_Item]) -> list[list[_Item]]:
@@ -496,6 +515,10 @@ def _row_error(error: Exception, items: list[_Item]) -> SpafitError:
               exc_info=error)
     return PredictionFailedError(f"the prediction failed on this input (ref {ref}); other requests were served",
                                  detail={"reference": ref})
+
+
+def _chars(x: Input) -> int:
+    return len(x) if isinstance(x, str) else sum(len(v) for v in x.values() if isinstance(v, str))
 
 
 def _tokenize_error(error: Exception, p: _Pending) -> SpafitError:

@@ -405,3 +405,21 @@ def test_a_request_cancelled_before_it_is_tokenised_leaves_no_row_behind(engine)
     finally:
         batcher.stop()
     assert batcher.stats["dropped"] == 3
+
+
+def test_a_huge_request_is_tokenised_by_its_caller_and_answered_exactly(engine, monkeypatch):
+    from spafit_core import batching
+
+    big = ["good movie " * 2000, "bad plot"]  # over BATCH_TOKENIZE_CHARS: not the worker's time
+    assert sum(map(len, big)) > batching.BATCH_TOKENIZE_CHARS
+    want = engine.predict("t0", big)
+    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1))  # not started: the caller tokenises
+    fut = batcher.submit("t0", big, tenant="a")
+    assert not batcher._pending and batcher.depths() == {"a": 2}  # queued as rows already
+    batcher.start()
+    try:
+        got = fut.result(timeout=30)
+    finally:
+        batcher.stop()
+    assert [p["label"] for p in got] == [p["label"] for p in want]
+    assert all(abs(p["score"] - d["score"]) <= 1e-5 for p, d in zip(got, want, strict=True))
