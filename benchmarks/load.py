@@ -578,11 +578,25 @@ def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
+def _area(stack: str) -> str:
+    """Where a sample's time goes, in the terms of the request path."""
+    if "psycopg" in stack or "sqlalchemy" in stack or "sqlite3" in stack:
+        return "database (a query and its wait, in any thread)"
+    if "Engine.forward" in stack or "MicroBatcher._run" in stack:
+        return "engine forward (batcher thread)"
+    if "tokeniz" in stack or "Engine.encode" in stack:
+        return "tokenising"
+    if "MainThread" in stack.split(";", 1)[0]:
+        return "event loop: HTTP, routing, validation, serialisation"
+    return "other threads (thread pool hops, batcher bookkeeping)"
+
+
 def profile_summary(raw: Path, title: str, top: int = 30) -> str:
     """Top frames of a collapsed-stack file: by own samples and by inclusive samples (a frame counted once
     per stack), each as a share of the samples of all threads that were not idle."""
     own: Counter = Counter()
     inclusive: Counter = Counter()
+    areas: Counter = Counter()
     total = 0
     idle = ("wait (threading.py", "Condition.wait (threading.py", "select (selectors.py", "_worker (concurrent/futures/thread.py",
             "poll (", "_run_once (asyncio/base_events.py")
@@ -597,9 +611,12 @@ def profile_summary(raw: Path, title: str, top: int = 30) -> str:
         n = int(count)
         total += n
         own[leaf] += n
+        areas[_area(stack)] += n
         for f in set(frames[1:]):  # frames[0] is the thread
             inclusive[f] += n
-    lines = [title, f"busy samples (all threads, idle waits left out): {total}", "", "by own time:"]
+    lines = [title, f"busy samples (all threads, idle waits left out): {total}", "", "by area:"]
+    lines += [f"{100 * n / max(total, 1):6.1f}%  {area}" for area, n in areas.most_common()]
+    lines += ["", "by own time:"]
     lines += [f"{100 * n / max(total, 1):6.1f}%  {f}" for f, n in own.most_common(top)]
     lines += ["", "inclusive (the frame or anything it called):"]
     lines += [f"{100 * n / max(total, 1):6.1f}%  {f}" for f, n in inclusive.most_common(top)]
