@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from spafit_core.errors import ConfigError, DataError
@@ -112,7 +113,14 @@ def _job(session: Session, tenant_id: uuid.UUID, kind: str, version: AdapterVers
               hyperparameters={**options, "rows": ds.rows}, status="queued", idempotency_key=idempotency_key,
               request_hash=digest, max_attempts=settings.job_max_attempts, adapter_version_id=version.id)
     session.add(job)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # the same Idempotency-Key, created concurrently
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        return jobs._replay(existing, digest), False
     events.append_in(session, job.id, "status", {"status": "queued"})
     session.commit()
     return job, True

@@ -275,3 +275,27 @@ def test_evaluate_versions_list_and_compare(batch_client, tenant_key, db, tiny_b
                                      headers=other.headers), 404)
     assert other and batch_client.get("/v1/tasks/sentiment/versions", headers=other.headers).json()[
         "items"][0]["evaluations"] == []
+
+
+def test_cancel_a_running_batch_prediction(batch_client, tenant_key, db, tiny_base, worker):
+    from tests.reliability.conftest import job_row
+
+    key = tenant_key("train")
+    _version(db, key.tenant_id, tiny_base)
+    ds = _dataset(batch_client, key.headers, 4000, seed=4)
+    job_id = batch_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds},
+                               headers=key.headers).json()["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = job_row(db, job_id)
+        if job.status == "running" and ((job.progress or {}).get("step") or 0) >= 32:
+            break
+        assert job.status not in FINAL, job.status
+        time.sleep(0.02)
+    r = batch_client.post(f"/v1/jobs/{job_id}/cancel", headers=key.headers)
+    assert r.status_code == 200 and r.json()["cancel_requested"] is True
+    done = _wait(batch_client, job_id, key.headers, worker=worker)
+    assert done["status"] == "cancelled", (done, worker.tail())
+    assert done["progress"]["step"] < 4000
+    assert_problem(batch_client.get(f"/v1/batch-predictions/{job_id}/results", headers=key.headers), 409,
+                   "results-not-ready")
