@@ -12,11 +12,11 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
 PYTEST := $(BIN)/python -m pytest
-# `make test` runs the suite on TEST_WORKERS pytest-xdist processes (tests/conftest.py keeps together what must
-# share one: the live worker/API/browser tests, a file's module-scoped fixtures), then the timing-sensitive tests
-# (marker `serial`) alone. Many tests wait on child processes, so more processes than cores pays (README, Tests).
+# `make test` runs the suite on TEST_WORKERS pytest-xdist processes, a file whole on one (tests/conftest.py orders
+# them), then the timing-sensitive tests (marker `serial`) alone. Many tests wait on child processes, so more
+# processes than cores pays (README, Tests).
 TEST_WORKERS ?= 4
-XDIST := --dist loadgroup --no-loadscope-reorder
+XDIST := --dist loadfile --no-loadscope-reorder
 # The unit tests: no Postgres, Redis or service processes (tests marked `slow` left out); CPU-bound, so one
 # process per core.
 UNIT_TESTS ?= tests/core tests/deploy tests/bench

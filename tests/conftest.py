@@ -223,41 +223,34 @@ def tenant_key(db: Any) -> Callable[..., TenantKey]:
 
 # --------------------------------------------------------------------------------------------- parallel runs
 
-# `make test` runs the suite on several pytest-xdist processes (`-n N --dist loadgroup`). Each is its own pytest
-# session, so each has its own database and Redis prefix (above) and its own session fixtures. What must not be
-# split across them is grouped here, from the fixtures a test requests (new tests land in the right place
-# without a marker):
-# - the tests on the session's real processes (tests/live.py's worker and API server, the browser tests'
-#   Chromium and embedded server) form two groups, each on one xdist process with one set of those processes:
-#   `live-jobs` (tests/worker, tests/reliability: they hold, kill and fill the worker) and `live-clients` (SDK,
-#   CLI, browser). One group was the whole run's longest chain (mostly waiting on the one worker); two halve it
-#   for one more worker/server pair (about 1 GB);
-# - a test with a module-, class- or package-scoped fixture runs on the process of the rest of its file, so
-#   that fixture is set up once;
-# - every other test is scheduled on its own, wherever a process is free.
-# Under xdist the groups are ordered longest first (live, then files, then single tests): with
-# `--no-loadscope-reorder` that is the order they are handed out, so no long chain starts last.
+# `make test` runs the suite on several pytest-xdist processes with `--dist loadfile`: each file runs whole on
+# one process, so a module-scoped fixture is set up once. Each process is its own pytest session, with its own
+# database and Redis prefix (above) and its own session fixtures: a process that runs a test on the live
+# processes (tests/live.py's worker and API server) starts its own set, so live files run side by side instead
+# of queueing for one worker. (Grouping them by `xdist_group` would share one set, but `--dist loadgroup`
+# silently ignores groups on pytest 9.2: pytest-dev/pytest-xdist#1386.)
+# Tests on the live processes are marked `live` here (`-m live`), and under xdist their files come first, so no
+# long chain of jobs starts last (with `--no-loadscope-reorder` files are handed out in this order).
 LIVE_FIXTURES = frozenset({"worker", "live_server_process", "embedded_server", "browser"})
-LIVE_JOBS_FOLDERS = ("tests/worker/", "tests/reliability/")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups and `-m` selects
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank: dict[int, int] = {}
-    for i, item in enumerate(items):
-        names = set(getattr(item, "fixturenames", ()))
-        if names & LIVE_FIXTURES:
+    live_files: set[str] = set()
+    for item in items:
+        if set(getattr(item, "fixturenames", ())) & LIVE_FIXTURES:
             item.add_marker(pytest.mark.live)
-            group, rank[i] = ("live-jobs" if item.nodeid.startswith(LIVE_JOBS_FOLDERS) else "live-clients"), 0
-        else:
-            defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-            wide = any(d.scope in ("module", "class", "package") for fds in defs.values() for d in fds)
-            group, rank[i] = (item.nodeid.split("::")[0], 1) if wide else (None, 2)
-        if group and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(group))
-    if getattr(config.option, "loadgroup", False):  # an xdist process: the same order on every one
-        order = sorted(range(len(items)), key=lambda i: (rank[i], i))
-        items[:] = [items[i] for i in order]
+            live_files.add(item.nodeid.split("::")[0])
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the same order on every xdist process; files stay whole
+        first = {}
+        for i, item in enumerate(items):
+            first.setdefault(item.nodeid.split("::")[0], i)
+
+        def key(i: int) -> tuple[int, int, int]:
+            f = items[i].nodeid.split("::")[0]
+            return (f not in live_files, first[f], i)
+
+        items[:] = [items[i] for i in sorted(range(len(items)), key=key)]
 
 
 # A test may take over SLOW_TEST_S only with its reason in its docstring, on a line starting `Slow:`; the run's

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_quickstart_trains_predicts_and_cleans_up(tmp_path):
+    """Slow: the whole quickstart as a user runs it: a service process, MiniLM loaded and trained on CPU."""
     env = subprocess_env({k: v for k, v in os.environ.items() if not k.startswith("SPAFIT_")},
                          TMPDIR=str(tmp_path), OMP_NUM_THREADS="2")
     r = subprocess.run([sys.executable, "-m", "app.cli", "quickstart", "--epochs", "1", "--json"], cwd=tmp_path,

@@ -32,6 +32,10 @@ with torch.no_grad():
 
 @pytest.mark.slow
 def test_train_spafit_from_csv_on_minilm_and_predict_in_another_process(tmp_path):
+    """The sample CSV to a SPAFIT adapter on MiniLM, then the same logits in a fresh process.
+
+    Slow: three epochs of the real 22M-parameter MiniLM on CPU, and a second process that loads it again.
+    """
     result = finetune(TRAIN, VALID, base_model="minilm", method=MethodConfig(n1=2, n2=4),
                       train_config=TrainConfig(epochs=3, batch_size=8, seed=0))
     assert result.metrics["accuracy"] >= 0.85, result.metrics
