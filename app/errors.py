@@ -245,8 +245,12 @@ async def _app_error(request: Request, exc: AppError) -> JSONResponse:
 async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = validation_errors(list(exc.errors()))
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+    # `field` names the first offending input as the service's own errors do: `method.rank`, not `body.method.rank`
+    # (a query or path parameter keeps its `query.` / `path.` prefix, so it is never mistaken for a body field).
+    first = errors[0]["field"] if errors else None
+    field = first.removeprefix("body.") if first and first != "body" else None
     return problem(422, "validation-error", detail, request=request, title="Request validation failed",
-                   errors=errors)
+                   field=field, errors=errors)
 
 
 async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:

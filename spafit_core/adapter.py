@@ -66,7 +66,9 @@ def adapter_config(model: SpafitModel, weights: bytes, *, max_seq_length: int = 
             "hidden_size": getattr(base_cfg, "hidden_size", None) or getattr(base_cfg, "dim", None),
         },
         "task": model.task.to_dict(),
-        "max_seq_length": max_seq_length,
+        # What the adapter serves: the length it trained with, but never more than its backbone has positions
+        # (a default of 128 on a 64-position model records 64, so the adapter passes the import schema).
+        "max_seq_length": min(max_seq_length, position_limit(base_cfg) or max_seq_length),
         "param_counts": model.param_counts(),
         "metrics": metrics or {},
         "training": training or {},
@@ -330,6 +332,18 @@ def validate_config(cfg: Any) -> dict[str, Any]:
     return cfg
 
 
+def position_limit(config: Any) -> int | None:
+    """The most tokens one input may have on a backbone of this (transformers) config: its position table, less
+    the offset of models that number positions after the padding index (RoBERTa: 514 - 2). None where it states
+    none."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if getattr(config, "model_type", "") in (
+        "roberta", "xlm-roberta", "camembert", "longformer") else 0
+    return positions - offset
+
+
 def backbone_limits(base_model: str) -> dict[str, Any]:
     """What an adapter config must respect of its backbone, read from the backbone's config (transformers
     AutoConfig): max_seq_length (position table, less a RoBERTa-style padding offset), num_layers, model_type."""
@@ -342,13 +356,9 @@ def backbone_limits(base_model: str) -> dict[str, Any]:
     except Exception as e:  # not found, not a model folder, unreadable JSON: never a stack trace to the client
         raise AdapterError(f"cannot read the configuration of base model {base_model!r} "
                            f"({type(e).__name__})", field="base_model.name") from None
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if getattr(config, "model_type", "") in (
-        "roberta", "xlm-roberta", "camembert", "longformer") else 0
     layers = next((getattr(config, k) for k in ("num_hidden_layers", "n_layers", "num_layers")
                    if isinstance(getattr(config, k, None), int)), None)
-    return {"max_seq_length": positions - offset if isinstance(positions, int) else None,
-            "num_layers": layers, "model_type": getattr(config, "model_type", None)}
+    return {"max_seq_length": position_limit(config), "num_layers": layers, "model_type": getattr(config, "model_type", None)}
 
 
 def check_backbone(cfg: dict, limits: dict[str, Any]) -> None:
