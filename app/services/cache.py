@@ -195,8 +195,8 @@ def _touches_caches(session: Session) -> bool:
 
 @event.listens_for(Session, "after_flush")
 def _after_flush(session: Session, _context: Any) -> None:
-    if session.info.get("spafit_cache_dirty") or not _touches_caches(session):
-        return
+    if not _touches_caches(session):
+        return  # (NOTIFY again on each such flush: one in a rolled-back savepoint is gone; Postgres merges repeats)
     session.info["spafit_cache_dirty"] = True
     conn = session.connection()
     if conn.dialect.name == "postgresql":  # delivered to every listener when (and only if) this commits
@@ -211,11 +211,10 @@ def _bulk(state: Any) -> None:
     mapper = state.bind_mapper
     if mapper is not None and mapper.class_ in (Task, ApiKey, Tenant):
         session = state.session
-        if not session.info.get("spafit_cache_dirty"):
-            session.info["spafit_cache_dirty"] = True
-            conn = session.connection()
-            if conn.dialect.name == "postgresql":
-                conn.exec_driver_sql(f"NOTIFY {CHANNEL}")
+        session.info["spafit_cache_dirty"] = True
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"NOTIFY {CHANNEL}")
 
 
 @event.listens_for(Session, "after_commit")
