@@ -18,7 +18,7 @@ import io
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import func, select
@@ -138,17 +138,22 @@ def run(db: Database, job: Job, lease, hb, settings: Settings) -> str:
     engine, name, cfg = _engine(db, job, settings)
     reader = _BlobReader(db, sha, size)
     rows = stream_rows(reader, fmt)
+
+    def verify() -> None:
+        """Before the final write: the bytes streamed were the dataset's, all of them (the sha256 it is stored
+        under; a resumed attempt re-reads, and so hashes, the rows it skips)."""
+        if not reader.verified():
+            from app.errors import BlobIntegrityError
+
+            raise BlobIntegrityError("the dataset's stored bytes do not match their sha256 (corrupted storage)")
+
     try:
         if job.kind == "predict":
-            _predict(job, lease, hb, engine, name, rows, total, settings)
+            _predict(job, lease, hb, engine, name, rows, total, settings, verify)
         else:
-            _evaluate(db, job, lease, hb, engine, name, cfg, rows, total, settings)
+            _evaluate(job, lease, hb, engine, name, cfg, rows, total, settings, verify)
     except _Stop:
         raise TrainingCancelled("the job was cancelled") from None
-    if not reader.verified():
-        from app.errors import BlobIntegrityError
-
-        raise BlobIntegrityError("the dataset's stored bytes do not match their sha256 (corrupted storage)")
     return "succeeded"
 
 
@@ -157,7 +162,8 @@ def _check_stop(hb) -> None:
         raise _Stop()
 
 
-def _predict(job: Job, lease, hb, engine, name: str, rows: Iterator[dict], total: int, settings: Settings) -> None:
+def _predict(job: Job, lease, hb, engine, name: str, rows: Iterator[dict], total: int, settings: Settings,
+             verify: Callable[[], None]) -> None:
     opts = job.hyperparameters or {}
     chunk_rows = int(opts.get("chunk_rows") or settings.batch_chunk_rows)
     fmt, all_scores, top_k, id_field = opts.get("format", "jsonl"), bool(opts.get("all_scores")), opts.get("top_k"), \
@@ -203,6 +209,7 @@ def _predict(job: Job, lease, hb, engine, name: str, rows: Iterator[dict], total
 
         lease.write(store, f"store chunk {c}")
         chunk += 1
+    verify()
     elapsed = time.monotonic() - started
     metrics = {"rows": rows_done, "rows_per_s": round(predicted / elapsed, 2) if elapsed > 0 and predicted else None}
     lease.end("succeeded", metrics=metrics, progress={"step": rows_done, "total_steps": total, "eta_seconds": 0},
@@ -214,8 +221,8 @@ def _eta(started: float, done: int, left: int) -> float | None:
     return round(left * elapsed / done, 1) if done and elapsed > 0 else None
 
 
-def _evaluate(db: Database, job: Job, lease, hb, engine, name: str, cfg: dict, rows: Iterator[dict], total: int,
-              settings: Settings) -> None:
+def _evaluate(job: Job, lease, hb, engine, name: str, cfg: dict, rows: Iterator[dict], total: int,
+              settings: Settings, verify: Callable[[], None]) -> None:
     from spafit_core import data as core_data
     from spafit_core.errors import DataError
 
@@ -259,6 +266,7 @@ def _evaluate(db: Database, job: Job, lease, hb, engine, name: str, cfg: dict, r
             lease.write(progress, "record progress")
     if not gold:
         raise DataError("the dataset has no rows", field="dataset")
+    verify()
     metrics = evaluation_metrics(task_type, preds, gold, labels)
 
     def finish(s: Session) -> None:

@@ -299,3 +299,23 @@ def test_cancel_a_running_batch_prediction(batch_client, tenant_key, db, tiny_ba
     assert done["progress"]["step"] < 4000
     assert_problem(batch_client.get(f"/v1/batch-predictions/{job_id}/results", headers=key.headers), 409,
                    "results-not-ready")
+
+
+def test_a_dataset_whose_stored_bytes_were_altered_fails_the_job(batch_client, tenant_key, db, tiny_base, worker):
+    from sqlalchemy import update
+
+    from app.models import Blob
+
+    key = tenant_key("train")
+    _version(db, key.tenant_id, tiny_base)
+    r = upload(batch_client, toy_csv(30, 911) + b"unique row 911 xyz,positive\n", "rows.csv", headers=key.headers)
+    assert r.status_code == 201, r.text
+    ds, sha = r.json()["id"], r.json()["sha256"]
+    with db.transaction() as s:  # storage rot: same length, one letter changed
+        data = bytes(s.get(Blob, sha).data)
+        s.execute(update(Blob).where(Blob.sha256 == sha).values(data=data.replace(b"xyz", b"xYz")))
+    job_id = batch_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds},
+                               headers=key.headers).json()["id"]
+    done = _wait(batch_client, job_id, key.headers, worker=worker)
+    assert done["status"] == "failed" and done["error"]["type"] == "blob-corrupted", (done, worker.tail())
+    assert_problem(batch_client.get(f"/v1/batch-predictions/{job_id}/results", headers=key.headers), 409)
