@@ -74,7 +74,7 @@ async def get_principal(
     if not presented:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
     state = request.app.state
-    principal = keys.authenticate_cached(state.db, state.serving.cache, presented)
+    principal = keys.authenticate_cached(state.serving.cache, presented)
     if principal is None:
         principal = await run_in_threadpool(keys.authenticate_fresh, state.db, state.serving.cache, presented)
     return principal

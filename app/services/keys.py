@@ -117,7 +117,7 @@ def authenticate(session: Session, plaintext: str) -> Principal:
     return Principal(tenant_id=key.tenant_id, key_id=key.id, scopes=frozenset(key.scopes))
 
 
-def authenticate_cached(db: Database, cache: Invalidation, plaintext: str) -> Principal | None:
+def authenticate_cached(cache: Invalidation, plaintext: str) -> Principal | None:
     """The principal of a key verified before and unchanged everywhere since (a revocation in any replica
     empties every cache within a second), or None: then `authenticate` it. The cache is keyed by the sha256 of
     the whole presented key, so a hit needs the key itself; a failure is never cached, so every wrong guess
