@@ -4,6 +4,7 @@
 import { stratification } from "./adapter.js";
 import { get, post, withQuery } from "./api.js";
 import { layerMap, scoreBars } from "./charts.js";
+import { evaluationsCard } from "./evaluations.js";
 import {
   dl, emptyState, fmtBytes, fmtInt, fmtMetrics, fmtNum, fmtTime, h, problemBox, replace, shortId, table,
 } from "./ui.js";
@@ -97,6 +98,7 @@ export async function taskView(main, { name, signal }) {
     h("h1", { tabindex: -1 }, name),
     h("section", { class: "card", "aria-labelledby": "summary-h" }, h("h2", { id: "summary-h", class: "visually-hidden" }, "Summary"), summary),
     h("section", { class: "card", "aria-labelledby": "versions-h" }, h("h2", { id: "versions-h" }, "Versions"), activateStatus, versionsBox),
+    evaluationsCard(versions),
     h("section", { class: "card", "aria-labelledby": "layers-h" },
       h("div", { class: "page-head" }, h("h2", { id: "layers-h" }, "Layers by SPAFIT group"),
         h("span", {}, h("label", { for: "layers-version" }, "Version "), layerSelect)),

@@ -1,0 +1,39 @@
+"""The task page's Evaluations card: two versions evaluated by real `evaluate` jobs on the session's worker, side
+by side on their dataset, with their confusion matrices (headless Chromium against the live server)."""
+
+from __future__ import annotations
+
+import time
+
+from tests.api.adapters import SPAFIT, random_adapter, register
+from tests.tiny import toy_csv
+
+from .test_dashboard import open_with_key
+
+
+def test_evaluations_side_by_side_with_confusion_matrices(page, live_server, api, tenant_key, db, tiny_base, shot):
+    key = tenant_key("train")
+    for seed in (0, 1):
+        cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("negative", "positive"), seed=seed)
+        register(db, key.tenant_id, "graded", cfg, weights)
+    client = api(key.key)
+    ds = client.upload(toy_csv(30, 21), "eval.csv")
+    ids = []
+    for v in (1, 2):
+        r = client.http.post(f"/v1/tasks/graded/versions/{v}/evaluate", json={"dataset": ds})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    deadline = time.monotonic() + 120
+    while any(client.http.get(f"/v1/jobs/{i}").json()["status"] != "succeeded" for i in ids):
+        assert time.monotonic() < deadline, [client.http.get(f"/v1/jobs/{i}").json() for i in ids]
+        time.sleep(0.3)
+    open_with_key(page, live_server.url, key.key, "#/tasks/graded")
+    page.wait_for_selector("#evaluations .evaluations-table")
+    rows = page.locator("#evaluations .evaluations-table tbody tr")
+    assert rows.count() == 2
+    assert [rows.nth(i).get_attribute("data-version") for i in range(2)] == ["1", "2"]
+    assert "accuracy" in page.inner_text("#evaluations .evaluations-table thead")
+    assert page.locator("#evaluations figure.confusion").count() == 2
+    cells = page.locator("#evaluations figure.confusion[data-version='1'] tbody td").all_inner_texts()
+    assert sum(int(c) for c in cells) == 30
+    shot(page, "task-evaluations")
