@@ -194,12 +194,15 @@ export async function newJobView(main, { signal }) {
       hyper[k] = el.type === "checkbox" ? el.checked : numberOrNull(el.value);
     }
     const drop = (o) => Object.fromEntries(Object.entries(o).filter(([, v]) => v !== null));
+    // Only what the user changed: the server applies its own defaults, some of which depend on the base model
+    // (the default max_seq_length is shortened to what the backbone has positions for; 128 sent as given is a 422).
+    const changed = (o, defaults) => Object.fromEntries(Object.entries(o).filter(([k, v]) => v !== defaults[k]));
     return {
       task: taskInput.value.trim(),
       train_dataset: train.dataset && train.dataset.id,
       validation_dataset: validation.dataset ? validation.dataset.id : null,
       method: drop(method),
-      hyperparameters: drop(hyper),
+      hyperparameters: changed(drop(hyper), HYPERPARAMETER_DEFAULTS),
     };
   }
 
