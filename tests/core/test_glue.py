@@ -196,9 +196,20 @@ def test_hub_loading_decodes_class_labels_and_keeps_the_preset_columns(monkeypat
     fake = datasets.Dataset.from_dict({"sentence1": ["a"], "sentence2": ["b"], "label": [1], "idx": [0]},
                                       features=features)
     calls = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or fake)
+
+    class Builder:  # what `datasets.load_dataset_builder` gives: resolved files inside the repo, a streamed split
+        base_path = "hf://datasets/nyu-mll/glue@main"
+        config = type("Config", (), {"data_files": {"train": [f"{base_path}/mrpc/train-00000.parquet"]}})()
+
+        def as_streaming_dataset(self, split):
+            calls.append(("split", split))
+            return fake
+
+    import spafit_core.data as data_mod
+    monkeypatch.setattr(data_mod, "_read_card", lambda *a, **k: None)  # no network for the dataset card
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: calls.append((a, k)) or Builder())
     t = load_glue("mrpc", "train")
-    assert calls == [(("nyu-mll/glue", "mrpc"), {"split": "train"})]
+    assert calls == [(("nyu-mll/glue", "mrpc"), {"token": None}), ("split", "train")]
     assert t.format == "hf" and t.columns == ["sentence1", "sentence2", "label", "idx"]
     assert t.records == [{"sentence1": "a", "sentence2": "b", "label": "equivalent", "idx": 0}]
 
