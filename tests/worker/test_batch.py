@@ -118,6 +118,9 @@ def test_batch_prediction_matches_the_engine_row_for_row(batch_client, tenant_ke
 
 
 def test_csv_results_with_row_index_ids(batch_client, tenant_key, db, tiny_base, worker):
+    from sqlalchemy import func, select
+
+    from app.models import BatchChunk
     key = tenant_key("train")
     _version(db, key.tenant_id, tiny_base)
     ds = _dataset(batch_client, key.headers, 20)
@@ -127,9 +130,16 @@ def test_csv_results_with_row_index_ids(batch_client, tenant_key, db, tiny_base,
     assert _wait(batch_client, r.json()["id"], key.headers, worker=worker)["status"] == "succeeded"
     res = batch_client.get(f"/v1/batch-predictions/{r.json()['id']}/results", headers=key.headers)
     assert res.status_code == 200 and res.headers["content-type"].startswith("text/csv")
+    r_id = r.json()["id"]
     rows = list(csv.DictReader(io.StringIO(res.text)))
     assert [int(r["id"]) for r in rows] == list(range(20))
     assert all(r["label"] in LABELS and 0 < float(r["score"]) <= 1 and r["scores"] == "" for r in rows)
+    # a finished batch job deletes like any job, its stored chunks with it; then its dataset can go
+    assert batch_client.delete(f"/v1/jobs/{r_id}", headers=key.headers).status_code == 204
+    assert_problem(batch_client.get(f"/v1/batch-predictions/{r_id}/results", headers=key.headers), 404)
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(BatchChunk).where(BatchChunk.job_id == uuid.UUID(r_id))) == 0
+    assert batch_client.delete(f"/v1/datasets/{ds}", headers=key.headers).status_code == 204
 
 
 def test_bad_requests_limits_and_other_tenants(batch_client, tenant_key, db, tiny_base):
