@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import event, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
@@ -200,12 +200,28 @@ class Lease:
         ends at a final status) never sees the status without its event."""
 
         def write(s: Session) -> None:
+            checkpoint = s.scalar(select(Job.checkpoint_sha256).where(Job.id == self.job_id))
+            values.setdefault("checkpoint_sha256", None)  # a finished job resumes nothing: its checkpoint goes
             self.hold(s, status=status, finished_at=utcnow(), error_type=error[0] if error else None,
                       error_message=error[1] if error else None, error_id=error_id, **values)
             if event is not None:
                 events.append_in(s, self.job_id, "status", event)
+            _drop_blob(s, checkpoint)
 
         self.write(write, f"mark {status}")
+
+
+def _drop_blob(s: Session, sha: str | None) -> None:
+    """Delete a blob that a job just stopped pointing at, in a savepoint: if a concurrent writer took a new
+    reference to the same bytes, only the delete rolls back (the garbage collector retries it later), never
+    the job's final write."""
+    if sha is None:
+        return
+    try:
+        with s.begin_nested():
+            blobs.delete_if_unreferenced(s, sha)
+    except SQLAlchemyError as e:
+        log.info("checkpoint blob %s kept for the collector (%s)", sha[:12], type(e).__name__)
 
 
 @dataclass
@@ -277,13 +293,15 @@ def _end_unclaimed(db: Database, job_id: uuid.UUID, seen: tuple, status: str, *,
     False: someone else changed it first (a worker claimed it), and this one leaves it alone."""
 
     def write(s: Session) -> bool:
+        checkpoint = s.scalar(select(Job.checkpoint_sha256).where(Job.id == job_id))
         res = s.execute(update(Job).where(*seen).values(
             status=status, finished_at=utcnow(), error_type=error[0] if error else None,
-            error_message=error[1] if error else None))
+            error_message=error[1] if error else None, checkpoint_sha256=None))
         if res.rowcount != 1:
             return False
         if event is not None:
             events.append_in(s, job_id, "status", event)
+        _drop_blob(s, checkpoint)
         return True
 
     return _write(db, write, retry_s=0, what="end an unclaimed job")

@@ -306,8 +306,10 @@ def cancel(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     """A queued job is cancelled at once; a running one is flagged and stops at its next step, leaving
     no adapter. A finished job cannot be cancelled (409)."""
     job = get(session, tenant_id, job_id)
+    # A queued job may hold a checkpoint of a lost attempt: the pointer goes now, the blob to the garbage collector.
     res = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
-                          .values(status="cancelled", cancel_requested=True, finished_at=utcnow()))
+                          .values(status="cancelled", cancel_requested=True, finished_at=utcnow(),
+                                  checkpoint_sha256=None))
     if res.rowcount == 1:
         events.append_in(session, job.id, "status", {"status": "cancelled", "reason": "cancelled while queued"})
     else:

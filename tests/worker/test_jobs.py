@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from tests.api.helpers import assert_problem, upload
+from tests.live import wait_until
 from tests.tiny import toy_csv
 
 pytestmark = pytest.mark.slow
@@ -122,18 +123,29 @@ def test_cancel_a_queued_job_at_once(job_client, job_app, tenant_key):
     assert_problem(job_client.post(f"/v1/jobs/{job['id']}/cancel", headers=key.headers), 409)
 
 
-def test_cancel_a_running_job_stops_it_and_leaves_no_adapter(job_client, tenant_key):
+def test_cancel_a_running_job_stops_it_and_leaves_no_adapter(job_client, tenant_key, db):
+    """...nor a checkpoint: the job's pointer and the blob it pointed at go with its final status."""
+    from app.models import Blob, Job
+
     key = tenant_key("train", "predict")
     train, val = datasets(job_client, key.headers, n=400)
     job = job_client.post("/v1/jobs", json=job_body(train, val, task="run-cancel", epochs=20, batch_size=4),
                           headers=key.headers).json()
-    wait_for(job_client, job["id"], key.headers, lambda j: (j["progress"] or {}).get("step", 0) >= 3)
+
+    def checkpoint() -> str | None:
+        with db.session() as s:
+            return s.get(Job, uuid.UUID(job["id"])).checkpoint_sha256
+
+    sha = wait_until(checkpoint, 120, "the job's first checkpoint")
     r = job_client.post(f"/v1/jobs/{job['id']}/cancel", headers=key.headers)
     assert r.status_code == 200 and r.json()["cancel_requested"] is True
     done = wait_for(job_client, job["id"], key.headers, final)
     assert done["status"] == "cancelled" and done["adapter_version"] is None
     assert done["progress"]["step"] < done["progress"]["total_steps"]
     assert_problem(job_client.get("/v1/tasks/run-cancel", headers=key.headers), 404)
+    assert checkpoint() is None
+    with db.session() as s:
+        assert s.get(Blob, sha) is None
 
 
 def test_worker_killed_mid_job_resumes_from_its_checkpoint(job_client, tenant_key, worker):
