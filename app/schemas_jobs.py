@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from .schemas import TaskType
 
@@ -19,15 +19,24 @@ MAX_RANK = 256
 MAX_SEED = 2**32 - 1
 
 
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("a layer index (int) or a fraction of the depth (float), not a boolean")
+    return value
+
+
+LayerValue = Annotated[int | float, BeforeValidator(_not_bool)]  # an int is a layer index, a float a fraction
+
+
 class SweepIn(BaseModel):
     """A search over SPAFIT's stratification: every combination of the listed values is one trial."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    n1: list[int | float] | None = Field(default=None, max_length=12, description="values of n1 to try")
-    n2: list[int | float] | None = Field(default=None, max_length=12, description="values of n2 to try")
-    rank: list[Annotated[int, Field(ge=1, le=MAX_RANK)]] | None = Field(
-        default=None, max_length=6, description=f"values of rank to try (each in [1, {MAX_RANK}])")
+    n1: list[LayerValue] | None = Field(default=None, min_length=1, max_length=12, description="values of n1 to try")
+    n2: list[LayerValue] | None = Field(default=None, min_length=1, max_length=12, description="values of n2 to try")
+    rank: list[Annotated[StrictInt, Field(ge=1, le=MAX_RANK)]] | None = Field(
+        default=None, min_length=1, max_length=6, description=f"values of rank to try (each in [1, {MAX_RANK}])")
     max_trials: int = Field(default=16, ge=1, le=64, description="cap on the number of trials")
     max_trainable_params: int | None = Field(
         default=None, ge=1, le=2**62, description="only trials under this trainable-parameter budget are eligible")

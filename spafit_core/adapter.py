@@ -37,6 +37,7 @@ LEGACY_CONFIG_FILE = "adapter_config.json"  # older versions' name (PEFT's): rea
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "spafit-adapter"
 FORMAT_VERSION = 1
+MAX_ABS_VALUE = 1e4  # no trained delta, LoRA factor or head weight comes near this; past it a forward overflows
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; anything this large is not ours
 
 
@@ -507,4 +508,7 @@ def verify(cfg: dict, weights: bytes, *, fingerprint: str, expected_shapes: dict
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise AdapterError(f"adapter tensor {bad[0]} holds NaN or infinite values")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and v.numel() and v.abs().max() > MAX_ABS_VALUE]
+    if bad:  # finite, yet a forward would overflow (trained adapters hold values of order 1)
+        raise AdapterError(f"adapter tensor {bad[0]} holds values beyond +-{MAX_ABS_VALUE:g}")
     return tensors

@@ -32,6 +32,8 @@ def _index(value: int | float | None, name: str, num_layers: int, default_fracti
     return int(value)
 
 
+MAX_ALPHA = 4096  # LoRA scaling numerator: (alpha / r) * B A; the jobs API has the same bound
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Which parameters train. `spafit` splits the L encoder layers at n1 < n2 into
@@ -59,8 +61,11 @@ class MethodConfig:
             raise ConfigError(f"name: method must be one of {', '.join(METHODS)}; got {self.name!r}", field="name")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"rank must be an integer >= 1; got {self.rank!r}", field="rank")
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a finite number > 0; got {self.alpha!r}", field="alpha")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha)
+                or not 0 < self.alpha <= MAX_ALPHA):
+            raise ConfigError(f"alpha must be a number in (0, {MAX_ALPHA}]; got {self.alpha!r}", field="alpha")
+        if not isinstance(self.group3_bias, bool):
+            raise ConfigError(f"group3_bias must be true or false; got {self.group3_bias!r}", field="group3_bias")
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); got {self.dropout!r}", field="dropout")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)

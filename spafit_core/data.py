@@ -322,7 +322,10 @@ def _read_jsonl(lines: NumberedLines, max_rows: int | None) -> Table:
 def _parse_json_line(text: str, line: int, first: bool) -> dict[str, object]:
     array = first and text.lstrip()[:1] == "["
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except _NonStandard as e:
+        raise DataError(f"line {line}: {e.args[0]} is not JSON (write a number, or null for a missing value)") \
+            from None
     except _DuplicateKey as e:
         raise DataError(f"line {line}: duplicate key {e.args[0]!r} in one object", field=str(e.args[0])) from None
     except json.JSONDecodeError as e:
@@ -333,7 +336,22 @@ def _parse_json_line(text: str, line: int, first: bool) -> dict[str, object]:
     if not isinstance(value, dict):
         hint = " (a JSON array file? JSON Lines needs one object per line)" if array else ""
         raise DataError(f"line {line}: expected a JSON object {{...}}, got {_json_type(value)}{hint}")
+    if "\\u" in text:  # only an escape can carry a lone surrogate (\\ud800), which no tokenizer or database takes
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"line {line}: a text holds a lone surrogate escape (\\ud800-\\udfff without its "
+                            "pair): not valid Unicode") from None
     return value
+
+
+class _NonStandard(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> object:
+    """NaN and Infinity: Python's json reads them, JSON does not have them."""
+    raise _NonStandard(name)
 
 
 def _json_type(value: object) -> str:

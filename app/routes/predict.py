@@ -85,6 +85,9 @@ def checked_inputs(inputs: list[PredictInput], settings: Settings, *, one_kind: 
                 errors.append(_error(loc, "string_too_short", "text must not be empty"))
             elif len(text) > limit:
                 errors.append(_error(loc, "string_too_long", f"text is longer than {limit} characters"))
+            elif not _is_unicode(text):
+                errors.append(_error(loc, "string_unicode", "text holds a lone surrogate (a \\ud800-\\udfff "
+                                     "escape without its pair): not valid Unicode"))
     if one_kind and len({isinstance(x, str) for x in out}) > 1:
         errors.append(_error(("body", "inputs"), "value_error", "a mix of single texts and text pairs; "
                              "send each kind in its own request"))
@@ -149,3 +152,12 @@ async def fan_out(*, body: FanOutRequest, principal: PredictPrincipal, settings:
     serving.remember_key(request.headers, str(principal.tenant_id))
     results = await unless_disconnected(request, serving.fan_out(principal.tenant_id, tasks, inputs, body.top_k))
     return _json(results, {"results": results})
+
+
+def _is_unicode(text: str) -> bool:
+    """False for text a tokenizer cannot take: JSON lets a lone surrogate escape (\\ud800) through."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

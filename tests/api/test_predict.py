@@ -3,6 +3,7 @@ engine, with versions registered in the real Postgres registry."""
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -153,9 +154,12 @@ def test_fan_out_runs_the_inputs_of_a_request_in_one_forward(api, tenant, monkey
     ({"inputs": ["good"], "top_k": 0}, "body.top_k"),
     ({"inputs": "good"}, "body.inputs"),
     ({"inputs": ["good"], "extra": 1}, "body.extra"),
+    ({"inputs": ["good", "bad \ud800 half"]}, "body.inputs.1"),  # a lone surrogate: JSON lets it through
+    ({"inputs": [{"text": "a", "text_pair": "\udfff"}]}, "body.inputs.0.text_pair"),
 ])
 def test_bad_predict_input_is_422_naming_its_location(api, tenant, body, field):
-    r = api.post("/v1/tasks/sentiment/predict", json=body, headers=tenant.headers)
+    r = api.post("/v1/tasks/sentiment/predict", content=json.dumps(body),  # ASCII escapes, as a client sends \ud800
+                 headers={**tenant.headers, "Content-Type": "application/json"})
     problem = assert_problem(r, 422, "validation-error")
     assert field in [e["field"] for e in problem["errors"]], problem
 
@@ -167,9 +171,12 @@ def test_bad_predict_input_is_422_naming_its_location(api, tenant, body, field):
     ({"tasks": [f"t{i}" for i in range(33)], "inputs": ["good"]}, "body.tasks"),
     ({"tasks": ["sentiment"], "inputs": []}, "body.inputs"),
     ({"tasks": ["sentiment"], "inputs": ["ok", ""]}, "body.inputs.1"),
+    ({"tasks": ["sentiment"], "inputs": ["ok", "\ud800"]}, "body.inputs.1"),
 ])
 def test_bad_fan_out_input_is_422_naming_its_location(api, tenant, body, field):
-    problem = assert_problem(api.post("/v1/predict", json=body, headers=tenant.headers), 422, "validation-error")
+    problem = assert_problem(api.post("/v1/predict", content=json.dumps(body),
+                                      headers={**tenant.headers, "Content-Type": "application/json"}),
+                             422, "validation-error")
     assert field in [e["field"] for e in problem["errors"]], problem
 
 

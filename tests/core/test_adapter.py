@@ -140,6 +140,16 @@ def test_non_finite_values_are_refused(tiny_bert):
         verify(cfg, weights, fingerprint=m.base_fingerprint, expected_shapes=None)
 
 
+def test_finite_values_too_large_to_serve_are_refused(tiny_bert):
+    """LoRA factors scaled by 1e30 are finite, yet every forward through them overflows to NaN scores."""
+    m = trained(tiny_bert)
+    with torch.no_grad():
+        next(iter(m.adapter_state_dict().values())).fill_(1e30)
+    cfg, weights = serialize(m)
+    with pytest.raises(AdapterError, match="beyond"):
+        verify(cfg, weights, fingerprint=m.base_fingerprint, expected_shapes=None)
+
+
 def test_adapters_saved_under_the_old_config_name_still_load(tiny_bert, tmp_path):
     """Older versions wrote adapter_config.json (PEFT's file name); folders and archives in that layout,
     as the registry and users hold them, still load; new ones never use PEFT's name."""

@@ -66,6 +66,18 @@ def test_tsv_keeps_quote_characters_as_text():
     assert t.lines == [2, 3]
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "good \\ud800 x", "label": "negative"}', "line 2: a text holds a lone surrogate"),
+    ('{"text": "fine", "label": NaN}', "line 2: NaN is not JSON"),
+    ('{"text": "fine", "label": -Infinity}', "line 2: -Infinity is not JSON"),
+])
+def test_jsonl_refuses_what_json_does_not_have(line, message):
+    """Python's json reads NaN and lone surrogate escapes; a dataset holding them would be stored as ready and
+    then fail every job (the tokenizer refuses a surrogate), so the upload names the line instead."""
+    with pytest.raises(DataError, match=message):
+        read_table(csv_bytes('{"text": "ok \\u00e9", "label": "positive"}\n' + line + "\n"), "jsonl")
+
+
 def test_jsonl_columns_are_the_union_in_order_of_first_appearance():
     data = csv_bytes('{"text": "a", "label": 1}\n\n{"label": 0, "text": "b", "extra": [1, 2]}\n{"text": "c"}\n')
     t = read_table(data, "jsonl")

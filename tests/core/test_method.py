@@ -232,3 +232,15 @@ def test_full_fine_tuning_on_a_half_precision_base_trains_in_float32(tiny_bert):
     m = SpafitModel.from_pretrained(tiny_bert, MethodConfig(name="full"), TaskSpec(labels=("a", "b")),
                                     dtype=torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"alpha": 1e308}, "alpha"),  # finite, yet the LoRA scale overflows every forward
+    ({"alpha": 4097}, "alpha"),
+    ({"alpha": True}, "alpha"),
+    ({"group3_bias": "x"}, "group3_bias"),
+])
+def test_method_config_bounds_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as e:
+        MethodConfig(**kwargs)
+    assert e.value.field == field

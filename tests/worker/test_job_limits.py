@@ -55,6 +55,8 @@ def _problem_names(problem: dict, field: str) -> bool:
     ({"method": {"alpha": 1e9}}, "method.alpha"),
     ({"method": {"alpha": 0}}, "method.alpha"),
     ({"method": {"sweep": {"n1": [1], "n2": [2], "rank": [4, 100000]}}}, "method.sweep.rank.1"),
+    ({"method": {"sweep": {"n1": [True], "n2": [2]}}}, "method.sweep.n1.0"),  # a bool is not a layer
+    ({"method": {"sweep": {"n1": [1], "n2": []}}}, "method.sweep.n2"),
     ({"hyperparameters": {"seed": 2**40}}, "hyperparameters.seed"),
     ({"hyperparameters": {"weight_decay": 1e308}}, "hyperparameters.weight_decay"),
     ({"hyperparameters": {"learning_rate": 0.9}}, "hyperparameters.learning_rate"),
