@@ -236,6 +236,10 @@ LIVE_FIXTURES = frozenset({"worker", "live_server_process", "embedded_server", "
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu and not _cuda_available():  # CUDA checks run on a GPU machine (`pytest -m gpu`); here they are
+        config.hook.pytest_deselected(items=gpu)  # deselected, not skipped: a skip in CI would hide a failure
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
     live_files: set[str] = set()
     for item in items:
         if set(getattr(item, "fixturenames", ())) & LIVE_FIXTURES:
@@ -251,6 +255,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             return (f not in live_files, first[f], i)
 
         items[:] = [items[i] for i in sorted(range(len(items)), key=key)]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # A test may take over SLOW_TEST_S only with its reason in its docstring, on a line starting `Slow:`; the run's

@@ -34,7 +34,7 @@ def _started(request: Request, response: Response, session, job, created: bool) 
 
 
 @router.post("", status_code=202, response_model=JobOut,
-             responses=problem_responses(401, 403, 404, 409, 422, 429),
+             responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 429),
              summary="Predict every row of a dataset (202: a queued job of kind `predict`)")
 def create_batch_prediction(*, request: Request, response: Response, body: batch.BatchPredictionCreate,
                             session: SessionDep, settings: SettingsDep, principal: TrainPrincipal,
@@ -74,7 +74,7 @@ def batch_prediction_results(*, job_id: uuid.UUID, request: Request, session: Se
 
 
 @evaluate_router.post("/{task}/versions/{version}/evaluate", status_code=202, response_model=JobOut,
-                      responses=problem_responses(401, 403, 404, 409, 422, 429),
+                      responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 429),
                       summary="Evaluate a version on a labelled dataset (202: a queued job of kind `evaluate`)")
 def evaluate_version(*, request: Request, response: Response,
                      task: Annotated[str, Path(pattern=f"^{registry.TASK_NAME.pattern}$")],

@@ -174,17 +174,21 @@ def _latencies(url: str, key: Any, path: str, n: int) -> list[float]:
 
 
 def _database_sessions_of(api: ApiProcess, db: Any) -> list[str]:
-    """The states (`idle`, `active`, `idle in transaction`) of the Postgres sessions the API process holds."""
+    """The states (`idle`, `active`, `idle in transaction`) of the Postgres sessions the API process holds from
+    its pool (not the one dedicated connection its cache listens on)."""
     import psutil
     from sqlalchemy import text
+
+    from app.services.cache import APPLICATION_NAME
 
     ports = [c.laddr.port for c in psutil.Process(api.proc.pid).net_connections(kind="tcp")
              if c.raddr and c.raddr.port == 5432]
     if not ports:
         return []
     with db.engine.connect() as conn:
-        return list(conn.execute(text("SELECT state FROM pg_stat_activity WHERE client_port = ANY(:ports)"),
-                                 {"ports": ports}).scalars())
+        return list(conn.execute(text("SELECT state FROM pg_stat_activity WHERE client_port = ANY(:ports) "
+                                      "AND application_name IS DISTINCT FROM :listener"),
+                                 {"ports": ports, "listener": APPLICATION_NAME}).scalars())
 
 
 def _metric(api: ApiProcess, line_prefix: str) -> float:
