@@ -23,6 +23,12 @@ def engine(tiny_dirs):
     return e
 
 
+def assert_same_predictions(got: list[dict], want: list[dict]) -> None:
+    """The batcher's answers are the engine's own: same labels, scores within 1e-5."""
+    assert [p["label"] for p in got] == [d["label"] for d in want]
+    assert all(abs(p["score"] - d["score"]) <= 1e-5 for p, d in zip(got, want, strict=True))
+
+
 def test_concurrent_requests_are_batched_and_answered_exactly(engine):
     batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=16, max_wait_ms=20)).start()
     try:
@@ -45,8 +51,7 @@ def test_concurrent_requests_are_batched_and_answered_exactly(engine):
         assert not errors
         for k, (name, preds) in results.items():
             direct = engine.predict(name, TEXTS[k % 3: k % 3 + 3])
-            assert [p["label"] for p in preds] == [d["label"] for d in direct]
-            assert all(abs(p["score"] - d["score"]) <= 1e-5 for p, d in zip(preds, direct, strict=True))
+            assert_same_predictions(preds, direct)
         assert batcher.stats["rows"] == 24
         assert batcher.stats["batches"] < 24  # rows of different tasks shared forward passes
     finally:
@@ -136,8 +141,7 @@ def test_a_batch_with_one_poisoned_row_answers_every_other_row(engine, monkeypat
     try:
         for name, fut in good.items():
             got = fut.result(timeout=30)
-            assert [p["label"] for p in got] == [p["label"] for p in want[name]]
-            assert all(abs(p["score"] - d["score"]) <= 1e-5 for p, d in zip(got, want[name], strict=True))
+            assert_same_predictions(got, want[name])
         with pytest.raises(PredictionFailedError, match="ref [0-9a-f]{32}") as err:
             bad.result(timeout=30)
         assert err.value.status == 500 and err.value.type == "prediction-failed"
@@ -345,8 +349,7 @@ def test_requests_waiting_together_are_tokenised_in_one_call_with_each_answer_ex
     try:
         for name, fut in futures.items():
             got = fut.result(timeout=30)
-            assert [p["label"] for p in got] == [p["label"] for p in want[name]]
-            assert all(abs(p["score"] - d["score"]) <= 1e-5 for p, d in zip(got, want[name], strict=True))
+            assert_same_predictions(got, want[name])
     finally:
         batcher.stop()
     limits = {engine.adapter(name).max_seq_length for name in want}
@@ -421,5 +424,4 @@ def test_a_huge_request_is_tokenised_by_its_caller_and_answered_exactly(engine, 
         got = fut.result(timeout=30)
     finally:
         batcher.stop()
-    assert [p["label"] for p in got] == [p["label"] for p in want]
-    assert all(abs(p["score"] - d["score"]) <= 1e-5 for p, d in zip(got, want, strict=True))
+    assert_same_predictions(got, want)
