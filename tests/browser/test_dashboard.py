@@ -187,7 +187,8 @@ def test_submit_watch_compare_roll_back_predict_and_stay_private(page, new_page,
     other.wait_for_selector(".empty")
     assert "No jobs yet" in other.inner_text("main")
     other.click("nav >> text=Tasks")
-    other.wait_for_selector(".empty")
+    # The jobs page's empty state is still on screen until the tasks page renders: wait for the tasks one.
+    other.wait_for_selector(".empty:has-text('No tasks yet')")
     assert "No tasks yet" in other.inner_text("main")
     other.goto(f"{live_server.url}/dashboard#/jobs/{job_id}")
     other.wait_for_selector(".problem")
