@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TaskSpec
-from .data import NumberedLines, Table, load_hf_dataset, shorten
+from .data_hub import load_hf_dataset
+from .data_read import NumberedLines, Table, shorten
 from .errors import ConfigError, DataError
 from .metrics import check_metric_names
 

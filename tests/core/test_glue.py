@@ -205,8 +205,8 @@ def test_hub_loading_decodes_class_labels_and_keeps_the_preset_columns(monkeypat
             calls.append(("split", split))
             return fake
 
-    import spafit_core.data as data_mod
-    monkeypatch.setattr(data_mod, "_read_card", lambda *a, **k: None)  # no network for the dataset card
+    import spafit_core.data_hub as hub_mod
+    monkeypatch.setattr(hub_mod, "_read_card", lambda *a, **k: None)  # no network for the dataset card
     monkeypatch.setattr(datasets, "load_dataset_builder", lambda *a, **k: calls.append((a, k)) or Builder())
     t = load_glue("mrpc", "train")
     assert calls == [(("nyu-mll/glue", "mrpc"), {"token": None}), ("split", "train")]
