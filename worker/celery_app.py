@@ -1,60 +1,13 @@
-"""The Celery application. Tasks take job ids, never payloads; job state lives in the database.
-
-Reliability settings, and the trap each one designs out:
-- `task_acks_late` + `task_reject_on_worker_lost`: a worker killed mid-job leaves its message unacked,
-  so the job is re-delivered and resumes from its last checkpoint. Re-delivery has no built-in cap, so
-  the job row counts attempts and fails the job after `job_max_attempts` (poison jobs do not loop).
-- `worker_prefetch_multiplier=1`: a worker reserves one training job at a time.
-- `worker_cancel_long_running_tasks_on_connection_loss=False` (stated, as Celery 6 flips the default): a
-  broker restart does not kill the training in progress; the job ends in the database as usual and the
-  re-delivered message finds it final (tests/reliability: test_redis_restart_loses_no_job).
-- `visibility_timeout` above the longest job: Redis otherwise re-delivers an unacked message after 1 h
-  and a long run trains twice. The worker's atomic claim on the job row is the second line of defence.
-- Queues: `training` (one process per GPU, a fresh child per job: CUDA never initialised in a parent
-  that forks) apart from `light` work.
+"""The worker's Celery application: the tasks of worker/tasks.py on the app that app/queues.py configures from the
+settings (broker, queues, routes and the reliability settings, explained there). The API shares that module and
+sends tasks by name, so it never imports this package. Tasks take job ids, never payloads; job state lives in
+the database.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from app.queues import LIGHT_QUEUE, TRAINING_QUEUE, make_celery
 
-from celery import Celery
+__all__ = ["LIGHT_QUEUE", "TRAINING_QUEUE", "celery_app", "make_celery"]
 
-from app.settings import Settings, get_settings
-
-TRAINING_QUEUE = "training"
-LIGHT_QUEUE = "light"
-
-
-def make_celery(settings: Settings | None = None) -> Celery:
-    s = settings or get_settings()
-    app = Celery("spafit", broker=s.broker_url, include=["worker.tasks"])
-    if s.broker_url.startswith("sqla+"):
-        # The embedded SQLite broker hands its transport options to create_engine(): none of the Redis
-        # ones apply, and its messages persist, so there is no visibility timeout to outlast.
-        transport_options: dict = {}
-        path = s.broker_url.removeprefix("sqla+sqlite:///")
-        if path and path != s.broker_url:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-    else:
-        transport_options = {"visibility_timeout": s.job_visibility_timeout}
-        if s.broker_key_prefix:
-            transport_options["global_keyprefix"] = s.broker_key_prefix
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        task_default_queue=LIGHT_QUEUE,
-        task_routes={"spafit.train_adapter": {"queue": TRAINING_QUEUE}},
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        task_ignore_result=True,  # results live in the jobs table
-        worker_hijack_root_logger=False,
-        task_serializer="json",
-        accept_content=["json"],
-    )
-    return app
-
-
-celery_app = make_celery()
+celery_app = make_celery(include=["worker.tasks"])

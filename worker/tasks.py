@@ -1,10 +1,12 @@
-"""Celery tasks: a few lines each over library code. They take ids, never payloads."""
+"""Celery tasks: a few lines each over library code. They take ids, never payloads; their names are the
+contract with the API, which sends them by name (app/queues.py)."""
 
 from __future__ import annotations
 
 from celery import Task
 
 from app.db import Database
+from app.queues import DELIVER_WEBHOOK, IMPORT_DATASET, TRAIN_ADAPTER
 from app.settings import get_settings
 
 from . import webhooks as webhook_delivery  # imported here, in the parent: each attempt runs in a fresh child
@@ -34,7 +36,7 @@ class DatabaseTask(Task):
 HARD_TIME_LIMIT_GRACE_S = 600
 
 
-@celery_app.task(name="spafit.train_adapter", base=DatabaseTask, bind=True, acks_late=True,
+@celery_app.task(name=TRAIN_ADAPTER, base=DatabaseTask, bind=True, acks_late=True,
                  reject_on_worker_lost=True, time_limit=get_settings().job_time_limit_s + HARD_TIME_LIMIT_GRACE_S)
 def train_adapter(self: DatabaseTask, job_id: str) -> str:
     """Run (or resume) job `job_id`; see worker.runner for the claim and fencing rules. An attempt the
@@ -51,14 +53,14 @@ def train_adapter(self: DatabaseTask, job_id: str) -> str:
     return outcome
 
 
-@celery_app.task(name="spafit.deliver_webhook", base=DatabaseTask, bind=True, acks_late=True)
+@celery_app.task(name=DELIVER_WEBHOOK, base=DatabaseTask, bind=True, acks_late=True)
 def deliver_webhook(self: DatabaseTask, delivery_id: str) -> str:
     """One attempt at webhook delivery `delivery_id`; a failed one sends this task again after its backoff
     (see worker.webhooks). The delivery row, not this message, is the truth."""
     return webhook_delivery.deliver(self.db, delivery_id, get_settings())
 
 
-@celery_app.task(name="spafit.import_dataset", base=DatabaseTask, bind=True, acks_late=True,
+@celery_app.task(name=IMPORT_DATASET, base=DatabaseTask, bind=True, acks_late=True,
                  reject_on_worker_lost=True)
 def import_dataset(self: DatabaseTask, dataset_id: str) -> str:
     """Import dataset `dataset_id` (state `importing`) from the Hub; see worker.imports."""

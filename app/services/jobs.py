@@ -33,6 +33,7 @@ from spafit_core.errors import ConfigError, DataError
 from ..db import Database
 from ..errors import Conflict, NotFound, TooManyJobs
 from ..models import AdapterVersion, Dataset, Job, Tenant, utcnow
+from ..queues import IMPORT_DATASET, LIGHT_QUEUE, TRAIN_ADAPTER, TRAINING_QUEUE, make_celery
 from ..schemas_jobs import JobCreate, JobOut
 from ..settings import Settings
 from . import events, registry
@@ -353,13 +354,12 @@ def to_out(session: Session, job: Job) -> JobOut:
 
 # ------------------------------------------------------------------------------------------ broker
 class Broker:
-    """Sends `spafit.train_adapter(job_id)` to the training queue and tells the broker's incarnation
-    (`epoch`): Redis' run_id changes when it restarts, and a Redis that keeps nothing on disk has then lost
-    every queued message. Brokers that persist messages have one fixed epoch."""
+    """Sends `spafit.train_adapter(job_id)` to the training queue by name (app/queues.py: the API never imports
+    the worker) and tells the broker's incarnation (`epoch`): Redis' run_id changes when it restarts, and a
+    Redis that keeps nothing on disk has then lost every queued message. Brokers that persist messages have one
+    fixed epoch."""
 
     def __init__(self, settings: Settings):
-        from worker.celery_app import TRAINING_QUEUE, make_celery
-
         self._app = make_celery(settings)
         self._queue = TRAINING_QUEUE
         self._url = settings.broker_url
@@ -368,13 +368,11 @@ class Broker:
         self._import_timeout = settings.import_timeout_s
 
     def send(self, job_id: uuid.UUID) -> None:
-        self._app.send_task("spafit.train_adapter", args=[str(job_id)], queue=self._queue)
+        self._app.send_task(TRAIN_ADAPTER, args=[str(job_id)], queue=self._queue)
 
     def send_import(self, dataset_id: uuid.UUID) -> None:
         """`spafit.import_dataset(dataset_id)` to the light queue, bounded in time by `import_timeout_s`."""
-        from worker.celery_app import LIGHT_QUEUE
-
-        self._app.send_task("spafit.import_dataset", args=[str(dataset_id)], queue=LIGHT_QUEUE,
+        self._app.send_task(IMPORT_DATASET, args=[str(dataset_id)], queue=LIGHT_QUEUE,
                             soft_time_limit=self._import_timeout, time_limit=self._import_timeout + 30)
 
     __call__ = send

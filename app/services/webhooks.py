@@ -38,11 +38,12 @@ from sqlalchemy.orm import Session
 from ..db import Database
 from ..errors import WebhookUrlRefused
 from ..models import AdapterVersion, Job, Tenant, WebhookDelivery, utcnow
+from ..queues import DELIVER_WEBHOOK, LIGHT_QUEUE, make_celery
 from ..settings import Settings
 
 log = logging.getLogger("spafit.webhooks")
 
-TASK_NAME = "spafit.deliver_webhook"
+TASK_NAME = DELIVER_WEBHOOK
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
 FINAL_EVENTS = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
@@ -342,8 +343,6 @@ _celery_apps: dict[tuple[str, str], Any] = {}
 def broker_sender(settings: Settings) -> Sender:
     """`send(delivery_id, countdown=None)`: `spafit.deliver_webhook` on the light queue of the settings' broker
     (one Celery app per broker, kept for the process)."""
-    from worker.celery_app import LIGHT_QUEUE, make_celery
-
     key = (str(settings.broker_url), settings.broker_key_prefix)
     app = _celery_apps.get(key) or _celery_apps.setdefault(key, make_celery(settings))
 
