@@ -1,0 +1,5 @@
+"""`python -m app.cli ...`: the `spafit` command."""
+
+from . import main
+
+main()
