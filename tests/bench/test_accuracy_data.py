@@ -78,7 +78,7 @@ def test_a_zip_that_is_not_the_published_file_is_refused(tmp_path):
 
 def _run(label: str, method: str, seed: int, f1: float, seconds: float) -> dict:
     return {"label": label, "method": method, "n1": 2, "n2": 4, "layer_groups": [1, 1, 2, 2, 3, 3], "seed": seed,
-            "params": {"total": 10, "without_head": 7}, "adapter_bytes": 100, "best_epoch": 1,
+            "params": {"total": 10, "without_head": 7, "head": 3, "base_model": 997}, "adapter_bytes": 100, "best_epoch": 1,
             "test": {"macro_f1": f1, "accuracy": f1 + 0.1}, "validation": {"macro_f1": f1, "accuracy": f1},
             "train_seconds": seconds, "cpu_seconds": seconds}
 
@@ -94,5 +94,5 @@ def test_summary_is_the_mean_and_sample_spread_over_seeds_in_method_order():
     assert lora["train_seconds"] == pytest.approx((11.0, 1.0))
     table = accuracy.markdown({"dataset": {"metrics": ["macro_f1", "accuracy"]}, "summary": rows, "floors": {},
                                "machine": {"summary": "CPU"}})
-    assert "| lora | — | 112233 | 10 | 7 | 0.500 ± 0.100 | 0.600 ± 0.100 |" in table
+    assert "| lora | — | 112233 | 10 | 1.00 % | 7 | 0.500 ± 0.100 | 0.600 ± 0.100 |" in table
     assert "Mean ± sample std over 2/3 seeds" in table
