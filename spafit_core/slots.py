@@ -10,8 +10,9 @@ mixed forward gathers each module's per-row tensors in one indexed op instead of
   columns per module LoRA (its rank rows, then the zero row: padded to the largest rank resident there,
   which adds exact zeros), one per head tensor. A forward passes one row-to-slot index; one
   `table.index_select` gives every module its rows, a host-side read of `meta` says which modules some row
-  adapts and the batch's largest rank in each (the others are skipped or trimmed), and each module gathers
-  and applies its own rows when it runs.
+  adapts (the others are skipped) and, per module, the runs of rows of one rank (`row_order` puts rows of
+  one rank together), and each module gathers and applies its own rows when it runs: its LoRA per run, at
+  the run's rank, so a row's LoRA costs its own rank, not the batch's largest.
 - `SlotKernel`: how a module applies its rows. `TorchGather` (gather, then batched matmul, the reference)
   is the implementation here; a segmented-matmul kernel (punica-style SGMV / BGMV) implements the same two
   calls, registers in `KERNELS` and is chosen by name (`Engine(slot_kernel=...)`, SPAFIT_ENGINE_SLOT_KERNEL).
@@ -67,10 +68,12 @@ class SlotKernel:
         raise NotImplementedError
 
     def lora_(self, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, in_features: int,
-              idx: torch.Tensor, inplace: bool) -> torch.Tensor:
+              idx: torch.Tensor, inplace: bool, spans: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
         """y + x A_i B_i^T per row i, where row n of `pool` (N, in + out) is [A row | pre-scaled B^T row] and
         row i's rank rows are idx[i]: A_i = pool[idx[i], :in] (R, in), B_i^T = pool[idx[i], in:] (R, out).
-        In place into `y` where `inplace`. `idx` (B, R), or (1, R) for one adapter."""
+        In place into `y` where `inplace`. `idx` (B, R), or (1, R) for one adapter. `spans` (per-row batches):
+        the rows to update, as (start, stop, rank) runs of rows; rows outside them are left as they are and a
+        run uses its first `rank` columns of `idx` (the rows' own rank: no padding to the batch's largest)."""
         raise NotImplementedError
 
 
@@ -82,20 +85,24 @@ class TorchGather(SlotKernel):
     def bias_rows(self, pool, idx):
         return F.embedding(idx, pool)
 
-    def lora_(self, y, x, pool, in_features, idx, inplace):
-        rows = F.embedding(idx, pool)  # (B, R, in + out): one gather for both factors
-        a, bt = rows[..., :in_features], rows[..., in_features:]
+    def lora_(self, y, x, pool, in_features, idx, inplace, spans=None):
         if idx.shape[0] == 1:  # one adapter for every row: plain matmuls, any input layout
-            a, bt = a[0], bt[0]  # (R, in), (R, out)
+            rows = F.embedding(idx[0], pool)  # (R, in + out): one gather for both factors
+            a, bt = rows[:, :in_features], rows[:, in_features:]  # (R, in), (R, out)
             xa = x @ a.t()  # (..., R)
             if inplace:
                 y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), bt)
                 return y
             return y + xa @ bt
-        xa = torch.bmm(x, a.transpose(1, 2))  # (B, T, R)
-        if inplace:
-            return y.baddbmm_(xa, bt)  # (B, T, out) += (B, T, R) @ (B, R, out)
-        return torch.baddbmm(y, xa, bt)
+        if spans is None:
+            spans = [(0, idx.shape[0], idx.shape[1])]
+        if not inplace:
+            y = y.clone(memory_format=torch.contiguous_format)
+        for lo, hi, r in spans:  # rows [lo, hi): one gather and two batched matmuls at their rank r
+            rows = F.embedding(idx[lo:hi, :r], pool)  # (b, r, in + out)
+            xa = torch.bmm(x[lo:hi], rows[..., :in_features].transpose(1, 2))  # (b, T, r)
+            y[lo:hi].baddbmm_(xa, rows[..., in_features:])  # (b, T, out) += (b, T, r) @ (b, r, out)
+        return y
 
 
 KERNELS: dict[str, SlotKernel] = {"torch": TorchGather()}
@@ -293,13 +300,66 @@ class SlotPools:
             return n * torch.empty((), dtype=self.dtype).element_size()
 
     # -- the forward pass
-    def route(self, row_slot: torch.Tensor, distinct: list[int]) -> _Bound:
+    def route(self, row_slot: torch.Tensor, distinct: list[int], slots: list[int | None] | None = None) -> _Bound:
         """Per-module deltas of a batch whose row i is in slot row_slot[i] (or one slot for every row), over
         the `distinct` slots: one indexed op on the table; each module gathers its own rows when it runs.
-        Modules that no row's adapter adapts get no delta; LoRA runs to the batch's largest rank."""
-        active = self.meta[distinct].amax(0).tolist()  # host-side: no device round trip
+        Modules that no row's adapter adapts get no delta. `slots`: the same per row on the host (None: a row
+        with no adapter, all its deltas zero); with it, each module's LoRA runs over runs of rows of one rank
+        (`row_order` makes them few), otherwise over every row at the batch's largest rank."""
+        active = self.meta[distinct].amax(0).tolist() if distinct else [0] * (2 * len(self.modules))
         # int32 in the table (half the bytes), int64 per forward (the gathers' native index type)
-        return _Bound(self._handles, self.table.index_select(0, row_slot).long(), active, self)
+        cols = self.table.index_select(0, row_slot).long()
+        spans = None
+        if slots is not None and len(slots) > 1:
+            bare = [i for i, s in enumerate(slots) if s is None]
+            if bare:
+                cols.index_fill_(0, torch.tensor(bare, device=cols.device), 0)
+            spans = self._spans(slots)
+        return _Bound(self._handles, cols, active, self, spans)
+
+    def _ranks(self, slots: list[int | None]) -> torch.Tensor:
+        """(B, M) on the host: each row's LoRA rank in each module (0 for rows with no adapter)."""
+        n = len(self.modules)
+        real = [i for i, s in enumerate(slots) if s is not None]
+        if len(real) == len(slots):
+            return self.meta[slots, :n]
+        ranks = torch.zeros((len(slots), n), dtype=self.meta.dtype)
+        if real:
+            ranks[real] = self.meta[[slots[i] for i in real], :n]
+        return ranks
+
+    def row_order(self, slots: list[int | None]) -> list[int] | None:
+        """An order of the rows that puts rows of one LoRA rank together (rows with no LoRA first), and within
+        a rank those whose LoRA starts at the same module: each module's LoRA then runs over a few contiguous
+        runs at their own rank. None where the rows are in such an order already."""
+        ranks = self._ranks(slots)
+        nz = ranks > 0
+        keys = list(zip(ranks.amax(1).tolist(), torch.where(nz.any(1), nz.int().argmax(1), -1).tolist(),
+                        strict=True))
+        order = sorted(range(len(slots)), key=keys.__getitem__)
+        return None if order == sorted(order) else order
+
+    def _spans(self, slots: list[int | None]) -> dict[int, list[tuple[int, int, int]]]:
+        """Per module index, its LoRA as (start, stop, rank) runs of rows: per run of rows of one largest rank,
+        from its first to its last row that has LoRA in the module, at their largest rank there."""
+        ranks = self._ranks(slots)
+        top = ranks.amax(1).tolist()
+        runs, lo = [], 0
+        for i in range(1, len(top) + 1):
+            if i == len(top) or top[i] != top[lo]:
+                if top[lo]:
+                    runs.append((lo, i))
+                lo = i
+        spans: dict[int, list[tuple[int, int, int]]] = {}
+        for lo, hi in runs:
+            sub = ranks[lo:hi]
+            nz = (sub > 0).int()
+            has = nz.any(0).tolist()
+            first, last, r = nz.argmax(0).tolist(), nz.flip(0).argmax(0).tolist(), sub.amax(0).tolist()
+            for m, ok in enumerate(has):
+                if ok:
+                    spans.setdefault(m, []).append((lo + first[m], hi - last[m], r[m]))
+        return spans
 
     def head_params(self, cols: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each head tensor per row (B, *padded shape): one gather per head tensor."""
@@ -429,8 +489,10 @@ class _Bound(Mapping):
     """The route's `deltas` for one forward: module key -> its `SlotDelta` over this batch's table rows, for
     the modules some row's adapter adapts."""
 
-    def __init__(self, handles: dict[str, _Handle], cols: torch.Tensor, active: list[int], pools: SlotPools):
+    def __init__(self, handles: dict[str, _Handle], cols: torch.Tensor, active: list[int], pools: SlotPools,
+                 spans: dict[int, list[tuple[int, int, int]]] | None = None):
         self.handles, self.cols, self.active, self.pools = handles, cols, active, pools  # cols: (B, C) or (1, C)
+        self.spans = spans  # module index -> its LoRA's runs of rows (None: every row, at the largest rank)
         self.n = len(active) // 2
         self._bias: dict[int, torch.Tensor] = {}
 
@@ -509,7 +571,9 @@ class SlotDelta:
         inplace = fresh and not torch.is_grad_enabled() and y.is_contiguous()
         if self.rank:
             lo = h.lora_cols.start
-            y = h.kernel.lora_(y, x, h.m.lora.data[0], h.m.in_features, cols[:, lo: lo + self.rank], inplace)
+            spans = self.bound.spans.get(h.index, []) if self.bound.spans is not None else None
+            y = h.kernel.lora_(y, x, h.m.lora.data[0], h.m.in_features, cols[:, lo: lo + self.rank], inplace,
+                               spans)
             inplace = not torch.is_grad_enabled()  # y is fresh now, in any case
         if bias is not None:
             y = y.add_(bias) if inplace else y + bias

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from spafit_core import TaskSpec
-from spafit_core import engine as engine_module
 from spafit_core.adapter import serialize
 from spafit_core.engine import Engine, Row
+from spafit_core.engine import forward as engine_module  # where the Engine looks up `Backbone`
 from tests.core.test_engine import TEXTS, random_adapter
 from tests.tiny import make_tiny_model
 

@@ -5,6 +5,7 @@ same on a GPU where one is lent."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -164,6 +165,100 @@ def test_fan_out_many_with_tasks_that_truncate_differently(tiny_bert, zoo):
         assert list(got) == ["z0", "short", "z1"]
         for n in got:
             assert abs(got[n]["score"] - e.predict(n, [text])[0]["score"]) <= 1e-5
+
+
+def test_fan_out_branches_at_each_tasks_first_trained_layer(engine_zoo):
+    """Tasks with first trained layers 1, 2 and 3 over 2 inputs: each layer runs on one trunk row per input
+    while some task has not branched yet, plus one row per (input, task) already branched."""
+    e = engine_zoo
+    names = ["z0", "z1", "z3"]  # n1 = 1, 2, 3 of 4 layers
+    e.fan_out(names, TEXTS[0])  # the layer gates learn their output format once, on a real call
+    sizes: dict[int, list[int]] = {}
+    handles = [gate.layer.register_forward_hook(lambda m, a, o, k=k: sizes.setdefault(k, []).append(a[0].shape[0]))
+               for k, gate in enumerate(e.backbone().base.encoder.layer)]
+    try:
+        many = e.fan_out_many(names, TEXTS[:2])
+    finally:
+        for h in handles:
+            h.remove()
+    assert sizes == {0: [2], 1: [2 + 2], 2: [2 + 4], 3: [6]}  # 16 row-layers, not 4 x 6 = 24
+    for text, got in zip(TEXTS[:2], many, strict=True):
+        for n in names:
+            assert abs(got[n]["score"] - e.predict(n, [text])[0]["score"]) <= 1e-5
+
+
+def test_fan_out_mixing_shared_and_unshared_prefixes_and_head_only_tasks_is_exact(tiny_bert, zoo):
+    path_cfg = dict(name="spafit", n1=4, n2=4, rank=1)  # n1 = the depth: the head alone is trained
+    e = loaded_engine(tiny_bert, zoo)
+    _, cfg, w = random_adapter(e.backbone().path, path_cfg, TaskSpec(labels=("a", "b")), seed=5)
+    e.load("head-only", cfg, w)
+    names = ["head-only", "z2", "z0", "z5", "z3"]  # n1 = 4, 0, 1, 0 (bitfit), 3
+    for text, got in zip(TEXTS[:3], e.fan_out_many(names, TEXTS[:3]), strict=True):
+        for n in names:
+            assert abs(got[n]["score"] - e.predict(n, [text])[0]["score"]) <= 1e-5
+
+
+def test_concurrent_fan_outs_share_one_pass_and_each_gets_its_own_answers(engine_zoo):
+    """Three fan-outs (other tasks, other inputs) that wait for the engine at the same time run in one pass:
+    the first layer runs once, over every input of the three."""
+    e = engine_zoo
+    calls = [(["z0", "z1"], TEXTS[:2]), (["z3"], TEXTS[2:3]), (["z1", "z4", "z5"], TEXTS[3:6])]
+    e.fan_out_many(["z0"], TEXTS[:1])  # the layer gates learn their output format once, on a real call
+    sizes = []
+    layer0 = e.backbone().base.encoder.layer[0].layer
+    handle = layer0.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[0]))
+    results: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda k=k, c=c: results.__setitem__(k, e.fan_out_many(*c)))
+               for k, c in enumerate(calls)]
+    try:
+        with e._forward_lock:  # the engine is busy: all three queue up
+            for t in threads:
+                t.start()
+            for _ in range(200):
+                if len(e._fan_pending.get(e.backbone().name, [])) == 3:
+                    break
+                time.sleep(0.01)
+        for t in threads:
+            t.join(30)
+    finally:
+        handle.remove()
+    # one pass, one call of layer 0: a trunk row for each of the 6 inputs, plus rows of the tasks trained from
+    # layer 0 on (z4 lora, z5 bitfit) for the last 3 inputs
+    assert sizes == [6 + 2 * 3]
+    for k, (names, texts) in enumerate(calls):
+        for text, got in zip(texts, results[k], strict=True):
+            assert list(got) == names
+            for n in names:
+                assert abs(got[n]["score"] - e.predict(n, [text])[0]["score"]) <= 1e-5
+
+
+def test_lora_runs_over_runs_of_rows_at_their_own_rank_and_stays_exact(engine_zoo):
+    """Rows of ranks 2 (spafit, lora) and 4 and of adapters without LoRA (bitfit; spafit with n2 = the
+    depth), interleaved: the forward orders them by rank, and each module's LoRA runs over runs of rows at
+    the largest rank within the run (not the batch's)."""
+    e = engine_zoo
+    names = ["z0", "z1", "z2", "z4", "z5", "z1", "z0", "z2"]
+    adapters = [e.adapter(n) for n in names]
+    rows = [Row(a, e.encode(a, [TEXTS[i % len(TEXTS)]])[0]) for i, a in enumerate(adapters)]
+    pools = e.bank().pools
+    slots = [a.slot for a in adapters]
+    order = pools.row_order(slots)
+    sorted_slots = [slots[i] for i in order]
+    ranks = pools.meta[sorted_slots, : len(pools.modules)].amax(1).tolist()
+    assert ranks == [0, 0, 0, 2, 2, 2, 4, 4]  # rows without LoRA first
+    with pools.lock, _slots(pools, [adapters[i] for i in order]) as (row_slot, distinct):
+        bound = pools.route(row_slot, distinct, sorted_slots)
+    per_row = pools.meta[sorted_slots, : len(pools.modules)]
+    for m, spans in bound.spans.items():
+        covered = set()
+        for lo, hi, r in spans:
+            assert r == int(per_row[lo:hi, m].max()) and len({ranks[i] for i in range(lo, hi)}) == 1
+            covered.update(range(lo, hi))
+        assert {i for i in range(len(rows)) if per_row[i, m] > 0} <= covered
+    assert {r for spans in bound.spans.values() for _, _, r in spans} == {2, 4}  # rank 2 rows: not padded to 4
+    got = e.forward(rows)
+    for r, g in zip(rows, got, strict=True):
+        assert (g - e.forward([r])[0]).abs().max() <= 1e-5
 
 
 def test_an_unknown_slot_kernel_is_refused_at_construction():
