@@ -3,7 +3,8 @@ under the lease worker/runner.py claimed: every write carries the claim's fencin
 limit and a takeover stop the run between chunks.
 
 The dataset is streamed: its blob is read from the database in pieces (`substring`), parsed row by row, and fed
-through the engine (the task's adapter on its backbone, in this process, no HTTP) `batch_forward_rows` at a time.
+through the engine (the task's adapter on its backbone, in this process, no HTTP) `batch_forward_rows` at a time;
+a job of several tasks sends each batch through the engine's fan-out path (`Engine.fan_out_many`).
 A batch prediction stores each `chunk_rows` rows of output as one `batch_chunks` row, in the same fenced
 transaction as its progress, keyed by (job, chunk): a resumed attempt starts after the last stored chunk, so the
 result has every row once. An evaluation keeps only its predictions and labels (numbers), and restarts from the
@@ -18,6 +19,7 @@ import io
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db import Database
-from app.models import BatchChunk, Blob, Dataset, Job, VersionEvaluation, utcnow
+from app.models import AdapterVersion, BatchChunk, Blob, Dataset, Job, VersionEvaluation, utcnow
 from app.services import batch as batch_service
 from app.services import events, registry
 from app.settings import Settings
@@ -112,16 +114,26 @@ class _Stop(Exception):
 
 
 def _engine(db: Database, job: Job, settings: Settings):
+    """An engine with the job's adapter(s) loaded, each under its version id; (engine, names, first config)."""
     from spafit_core.engine import Engine
+    from spafit_core.errors import DataError
 
-    with db.session() as s:
-        cfg, weights = registry.version_payload(s, job.adapter_version_id)
+    tasks = (job.hyperparameters or {}).get("tasks") or [{"version_id": str(job.adapter_version_id)}]
     engine = Engine(device=settings.engine_device, device_bytes=settings.engine_cache_bytes,
                     cpu_bytes=settings.engine_cpu_cache_bytes, default_base_model=settings.default_base_model,
                     slot_kernel=settings.engine_slot_kernel)
-    name = str(job.adapter_version_id)
-    engine.load(name, cfg, weights)
-    return engine, name, cfg
+    names, first = [], None
+    for t in tasks:
+        version_id = uuid.UUID(t["version_id"])
+        with db.session() as s:
+            if s.get(AdapterVersion, version_id) is None:
+                raise DataError(f"version {t.get('version')} of task {t.get('task')!r}, which this job runs, was "
+                                "deleted", field="tasks")
+            cfg, weights = registry.version_payload(s, version_id)
+        engine.load(t["version_id"], cfg, weights)
+        names.append(t["version_id"])
+        first = first or cfg
+    return engine, names, first
 
 
 def run(db: Database, job: Job, lease, hb, settings: Settings) -> str:
@@ -135,7 +147,7 @@ def run(db: Database, job: Job, lease, hb, settings: Settings) -> str:
         if ds is None or ds.sha256 is None:
             raise DataError("the dataset of this job was deleted")
         fmt, sha, size, total = ds.format, ds.sha256, ds.size_bytes or 0, ds.rows or 0
-    engine, name, cfg = _engine(db, job, settings)
+    engine, names, cfg = _engine(db, job, settings)
     reader = _BlobReader(db, sha, size)
     rows = stream_rows(reader, fmt)
 
@@ -149,9 +161,9 @@ def run(db: Database, job: Job, lease, hb, settings: Settings) -> str:
 
     try:
         if job.kind == "predict":
-            _predict(job, lease, hb, engine, name, rows, total, settings, verify)
+            _predict(job, lease, hb, engine, names, rows, total, settings, verify)
         else:
-            _evaluate(job, lease, hb, engine, name, cfg, rows, total, settings, verify)
+            _evaluate(job, lease, hb, engine, names[0], cfg, rows, total, settings, verify)
     except _Stop:
         raise TrainingCancelled("the job was cancelled") from None
     return "succeeded"
@@ -162,9 +174,12 @@ def _check_stop(hb) -> None:
         raise _Stop()
 
 
-def _predict(job: Job, lease, hb, engine, name: str, rows: Iterator[dict], total: int, settings: Settings,
+def _predict(job: Job, lease, hb, engine, names: list[str], rows: Iterator[dict], total: int, settings: Settings,
              verify: Callable[[], None]) -> None:
+    """One task: `engine.predict`. Several (`tasks`): `engine.fan_out_many` over each forward batch of rows (the
+    shared frozen prefix once per row, one branch per task); each stored row carries every task's prediction."""
     opts = job.hyperparameters or {}
+    tasks = batch_service.task_names(job)
     chunk_rows = int(opts.get("chunk_rows") or settings.batch_chunk_rows)
     fmt, all_scores, top_k, id_field = opts.get("format", "jsonl"), bool(opts.get("all_scores")), opts.get("top_k"), \
         opts.get("id_field")
@@ -189,13 +204,22 @@ def _predict(job: Job, lease, hb, engine, name: str, rows: Iterator[dict], total
             continue
         _check_stop(hb)
         out: list[dict] = []
-        for part in _batches(iter(block), settings.batch_forward_rows):
-            preds = engine.predict(name, [_input(r, fields) for r in part], top_k if all_scores else None)
+        k = top_k if all_scores else None
+        # a fan-out forward holds rows x tasks rows: the same number of rows per pass as one task's
+        step = max(1, settings.batch_forward_rows // len(names)) if tasks else settings.batch_forward_rows
+        for part in _batches(iter(block), step):
+            inputs = [_input(r, fields) for r in part]
+            if tasks:
+                preds = [{"results": {t: p[n] for t, n in zip(tasks, names, strict=True)}}
+                         for p in engine.fan_out_many(names, inputs, k)]
+            else:
+                preds = engine.predict(names[0], inputs, k)
             base = index + len(out)
             for i, (r, p) in enumerate(zip(part, preds, strict=True)):
                 out.append({**p, "id": r.get(id_field) if id_field else base + i})
             _check_stop(hb)
-        payload = batch_service.encode_rows(out, fmt, all_scores)
+        payload = batch_service.encode_task_rows(out, tasks, fmt, all_scores) if tasks \
+            else batch_service.encode_rows(out, fmt, all_scores)
         index += len(block)
         predicted += len(block)
         rows_done += len(block)
@@ -267,7 +291,7 @@ def _evaluate(job: Job, lease, hb, engine, name: str, cfg: dict, rows: Iterator[
     if not gold:
         raise DataError("the dataset has no rows", field="dataset")
     verify()
-    metrics = evaluation_metrics(task_type, preds, gold, labels)
+    metrics = evaluation_metrics(task_type, preds, gold, labels, (job.hyperparameters or {}).get("glue_preset"))
 
     def finish(s: Session) -> None:
         lease.hold(s, status="succeeded", finished_at=utcnow(), metrics=metrics,
@@ -283,16 +307,21 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def evaluation_metrics(task_type: str, preds: list, gold: list, labels: list[str]) -> dict[str, Any]:
+def evaluation_metrics(task_type: str, preds: list, gold: list, labels: list[str],
+                       glue_preset: str | None = None) -> dict[str, Any]:
     """Regression: pearson, spearman, mse. Single-label: accuracy, macro-F1 (and F1 of label 1 for two labels),
-    per-class precision and recall, the confusion matrix (rows: true label, columns: predicted)."""
+    per-class precision and recall, the confusion matrix (rows: true label, columns: predicted). With a GLUE
+    preset (`glue_preset`: cola, mrpc, stsb, ...) also that preset's metrics (`glue_metrics`, each a top-level
+    number too: MCC for CoLA, F1 and accuracy for MRPC/QQP, Pearson/Spearman for STS-B), and `main_metric` is the
+    preset's."""
     import numpy as np
 
     from spafit_core import metrics as m
 
     if task_type == "regression":
-        return {"pearson": _finite(m.pearson(preds, gold)), "spearman": _finite(m.spearman(preds, gold)),
-                "mse": _finite(m.mse(preds, gold)), "main_metric": "pearson"}
+        out = {"pearson": _finite(m.pearson(preds, gold)), "spearman": _finite(m.spearman(preds, gold)),
+               "mse": _finite(m.mse(preds, gold)), "main_metric": "pearson"}
+        return _with_glue(out, glue_preset, preds, gold, labels)
     k = len(labels)
     p, y = np.asarray(preds, dtype=np.int64), np.asarray(gold, dtype=np.int64)
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -308,5 +337,26 @@ def evaluation_metrics(task_type: str, preds: list, gold: list, labels: list[str
         out["f1"] = m.f1(p, y)
     out.update(main_metric="f1" if k == 2 else "macro_f1", per_class=per_class, labels=labels,
                confusion_matrix=confusion.tolist())
+    return _with_glue(out, glue_preset, p, y, labels)
+
+
+def _with_glue(out: dict[str, Any], name: str | None, preds: Any, gold: Any, labels: list[str]) -> dict[str, Any]:
+    """`out` plus the GLUE preset's metrics, computed as the benchmark defines them: F1 of the preset's positive
+    class (its second label: `equivalent`, `duplicate`), wherever that label sits among the version's."""
+    if not name:
+        return out
+    from spafit_core import metrics as m
+    from spafit_core.glue import get_glue_task
+
+    preset = get_glue_task(name)
+    values: dict[str, float | None] = {}
+    for metric in preset.metrics:
+        if metric == "f1":
+            positive = next((labels.index(c) for c in (preset.labels[1], "1", "True", "true") if c in labels), 1)
+            values[metric] = _finite(m.f1(preds, gold, positive=positive))
+        else:
+            values[metric] = _finite(m.compute_metrics(preset.task_type, preds, gold, [metric])[metric])
+    out.update(values)
+    out.update(glue_preset=preset.name, glue_metrics=list(preset.metrics), main_metric=preset.main_metric)
     return out
 

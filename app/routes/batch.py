@@ -35,7 +35,13 @@ def _started(request: Request, response: Response, session, job, created: bool) 
 
 @router.post("", status_code=202, response_model=JobOut,
              responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 429),
-             summary="Predict every row of a dataset (202: a queued job of kind `predict`)")
+             summary="Predict every row of a dataset (202: a queued job of kind `predict`)",
+             description="One task (`task`, `version`) or several (`tasks`: names or {task, version}) over the same "
+                         "dataset: several run through the engine's fan-out path (the frozen layers below the "
+                         "adapters once per row, then one branch per task) and each result row carries every task's "
+                         "prediction. An unknown task or version is 404 naming it (`tasks[i]`); tasks on different "
+                         "base models are 422 (start one job per base model). The per-job row limit "
+                         "(SPAFIT_BATCH_MAX_ROWS_PER_JOB) counts rows x tasks.")
 def create_batch_prediction(*, request: Request, response: Response, body: batch.BatchPredictionCreate,
                             session: SessionDep, settings: SettingsDep, principal: TrainPrincipal,
                             idempotency_key: IdempotencyKey = None) -> JobOut:
@@ -60,8 +66,10 @@ def get_batch_prediction(*, job_id: uuid.UUID, session: SessionDep, principal: T
 
 
 @router.get("/{job_id}/results", responses={**problem_responses(401, 403, 404, 409, 422), 200: {
-                "description": "the result file, streamed: JSON Lines (`{id, label, score[, scores]}` per input row, "
-                               "in the dataset's order) or CSV (`id,label,score,scores`)",
+                "description": "the result file, streamed, one row per input row in the dataset's order. One task: "
+                               "JSON Lines `{id, label, score[, labels][, scores]}` or CSV `id,label,score,scores`. "
+                               "Several tasks (`tasks`): JSON Lines `{id, results: {<task>: {label, score[, labels]"
+                               "[, scores]}}}` or CSV `id` then `<task>.label,<task>.score,<task>.scores` per task",
                 "content": {"application/x-ndjson": {}, "text/csv": {}}}},
             summary="Download a succeeded batch prediction's results (409 before it has succeeded)")
 def batch_prediction_results(*, job_id: uuid.UUID, request: Request, session: SessionDep,
@@ -69,7 +77,8 @@ def batch_prediction_results(*, job_id: uuid.UUID, request: Request, session: Se
     job = batch.check_results(session, principal.tenant_id, job_id)
     fmt = job.hyperparameters.get("format", "jsonl")
     ext = "csv" if fmt == "csv" else "jsonl"
-    return StreamingResponse(batch.stream_results(request.app.state.db, job.id, fmt), media_type=batch.media_type(job),
+    return StreamingResponse(batch.stream_results(request.app.state.db, job.id, fmt, batch.task_names(job)),
+                             media_type=batch.media_type(job),
                              headers={"Content-Disposition": f'attachment; filename="{job.id}.{ext}"'})
 
 

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -27,18 +27,38 @@ from spafit_core.errors import ConfigError, DataError
 from ..db import Database
 from ..errors import Conflict, NotFound, ResultsNotReady, TooManyRows
 from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task, VersionEvaluation
+from ..schemas import MAX_FANOUT_TASKS
 from ..settings import Settings
 from . import events, jobs, registry
 
 MAX_TOP_K = 1000
 CSV_HEADER = ("id", "label", "score")
+GLUE_HUB_NAMES = ("glue", "nyu-mll/glue")  # a dataset imported from these names a GLUE preset (its config)
+
+
+class TaskRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(max_length=64, examples=["sentiment"])
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1, description="default: the task's active version")
 
 
 class BatchPredictionCreate(BaseModel):
+    """One task (`task`, `version`), or several over the same dataset in one job (`tasks`): then each row runs
+    through the engine's fan-out path (the layers below the adapters' first trained layer once per row, then one
+    branch per task) and each result row carries every task's prediction. The tasks must share one base model
+    (422 otherwise: run them as separate jobs). The per-job row limit counts rows x tasks."""
+
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(max_length=64, description="the task whose adapter predicts", examples=["sentiment"])
+    task: str | None = Field(default=None, max_length=64, description="the task whose adapter predicts",
+                             examples=["sentiment"])
     version: int | None = Field(default=None, ge=1, le=2**31 - 1, description="default: the task's active version")
+    tasks: list[str | TaskRef] | None = Field(
+        default=None, min_length=1, max_length=MAX_FANOUT_TASKS,
+        description="instead of `task`: several tasks, each a name (its active version) or {task, version}, each "
+                    "once; the results then carry each task's prediction per row",
+        examples=[["sentiment", {"task": "topic", "version": 2}]])
     dataset: uuid.UUID = Field(description="a ready dataset of this tenant: the rows to predict")
     text_fields: list[str] | None = Field(default=None, min_length=1, max_length=2,
                                           description="the input column(s) (a second one is the text pair); "
@@ -49,6 +69,19 @@ class BatchPredictionCreate(BaseModel):
     top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K, description="with all_scores: at most this many")
     format: Literal["jsonl", "csv"] = "jsonl"
     all_scores: bool = Field(default=False, description="also every label's score (JSONL: a list; CSV: a JSON column)")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> BatchPredictionCreate:
+        if (self.task is None) == (self.tasks is None):
+            raise ValueError("give either `task` (one task) or `tasks` (several), not both or neither")
+        if self.tasks is not None and self.version is not None:
+            raise ValueError("`version` goes with `task`; with `tasks`, give {task, version} items")
+        return self
+
+    def task_refs(self) -> list[TaskRef]:
+        if self.tasks is None:
+            return [TaskRef(task=self.task or "", version=self.version)]
+        return [t if isinstance(t, TaskRef) else TaskRef(task=t) for t in self.tasks]
 
 
 class EvaluateCreate(BaseModel):
@@ -74,13 +107,45 @@ def _version(session: Session, tenant_id: uuid.UUID, task_name: str, number: int
     return registry.active_version(session, task) if number is None else registry.get_version(session, task, number)
 
 
-def _dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID, settings: Settings) -> Dataset:
+def _dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID, settings: Settings,
+             tasks: int = 1) -> Dataset:
+    """The ready dataset; its rows x `tasks` (the rows the engine predicts) within the per-job limit."""
     ds = jobs._check_dataset(session, tenant_id, dataset_id, "dataset")
-    if (ds.rows or 0) > settings.batch_max_rows_per_job:
-        raise TooManyRows(f"dataset {dataset_id} has {ds.rows} rows; a batch job may take at most "
-                          f"{settings.batch_max_rows_per_job} (SPAFIT_BATCH_MAX_ROWS_PER_JOB): split it",
-                          field="dataset", rows=ds.rows, limit=settings.batch_max_rows_per_job)
+    limit = settings.batch_max_rows_per_job
+    if (ds.rows or 0) * tasks > limit:
+        what = f"{ds.rows} rows" if tasks == 1 else f"{ds.rows} rows x {tasks} tasks = {ds.rows * tasks} predictions"
+        raise TooManyRows(f"dataset {dataset_id} has {what}; a batch job may take at most {limit} "
+                          "(SPAFIT_BATCH_MAX_ROWS_PER_JOB, rows x tasks): split it",
+                          field="dataset", rows=ds.rows, tasks=tasks, limit=limit)
     return ds
+
+
+def _task_versions(session: Session, tenant_id: uuid.UUID, refs: list[TaskRef],
+                   several: bool) -> list[AdapterVersion]:
+    """Each task's version, in order: 404/409 naming the task (`tasks[i]`) that has none, 422 for a task listed
+    twice or tasks on different base models (the fan-out branches within one backbone: run those apart)."""
+    out: list[AdapterVersion] = []
+    seen: dict[str, int] = {}
+    for i, ref in enumerate(refs):
+        field = f"tasks[{i}]" if several else "task"
+        try:
+            registry.check_task_name(ref.task)
+        except ConfigError as e:
+            raise ConfigError(e.message, field=field) from None
+        if ref.task in seen:
+            raise ConfigError(f"task {ref.task!r} is listed twice (tasks[{seen[ref.task]}] and tasks[{i}])",
+                              field=field)
+        seen[ref.task] = i
+        try:
+            out.append(_version(session, tenant_id, ref.task, ref.version))
+        except (NotFound, Conflict) as e:
+            raise type(e)(e.message, field=field) from None
+    bases = {v.base_model for v in out}
+    if len(bases) > 1:
+        listed = ", ".join(f"{r.task} on {v.base_model}" for r, v in zip(refs, out, strict=True))
+        raise ConfigError(f"the tasks of one batch job must share a base model (the fan-out path runs one backbone); "
+                          f"got {listed}: start one job per base model", field="tasks")
+    return out
 
 
 def _columns(ds: Dataset, wanted: list[str] | None, field: str) -> list[str]:
@@ -128,18 +193,22 @@ def _job(session: Session, tenant_id: uuid.UUID, kind: str, version: AdapterVers
 
 def create_prediction(session: Session, tenant_id: uuid.UUID, body: BatchPredictionCreate, settings: Settings, *,
                       idempotency_key: str | None = None) -> tuple[Job, bool]:
-    registry.check_task_name(body.task)
-    version = _version(session, tenant_id, body.task, body.version)
-    ds = _dataset(session, tenant_id, body.dataset, settings)
+    refs = body.task_refs()
+    several = body.tasks is not None
+    versions = _task_versions(session, tenant_id, refs, several)
+    ds = _dataset(session, tenant_id, body.dataset, settings, tasks=len(refs))
     text_fields = _columns(ds, body.text_fields, "text_fields")
     id_field = body.id_field
     if id_field is not None and id_field not in ds.columns:
         raise DataError(f"dataset {ds.id} has no column {id_field!r}; its columns are {ds.columns}", field="id_field")
     if id_field is None and "id" in ds.columns:
         id_field = "id"
-    options = {"format": body.format, "all_scores": body.all_scores, "top_k": body.top_k, "id_field": id_field,
-               "chunk_rows": settings.batch_chunk_rows}
-    return _job(session, tenant_id, "predict", version, body.task, ds, text_fields, None, options, settings,
+    options: dict[str, Any] = {"format": body.format, "all_scores": body.all_scores, "top_k": body.top_k,
+                               "id_field": id_field, "chunk_rows": settings.batch_chunk_rows}
+    if several:  # the job row names the first task and version; the worker runs them all
+        options["tasks"] = [{"task": r.task, "version": v.version, "version_id": str(v.id)}
+                            for r, v in zip(refs, versions, strict=True)]
+    return _job(session, tenant_id, "predict", versions[0], refs[0].task, ds, text_fields, None, options, settings,
                 idempotency_key)
 
 
@@ -153,8 +222,41 @@ def create_evaluation(session: Session, tenant_id: uuid.UUID, task: str, number:
     if label_field is None or label_field not in ds.columns:
         raise DataError(f"dataset {ds.id} has no label column{f' {label_field!r}' if label_field else ''}: an "
                         f"evaluation needs labels (columns: {ds.columns})", field="label_field")
-    return _job(session, tenant_id, "evaluate", version, task, ds, text_fields, label_field, {}, settings,
-                idempotency_key)
+    preset = glue_preset(session, version, ds)
+    return _job(session, tenant_id, "evaluate", version, task, ds, text_fields, label_field,
+                {"glue_preset": preset} if preset else {}, settings, idempotency_key)
+
+
+def _glue_import(ds: Dataset | None) -> str | None:
+    detail = (ds.source_detail or {}) if ds is not None and ds.source == "hf" else {}
+    if str(detail.get("name", "")).lower() not in GLUE_HUB_NAMES or not detail.get("config_name"):
+        return None
+    return str(detail["config_name"])
+
+
+def glue_preset(session: Session, version: AdapterVersion, eval_ds: Dataset) -> str | None:
+    """The GLUE preset whose metric an evaluation of `version` reports too: the one its training dataset was
+    imported from (hf `glue`, config `cola`, ...), else the one the evaluation dataset was; only where the
+    preset's task type and number of labels are the version's."""
+    from spafit_core.errors import ConfigError as PresetError
+    from spafit_core.glue import get_glue_task
+
+    train = None
+    if version.job_id is not None:
+        job = session.get(Job, version.job_id)
+        train = session.get(Dataset, job.train_dataset_id) if job is not None and job.train_dataset_id else None
+    task = (version.config or {}).get("task") or {}
+    for name in (_glue_import(train), _glue_import(eval_ds)):
+        if name is None:
+            continue
+        try:
+            preset = get_glue_task(name)
+        except PresetError:
+            continue
+        if preset.task_type == task.get("task_type", "single_label_classification") and \
+                len(preset.labels) == len(task.get("labels") or ()):
+            return preset.name
+    return None
 
 
 def get_prediction(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
@@ -183,11 +285,26 @@ def check_results(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> 
     return job
 
 
-def stream_results(db: Database, job_id: uuid.UUID, fmt: str) -> Iterator[bytes]:
+def task_names(job: Job) -> list[str] | None:
+    """The tasks of a several-task job, in order; None for a one-task job."""
+    tasks = (job.hyperparameters or {}).get("tasks")
+    return [t["task"] for t in tasks] if tasks else None
+
+
+def csv_header(tasks: list[str] | None) -> bytes:
+    """One task: `id,label,score,scores`; several: `id` then `<task>.label,<task>.score,<task>.scores` per task."""
+    cols = ["id", *(f"{t}.{c}" for t in tasks for c in ("label", "score", "scores"))] if tasks \
+        else [*CSV_HEADER, "scores"]
+    buf = io.StringIO()
+    csv.writer(buf).writerow(cols)
+    return buf.getvalue().encode()
+
+
+def stream_results(db: Database, job_id: uuid.UUID, fmt: str, tasks: list[str] | None = None) -> Iterator[bytes]:
     """The result file, one stored chunk at a time (never the whole file in memory); a session per chunk, so a
     slow reader holds no pooled connection between chunks."""
     if fmt == "csv":
-        yield (",".join(CSV_HEADER) + ",scores\r\n").encode()
+        yield csv_header(tasks)
     chunk = 0
     while True:
         with db.session() as s:
@@ -196,6 +313,34 @@ def stream_results(db: Database, job_id: uuid.UUID, fmt: str) -> Iterator[bytes]
             return
         yield bytes(data)
         chunk += 1
+
+
+def _one(p: dict, all_scores: bool) -> dict:
+    row = {"label": p["label"], "score": p["score"]}
+    if "labels" in p:
+        row["labels"] = p["labels"]
+    if all_scores:
+        row["scores"] = p["scores"]
+    return row
+
+
+def encode_task_rows(rows: list[dict], tasks: list[str], fmt: str, all_scores: bool) -> bytes:
+    """Result rows of a several-task job ({id, results: {task: prediction}}) in the job's format: JSONL
+    `{"id", "results": {task: {label, score[, labels][, scores]}}}`; CSV three columns per task (no header)."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        for r in rows:
+            cells: list[Any] = [r["id"]]
+            for t in tasks:
+                p = r["results"][t]
+                cells += ["" if p["label"] is None else p["label"], p["score"],
+                          json.dumps(p["scores"], separators=(",", ":")) if all_scores else ""]
+            w.writerow(cells)
+        return buf.getvalue().encode()
+    out = [json.dumps({"id": r["id"], "results": {t: _one(r["results"][t], all_scores) for t in tasks}},
+                      separators=(",", ":"), ensure_ascii=False) for r in rows]
+    return ("\n".join(out) + "\n").encode() if out else b""
 
 
 def encode_rows(rows: list[dict], fmt: str, all_scores: bool) -> bytes:

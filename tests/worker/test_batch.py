@@ -206,15 +206,20 @@ def test_active_jobs_limit_counts_batch_jobs(make_settings, tenant_key, db, tiny
         assert_problem(r, 429, "too-many-jobs")
 
 
+@pytest.mark.parametrize("tasks", [1, 2], ids=["one-task", "two-tasks-fan-out"])
 def test_worker_killed_mid_batch_prediction_resumes_and_writes_every_row_once(batch_client, tenant_key, db,
-                                                                               tiny_base, worker):
+                                                                               tiny_base, worker, tasks):
     from tests.reliability.conftest import job_row
 
     key = tenant_key("train")
     _version(db, key.tenant_id, tiny_base)
-    n = 4000
+    body: dict[str, Any] = {"task": "sentiment"}
+    if tasks == 2:
+        _version(db, key.tenant_id, tiny_base, task="topic", seed=1)
+        body = {"tasks": ["sentiment", "topic"]}
+    n = 4000 if tasks == 1 else 2400  # rows x tasks within the fixture's per-job limit (5000)
     ds = _dataset(batch_client, key.headers, n, seed=3, with_id=True)
-    r = batch_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds}, headers=key.headers)
+    r = batch_client.post("/v1/batch-predictions", json={**body, "dataset": ds}, headers=key.headers)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     killed = None
@@ -236,9 +241,11 @@ def test_worker_killed_mid_batch_prediction_resumes_and_writes_every_row_once(ba
     assert len(starts) == 2
     chunks = [e["data"]["chunk"] for e in events if e["type"] == "progress"]
     assert chunks == list(range(len(chunks))) and len(chunks) == -(-n // 16)  # each chunk stored once
-    body = batch_client.get(f"/v1/batch-predictions/{job_id}/results", headers=key.headers).text
-    ids = [json.loads(line)["id"] for line in body.splitlines()]
-    assert ids == [f"row-{i}" for i in range(n)]  # every row exactly once, in order
+    text = batch_client.get(f"/v1/batch-predictions/{job_id}/results", headers=key.headers).text
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [r["id"] for r in rows] == [f"row-{i}" for i in range(n)]  # every row exactly once, in order
+    if tasks == 2:
+        assert all(set(r["results"]) == {"sentiment", "topic"} for r in rows)
 
 
 def test_evaluate_versions_list_and_compare(batch_client, tenant_key, db, tiny_base, worker):
@@ -329,3 +336,162 @@ def test_a_dataset_whose_stored_bytes_were_altered_fails_the_job(batch_client, t
     done = _wait(batch_client, job_id, key.headers, worker=worker)
     assert done["status"] == "failed" and done["error"]["type"] == "blob-corrupted", (done, worker.tail())
     assert_problem(batch_client.get(f"/v1/batch-predictions/{job_id}/results", headers=key.headers), 409)
+
+
+# ------------------------------------------------------------------------------------- several tasks (fan-out)
+def test_several_tasks_in_one_job_match_each_tasks_own_predictions(batch_client, tenant_key, db, tiny_base, worker):
+    key = tenant_key("train")
+    _, cfg_a, w_a = _version(db, key.tenant_id, tiny_base, task="sentiment", seed=0)
+    _version(db, key.tenant_id, tiny_base, task="topic", seed=1)
+    _, cfg_b, w_b = _version(db, key.tenant_id, tiny_base, task="topic", seed=2)  # v2, not the active one
+    _version(db, key.tenant_id, tiny_base, task="topic", seed=3)  # v3: the active one
+    ds = _dataset(batch_client, key.headers, 40, seed=6, with_id=True)
+    tasks = ["sentiment", {"task": "topic", "version": 2}]
+    r = batch_client.post("/v1/batch-predictions", json={"tasks": tasks, "dataset": ds, "all_scores": True},
+                          headers=key.headers)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["task"] == "sentiment" and [(t["task"], t["version"]) for t in job["hyperparameters"]["tasks"]] == [
+        ("sentiment", 1), ("topic", 2)]
+    csv_job = batch_client.post("/v1/batch-predictions", json={"tasks": tasks, "dataset": ds, "format": "csv"},
+                                headers=key.headers).json()
+    for j in (job, csv_job):
+        done = _wait(batch_client, j["id"], key.headers, worker=worker)
+        assert done["status"] == "succeeded" and done["progress"]["step"] == 40, (done, worker.tail())
+
+    body = batch_client.get(f"/v1/batch-predictions/{job['id']}/results", headers=key.headers).text
+    rows = [json.loads(line) for line in body.splitlines()]
+    assert [r["id"] for r in rows] == [f"row-{i}" for i in range(40)]
+    texts = _texts(40, 6)
+    for name, cfg, weights in (("sentiment", cfg_a, w_a), ("topic", cfg_b, w_b)):
+        want = _engine_predictions(tiny_base, cfg, weights, texts)
+        for got, exp in zip(rows, want, strict=True):
+            assert got["results"][name]["label"] == exp["label"]
+            assert got["results"][name]["score"] == pytest.approx(exp["score"], abs=1e-5)
+            assert {s["label"] for s in got["results"][name]["scores"]} == set(LABELS)
+
+    res = batch_client.get(f"/v1/batch-predictions/{csv_job['id']}/results", headers=key.headers)
+    table = list(csv.DictReader(io.StringIO(res.text)))
+    assert list(table[0]) == ["id", "sentiment.label", "sentiment.score", "sentiment.scores", "topic.label",
+                              "topic.score", "topic.scores"]
+    assert [(t["id"], t["sentiment.label"], t["topic.label"]) for t in table] == [
+        (r["id"], r["results"]["sentiment"]["label"], r["results"]["topic"]["label"]) for r in rows]
+
+
+def test_several_tasks_bad_requests_name_the_task(batch_client, tenant_key, db, tiny_base, tmp_path):
+    from tests.api.adapters import tiny_backbone
+
+    key = tenant_key("train")
+    _version(db, key.tenant_id, tiny_base, task="sentiment")
+    _version(db, key.tenant_id, tiny_base, task="topic", seed=1)
+    other_base = tiny_backbone(tmp_path, seed=7)
+    cfg, weights = random_adapter(other_base, SPAFIT, labels=LABELS, seed=0)
+    register(db, key.tenant_id, "elsewhere", cfg, weights)
+    ds = _dataset(batch_client, key.headers, 30)
+    batch_client.app.state.send_job = lambda job_id: None  # nothing here needs the worker
+
+    def post(body: dict):
+        return batch_client.post("/v1/batch-predictions", json={"dataset": ds, **body}, headers=key.headers)
+
+    p = assert_problem(post({"tasks": ["sentiment", "nope"]}), 404, "not-found")
+    assert p["field"] == "tasks[1]" and "nope" in p["detail"]
+    p = assert_problem(post({"tasks": ["sentiment", {"task": "topic", "version": 5}]}), 404)
+    assert p["field"] == "tasks[1]" and "topic" in p["detail"] and "5" in p["detail"]
+    p = assert_problem(post({"tasks": ["sentiment", "elsewhere"]}), 422, "invalid-config")
+    assert p["field"] == "tasks" and "elsewhere" in p["detail"] and "base model" in p["detail"]
+    p = assert_problem(post({"tasks": ["sentiment", "topic", "sentiment"]}), 422)
+    assert p["field"] == "tasks[2]" and "twice" in p["detail"]
+    p = assert_problem(post({"tasks": ["sentiment", "Bad Name"]}), 422)
+    assert p["field"] == "tasks[1]"
+    assert_problem(post({"task": "sentiment", "tasks": ["topic"]}), 422)
+    assert_problem(post({}), 422)
+    assert_problem(post({"tasks": []}), 422)
+    assert_problem(post({"tasks": ["sentiment"], "version": 1}), 422)
+    # the per-job row limit (5000 here) counts rows x tasks: 2,000 rows pass for one task, not for three
+    big = _dataset(batch_client, key.headers, 2000)
+    assert post({"tasks": ["sentiment"], "dataset": big}).status_code == 202
+    _version(db, key.tenant_id, tiny_base, task="third", seed=2)
+    p = assert_problem(post({"tasks": ["sentiment", "topic", "third"], "dataset": big}), 422, "too-many-rows")
+    assert "2000 rows x 3 tasks = 6000" in p["detail"]
+
+
+# --------------------------------------------------------------------------------------------- GLUE metrics
+def _as_glue_import(db, dataset_id: str, config: str) -> None:
+    """Mark an uploaded dataset as imported from the Hub's `glue` (config `config`): the import itself needs the
+    network, and what the evaluation reads is this record of where the rows came from."""
+    from sqlalchemy import update
+
+    from app.models import Dataset
+
+    with db.transaction() as s:
+        s.execute(update(Dataset).where(Dataset.id == uuid.UUID(dataset_id)).values(
+            source="hf", source_detail={"name": "glue", "split": "validation", "config_name": config}))
+
+
+def test_evaluation_reports_the_glue_presets_metric(batch_client, tenant_key, db, tiny_base, worker):
+    from spafit_core import metrics as m
+
+    key = tenant_key("train")
+    cola = ("unacceptable", "acceptable")
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=cola, seed=4)
+    register(db, key.tenant_id, "cola", cfg, weights)
+    data = toy_csv(40, 12).replace(b",negative", b",unacceptable").replace(b",positive", b",acceptable")
+    r = upload(batch_client, data, "cola.csv", headers=key.headers)
+    assert r.status_code == 201, r.text
+    glue_ds = r.json()["id"]
+    _as_glue_import(db, glue_ds, "cola")
+    # the same rows, uploaded: no preset there, and version 1 was not trained on one
+    plain = upload(batch_client, data + b"one more row,acceptable\n", "plain.csv", headers=key.headers).json()["id"]
+    ids = [batch_client.post("/v1/tasks/cola/versions/1/evaluate", json={"dataset": d}, headers=key.headers).json()
+           for d in (glue_ds, plain)]
+    assert ids[0]["hyperparameters"]["glue_preset"] == "cola" and "glue_preset" not in ids[1]["hyperparameters"]
+    glue, generic = (_wait(batch_client, j["id"], key.headers, worker=worker) for j in ids)
+    assert glue["status"] == generic["status"] == "succeeded", (glue, generic, worker.tail())
+    mg = glue["metrics"]
+    assert mg["glue_preset"] == "cola" and mg["glue_metrics"] == ["matthews_corrcoef"]
+    assert mg["main_metric"] == "matthews_corrcoef"
+    assert {"accuracy", "macro_f1", "f1", "confusion_matrix"} <= set(mg)  # the generic ones as well
+    (tn, fp), (fn, tp) = mg["confusion_matrix"]
+    preds = [0] * tn + [1] * fp + [0] * fn + [1] * tp
+    gold = [0] * (tn + fp) + [1] * (fn + tp)
+    assert mg["matthews_corrcoef"] == pytest.approx(m.matthews_corrcoef(preds, gold))
+    assert "matthews_corrcoef" not in generic["metrics"] and generic["metrics"]["main_metric"] == "f1"
+    shown = batch_client.get("/v1/tasks/cola/versions", headers=key.headers).json()["items"][0]["evaluations"]
+    assert {e["dataset"]: e["metrics"].get("glue_preset") for e in shown} == {glue_ds: "cola", plain: None}
+
+    # a version trained on a GLUE import (its job's dataset) reports the preset on any dataset: MRPC, F1 of
+    # `equivalent` wherever that label sits, and accuracy
+    mrpc = upload(batch_client, toy_csv(30, 13), "mrpc-train.csv", headers=key.headers).json()["id"]
+    _as_glue_import(db, mrpc, "mrpc")
+    batch_client.app.state.send_job = lambda job_id: None
+    _version(db, key.tenant_id, tiny_base, task="para")
+    trained_by = batch_client.post("/v1/batch-predictions", json={"task": "para", "dataset": mrpc},
+                                   headers=key.headers).json()["id"]  # a job whose dataset is the GLUE import
+    batch_client.post(f"/v1/jobs/{trained_by}/cancel", headers=key.headers)
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("equivalent", "not_equivalent"), seed=5)
+    with db.session() as s:
+        from app.services import registry
+
+        registry.register_version(s, key.tenant_id, "para", cfg, weights, job_id=uuid.UUID(trained_by))
+        s.commit()
+    data = toy_csv(30, 14).replace(b",negative", b",equivalent").replace(b",positive", b",not_equivalent")
+    eval_ds = upload(batch_client, data, "mrpc-dev.csv", headers=key.headers).json()["id"]
+    r = batch_client.post("/v1/tasks/para/versions/2/evaluate", json={"dataset": eval_ds}, headers=key.headers)
+    assert r.status_code == 202 and r.json()["hyperparameters"]["glue_preset"] == "mrpc", r.text
+    batch_client.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=key.headers)
+
+
+def test_glue_metrics_follow_the_presets_definitions():
+    from spafit_core import metrics as m
+    from worker.batch import evaluation_metrics
+
+    preds, gold = [0, 0, 1, 1, 0, 1], [0, 1, 1, 0, 0, 0]
+    # MRPC with the version's labels in the other order: F1 is of `equivalent` (index 0 here)
+    out = evaluation_metrics("single_label_classification", preds, gold, ["equivalent", "not_equivalent"], "mrpc")
+    assert out["glue_metrics"] == ["f1", "accuracy"] and out["main_metric"] == "f1"
+    assert out["f1"] == pytest.approx(m.f1(preds, gold, positive=0)) != pytest.approx(m.f1(preds, gold))
+    assert out["accuracy"] == pytest.approx(0.5)
+    out = evaluation_metrics("regression", [0.1, 0.5, 0.9, 0.3], [0.0, 1.0, 2.0, 0.2], [], "stsb")
+    assert out["glue_preset"] == "stsb" and out["glue_metrics"] == ["pearson", "spearman"]
+    assert out["spearman"] == pytest.approx(1.0) and out["main_metric"] == "pearson"
+    assert "glue_preset" not in evaluation_metrics("single_label_classification", preds, gold, ["a", "b"])
