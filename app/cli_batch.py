@@ -31,9 +31,21 @@ def register(main: click.Group, *, remote: Callable[..., Any], emit: Callable[..
             raise
 
 
+    def _task_ref(spec: str) -> Any:
+        name, at, version = spec.partition("@")
+        if not at:
+            return name
+        if not version.isdigit() or int(version) < 1:
+            raise click.BadParameter(f"{spec!r}: give NAME or NAME@VERSION (a version number from 1)",
+                                     param_hint="--task")
+        return {"task": name, "version": int(version)}
+
+
     @batch.command("create")
-    @click.argument("task")
-    @click.argument("dataset")
+    @click.argument("targets", nargs=-1, required=True, metavar="[TASK] DATASET")
+    @click.option("--task", "tasks", multiple=True, metavar="NAME[@VERSION]",
+                  help="Instead of TASK: a task to run, repeated for several over the same dataset in one job (the "
+                       "fan-out path; each result row has every task's prediction).")
     @click.option("--version", "version", type=click.IntRange(1), default=None, help="Default: the active version.")
     @click.option("--text-field", "text_fields", multiple=True, help="Input column (twice: text and text pair).")
     @click.option("--id-field", default=None, help="The column giving each result row's id (default: `id` or the index).")
@@ -45,12 +57,21 @@ def register(main: click.Group, *, remote: Callable[..., Any], emit: Callable[..
                   help="With --wait: write the result file here.")
     @click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=None)
     @remote
-    def batch_create(client: Any, task: str, dataset: str, version: int | None, text_fields: tuple[str, ...],
-                     id_field: str | None, top_k: int | None, fmt: str, all_scores: bool, wait: bool, output: str | None,
-                     wait_timeout: float | None, as_json: bool) -> None:
-        """Predict every row of DATASET (an uploaded dataset's id) with TASK's adapter."""
-        job = client.batch.create(task=task, dataset=dataset, version=version, text_fields=list(text_fields) or None,
-                                  id_field=id_field, top_k=top_k, format=fmt, all_scores=all_scores)
+    def batch_create(client: Any, targets: tuple[str, ...], tasks: tuple[str, ...], version: int | None,
+                     text_fields: tuple[str, ...], id_field: str | None, top_k: int | None, fmt: str, all_scores: bool,
+                     wait: bool, output: str | None, wait_timeout: float | None, as_json: bool) -> None:
+        """Predict every row of DATASET (an uploaded dataset's id) with TASK's adapter, or with each --task's in one
+        job (`spafit batch create DATASET --task a --task b@2`)."""
+        if len(targets) != (1 if tasks else 2):
+            raise click.UsageError("give TASK DATASET, or DATASET with one or more --task")
+        if tasks and version is not None:
+            raise click.UsageError("--version goes with TASK; with --task, write NAME@VERSION")
+        dataset = targets[-1]
+        one = None if tasks else targets[0]
+        many = [_task_ref(t) for t in tasks] if tasks else None
+        job = client.batch.create(task=one, tasks=many, dataset=dataset, version=version,
+                                  text_fields=list(text_fields) or None, id_field=id_field, top_k=top_k, format=fmt,
+                                  all_scores=all_scores)
         if wait:
             job = _wait(client, job.id, wait_timeout, not as_json)
             if output:
@@ -67,7 +88,8 @@ def register(main: click.Group, *, remote: Callable[..., Any], emit: Callable[..
 
         items = list(itertools.islice(client.batch.list(limit=limit), limit))
         _emit([j.model_dump(mode="json") for j in items], as_json,
-              "\n".join(f"{j.id}  {j.task}  {j.status}  {(j.progress.step if j.progress else 0) or 0}/"
+              "\n".join(f"{j.id}  {','.join(t['task'] for t in (j.hyperparameters or {}).get('tasks') or []) or j.task}"
+                        f"  {j.status}  {(j.progress.step if j.progress else 0) or 0}/"
                         f"{(j.progress.total_steps if j.progress else '?')}" for j in items) or "no batch predictions")
 
 

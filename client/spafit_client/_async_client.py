@@ -345,12 +345,14 @@ class AsyncBatchPredictions:
     def __init__(self, client: AsyncClient):
         self._c = client
 
-    async def create(self, *, task: str, dataset: Any, version: int | None = None, text_fields: list[str] | None = None,
+    async def create(self, *, task: str | None = None, dataset: Any, version: int | None = None,
+                     tasks: list[Any] | None = None, text_fields: list[str] | None = None,
                      id_field: str | None = None, top_k: int | None = None, format: str | None = None,
                      all_scores: bool = False, idempotency_key: str | None = None) -> Job:
+        """See `Client.batch.create`."""
         return await self._c._call(E.create_batch_prediction(
             task=task, dataset=dataset, version=version, text_fields=text_fields, id_field=id_field, top_k=top_k,
-            format=format, all_scores=all_scores, idempotency_key=idempotency_key))
+            format=format, all_scores=all_scores, idempotency_key=idempotency_key, tasks=tasks))
 
     async def get(self, job: Any) -> Job:
         return await self._c._call(E.get_batch_prediction(job))

@@ -388,12 +388,16 @@ class BatchPredictions:
     def __init__(self, client: Client):
         self._c = client
 
-    def create(self, *, task: str, dataset: str | Dataset, version: int | None = None,
+    def create(self, *, task: str | None = None, dataset: str | Dataset, version: int | None = None,
+               tasks: builtins.list[str | dict | tuple[str, int | None]] | None = None,
                text_fields: builtins.list[str] | None = None, id_field: str | None = None, top_k: int | None = None,
                format: str | None = None, all_scores: bool = False, idempotency_key: str | None = None) -> Job:
+        """One `task` (and `version`), or several `tasks` (names, {task, version} or (task, version)) over the
+        same dataset in one job: each result row then carries every task's prediction
+        (`{id, results: {task: {label, score}}}`; CSV: `<task>.label`, `<task>.score`, `<task>.scores` columns)."""
         return self._c._call(E.create_batch_prediction(
             task=task, dataset=dataset, version=version, text_fields=text_fields, id_field=id_field, top_k=top_k,
-            format=format, all_scores=all_scores, idempotency_key=idempotency_key))
+            format=format, all_scores=all_scores, idempotency_key=idempotency_key, tasks=tasks))
 
     def get(self, job: str | Job) -> Job:
         return self._c._call(E.get_batch_prediction(job))

@@ -147,10 +147,26 @@ def stream_job_events(job: Any, *, after: int, last_event_id: int | None) -> Cal
 
 
 # ---------------------------------------------------------------------------------- batch predictions
-def create_batch_prediction(*, task: str, dataset: Any, version: int | None, text_fields: list[str] | None,
+def batch_tasks(tasks: Any) -> list[Any]:
+    """`tasks` as the service takes it: names, {task, version} dicts, or (task, version) pairs."""
+    out: list[Any] = []
+    for t in tasks:
+        if isinstance(t, tuple):
+            name, version = t
+            out.append({"task": name, "version": int(version)} if version is not None else name)
+        else:
+            out.append(t)
+    return out
+
+
+def create_batch_prediction(*, task: str | None, dataset: Any, version: int | None, text_fields: list[str] | None,
                             id_field: str | None, top_k: int | None, format: str | None, all_scores: bool,
-                            idempotency_key: str | None) -> Call[Job]:
-    body: dict[str, Any] = {"task": task, "dataset": resource_id(dataset)}
+                            idempotency_key: str | None, tasks: Any = None) -> Call[Job]:
+    body: dict[str, Any] = {"dataset": resource_id(dataset)}
+    if tasks is not None:
+        body["tasks"] = batch_tasks(tasks)
+    if task is not None:
+        body["task"] = task
     optional = {"version": version, "text_fields": text_fields, "id_field": id_field, "top_k": top_k,
                 "format": format, "all_scores": all_scores or None}
     body.update({k: v for k, v in optional.items() if v is not None})

@@ -22,10 +22,14 @@ def batch_tenant(live_server, make_key, db, tiny_base):
     for seed in (0, 1):
         cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("negative", "positive"), seed=seed)
         register(db, key.tenant_id, "reviews", cfg, weights)
+    register(db, key.tenant_id, "reviews-old", cfg, weights)  # a second task (the last weights) for fan-out jobs
     return live_server, key
 
 
 def test_sync_sdk_batch_prediction_and_evaluation(batch_tenant, worker):
+    """Slow: four real jobs (a batch prediction, two evaluations, a two-task batch prediction) one after another on
+    the session's one worker; each worker child imports torch and loads the backbone (20-30 s in all when idle,
+    over 60 s on a loaded machine)."""
     from spafit_client import Client
 
     server, key = batch_tenant
@@ -51,6 +55,14 @@ def test_sync_sdk_batch_prediction_and_evaluation(batch_tenant, worker):
         cmp = client.tasks.compare("reviews", 1, 2)
         assert cmp["versions"] == [1, 2] and cmp["datasets"][0]["dataset"] == ds.id
 
+        # several tasks over the dataset in one job: each row carries each task's prediction
+        many = client.batch.create(tasks=["reviews", ("reviews-old", 1)], dataset=ds)
+        assert [t["task"] for t in many.hyperparameters["tasks"]] == ["reviews", "reviews-old"]
+        client.batch.wait(many, progress=False, timeout=120)
+        rows = list(client.batch.results(many))
+        assert [r["id"] for r in rows] == list(range(30))
+        assert all(set(r["results"]) == {"reviews", "reviews-old"} for r in rows)
+
 
 def test_async_sdk_batch_prediction(batch_tenant, worker, tmp_path):
     from spafit_client import AsyncClient
@@ -72,6 +84,8 @@ def test_async_sdk_batch_prediction(batch_tenant, worker, tmp_path):
 
 
 def test_cli_batch_and_evaluate(batch_tenant, worker, spafit, tmp_path):
+    """Slow: four real jobs (two batch predictions, one over two tasks, and two evaluations) in turn on the session's
+    one worker, each in a fresh worker child (over 60 s on a loaded machine)."""
     from spafit_client import Client
 
     server, key = batch_tenant
@@ -93,3 +107,14 @@ def test_cli_batch_and_evaluate(batch_tenant, worker, spafit, tmp_path):
     assert r.json()["compare"]["versions"] == [1, 2]
     r = spafit("batch", "show", "00000000-0000-0000-0000-000000000000", url=server.url, key=key.key)
     assert r.exit_code == 3, r
+    both = tmp_path / "both.csv"
+    r = spafit("batch", "create", ds, "--task", "reviews", "--task", "reviews-old@1", "--format", "csv", "-o",
+               str(both), "--json", url=server.url, key=key.key)
+    assert r.exit_code == 0, r
+    assert [t["task"] for t in r.json()["hyperparameters"]["tasks"]] == ["reviews", "reviews-old"]
+    table = list(csv.DictReader(io.StringIO(both.read_text())))
+    assert len(table) == 25 and table[0]["reviews.label"] == table[0]["reviews-old.label"]  # the same weights
+    r = spafit("batch", "create", "reviews", ds, "--task", "reviews-old", url=server.url, key=key.key)
+    assert r.exit_code == 2 and "--task" in r.stderr, r
+    r = spafit("batch", "create", ds, "--task", "reviews@x", url=server.url, key=key.key)
+    assert r.exit_code == 2 and "NAME@VERSION" in r.stderr, r
