@@ -37,3 +37,24 @@ def test_evaluations_side_by_side_with_confusion_matrices(page, live_server, api
     cells = page.locator("#evaluations figure.confusion[data-version='1'] tbody td").all_inner_texts()
     assert sum(int(c) for c in cells) == 30
     shot(page, "task-evaluations")
+
+
+def test_an_evaluation_on_a_glue_preset_shows_its_metric_first(page, live_server, api, tenant_key, db, tiny_base):
+    from tests.worker.test_batch import _as_glue_import
+
+    key = tenant_key("train")
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("unacceptable", "acceptable"), seed=2)
+    register(db, key.tenant_id, "cola", cfg, weights)
+    client = api(key.key)
+    data = toy_csv(30, 22).replace(b",negative", b",unacceptable").replace(b",positive", b",acceptable")
+    ds = client.upload(data, "cola-dev.csv")
+    _as_glue_import(db, ds, "cola")
+    r = client.http.post("/v1/tasks/cola/versions/1/evaluate", json={"dataset": ds})
+    assert r.status_code == 202, r.text
+    job = client.wait(r.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+    assert job["status"] == "succeeded", job
+    open_with_key(page, live_server.url, key.key, "#/tasks/cola")
+    page.wait_for_selector("#evaluations .glue-note[data-preset=cola]")
+    assert "matthews_corrcoef" in page.inner_text("#evaluations .glue-note")
+    headers = page.locator("#evaluations .evaluations-table thead th").all_inner_texts()
+    assert headers[:2] == ["Version", "matthews_corrcoef (GLUE)"]

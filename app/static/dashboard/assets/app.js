@@ -2,6 +2,7 @@
 // time. Each view gets an AbortSignal that aborts its requests, streams and timers when it is left.
 
 import { apiKey, probeAuth } from "./api.js";
+import { batchView } from "./batch.js";
 import { jobView, jobsView } from "./jobs.js";
 import { newJobView } from "./newjob.js";
 import { taskView, tasksView } from "./tasks.js";
@@ -13,6 +14,7 @@ const ROUTES = [
   { path: /^\/tasks\/([^/]+)$/, nav: "tasks", view: taskView, args: (m) => ({ name: decodeURIComponent(m[1]) }) },
   { path: /^\/tasks$/, nav: "tasks", view: tasksView, title: "Tasks" },
   { path: /^\/new$/, nav: "new", view: newJobView, title: "New job" },
+  { path: /^\/batch$/, nav: "batch", view: batchView, title: "Batch predictions" },
 ];
 
 const main = document.getElementById("main");

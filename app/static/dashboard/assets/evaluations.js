@@ -33,11 +33,18 @@ export function evaluationsCard(versions) {
   }
   for (const [dataset, latest] of byDataset) {
     const rows = [...latest.values()].sort((a, b) => a.version - b.version);
-    const names = [...new Set(rows.flatMap((e) => Object.keys(e.metrics || {})
-      .filter((k) => typeof e.metrics[k] === "number")))];
+    // A version trained (or evaluated) on a GLUE preset also has that preset's metric (MCC for CoLA, F1 and
+    // accuracy for MRPC/QQP, Pearson/Spearman for STS-B): those columns come first, marked.
+    const glue = rows.map((e) => e.metrics || {}).find((m) => m.glue_preset);
+    const glueNames = glue ? glue.glue_metrics || [] : [];
+    const names = [...new Set([...glueNames, ...rows.flatMap((e) => Object.keys(e.metrics || {})
+      .filter((k) => typeof e.metrics[k] === "number"))])];
     card.append(
       h("h3", {}, "Dataset ", h("span", { class: "mono" }, shortId(dataset))),
-      table(["Version", ...names, "Rows", "Job", "Evaluated"], rows.map((e) => h("tr", { dataset: { version: e.version } },
+      glue ? h("p", { class: "glue-note", dataset: { preset: glue.glue_preset } },
+        `GLUE ${glue.glue_preset} preset: its metric${glueNames.length > 1 ? "s" : ""} ${glueNames.join(" and ")}`,
+        ` (main: ${glue.main_metric}), then the generic ones.`) : null,
+      table(["Version", ...names.map((n) => (glueNames.includes(n) ? `${n} (GLUE)` : n)), "Rows", "Job", "Evaluated"], rows.map((e) => h("tr", { dataset: { version: e.version } },
         h("th", { scope: "row" }, `v${e.version}`),
         names.map((n) => h("td", {}, fmtNum(e.metrics[n]))),
         h("td", {}, String(e.rows)),
