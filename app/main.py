@@ -136,8 +136,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     readiness.add("broker", partial(ping_broker, settings.broker_url, key_prefix=settings.broker_key_prefix,
                                     timeout=settings.readiness_timeout))
     serving = Serving(settings, db, metrics)
-    if settings.preload_base_model:  # otherwise the backbone loads on the first predict, unwaited for
-        readiness.add("engine", serving.check_ready)
+    # A dead batcher thread fails it (and is restarted); with preload, so does a backbone not loaded yet (without,
+    # the backbone loads on the first predict, unwaited for).
+    readiness.add("engine", serving.check_ready)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

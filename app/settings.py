@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(
         default=None,
-        description="Redis holding per-tenant limits shared by every API replica (open event streams). "
+        description="Redis holding per-tenant limits shared by every API replica (open event "
+        "streams, prediction rows in flight). "
         "Default: the broker's URL when it is Redis; otherwise each process keeps its own counts (embedded).",
     )
     auth_enabled: bool | None = Field(
@@ -232,8 +233,14 @@ class Settings(BaseSettings):
     )
     batch_max_queue_per_tenant: int = Field(
         default=512, ge=1,
-        description="Prediction rows one tenant may have admitted and not yet answered (per API process); beyond it "
-        "that tenant's predicts get 429 with Retry-After while other tenants are served.",
+        description="Prediction rows one tenant may have admitted and not yet answered, across every API replica "
+        "(in Redis; per process without it, or while Redis is unreachable); beyond it that tenant's predicts get "
+        "429 with Retry-After while other tenants are served.",
+    )
+    tenant_rows_lease_s: float = Field(
+        default=10.0, ge=1,
+        description="Each API replica renews its lease on the rows it counts in Redis every third of this; the rows "
+        "of a replica that died are freed after it, so a crashed replica never keeps a tenant at its cap.",
     )
     batch_tenant_quantum: int = Field(
         default=512, ge=1, description="Tokens a tenant of weight 1 is served per turn of the deficit round robin "

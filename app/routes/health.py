@@ -19,9 +19,11 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Readiness, summary="Database, broker (and later checks) are usable",
+@router.get("/readyz", response_model=Readiness, summary="Database, broker and engine are usable",
             responses={503: {"model": Problem, "description": "a check failed; `checks` says which"}})
 async def readyz(*, request: Request, metrics: MetricsDep) -> Response | Readiness:
+    """`engine`: the batcher's thread is alive once started (a dead one fails this once and is restarted), and
+    with `preload_base_model` the default backbone is loaded."""
     results = await request.app.state.readiness.run()
     for name, r in results.items():
         metrics.ready.labels(name).set(1 if r.ok else 0)

@@ -8,7 +8,8 @@ database round trip per request. The engine loads a version it does not
 hold through `registry.version_payload` (the blob is verified on every read). torch is imported lazily, when
 the engine is first needed: importing this module does not import it.
 
-No request can hurt another's: each predict is admitted against its tenant's share of rows in flight (429
+No request can hurt another's: each predict is admitted against its tenant's share of rows in flight, across
+API replicas in server mode (`limits.TenantRows`, in Redis; in the process without it) (429
 `tenant-queue-full` past it; 503 `overloaded` only when every tenant's rows together fill the queue), and
 `PredictGate` refuses a tenant already over its share from its headers alone; the batcher serves tenants by
 deficit round robin and retries a failing pass per adapter, then per row; its thread is supervised (restarted
@@ -51,6 +52,7 @@ from ..models import AdapterVersion
 from ..settings import Settings
 from . import registry
 from .cache import Invalidation
+from .limits import TenantRows
 
 if TYPE_CHECKING:
     from spafit_core.batching import MicroBatcher
@@ -96,9 +98,12 @@ class Serving:
         self._in_flight: dict[str, int] = {}
         self._in_flight_lock = threading.Lock()
         self._key_tenants: OrderedDict[str, str] = OrderedDict()  # sha256 of an API key seen at predict -> tenant
-        # Tenants refused for their share, until their rows in flight fall below the low-water mark: the gate
-        # refuses their requests from the headers alone meanwhile.
-        self._saturated: set[str] = set()
+        # Tenants refused for their share -> (until when, their rows in flight then): the gate refuses their
+        # requests from the headers alone meanwhile (for `RETRY_AFTER_SECONDS`, or until this process's rows of the
+        # tenant fall below the low-water mark), then the next request is checked again.
+        self._saturated: dict[str, tuple[float, int]] = {}
+        # The per-tenant share across API replicas (Redis, server mode); None: counted in this process only.
+        self.tenant_rows = TenantRows.from_settings(settings)
         # Active versions (and, in deps, API keys) read without the database; emptied on any change anywhere.
         self.cache = Invalidation(settings.database_url)
         metrics.watch_engine(self.stats, self.queue_depth)
@@ -109,6 +114,8 @@ class Serving:
         """With `preload_base_model`, load the default backbone in a background thread (readiness waits
         for it); otherwise the engine starts on the first request that needs it. The cache's listener starts."""
         self.cache.start()
+        if self.tenant_rows is not None:
+            self.tenant_rows.start()
         if self.settings.preload_base_model:
             threading.Thread(target=self._preload, name="spafit-preload", daemon=True).start()
 
@@ -131,14 +138,19 @@ class Serving:
             self._stopped = True
             batcher = self._batcher
         self.cache.stop()
+        if self.tenant_rows is not None:
+            self.tenant_rows.close()
         if batcher is not None:
             batcher.stop()
 
     def check_ready(self) -> None:
-        """The readiness check "engine": the default backbone is loaded and the batcher's thread is alive (a
-        dead one fails this check once, and is restarted)."""
+        """The readiness check "engine": once started, the batcher's thread is alive (a dead one fails this check
+        once, and is restarted), whatever was preloaded; with `preload_base_model`, the default backbone is
+        loaded. Before the first predict (no preload) there is nothing to check."""
         if self.restart_dead_batcher():
             raise RuntimeError("the batcher thread had died; it was restarted")
+        if not self.settings.preload_base_model:
+            return
         if self._preload_error is not None:
             raise RuntimeError(f"loading {self.settings.default_base_model} failed: {self._preload_error}")
         if not self._backbone_ready.is_set():
@@ -249,32 +261,43 @@ class Serving:
 
     def refuse_early(self, headers: Mapping[str, str]) -> tuple[str, int] | None:
         """(tenant, rows in flight) if the request's API key is one seen before whose tenant was refused for its
-        share and has not drained below the low-water mark (90% of the share) since: `PredictGate` answers 429
-        at once, before the key lookup, the thread hops and the body, so a flood costs the service little more
-        than reading its headers. None: let the request in (`_admit` decides)."""
+        share within `RETRY_AFTER_SECONDS` and has not drained below the low-water mark (90% of the share) in this
+        process since: `PredictGate` answers 429 at once, before the key lookup, the thread hops and the body, so
+        a flood costs the service little more than reading its headers. None: let the request in (`_admit`
+        decides, across replicas)."""
         digest = _key_digest(headers)
         if digest is None:
             return None
         with self._in_flight_lock:
             tenant = self._key_tenants.get(digest)
-            if tenant is None or tenant not in self._saturated:
+            if tenant is None:
                 return None
-            mine = self._in_flight.get(tenant, 0)
+            until, depth = self._saturated.get(tenant, (0.0, 0))
+            if until <= time.monotonic():
+                self._saturated.pop(tenant, None)
+                return None
         self.metrics.predict_tenant_rejected.labels(tenant=tenant).inc()
         self.metrics.predict_requests.labels(outcome="tenant-queue-full").inc()
-        return tenant, mine
+        return tenant, depth
 
-    def _admit(self, tenant: str, rows: int) -> Callable[[], None]:
+    async def _admit(self, tenant: str, rows: int) -> Callable[[], None]:
         """Count `rows` of `tenant` in flight, or refuse them before any work is done: 429 for a tenant past its
-        share (`batch_max_queue_per_tenant`), 503 when every tenant's rows together fill `batch_max_queue`.
-        Returns the function that gives the rows back (idempotent)."""
+        share (`batch_max_queue_per_tenant`: across replicas through `tenant_rows`, else in this process), 503 when
+        every tenant's rows together fill this process's `batch_max_queue`. Returns the function that gives the
+        rows back (idempotent)."""
         limit, total = self.settings.batch_max_queue_per_tenant, self.settings.batch_max_queue
+        counter = self.tenant_rows  # None (embedded), or Redis unusable (`shared` None): counted here
+        shared = await counter.admit(tenant, rows, limit) if counter is not None else None
         with self._in_flight_lock:
             mine, everyone = self._in_flight.get(tenant, 0), sum(self._in_flight.values())
-            if mine + rows > limit and mine:  # (alone, a request larger than the share still runs: a big fan-out)
-                self._saturated.add(tenant)
-                refused: AppError = self._tenant_overloaded(tenant, f"this tenant has {mine} rows waiting (at most "
-                                                            f"{limit}); retry shortly", mine)
+            if shared is None:  # counted here (alone, a request larger than the share still runs: a big fan-out)
+                depth, over = mine, mine + rows > limit and mine > 0
+            else:
+                depth, over = shared.total, not shared.admitted
+            if over:
+                self._saturated[tenant] = (time.monotonic() + RETRY_AFTER_SECONDS, depth)
+                refused: AppError = self._tenant_overloaded(tenant, f"this tenant has {depth} rows waiting (at most "
+                                                            f"{limit}); retry shortly", depth)
             elif everyone + rows > total:
                 refused = self._overloaded(f"prediction queue is full ({everyone} rows waiting); retry shortly",
                                            everyone)
@@ -293,9 +316,13 @@ class Serving:
                         else:
                             del self._in_flight[tenant]
                         if left < limit - max(1, limit // 10):  # the low-water mark: the gate opens again
-                            self._saturated.discard(tenant)
+                            self._saturated.pop(tenant, None)
+                    if counter is not None and shared is not None:
+                        counter.release(tenant, rows)
 
                 return release
+        if counter is not None and shared is not None and shared.admitted:  # taken in Redis, refused here
+            counter.release(tenant, rows)
         raise refused
 
     # ------------------------------------------------------------------------------------- predict
@@ -309,7 +336,7 @@ class Serving:
         """One task over `inputs`, batched with whatever else is in flight (any tasks)."""
         tenant = str(tenant_id)
         with self._measure(len(inputs)):
-            release = self._admit(tenant, len(inputs))
+            release = await self._admit(tenant, len(inputs))
             try:
                 served = await self._resolve(tenant_id, [task])
                 batcher = self._batcher  # started and alive: no thread needed to read it
@@ -331,7 +358,7 @@ class Serving:
         per task (tasks on different base models branch per backbone). One result per task, in order."""
         tenant = str(tenant_id)
         with self._measure(len(inputs)):
-            release = self._admit(tenant, len(inputs) * len(tasks))  # fan-out rows bypass the batcher's queue
+            release = await self._admit(tenant, len(inputs) * len(tasks))  # fan-out rows bypass the batcher's queue
             try:
                 served = await self._resolve(tenant_id, tasks)
                 engine = self._engine if self._engine is not None else await asyncio.to_thread(lambda: self.engine)

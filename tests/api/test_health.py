@@ -18,7 +18,7 @@ def test_readyz_is_green_with_real_database_and_redis(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "ready"
-    assert set(body["checks"]) == {"database", "broker"} and all(c["ok"] for c in body["checks"].values())
+    assert set(body["checks"]) == {"database", "broker", "engine"} and all(c["ok"] for c in body["checks"].values())
 
 
 def test_readyz_is_503_naming_the_database_when_its_port_is_dead(make_settings):

@@ -1,12 +1,17 @@
 """No request can hurt another's, over a real uvicorn server (in a thread of this process, so that faults can
 be injected into its engine): an exception that escapes every handler is a problem+json 500 on a connection
 that stays open; a poisoned row fails only its own request; a dead batcher fails /readyz once and is
-restarted; a client that goes away has its rows dropped before they run; per-tenant metrics."""
+restarted (with or without a preloaded backbone); a client that goes away has its rows dropped before they run;
+per-tenant metrics. A second replica on the same database and Redis shows the per-tenant share held across
+replicas (and freed by a replica that died, after its lease); with Redis unreachable it holds per process."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +22,12 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.live import ROOT, free_port, wait_until
+
 from .adapters import BITFIT, LORA, SPAFIT, TEXTS, random_adapter, register, settings_factory, tiny_backbone
 from .helpers import assert_problem
+
+SHARE = 64  # batch_max_queue_per_tenant of the replicas here
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +73,7 @@ def live(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
 
     with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("iso-data")) as make:
         app = create_app(make(default_base_model=base, engine_device="cpu", preload_base_model=True,
-                              batch_max_wait_ms=20, batch_max_queue_per_tenant=64))
+                              batch_max_wait_ms=20, batch_max_queue_per_tenant=SHARE))
 
         @app.get("/test/boom")
         def boom() -> None:
@@ -76,6 +85,33 @@ def live(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
                 assert time.monotonic() < deadline, "the backbone did not load"
                 time.sleep(0.1)
             yield url, app
+
+
+@pytest.fixture(scope="module")
+def replica2(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base, live):
+    """A second API replica of `live`: the same database and Redis prefix, its own engine and batcher, and no
+    preloaded backbone (its engine starts on first use); (url, app)."""
+    from app.main import create_app
+
+    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("iso-data-2")) as make:
+        app = create_app(make(default_base_model=base, engine_device="cpu", batch_max_wait_ms=20,
+                              batch_max_queue_per_tenant=SHARE))
+        with uvicorn_server(app) as url:
+            yield url, app
+
+
+def hold_forward(monkeypatch: pytest.MonkeyPatch, engine: Any, gate: threading.Event) -> threading.Event:
+    """Make `engine`'s forward passes wait for `gate`; returns the event set when the first one starts."""
+    entered = threading.Event()
+    forward = engine.forward
+
+    def held(rows):
+        entered.set()
+        assert gate.wait(30)
+        return forward(rows)
+
+    monkeypatch.setattr(engine, "forward", held)
+    return entered
 
 
 @pytest.fixture
@@ -158,7 +194,18 @@ def test_a_poisoned_row_fails_only_its_own_request(live, tenant, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
 def test_a_dead_batcher_fails_readiness_once_and_is_restarted(live, tenant, monkeypatch):
-    url, app = live
+    _kill_the_batcher_then_check_readiness(*live, tenant, monkeypatch)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
+def test_a_dead_batcher_fails_readiness_without_a_preloaded_backbone(replica2, tenant, monkeypatch):
+    url, app = replica2
+    assert not app.state.settings.preload_base_model
+    assert httpx.get(url + "/readyz").json()["checks"]["engine"]["ok"]  # nothing started yet: nothing to fail
+    _kill_the_batcher_then_check_readiness(url, app, tenant, monkeypatch)
+
+
+def _kill_the_batcher_then_check_readiness(url: str, app: Any, tenant: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     serving = app.state.serving
     batcher = serving.batcher
     monkeypatch.setattr(batcher, "_take", lambda: (_ for _ in ()).throw(SystemExit("killed")))
@@ -307,3 +354,106 @@ def test_a_fan_out_the_engine_fails_on_is_a_prediction_failed_problem(live, tena
     assert "input 0" in problem["detail"] and "index out of range" not in r.text
     assert any(problem["reference"] in rec.getMessage() and rec.exc_info for rec in caplog.records)
     assert app.state.serving.tenant_depths().get(str(tenant.tenant_id), 0) == 0  # its rows were given back
+
+
+def _shared_rows(redis_client: Any, redis_prefix: str, tenant: Any) -> dict[str, int]:
+    """The tenant's rows in flight as Redis holds them, by replica."""
+    return {k.decode(): int(v) for k, v in redis_client.hgetall(f"{redis_prefix}spafit:rows:{tenant.tenant_id}").items()}
+
+
+def test_a_tenant_share_holds_across_replicas_while_another_tenant_is_served(
+        live, replica2, tenant, tenant_key, db, zoo, redis_client, redis_prefix, monkeypatch):
+    (url1, app1), (url2, app2) = live, replica2
+    other = tenant_key("predict")
+    register(db, other.tenant_id, "spam", *zoo["spam"])
+    gate = threading.Event()
+    entered = [hold_forward(monkeypatch, app.state.serving.engine, gate) for app in (app1, app2)]
+    t = str(tenant.tenant_id)
+    with ThreadPoolExecutor(12) as pool:
+        def post(url: str, inputs: list[str], key: Any = tenant) -> Any:
+            return pool.submit(httpx.post, f"{url}/v1/tasks/spam/predict", json={"inputs": inputs},
+                               headers=key.headers, timeout=30)
+
+        try:
+            first = [post(url1, ["x"]), post(url2, ["y"])]
+            assert entered[0].wait(30) and entered[1].wait(30)  # each engine busy with one row; the rest waits
+            waiting = [post(url, (TEXTS * 3)[:n]) for url in (url1, url2) for n in (16, 15)]  # 2 + 62: the share
+            wait_until(lambda: sum(app.state.serving.tenant_depths().get(t, 0) for app in (app1, app2)) == SHARE, 10,
+                       "the tenant's rows admitted")
+            assert [app.state.serving.tenant_depths().get(t, 0) for app in (app1, app2)] == [32, 32]  # half each
+            assert sorted(_shared_rows(redis_client, redis_prefix, tenant).values()) == [32, 32]  # a field each
+            # Each replica alone holds half the share; together they hold all of it: one more row is refused by
+            # both, while another tenant still gets in.
+            refused = [httpx.post(f"{url}/v1/tasks/spam/predict", json={"inputs": ["one more"]},
+                                  headers=tenant.headers, timeout=30) for url in (url1, url2)]
+            elsewhere = [post(url, TEXTS[:2], other) for url in (url1, url2)]
+            time.sleep(0.2)
+        finally:
+            gate.set()
+        assert all(f.result().status_code == 200 for f in first + waiting)
+        assert [f.result().status_code for f in elsewhere] == [200, 200]
+    for r in refused:
+        problem = assert_problem(r, 429, "tenant-queue-full")
+        assert r.headers["Retry-After"] == "1" and problem["tenant_queue_depth"] == SHARE
+    wait_until(lambda: not _shared_rows(redis_client, redis_prefix, tenant), 10, "the rows given back in Redis")
+
+
+def test_a_replica_that_dies_holding_rows_frees_them_after_its_lease(live, tenant, redis_client, redis_url,
+                                                                      redis_prefix):
+    url, _ = live
+    # A replica in a process of its own (the counter alone, lease 1 s, heartbeat on) takes the tenant's whole share.
+    script = (f"import asyncio\nfrom app.services.limits import TenantRows\n\n"
+              "async def main():\n"
+              f"    rows = TenantRows({redis_url!r}, {redis_prefix!r}, lease_s=1.0).start()\n"
+              f"    print((await rows.admit({str(tenant.tenant_id)!r}, {SHARE}, {SHARE})).admitted, flush=True)\n"
+              "    await asyncio.sleep(600)\n\n"
+              "asyncio.run(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"True"
+        time.sleep(2.5)  # more than two leases: the heartbeat keeps them while the process lives
+        r = httpx.post(f"{url}/v1/tasks/spam/predict", json={"inputs": ["x"]}, headers=tenant.headers, timeout=30)
+        assert assert_problem(r, 429, "tenant-queue-full")["tenant_queue_depth"] == SHARE
+    finally:
+        proc.kill()  # SIGKILL: nothing given back, no lease renewed
+        proc.wait()
+    died = time.monotonic()
+    wait_until(lambda: httpx.post(f"{url}/v1/tasks/spam/predict", json={"inputs": ["x"]}, headers=tenant.headers,
+                                  timeout=30).status_code == 200, 10, "the dead replica's rows to be freed", 0.05)
+    freed_after = time.monotonic() - died
+    assert freed_after < 2.5, freed_after  # its lease (1 s) and the gate's Retry-After (1 s), not forever
+    assert not _shared_rows(redis_client, redis_prefix, tenant)  # its field went with it
+
+
+def test_with_redis_unreachable_predict_holds_the_share_per_process_and_never_fails(
+        pg_url, redis_url, redis_prefix, tmp_path, base, tenant, monkeypatch, caplog):
+    from app.main import create_app
+
+    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path) as make:
+        app = create_app(make(default_base_model=base, engine_device="cpu", batch_max_wait_ms=20,
+                              batch_max_queue_per_tenant=4, max_predict_inputs=4,
+                              redis_url=f"redis://127.0.0.1:{free_port()}/0"))  # nothing listens there
+        with uvicorn_server(app) as url:
+            def post(inputs: list[str]) -> httpx.Response:
+                return httpx.post(f"{url}/v1/tasks/spam/predict", json={"inputs": inputs}, headers=tenant.headers,
+                                  timeout=30)
+
+            assert post(TEXTS[:2]).status_code == 200  # fails open: counted in this process
+            gate = threading.Event()
+            entered = hold_forward(monkeypatch, app.state.serving.engine, gate)
+            with ThreadPoolExecutor(4) as pool:
+                try:
+                    first = pool.submit(post, ["x"])
+                    assert entered.wait(30)
+                    rest = pool.submit(post, TEXTS[:3])  # 1 + 3: the share, in this process
+                    wait_until(lambda: app.state.serving.tenant_depths().get(str(tenant.tenant_id)) == 4, 10,
+                               "4 rows admitted")
+                    refused = post(["one more"])
+                finally:
+                    gate.set()
+                assert first.result().status_code == 200 and rest.result().status_code == 200
+            assert assert_problem(refused, 429, "tenant-queue-full")["tenant_queue_depth"] == 4
+            assert post(TEXTS[:1]).status_code == 200
+    down = [r for r in caplog.records if "tenant row limits: Redis unreachable" in r.getMessage()]
+    assert len(down) == 1 and down[0].levelname == "WARNING"  # once per outage, not once per request
