@@ -242,6 +242,12 @@ class Settings(BaseSettings):
         description="Each API replica renews its lease on the rows it counts in Redis every third of this; the rows "
         "of a replica that died are freed after it, so a crashed replica never keeps a tenant at its cap.",
     )
+    batch_shared_max_size: int = Field(
+        default=4, ge=0, description="Most rows a serving forward pass takes from tenants with a backlog while a "
+        "light tenant is being served (its rows ran within the last second and left its queue empty): that tenant's "
+        "next rows wait for at most one pass this small. On a CPU a pass costs about its rows; on a GPU, where it "
+        "does not, set it to batch_max_size (0: no bound)."
+    )
     batch_tenant_quantum: int = Field(
         default=512, ge=1, description="Tokens a tenant of weight 1 is served per turn of the deficit round robin "
         "(a row costs its length): under contention tenants share the engine's work, not just its rows."

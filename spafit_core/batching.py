@@ -7,9 +7,14 @@ limit, kind of input), off the event loop; their rows then join one queue per te
 a tenant past `max_queue_per_tenant` waiting rows is refused (TenantOverloadedError: that tenant retries later),
 and the whole queue past `max_queue` rows is refused (OverloadedError). One worker thread drains the queues by
 deficit round robin: each tenant in turn may take rows worth `quantum x weight` tokens (a row costs its
-length, so long inputs use up a share faster than short ones), and a tenant's backlog delays only itself. When its last batch was full or left rows waiting (saturated), it waits up to `max_wait_ms` for company (otherwise
-it does not wait: a lone request costs the one-row forward), then packs what it took (at most `max_batch_size` rows,
-sorted by length, within `max_tokens` padded tokens) into mixed-task forward passes.
+length, so long inputs use up a share faster than short ones), and a tenant's backlog delays only itself. A tenant
+whose queue was empty when its rows arrived is served first, for one quantum (fq_codel's sparse flows), so a light
+tenant's rows go into the very next pass whatever a flooding tenant has queued; while such a tenant is being served,
+passes take at most `shared_batch_size` rows of the backlogged tenants, so what it waits for (the pass in flight,
+then its own) stays small on a CPU, where a pass costs about its rows. When its last batch was full or left rows
+waiting (saturated), it waits up to `max_wait_ms` for company (otherwise it does not wait: a lone request costs the
+one-row forward), then packs what it took (at most `max_batch_size` rows, sorted by length, within `max_tokens`
+padded tokens) into mixed-task forward passes.
 
 Invariants a caller may rely on:
 - a request's rows are dropped, not run, once its future is done (cancelled: the client went away or timed
@@ -23,7 +28,9 @@ Invariants a caller may rely on:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -45,6 +52,10 @@ from .outputs import postprocess
 
 log = logging.getLogger("spafit.batching")
 
+# Debug mode: with SPAFIT_BATCH_TRACE set to a file path, each request answered by `predict` appends one JSON line
+# there with the monotonic times of its stages (see `_Request.marks`), to find where a request's latency goes.
+TRACE_PATH = os.environ.get("SPAFIT_BATCH_TRACE") or None
+
 # A request with more characters than this is tokenised in the caller's thread (the submitter pool), as one call of
 # its own: the worker tokenises small requests in batches, and one huge request must not hold up everyone's batch.
 BATCH_TOKENIZE_CHARS = 16_384
@@ -59,6 +70,13 @@ class BatchingConfig:
     max_queue_per_tenant: int | None = None  # rows waiting of one tenant (None: max_queue)
     quantum: int = 512  # tokens (a row costs its length) a tenant of weight 1 may take per turn of the round robin
     weights: dict[str, float] = field(default_factory=dict)  # tenant -> weight (default 1)
+    # Most rows a forward pass takes from backlogged tenants while a light tenant is being served (one whose rows
+    # went into a pass within `shared_window_s` and left its queue empty): the rows such a tenant sends next wait
+    # for at most one pass this small, then run in the next one. On a CPU a pass costs about its rows, so 32-row
+    # passes of a flooding tenant would cost a light one two long passes per request. None: no bound (on a GPU,
+    # where a pass costs about the same whatever its rows, set it to max_batch_size or None).
+    shared_batch_size: int | None = 4
+    shared_window_s: float = 1.0
     timeout_s: float = 30.0  # per request, from submission
 
     def weight(self, tenant: str) -> float:
@@ -76,6 +94,14 @@ class _Request:
     remaining: int
     tenant: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Debug mode only (TRACE_PATH): stage -> time.monotonic() of its first occurrence: "queued" (tokenised, in its
+    # tenant's queue), "taken" (by the round robin), "forward" / "forward_end" (its first pass), "resolved".
+    marks: dict[str, Any] | None = None
+
+    def mark(self, stage: str, **extra: Any) -> None:
+        if self.marks is not None and stage not in self.marks:
+            self.marks[stage] = time.monotonic()
+            self.marks.update(extra)
 
 
 @dataclass(eq=False)
@@ -107,7 +133,13 @@ class MicroBatcher:
         self._queues: dict[str, deque[_Item]] = {}  # tenant -> its rows, oldest first
         self._pending: list[_Pending] = []  # requests queued and not tokenised yet, oldest first
         self._pending_rows: Counter[str] = Counter()  # their rows, by tenant (part of `_rows`)
-        self._ring: deque[str] = deque()  # tenants with rows waiting, in serving order
+        self._ring: deque[str] = deque()  # tenants with a backlog, in serving order (the round robin)
+        # Tenants whose queue was empty until their rows arrived, served before the round robin (the sparse-flow
+        # rule of fq_codel): each with one quantum; one that uses it up without emptying its queue joins the ring.
+        self._new: deque[str] = deque()
+        self._fresh: set[str] = set()  # those of `_new` whose rows arrived since the last pass was taken
+        self._light_at = float("-inf")  # when a pass holding all a new tenant had waiting last ended
+        self._light_taken = False  # the rows `_take` returned last hold such a tenant's
         self._deficit: dict[str, float] = {}
         self._in_turn = False  # the tenant at the head of the ring is in the middle of its turn
         self._saturated = False  # the last batch was full or left rows waiting: worth waiting for company
@@ -208,6 +240,9 @@ class MicroBatcher:
         fut: Future = Future()
         req = _Request(adapter_name, top_k, time.monotonic() + (timeout_s or self.config.timeout_s), fut,
                        [None] * n, n, tenant)
+        if TRACE_PATH is not None:
+            req.marks = {"submit": time.monotonic()}
+            fut.spafit_request = req  # type: ignore[attr-defined]  # for `predict`'s trace line
         if not n:
             fut.set_result([])
             return fut
@@ -328,17 +363,23 @@ class MicroBatcher:
                     self.stats["dropped"] += len(p.inputs)
                 continue
             queue = self._queues.get(req.tenant)
-            if queue is None:
+            if queue is None:  # a new flow: served ahead of the backlogged tenants, for one quantum
                 queue = self._queues[req.tenant] = deque()
-                self._ring.append(req.tenant)
-                self._deficit[req.tenant] = 0.0
+                self._new.append(req.tenant)
+                self._fresh.add(req.tenant)
+                self._deficit[req.tenant] = self.config.quantum * self.config.weight(req.tenant)
             queue.extend(_Item(req, i, Row(p.adapter, f)) for i, f in enumerate(feats))
+            req.mark("queued")
 
     def _forget(self, tenant: str) -> None:
         """Take a tenant with no rows left out of the round robin. Call under the lock."""
-        if self._ring and self._ring[0] == tenant:
-            self._in_turn = False
-        self._ring.remove(tenant)
+        self._fresh.discard(tenant)
+        if tenant in self._new:
+            self._new.remove(tenant)
+        else:
+            if self._ring and self._ring[0] == tenant:
+                self._in_turn = False
+            self._ring.remove(tenant)
         del self._queues[tenant]
         del self._deficit[tenant]
 
@@ -347,6 +388,7 @@ class MicroBatcher:
         """`submit` and wait. Cancelling the awaiting task (a client that went away) cancels the request,
         whose rows are then dropped before they run."""
         timeout = timeout_s or self.config.timeout_s
+        called = time.monotonic()
         # Loading an adapter on a miss is blocking: keep it off the event loop (tokenising is the worker's).
         queued = self._submitter.submit(self.submit, adapter_name, inputs, top_k, timeout, tenant)
         try:
@@ -355,16 +397,32 @@ class MicroBatcher:
             queued.add_done_callback(_cancel_result)
             raise
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout=timeout + 1.0)
+            out = await asyncio.wait_for(asyncio.wrap_future(fut), timeout=timeout + 1.0)
+            if TRACE_PATH is not None:
+                _trace(fut, called, len(inputs))
+            return out
         except TimeoutError:
             raise RequestTimeoutError(f"prediction did not finish within {timeout:.1f}s") from None
         finally:
             fut.cancel()  # a no-op once resolved; otherwise (timeout, cancelled) its rows leave the queue
 
     # -- the worker
+    def _limit(self, now: float) -> int:
+        """Most rows of backlogged tenants in the next pass: `shared_batch_size` while a light tenant is being
+        served (see BatchingConfig), else `max_batch_size`. Call under the lock."""
+        if now - self._light_at < self.config.shared_window_s:
+            return self._shared_limit()
+        return self.config.max_batch_size
+
+    def _shared_limit(self) -> int:
+        cfg = self.config
+        return cfg.max_batch_size if cfg.shared_batch_size is None else min(cfg.shared_batch_size, cfg.max_batch_size)
+
     def _take(self) -> list[_Item]:
-        """Up to `max_batch_size` rows by deficit round robin over the tenants' queues, after tokenising (in
-        batches) the requests that arrived since the last call."""
+        """The rows of the next pass, after tokenising (in batches) the requests that arrived since the last call:
+        first the light tenants' (new ones all of whose rows fit), then the other new tenants' (one quantum each),
+        then the backlogged ones' by deficit round robin; at most `max_batch_size` rows in all and, while a light
+        tenant is being served, at most `shared_batch_size` beyond the light tenants' rows."""
         cfg = self.config
         with self._cond:
             while self._running and not self._rows:
@@ -375,38 +433,82 @@ class MicroBatcher:
             # what one batch takes, so more rows are on their way); otherwise run what is there at once, so that a
             # lone request costs the one-row forward, not `max_wait_ms` more.
             deadline = time.monotonic() + (cfg.max_wait_ms / 1000 if self._saturated else 0)
-            while self._rows < cfg.max_batch_size and (left := deadline - time.monotonic()) > 0:
+            while self._rows < self._limit(time.monotonic()) and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(timeout=left)
         self._tokenize_pending()
         with self._cond:
             items: list[_Item] = []
-            while len(items) < cfg.max_batch_size and self._ring:
+            now = time.monotonic()
+            light = False
+            # Light tenants first: those whose queue was empty at the last pass and whose every row now fits their
+            # quantum and this pass. They run now whatever the others have queued, and for `shared_window_s` after
+            # their pass the others' rows in each pass are bounded (`_limit`), so that their next rows wait for one
+            # small pass, not a full one.
+            fresh, self._fresh = self._fresh, set()
+            for tenant in [t for t in self._new if t in fresh]:
+                if len(items) < cfg.max_batch_size and self._fits(tenant, cfg.max_batch_size - len(items)):
+                    took = len(items)
+                    self._fill(tenant, items, cfg.max_batch_size)
+                    light = light or len(items) > took
+                    if not self._queues[tenant]:
+                        self._forget(tenant)
+            self._light_taken = light
+            limit = max(len(items), self._shared_limit() if light else self._limit(now))
+            while len(items) < limit and self._new:  # then new tenants with more than that, one quantum each
+                tenant = self._new[0]
+                self._fill(tenant, items, limit)
+                queue = self._queues[tenant]
+                if not queue:
+                    self._forget(tenant)
+                elif queue[0].length > self._deficit[tenant]:  # quantum used up: it has a backlog, it joins the ring
+                    self._new.popleft()
+                    self._ring.append(tenant)
+                # else the pass is full mid-quantum: it goes on next time
+            while len(items) < limit and self._ring:
                 tenant = self._ring[0]
                 if not self._in_turn:  # a new turn: the tenant's quantum joins what it did not use
                     self._deficit[tenant] += cfg.quantum * cfg.weight(tenant)
                     self._in_turn = True
+                self._fill(tenant, items, limit)
                 queue = self._queues[tenant]
-                while queue and len(items) < cfg.max_batch_size:
-                    it = queue[0]
-                    if it.request.future.done():  # cancelled or failed meanwhile: costs nothing
-                        queue.popleft()
-                        self._rows -= 1
-                        self.stats["dropped"] += 1
-                        continue
-                    if it.length > self._deficit[tenant]:  # a row costs its tokens: this one waits a turn
-                        break
-                    queue.popleft()
-                    self._rows -= 1
-                    self._deficit[tenant] -= it.length
-                    items.append(it)
                 if not queue:
                     self._forget(tenant)
                 elif queue[0].length > self._deficit[tenant]:  # turn used up: next tenant
                     self._ring.rotate(-1)
                     self._in_turn = False
                 # else the batch is full mid-turn: the tenant goes on next time, with what it has left
-            self._saturated = len(items) >= cfg.max_batch_size or self._rows > 0
+            self._saturated = len(items) >= limit or self._rows > 0
             return items
+
+    def _fits(self, tenant: str, room: int) -> bool:
+        """All of `tenant`'s waiting rows fit in `room` rows and its deficit. Under the lock."""
+        budget, n = self._deficit[tenant], 0
+        for it in self._queues[tenant]:
+            if it.request.future.done():  # dropped when taken: costs nothing
+                continue
+            n += 1
+            budget -= it.length
+            if n > room or budget < 0:
+                return False
+        return True
+
+    def _fill(self, tenant: str, items: list[_Item], limit: int) -> None:
+        """Move `tenant`'s rows into `items` while its deficit pays for them, up to `limit` rows. Under the lock."""
+        queue = self._queues[tenant]
+        while queue and len(items) < limit:
+            it = queue[0]
+            if it.request.future.done():  # cancelled or failed meanwhile: costs nothing
+                queue.popleft()
+                self._rows -= 1
+                self.stats["dropped"] += 1
+                continue
+            if it.length > self._deficit[tenant]:  # a row costs its tokens: this one waits a turn
+                break
+            queue.popleft()
+            self._rows -= 1
+            self._deficit[tenant] -= it.length
+            items.append(it)
+            it.request.mark("taken")
 
     def _pack(self, items: list[_Item]) -> list[list[_Item]]:
         """Length-sorted batches within max_batch_size rows and max_tokens padded tokens."""
@@ -440,6 +542,9 @@ class MicroBatcher:
                         live.append(it)
                 for batch in self._pack(live):
                     self._run(batch)
+                if self._light_taken:  # the window counts from the end of the light tenant's pass
+                    with self._cond:
+                        self._light_at = time.monotonic()
             except Exception:  # a bug of ours, not of a request: fail what we hold, keep serving
                 self.stats["loop_errors"] += 1
                 ref = uuid.uuid4().hex
@@ -454,6 +559,10 @@ class MicroBatcher:
         batch = [it for it in batch if not it.request.future.done()]  # e.g. another row of it failed alone
         if not batch:
             return
+        if TRACE_PATH is not None:
+            tenants = len({it.request.tenant for it in batch})
+            for it in batch:
+                it.request.mark("forward", batch_rows=len(batch), batch_tenants=tenants)
         t0 = time.perf_counter()
         try:
             logits = self.engine.forward([it.row for it in batch])
@@ -461,6 +570,9 @@ class MicroBatcher:
             self._isolate(batch, e)
             return
         seconds = time.perf_counter() - t0
+        if TRACE_PATH is not None:
+            for it in batch:
+                it.request.mark("forward_end")
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
         served = Counter(it.request.tenant for it in batch)
@@ -483,6 +595,7 @@ class MicroBatcher:
                 req.remaining -= 1
                 done = req.remaining == 0
             if done:
+                req.mark("resolved")
                 _resolve(req.future, req.results)
 
     def _isolate(self, batch: list[_Item], error: Exception) -> None:
@@ -530,6 +643,19 @@ def _tokenize_error(error: Exception, p: _Pending) -> SpafitError:
               exc_info=error)
     return PredictionFailedError(f"the prediction failed on these inputs (ref {ref}); other requests were served",
                                  detail={"reference": ref})
+
+
+def _trace(fut: Future, called: float, rows: int) -> None:
+    """Append a request's stage times (ms after `predict` was called) to TRACE_PATH (debug mode)."""
+    req = getattr(fut, "spafit_request", None)
+    if req is None or req.marks is None:
+        return
+    now = time.monotonic()
+    line = {"tenant": req.tenant, "rows": rows, "t": round(called, 4), "returned": round((now - called) * 1000, 2)}
+    for k, v in req.marks.items():
+        line[k] = round((v - called) * 1000, 2) if isinstance(v, float) else v
+    with open(TRACE_PATH, "a") as f:  # type: ignore[arg-type]
+        f.write(json.dumps(line) + "\n")
 
 
 def _submitter() -> ThreadPoolExecutor:

@@ -197,7 +197,7 @@ class Serving:
                                     max_tokens=s.batch_max_tokens, max_queue=s.batch_max_queue,
                                     max_queue_per_tenant=s.batch_max_queue_per_tenant,
                                     quantum=s.batch_tenant_quantum, weights=dict(s.batch_tenant_weights),
-                                    timeout_s=s.predict_timeout_s)
+                                    shared_batch_size=s.batch_shared_max_size or None, timeout_s=s.predict_timeout_s)
             self._batcher = MicroBatcher(engine, config, on_batch=self._on_batch).start()
             self._engine = engine
             log.info("engine started on %s", engine.device)

@@ -277,6 +277,78 @@ def test_weights_share_the_engine_in_proportion(engine, monkeypatch):
     assert first.count("t0") == 24 and first.count("t1") == 8
 
 
+def test_a_light_tenant_runs_in_the_next_pass_and_passes_stay_small_while_it_is_served(engine, monkeypatch):
+    """Tenant a has 320 rows queued; tenant b sends 2 rows during a's 3rd, 6th, 9th and 12th passes. Each of b's
+    requests runs in the very next pass (not after a's turn), every pass from then on holds at most
+    `shared_batch_size` rows of a (b's wait for the pass in flight is one small pass), and once b has been quiet
+    for `shared_window_s` a's passes are full again. Every answer is the engine's own."""
+    import time
+
+    want_b = engine.predict("t1", TEXTS[1:3])
+    forward = engine.forward
+    calls: list[list[str]] = []  # adapter name per row, per pass
+    b_futures: list = []
+
+    def slow(rows):  # a pass takes 20 ms (a CPU pass costs about its rows; here b arrives inside one)
+        calls.append([r.adapter.name for r in rows])
+        if len(calls) in (3, 6, 9, 12):
+            b_futures.append(batcher.submit("t1", TEXTS[1:3], tenant="b"))
+        time.sleep(0.02)
+        return forward(rows)
+
+    monkeypatch.setattr(engine, "forward", slow)
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=32, max_wait_ms=1, shared_batch_size=4,
+                                                  shared_window_s=0.2))
+    a_futures = [batcher.submit("t0", TEXTS * 2 + TEXTS[:4], tenant="a") for _ in range(20)]  # 320 rows
+    batcher.start()
+    try:
+        for f in a_futures:
+            f.result(timeout=60)
+        got_b = [f.result(timeout=60) for f in b_futures]
+    finally:
+        batcher.stop()
+    assert len(b_futures) == 4
+    for got in got_b:
+        assert_same_predictions(got, want_b)
+    assert [len(c) for c in calls[:3]] == [32, 32, 32]  # a alone: full passes
+    with_b = [i for i, c in enumerate(calls) if "t1" in c]
+    assert with_b == [3, 6, 9, 12]  # each b request in the pass right after the one it arrived in
+    for i in range(3, 13):  # from b's first pass to its last: small passes (b's 2 rows + a's 2, or a's 4)
+        assert len(calls[i]) <= 4 and calls[i].count("t0") <= 4, (i, calls[i])
+    assert max(len(c) for c in calls[13:]) == 32  # b quiet for the window: a's passes are full again
+    assert batcher.served == {"a": 320, "b": 8}
+
+
+def test_a_flood_that_starts_while_a_light_tenant_is_served_runs_in_small_passes(engine, monkeypatch):
+    """Tenant b has just been served (all it had, in one pass); then tenant a's 64 rows arrive at once, as a new
+    tenant whose quantum pays for more than a pass: within b's window a's passes hold at most `shared_batch_size`
+    rows, and b's next request runs in the pass right after the one in flight."""
+    calls: list[list[str]] = []
+    forward = engine.forward
+    b_next: list = []
+
+    def recording(rows):
+        calls.append([r.adapter.name for r in rows])
+        if len(calls) == 3:  # b's second request arrives during a's 2nd pass
+            b_next.append(batcher.submit("t1", TEXTS[:2], tenant="b"))
+        return forward(rows)
+
+    monkeypatch.setattr(engine, "forward", recording)
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=32, max_wait_ms=1, shared_batch_size=4,
+                                                  shared_window_s=60)).start()
+    try:
+        batcher.submit("t1", TEXTS[:2], tenant="b").result(timeout=30)
+        flood = batcher.submit("t0", TEXTS * 10 + TEXTS[:4], tenant="a")  # more than a pass holds: not light
+        flood.result(timeout=30)
+        b_next[0].result(timeout=30)
+    finally:
+        batcher.stop()
+    assert calls[0] == ["t1", "t1"]
+    assert all(len(c) <= 4 for c in calls[1:]), str([len(c) for c in calls])  # not 32-row passes of a
+    assert calls[3].count("t1") == 2  # b's rows in the pass after the one in flight when they came
+    assert batcher.served == {"a": 64, "b": 4}
+
+
 def test_a_tenant_over_its_share_is_refused_apart_from_a_full_queue(engine):
     from spafit_core.errors import TenantOverloadedError
 
