@@ -387,13 +387,17 @@ class Engine:
             try:
                 for b in sorted(set(start)):
                     if b < depth:
-                        if b > done or hidden is None:
+                        if b > done:
                             hidden, done = self._stage(bb, pools, inputs, rows, task_slot, done, b, hidden), b
                             if hidden is None:  # no layer at index b ran: run each row in full
                                 flat = self._forward(bb, [Row(adapters[j], feats[i]) for i in range(n)
                                                           for j in tasks_of[i]])
                                 return _per_input(flat, tasks_of)
                         rows, hidden = _branch(rows, hidden, b, start, tasks_of)
+                        order = pools.row_order([None if j is None else task_slot[j] for _, j in rows])
+                        if order is not None:  # rows of one LoRA rank together (see `Engine._forward`)
+                            rows = [rows[k] for k in order]
+                            hidden = None if hidden is None else _take(hidden, order)
                 outputs = self._stage(bb, pools, inputs, rows, task_slot, done, depth, hidden)
             except MixedBatchUnsupported:
                 return None
@@ -422,17 +426,22 @@ class Engine:
         return outputs if last else r.captured
 
 
-def _branch(rows: list[tuple[int, int | None]], hidden: torch.Tensor, b: int, start: Sequence[int],
-            tasks_of: Sequence[Sequence[int]]) -> tuple[list[tuple[int, int | None]], torch.Tensor]:
+def _branch(rows: list[tuple[int, int | None]], hidden: torch.Tensor | None, b: int, start: Sequence[int],
+            tasks_of: Sequence[Sequence[int]]) -> tuple[list[tuple[int, int | None]], torch.Tensor | None]:
     """At layer `b`, each trunk row (i, None) branches into (i, j) for each of input i's tasks j that start at
-    `b`, its hidden state copied; it stays while input i has tasks that start later. Trunk rows first, then
-    the new branches, then the rows already branched."""
+    `b`, its hidden state copied (none before the first layer: each row starts from its input's embeddings);
+    it stays while input i has tasks that start later. Trunk rows first, then the new branches, then the rows
+    already branched."""
     trunk = [k for k, (_, j) in enumerate(rows) if j is None]
     layout = [(rows[k], k) for k in trunk if any(start[j] > b for j in tasks_of[rows[k][0]])]
     layout += [((rows[k][0], j), k) for k in trunk for j in tasks_of[rows[k][0]] if start[j] == b]
     layout += [(row, k) for k, row in enumerate(rows) if row[1] is not None]  # (row, whose hidden state it takes)
-    idx = torch.tensor([k for _, k in layout], device=hidden.device)
-    return [row for row, _ in layout], hidden.index_select(0, idx)
+    rows = [row for row, _ in layout]
+    return rows, None if hidden is None else _take(hidden, [k for _, k in layout])
+
+
+def _take(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    return t.index_select(0, torch.tensor(idx, device=t.device))
 
 
 def _per_input(flat: list[torch.Tensor], tasks_of: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
