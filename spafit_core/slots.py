@@ -313,7 +313,10 @@ class SlotPools:
         if slots is not None and len(slots) > 1:
             bare = [i for i, s in enumerate(slots) if s is None]
             if bare:
-                cols.index_fill_(0, torch.tensor(bare, device=cols.device), 0)
+                bare_idx = torch.tensor(bare)
+                if cols.device.type != "cpu":  # without waiting, as every host-to-device copy of a forward
+                    bare_idx = bare_idx.pin_memory().to(cols.device, non_blocking=True)
+                cols.index_fill_(0, bare_idx, 0)
             spans = self._spans(slots)
         return _Bound(self._handles, cols, active, self, spans)
 

@@ -416,7 +416,7 @@ class Engine:
         `hi` is the depth."""
         which = [i for i, _ in rows]
         if which != list(range(len(inputs["input_ids"]))):
-            idx = torch.tensor(which, device=inputs["input_ids"].device)
+            idx = _index(which, inputs["input_ids"].device)
             inputs = {k: v.index_select(0, idx) for k, v in inputs.items()}
         slots = [None if j is None else task_slot[j] for _, j in rows]
         deltas = _route(pools, slots) if any(s is not None for s in slots) else {}
@@ -441,7 +441,7 @@ def _branch(rows: list[tuple[int, int | None]], hidden: torch.Tensor | None, b: 
 
 
 def _take(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    return t.index_select(0, torch.tensor(idx, device=t.device))
+    return t.index_select(0, _index(idx, t.device))
 
 
 def _per_input(flat: list[torch.Tensor], tasks_of: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
@@ -471,7 +471,7 @@ def _select_output(outputs, idx: list[int]):
     """A model output over rows `idx` of it (every tensor field indexed on its first dimension)."""
     if idx == list(range(outputs.last_hidden_state.shape[0])):
         return outputs
-    t = torch.tensor(idx, device=outputs.last_hidden_state.device)
+    t = _index(idx, outputs.last_hidden_state.device)
     return type(outputs)(**{k: v.index_select(0, t) for k, v in outputs.items() if isinstance(v, torch.Tensor)})
 
 
