@@ -8,12 +8,15 @@ figure a ratio of two things measured side by side in one run (interleaved round
 (b) one mixed batch of 32 rows over 8 tasks vs a same-task batch of 32 (the mean over the 8 tasks),
     vs grouping the rows by task (8 forward passes of 4 rows), and, on 8 LoRA adapters, our mixed batch
     vs HF PEFT's (`adapter_names=`);
-(c) fan-out of one input to 16 SPAFIT tasks (n1 in {2, 3}) vs 16 separate calls and vs one mixed batch;
+(c) fan-out of one input to 16 tasks vs one mixed batch of the same 16 rows, for three sets of 16 tasks: spafit
+    with n1 in {2, 3} (and vs 16 separate calls), spafit with its default stratification (n1 = 2 of 6), and
+    tasks with n1 = 0 (lora, bitfit, spafit n1 = 0: no prefix to share);
 (d) resident memory per loaded adapter vs its tensor bytes (fresh process, 200 adapters);
 (g) the limit, like for like: one mixed batch of 32 rows over 32 distinct adapters against the bare backbone
     (the plain HF model with its head: no adapter code at all) on the same padded rows (lengths spread
     between half the length and the length), at 16, 64 and 128 tokens; and the engine's per-forward adapter
-    bookkeeping (the row-to-slot index and the one table lookup) against the forward;
+    bookkeeping (the rows' slots and order, the table lookup, each module's runs of rows) against the forward;
+(p) a torch.profiler summary of (g)'s mixed batch and the bare backbone at 16 tokens (self CPU time by op);
 (e) 1,000 registered adapters behind a 64-adapter bank under a Zipf request mix (misses go through the
     engine's `loader` to verify + build from serialized bytes), against an engine holding all 1,000,
     request by request.
@@ -35,6 +38,7 @@ import json
 import random
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +50,8 @@ import torch
 
 from spafit_core.adapter import model_from_adapter, serialize
 from spafit_core.config import MethodConfig, TaskSpec
-from spafit_core.engine import Engine, Row, _slots
+from spafit_core.engine import Engine, Row
+from spafit_core.engine.forward import _lease, _route
 from spafit_core.model import SpafitModel, load_hf_classifier
 from spafit_core.train import collate
 
@@ -236,28 +241,64 @@ def bench_mixed(engine: Engine, fac: Factory, args, seq_len: int) -> dict[str, A
 
 
 # ------------------------------------------------------------------------------ (c) fan-out
+FANOUT_SETS = {  # 16 tasks each (4 methods x 4 heads); (n1, n2) on MiniLM's 6 layers
+    "mix": FANOUT,  # n1 in {2, 3}: the prefix is shared for 2 layers, 3 for half the tasks
+    "default": [dict(name="spafit")] * 4,  # the default stratification, n1 = L/3 = 2, n2 = 2L/3 = 4, rank 8
+    "unshared": [dict(name="lora", rank=8), dict(name="bitfit"), dict(name="spafit", n1=0, n2=3, rank=8),
+                 dict(name="lora", rank=4)],  # n1 = 0 for every task: no frozen prefix to share
+}
+
+
 def bench_fan_out(engine: Engine, fac: Factory, args) -> dict[str, Any]:
-    names = []
-    for i in range(16):
-        name = f"fan{i}"
-        engine.load(name, *fac.make(FANOUT[i % 4], (TWO, THREE, REG, TWO)[i // 4], seed=400 + i))
-        names.append(name)
     text = SENTENCE
-    fns = {"fan_out": lambda: engine.fan_out(names, text),
-           "separate_16": lambda: [engine.predict(n, [text]) for n in names],
-           "mixed_batch_16": lambda: engine.predict_mixed([(n, text) for n in names])}
+    fns, names_of = {}, {}
+    for tag, methods in FANOUT_SETS.items():
+        names = []
+        for i in range(16):
+            name = f"fan-{tag}{i}"
+            engine.load(name, *fac.make(methods[i % 4], (TWO, THREE, REG, TWO)[i // 4], seed=400 + i))
+            names.append(name)
+        names_of[tag] = names
+        fns[f"fan_out:{tag}"] = lambda n=names: engine.fan_out(n, text)
+        fns[f"mixed_batch_16:{tag}"] = lambda n=names: engine.predict_mixed([(x, text) for x in n])
+    fns["separate_16:mix"] = lambda n=names_of["mix"]: [engine.predict(x, [text]) for x in n]
+    texts8 = [f"{text} {w}" for w in WORDS[:8]]  # 8 callers, one input each, to the 16 tasks at once
+
+    def concurrent_8(n=names_of["mix"]):
+        callers = [threading.Thread(target=engine.fan_out, args=(n, t)) for t in texts8]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join()
+
+    fns["fan_out_8_callers_concurrent:mix"] = concurrent_8
+    fns["fan_out_8_callers_one_by_one:mix"] = lambda n=names_of["mix"]: [engine.fan_out(n, t) for t in texts8]
     common.log("(c) fan-out of one input to 16 tasks")
     t = common.Timing.run(fns, repeats=args.repeats_c, warmup=1, seed=args.seed, log=common.log)
-    fan = engine.fan_out(names, text)
-    diff = max(abs(fan[n]["score"] - engine.predict(n, [text])[0]["score"]) for n in names)
-    ntok = len(engine.encode(engine.adapter(names[0]), [text])[0]["input_ids"])
-    return {"tokens": ntok, "tasks": 16, "timing": t.to_json(),
-            "ratios": {"separate_16 / fan_out": t.ratio("separate_16", "fan_out"),
-                       "mixed_batch_16 / fan_out": t.ratio("mixed_batch_16", "fan_out")},
-            "check_max_abs_score_diff": diff}
+    diff = 0.0
+    for names in names_of.values():
+        fan = engine.fan_out(names, text)
+        diff = max(diff, max(abs(fan[n]["score"] - engine.predict(n, [text])[0]["score"]) for n in names))
+    ntok = len(engine.encode(engine.adapter(names_of["mix"][0]), [text])[0]["input_ids"])
+    ratios = {"separate_16 / fan_out (n1 in {2, 3})": t.ratio("separate_16:mix", "fan_out:mix"),
+              "8 fan-outs one by one / 8 concurrent callers (n1 in {2, 3})":
+                  t.ratio("fan_out_8_callers_one_by_one:mix", "fan_out_8_callers_concurrent:mix")}
+    for tag, label in (("mix", "n1 in {2, 3}"), ("default", "default n1 = 2"), ("unshared", "n1 = 0, unshared")):
+        ratios[f"mixed_batch_16 / fan_out ({label})"] = t.ratio(f"mixed_batch_16:{tag}", f"fan_out:{tag}")
+    return {"tokens": ntok, "tasks": 16, "timing": t.to_json(), "ratios": ratios, "check_max_abs_score_diff": diff}
 
 
 # ------------------------------------------------------------------------------ (g) the bare backbone
+def bookkeeping(pools, adapters) -> None:
+    """What a mixed forward spends deciding which adapter rows go where: the rows' slots, their order (rows of
+    one LoRA rank together), the table lookup and each module's runs of rows (`engine.forward.Engine._forward`)."""
+    with pools.lock, _lease(pools, adapters) as slots:
+        order = pools.row_order(slots)
+        if order is not None:
+            slots = [slots[i] for i in order]
+        _route(pools, slots)
+
+
 def spread_rows(bb, n: int, length: int, seed: int) -> list[dict[str, list[int]]]:
     """`n` rows of realistic spread: lengths uniform between length / 2 and length (one row at `length`, so
     every batch pads to it)."""
@@ -290,8 +331,7 @@ def bench_backbone(engine: Engine, fac: Factory, args) -> dict[str, Any]:
 
         def bookkeeping_x20(rows=mixed):  # what a forward spends deciding which adapter rows go where
             for _ in range(20):
-                with pools.lock, _slots(pools, [r.adapter for r in rows]) as (row_slot, distinct):
-                    pools.route(row_slot, distinct)
+                bookkeeping(pools, [r.adapter for r in rows])
 
         fns[f"bare_backbone_{L}"] = run_bare
         fns[f"mixed_32x32_{L}"] = lambda r=mixed: engine.forward(r)
@@ -312,6 +352,35 @@ def bench_backbone(engine: Engine, fac: Factory, args) -> dict[str, Any]:
         ratios[f"{L} tokens: bookkeeping / mixed forward"] = t.ratio(f"bookkeeping_{L}", f"mixed_32x32_{L}")
     return {"rows": 32, "adapters": 32, "seq_lens": lens, "timing": t.to_json(), "ratios": ratios,
             "check_max_abs_diff_mixed_vs_alone": checks}
+
+
+# ------------------------------------------------------------------------------ (p) profile of the limit
+def bench_profile(engine: Engine, fac: Factory, args) -> dict[str, Any]:
+    """torch.profiler over the mixed batch of (g) (32 rows, 32 adapters, 16 tokens) and the bare backbone on the
+    same rows: self CPU time per op, per forward (the main thread's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bb = engine.backbone()
+    adapters = [engine.load(f"d{i}", *fac.make(*MIX[i % 8], seed=900 + i)) for i in range(32)]
+    bare = load_hf_classifier(BASE, TWO).eval()
+    batch = collate(feats := spread_rows(bb, 32, 16, seed=16), bb.pad_id)
+    mixed = [Row(adapters[i], f) for i, f in enumerate(feats)]
+
+    def run_bare():
+        with torch.inference_mode():
+            return bare(**batch).logits
+
+    out = {}
+    for name, fn in (("bare_backbone", run_bare), ("mixed_32x32", lambda: engine.forward(mixed))):
+        for _ in range(2):
+            fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.repeats_p):
+                fn()
+        ops = {e.key: e.self_cpu_time_total / args.repeats_p / 1e3 for e in prof.key_averages()}
+        out[name] = {"total_ms": sum(ops.values()),
+                     "ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:14])}
+    return out
 
 
 # ------------------------------------------------------------------------------ (d) memory per adapter
@@ -412,18 +481,21 @@ def bench_engine_ref(fac: Factory, args, tmp: Path) -> dict[str, Any]:
         for L in (16, 64):  # 32 rows over 32 distinct adapters, spread lengths
             rows32 = [rows_cls[tag](d32[i], f) for i, f in enumerate(spread_rows(eng.backbone(), 32, L, seed=L))]
             fns[f"mixed_32_rows_32_adapters_{L}:{tag}"] = lambda e=eng, r=rows32: e.forward(r)
-        if tag == "ref":  # the per-forward bookkeeping: rebuilding per-row tensors from 32 adapters...
+        if tag == "ref" and hasattr(ref_mod, "gather_deltas"):  # the per-forward bookkeeping: per-row tensors...
             fns["bookkeeping_32_adapters_x10:ref"] = \
                 lambda a=d32, g=ref_mod.gather_deltas: [g(a) for _ in range(10)]
         else:  # ...vs one row-to-slot index and one table lookup
             pools = eng.bank().pools
 
-            def bookkeeping(a=d32, pools=pools):
+            def bookkeeping_x10(a=d32, pools=pools, new=tag == "new"):
                 for _ in range(10):
-                    with pools.lock, _slots(pools, a) as (row_slot, distinct):
-                        pools.route(row_slot, distinct)
+                    if new:
+                        bookkeeping(pools, a)
+                    else:  # a ref with slot pools, before the rank runs
+                        with pools.lock, ref_mod._slots(pools, a) as (row_slot, distinct):
+                            pools.route(row_slot, distinct)
 
-            fns["bookkeeping_32_adapters_x10:new"] = bookkeeping
+            fns[f"bookkeeping_32_adapters_x10:{tag}"] = bookkeeping_x10
         mix = [eng.load(f"mix{i}", c, w) for i, (c, w) in enumerate(blobs)]
         fan = [f"fan{i}" for i in range(16)]
         for name, (c, w) in zip(fan, fan_blobs, strict=True):
@@ -520,8 +592,8 @@ def met(value: float, target: float, higher: bool = True) -> str:
     return "met" if ok else "MISSED"
 
 
-TARGETS = {"mixed / same_task": 0.85, "mixed / grouped_8x4": 1.5, "separate_16 / fan_out": 2.0,
-           "mixed_batch_16 / fan_out": 1.5}
+TARGETS = {"mixed / same_task": 0.85, "mixed / grouped_8x4": 1.5, "separate_16 / fan_out (n1 in {2, 3})": 2.0,
+           "mixed_batch_16 / fan_out (n1 in {2, 3})": 1.5, "mixed_batch_16 / fan_out (default n1 = 2)": 1.5}
 for _L in (16, 64, 128):  # issue 14: the limit
     TARGETS[f"{_L} tokens: mixed 32x32 / bare backbone (throughput)"] = 0.95
     TARGETS[f"{_L} tokens: bookkeeping / mixed forward"] = (0.01, False)
@@ -566,6 +638,13 @@ def report(res: dict[str, Any]) -> str:
         out += _timing_tables(g)
         out.append("\nchecks: mixed vs alone max |diff| by length " +
                    ", ".join(f"{k}: {v:.2e}" for k, v in g["check_max_abs_diff_mixed_vs_alone"].items()))
+    if "p" in res:
+        p = res["p"]
+        out.append("\n### (p) profile, 32 rows x 16 tokens: self CPU time per forward by op (main thread)\n")
+        names = list(dict.fromkeys(k for v in p.values() for k in v["ops_ms"]))
+        out.append(common.markdown_table(["op", *p], [[k, *(f"{v['ops_ms'].get(k, 0):.2f} ms" for v in p.values())]
+                                                      for k in names] +
+                                         [["total", *(f"{v['total_ms']:.1f} ms" for v in p.values())]]))
     if "d" in res:
         d = res["d"]
         r0 = d["runs"][0]
@@ -604,6 +683,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats-c", type=int, default=15)
     p.add_argument("--repeats-d", type=int, default=3)
     p.add_argument("--repeats-g", type=int, default=10)
+    p.add_argument("--repeats-p", type=int, default=5, help="(p) forwards profiled per path")
     p.add_argument("--limit-lens", default="16,64,128", help="(g) tokens per row (the longest), one set each")
     p.add_argument("--mem-adapters", type=int, default=200)
     p.add_argument("--registered", type=int, default=1000)
@@ -643,6 +723,8 @@ def main(argv: list[str] | None = None) -> None:
             res["g"] = bench_backbone(engine, fac, args)
         if "c" in parts:
             res["c"] = bench_fan_out(engine, fac, args)
+        if "p" in parts:
+            res["p"] = bench_profile(engine, fac, args)
         if "d" in parts:
             res["d"] = bench_memory(fac, args, tmp)
         if args.engine_ref:

@@ -22,6 +22,7 @@ from ..slots import SlotPools, kernel
 from ..train import collate
 from .bank import AdapterBank
 from .base import Backbone
+from .fanout import FanOut, branch, per_input, select_output, take
 from .packed import LoadedAdapter
 
 Input = str | tuple[str, str] | dict
@@ -72,7 +73,7 @@ class Engine:
         self._forward_lock = threading.RLock()
         # Fan-outs waiting for the forward lock, per backbone: whoever takes the lock runs them all in one pass.
         self._fan_lock = threading.Lock()
-        self._fan_pending: dict[str, list[_FanOut]] = {}
+        self._fan_pending: dict[str, list[FanOut]] = {}
         self.backbone_loads = 0
         self.backbone_evictions = 0
 
@@ -318,13 +319,13 @@ class Engine:
             group = [adapters[j] for j in idx]
             feats = self._encode_mixed(group[0], inputs)  # the same for the whole group
             with self._using(_base_of(group[0])) as bb:
-                logits = self._fan_out_together(bb, _FanOut(group, feats))
+                logits = self._fan_out_together(bb, FanOut(group, feats))
             for i in range(len(inputs)):
                 for jj, j in enumerate(idx):
                     out[i][names[j]] = postprocess(adapters[j].task, logits[i][jj], top_k)
         return [{n: d[n] for n in names} for d in out]  # in the order asked
 
-    def _fan_out_together(self, bb: Backbone, job: _FanOut) -> list[list[torch.Tensor]]:
+    def _fan_out_together(self, bb: Backbone, job: FanOut) -> list[list[torch.Tensor]]:
         """`job`'s logits (per input, per task), computed in one pass with every other fan-out on this backbone
         that waits for the forward lock meanwhile: the caller that takes the lock runs all those waiting."""
         with self._fan_lock:
@@ -342,7 +343,7 @@ class Engine:
             raise job.error
         return job.logits  # type: ignore[return-value]
 
-    def _fan_out_jobs(self, bb: Backbone, jobs: list[_FanOut]) -> None:
+    def _fan_out_jobs(self, bb: Backbone, jobs: list[FanOut]) -> None:
         """Every job's logits in one pass (each job alone where the pass fails, so an error reaches only its
         own caller; per adapter group where the model cannot mix adapters in one batch)."""
         try:
@@ -392,22 +393,22 @@ class Engine:
                             if hidden is None:  # no layer at index b ran: run each row in full
                                 flat = self._forward(bb, [Row(adapters[j], feats[i]) for i in range(n)
                                                           for j in tasks_of[i]])
-                                return _per_input(flat, tasks_of)
-                        rows, hidden = _branch(rows, hidden, b, start, tasks_of)
+                                return per_input(flat, tasks_of)
+                        rows, hidden = branch(rows, hidden, b, start, tasks_of)
                         order = pools.row_order([None if j is None else task_slot[j] for _, j in rows])
                         if order is not None:  # rows of one LoRA rank together (see `Engine._forward`)
                             rows = [rows[k] for k in order]
-                            hidden = None if hidden is None else _take(hidden, order)
+                            hidden = None if hidden is None else take(hidden, order)
                 outputs = self._stage(bb, pools, inputs, rows, task_slot, done, depth, hidden)
             except MixedBatchUnsupported:
                 return None
             at = {row: i for i, row in enumerate(rows)}
             pick = [at.get((i, j), at.get((i, None))) for i in range(n) for j in tasks_of[i]]
-            outputs = _select_output(outputs, pick)
+            outputs = select_output(outputs, pick)
             flat_adapters = [adapters[j] for i in range(n) for j in tasks_of[i]]
             slots = [task_slot[j] for i in range(n) for j in tasks_of[i]]
             flat = self._heads(bb, pools, outputs, flat_adapters, _route(pools, slots).cols)
-            return _per_input(flat, tasks_of)
+            return per_input(flat, tasks_of)
 
     def _stage(self, bb: Backbone, pools: SlotPools, inputs: dict, rows: Sequence[tuple[int, int | None]],
                task_slot: Sequence[int], lo: int, hi: int, hidden: torch.Tensor | None):
@@ -424,55 +425,6 @@ class Engine:
         r = Route(deltas=deltas, skip_below=lo, inject=hidden, stop_at=None if last else hi)
         outputs = self._run(bb, inputs, r)
         return outputs if last else r.captured
-
-
-def _branch(rows: list[tuple[int, int | None]], hidden: torch.Tensor | None, b: int, start: Sequence[int],
-            tasks_of: Sequence[Sequence[int]]) -> tuple[list[tuple[int, int | None]], torch.Tensor | None]:
-    """At layer `b`, each trunk row (i, None) branches into (i, j) for each of input i's tasks j that start at
-    `b`, its hidden state copied (none before the first layer: each row starts from its input's embeddings);
-    it stays while input i has tasks that start later. Trunk rows first, then the new branches, then the rows
-    already branched."""
-    trunk = [k for k, (_, j) in enumerate(rows) if j is None]
-    layout = [(rows[k], k) for k in trunk if any(start[j] > b for j in tasks_of[rows[k][0]])]
-    layout += [((rows[k][0], j), k) for k in trunk for j in tasks_of[rows[k][0]] if start[j] == b]
-    layout += [(row, k) for k, row in enumerate(rows) if row[1] is not None]  # (row, whose hidden state it takes)
-    rows = [row for row, _ in layout]
-    return rows, None if hidden is None else _take(hidden, [k for _, k in layout])
-
-
-def _take(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    return t.index_select(0, _index(idx, t.device))
-
-
-def _per_input(flat: list[torch.Tensor], tasks_of: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
-    out, at = [], 0
-    for tasks in tasks_of:
-        out.append(flat[at: at + len(tasks)])
-        at += len(tasks)
-    return out
-
-
-class _FanOut:
-    """One fan-out call waiting for (or running) its pass: its tasks, its inputs' features, and its result."""
-
-    def __init__(self, adapters: Sequence[LoadedAdapter], feats: Sequence[dict[str, list[int]]]):
-        self.adapters, self.feats = list(adapters), list(feats)
-        self.rows = len(self.adapters) * len(self.feats)
-        self.done = threading.Event()
-        self.logits: list[list[torch.Tensor]] | None = None
-        self.error: BaseException | None = None
-
-    def finish(self, logits: list[list[torch.Tensor]] | None = None, error: BaseException | None = None) -> None:
-        self.logits, self.error = logits, error
-        self.done.set()
-
-
-def _select_output(outputs, idx: list[int]):
-    """A model output over rows `idx` of it (every tensor field indexed on its first dimension)."""
-    if idx == list(range(outputs.last_hidden_state.shape[0])):
-        return outputs
-    t = _index(idx, outputs.last_hidden_state.device)
-    return type(outputs)(**{k: v.index_select(0, t) for k, v in outputs.items() if isinstance(v, torch.Tensor)})
 
 
 def _route(pools: SlotPools, slots: list[int | None]):
