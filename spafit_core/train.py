@@ -1,21 +1,17 @@
-"""The training loop: AdamW over the trainable tensors only, linear warmup + decay, gradient accumulation
-and clipping, evaluation each epoch with the task's metric, best-epoch selection, early stopping,
-seeds, AMP on CUDA, a progress callback, a cooperative stop flag, and resumable checkpoints.
+"""The training loop: linear warmup + decay, gradient accumulation and clipping, evaluation each epoch with
+the task's metric, best-epoch selection, early stopping, seeds, AMP on CUDA, a progress callback, a
+cooperative stop flag, and resumable checkpoints.
 
-A checkpoint is one safetensors file: trained tensors, the best epoch's tensors, optimizer moments and
-RNG states as tensors, everything else (step, epoch, scheduler, history, Python/NumPy RNG) as JSON in the
-file's metadata. No pickle. It is written atomically, so a run killed at any point resumes from the
-last complete checkpoint; the data order of each epoch is a function of (seed, epoch), so skipping the
-batches already done reproduces the same run.
+The optimizer and its per-part learning rates are in `optim.py`; the checkpoint format, its save, resume and
+refusal on mismatch are in `checkpoint.py` (their names are re-exported here). A run killed at any point
+resumes from the last complete checkpoint; the data order of each epoch is a function of (seed, epoch), so
+skipping the batches already done reproduces the same run.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,14 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
+from .checkpoint import (  # noqa: F401  (re-exported: the checkpoint API was train.py's)
+    CHECKPOINT_FORMAT,
+    check_resumable,
+    load_checkpoint,
+    read_checkpoint_meta,
+    run_identity,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, TrainingCancelled
 from .model import SpafitModel
+from .optim import build_optimizer, param_groups  # noqa: F401  (param_groups re-exported)
 
 Event = dict[str, Any]
-CHECKPOINT_FORMAT = "spafit-checkpoint"
 
 
 def set_seed(seed: int) -> None:
@@ -275,13 +278,9 @@ def train(
     model.prefix_eval = use_cache
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr_for(model.method_config.name))
     steps_per_epoch = math.ceil(math.ceil(len(train_data) / cfg.batch_size) / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else
-        max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
 
     amp_dtype = _amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -425,26 +424,6 @@ def train(
     )
 
 
-def param_groups(model: SpafitModel, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: (head | bias deltas | LoRA factors | other) x (decayed weights | biases and norms), each
-    kind at its own learning rate (`TrainConfig.lr_for`). The layout depends on the model only, so a
-    checkpoint's optimizer state maps onto it whatever the rates."""
-    kind: dict[int, str] = {id(p): "head" for _, p in model.head_named_parameters()}
-    for mod in model.adapted.values():
-        for name, k in (("bias_delta", "bias"), ("lora_A", "lora"), ("lora_B", "lora")):
-            t = getattr(mod, name, None)
-            if t is not None:
-                kind[id(t)] = k
-    groups: dict[tuple[str, bool], list] = {}
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((kind.get(id(p), "other"), p.dim() >= 2), []).append(p)
-    order = [(k, d) for k in ("other", "lora", "bias", "head") for d in (True, False)]
-    method = model.method_config.name
-    return [{"params": groups[key], "weight_decay": cfg.weight_decay if key[1] else 0.0,
-             "lr": cfg.lr_for(method, None if key[0] == "other" else key[0]), "kind": key[0]}
-            for key in order if key in groups]
-
 
 def check_finite(weights: bytes | dict[str, torch.Tensor]) -> None:
     """Raise NonFiniteError naming the tensors of an adapter (safetensors bytes or tensors) that hold NaN or
@@ -493,115 +472,3 @@ def evaluate(model: SpafitModel, data: Encoded, metrics: list[str], *, batch_siz
     model.train(was_training)
     preds = predictions(model.task.task_type, logits)
     return {k: float(v) for k, v in compute(model.task.task_type, preds, data.labels.numpy(), metrics).items()}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, model: SpafitModel, optimizer, scheduler, state: dict,
-                    best: dict[str, torch.Tensor] | None, cfg: TrainConfig, *, scaler=None) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in model.adapter_state_dict().items():
-        tensors[f"adapter/{k}"] = v.detach().cpu().contiguous()
-    for k, v in (best or {}).items():
-        tensors[f"best/{k}"] = v.contiguous()
-    opt_state = optimizer.state_dict()
-    for pid, pstate in opt_state["state"].items():
-        for name, value in pstate.items():
-            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"optim/{pid}/{name}"] = t.detach().cpu().contiguous()
-    tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
-    np_state = np.random.get_state()
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "state": state,
-        "train_config": cfg.to_dict(),
-        "run": run_identity(model),
-        "grad_scaler": scaler.state_dict() if scaler is not None else None,
-        "optimizer_param_groups": opt_state["param_groups"],
-        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-        "python_rng": _py_rng_to_json(random.getstate()),
-        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"spafit": json.dumps(meta)})
-        os.replace(tmp, path)  # atomic: a reader sees the old checkpoint or the new one, never half
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_checkpoint_meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["spafit"])
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path} is not a SPAFIT training checkpoint")
-    return meta
-
-
-def run_identity(model: SpafitModel) -> dict:
-    """What a checkpoint must have been made under to be resumed by this model: method, base model, task."""
-    return json.loads(json.dumps({"method": model.method_config.to_dict(), "task": model.task.to_dict(),
-                                  "base_model": {"name": model.base_model_name,
-                                                 "fingerprint": model.base_fingerprint}}))
-
-
-def check_resumable(meta: dict, model: SpafitModel, cfg: TrainConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint made under another method, task, base model or training config (fields
-    in TrainConfig.RESUMABLE_CHANGES aside), naming every difference."""
-    diffs: list[str] = []
-    then, now = meta.get("run") or {}, run_identity(model)
-    for part in ("method", "task"):
-        if part in then:
-            diffs += [f"{part}.{k}: {then[part].get(k)!r} then, {now[part].get(k)!r} now"
-                      for k in sorted(set(then[part]) | set(now[part])) if then[part].get(k) != now[part].get(k)]
-    if "base_model" in then and then["base_model"].get("fingerprint") != now["base_model"]["fingerprint"]:
-        diffs.append(f"base model: {then['base_model'].get('name')!r} then, {now['base_model']['name']!r} now "
-                     "(other weights)")
-    old_cfg, new_cfg = meta.get("train_config") or {}, json.loads(json.dumps(cfg.to_dict()))
-    diffs += [f"training.{k}: {old_cfg[k]!r} then, {new_cfg[k]!r} now" for k in sorted(set(old_cfg) & set(new_cfg))
-              if k not in TrainConfig.RESUMABLE_CHANGES and old_cfg[k] != new_cfg[k]]
-    if diffs:
-        raise ConfigError(f"the checkpoint {path.name} was made under another configuration, so it is not resumed: "
-                          + "; ".join(diffs), field="checkpoint", detail={"differences": diffs})
-
-
-def load_checkpoint(path: Path, model: SpafitModel, optimizer, scheduler, cfg: TrainConfig, *, scaler=None):
-    meta = read_checkpoint_meta(path)
-    check_resumable(meta, model, cfg, path)
-    tensors = load_file(str(path))
-    model.load_adapter_state_dict({k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")})
-    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
-    opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["optimizer_param_groups"]}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, pid, name = k.split("/", 2)
-            opt_state["state"].setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict(opt_state)
-    sched = scheduler.state_dict()
-    sched.update(meta["scheduler"])
-    scheduler.load_state_dict(sched)
-    if scaler is not None and meta.get("grad_scaler"):  # fp16: the loss scale it had reached, not the initial one
-        scaler.load_state_dict(meta["grad_scaler"])
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    random.setstate(_py_rng_from_json(meta["python_rng"]))
-    n = meta["numpy_rng"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    return meta["state"], best
-
-
-def _py_rng_to_json(state: tuple) -> list:
-    return [state[0], list(state[1]), state[2]]
-
-
-def _py_rng_from_json(data: list) -> tuple:
-    return (data[0], tuple(data[1]), data[2])
