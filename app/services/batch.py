@@ -384,7 +384,7 @@ def evaluations(session: Session, task: Task) -> dict[int, list[EvaluationOut]]:
 def compare(session: Session, tenant_id: uuid.UUID, task_name: str, spec: str) -> dict[str, Any]:
     """`v1,v2`: the two versions' latest evaluations on each dataset both were evaluated on, side by side."""
     parts = [p.strip() for p in spec.split(",")]
-    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) < 2**31 for p in parts):
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and 0 < int(p) < 2**31 for p in parts):  # not "²"
         raise ConfigError(f"compare takes two version numbers, e.g. compare=1,2; got {spec[:50]!r}", field="compare")
     a, b = int(parts[0]), int(parts[1])
     task = registry.get_task(session, tenant_id, task_name)
