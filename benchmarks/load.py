@@ -24,10 +24,14 @@ Noisy neighbour (`--noisy`, instead of the two phases above): two tenants with t
 First the service's capacity is measured (tenant A, closed loop, `--clients` clients); then tenant B alone sends
 its normal load, open loop (Poisson arrivals at `--b-share` of the capacity, default 20%); then, for the same
 time, tenant A floods open loop at `--flood` times the capacity (default 4x) while B sends the same load again.
-Reported: B's p50/p99 alone and under the flood (target: p99 within 1.5x, zero errors for B), and what A got
-(200s, 429s with Retry-After, anything else).
+A's flood comes from a process of its own over raw keep-alive sockets (httpx would cost that generator a core at
+these rates, taken from the server on a 2-core machine); its requests still unanswered 5 s after the last was due
+are abandoned. Reported: B's p50/p99 alone and under the flood (target: p99 within 1.5x, zero errors for B), also
+per 5 s of each phase with B's slowest requests, and what A got (200s, 429s with Retry-After, anything else).
+`--trace` runs the server with SPAFIT_BATCH_TRACE and reports, per phase and tenant, where the time went inside
+the batcher (thread hop, waiting to be tokenised, the round robin, its pass, back on the event loop).
 
-    python -m benchmarks.load --noisy            # about 80 s on MiniLM: 5 s warm-up, 10 s capacity, 2 x 25 s
+    python -m benchmarks.load --noisy --trace    # about 2 min on MiniLM: 5 s warm-up, 10 s capacity, 2 x 25 s
 
 HTTP against the engine (`--vs-engine`, instead of the phases above): two SPAFIT tasks, short inputs (4 to 6
 words), one input per request. Per mode (`--mode embedded|server|both`: embedded defaults on SQLite with auth
@@ -187,21 +191,30 @@ class OpenLoop:
     retry_after_missing: int = 0
     sent: int = 0
     seconds: float = 0.0
+    cut: int = 0  # requests still unanswered `grace` seconds after the last was sent, abandoned then
+    start: float = 0.0
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (s after start it was due, ms) of 200s
 
     def summary(self) -> dict[str, Any]:
         ok, refused = self.statuses.get(200, 0), self.statuses.get(429, 0)
         answered = sum(self.statuses.values())
         return {"sent": self.sent, "rate_rps": round(self.sent / self.seconds, 1) if self.seconds else 0,
-                "ok": ok, "tenant_queue_full_429": refused, "errors": answered - ok - refused + sum(self.failures.values()),
+                "ok": ok, "tenant_queue_full_429": refused, "unanswered_at_end": self.cut, "errors": answered - ok - refused + sum(self.failures.values()),
                 "statuses": {str(k): v for k, v in sorted(self.statuses.items())}, "failures": dict(self.failures),
                 "retry_after_missing_on_429": self.retry_after_missing, "latency_ms": _percentiles(self.latencies_ms),
-                "refused_latency_ms": _percentiles(self.refused_ms)}
+                "refused_latency_ms": _percentiles(self.refused_ms),
+                "slowest": [[round(t, 2), round(ms, 1)] for t, ms in sorted(self.timeline, key=lambda x: -x[1])[:8]],
+                "latency_ms_by_5s": {f"{k * 5}-{k * 5 + 5}s": _percentiles([ms for t, ms in self.timeline
+                                                                           if k * 5 <= t < k * 5 + 5])
+                                     for k in range(int(self.seconds // 5))}}
 
 
 async def open_loop(http: Any, tasks: list[str], headers: dict, rate: float, duration: float, rng: random.Random,
-                    inputs: tuple[int, int] = (1, 4)) -> OpenLoop:
+                    inputs: tuple[int, int] = (1, 4), grace: float | None = None) -> OpenLoop:
     """Requests at Poisson arrival times of mean `rate` per second for `duration` seconds, each sent when due
-    whatever the earlier ones are doing (latency measured from the moment it was due: no coordinated omission)."""
+    whatever the earlier ones are doing (latency measured from the moment it was due: no coordinated omission).
+    With `grace`, the requests still unanswered that long after the last one was due are abandoned (counted as
+    `unanswered_at_end`): a flood's backlog need not be drained once what it was meant to disturb is over."""
     import httpx
 
     out = OpenLoop()
@@ -218,6 +231,7 @@ async def open_loop(http: Any, tasks: list[str], headers: dict, rate: float, dur
         out.statuses[r.status_code] += 1
         if r.status_code == 200:
             out.latencies_ms.append((time.perf_counter() - due) * 1000)
+            out.timeline.append((due - out.start, out.latencies_ms[-1]))
             if len(r.json().get("predictions", [])) != len(batch):
                 out.failures["wrong_body"] += 1
         elif r.status_code == 429:
@@ -225,7 +239,7 @@ async def open_loop(http: Any, tasks: list[str], headers: dict, rate: float, dur
             if not r.headers.get("retry-after", "").isdigit():
                 out.retry_after_missing += 1
 
-    start = time.perf_counter()
+    start = out.start = time.perf_counter()
     due = start
     pending: set[asyncio.Task] = set()
     while True:
@@ -239,7 +253,101 @@ async def open_loop(http: Any, tasks: list[str], headers: dict, rate: float, dur
         task.add_done_callback(pending.discard)
         out.sent += 1
     if pending:
-        await asyncio.wait(pending)
+        _, late = await asyncio.wait(pending, timeout=grace)
+        for task in late:
+            task.cancel()
+        out.cut = len(late)
+        if late:
+            await asyncio.wait(late)
+    out.seconds = duration
+    return out
+
+
+async def raw_open_loop(url: str, tasks: list[str], headers: dict, rate: float, duration: float, rng: random.Random,
+                        inputs: tuple[int, int] = (1, 4), grace: float | None = None,
+                        connections: int = 1024) -> OpenLoop:
+    """`open_loop` over raw keep-alive HTTP/1.1 connections (at most `connections`, reused most recent first): a
+    flood of hundreds of requests a second costs its generator a fraction of what httpx costs, so that on a
+    machine of 2 cores the server's CPU goes to the server, as it would with the flood coming from elsewhere."""
+    import orjson
+
+    host, port = url.split("//", 1)[1].split(":")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    out = OpenLoop()
+    free: list[tuple[Any, Any, float]] = []  # idle connections (reader, writer, last used), most recent last
+    opened: set = set()
+    slots = asyncio.Semaphore(connections)
+
+    async def one(task: str, batch: list[str], due: float) -> None:
+        body = orjson.dumps({"inputs": batch})
+        request = (f"POST /v1/tasks/{task}/predict HTTP/1.1\r\nHost: {host}\r\n{head}Content-Type: application/json"
+                   f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        async with slots:
+            conn = None
+            while free:
+                reader, writer, used = free.pop()
+                if time.monotonic() - used < 4.0:  # the server closes connections idle 5 s
+                    conn = (reader, writer)
+                    break
+                writer.close()
+            try:
+                if conn is None:
+                    conn = await asyncio.open_connection(host, int(port))
+                    opened.add(conn[1])
+                reader, writer = conn
+                writer.write(request)
+                status_line = await reader.readline()
+                length, retry_after = 0, b""
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name = line[:16].lower()
+                    if name.startswith(b"content-length:"):
+                        length = int(line[15:])
+                    elif name.startswith(b"retry-after:"):
+                        retry_after = line[12:].strip()
+                data = await reader.readexactly(length)
+            except (OSError, asyncio.IncompleteReadError) as e:
+                out.failures[type(e).__name__] += 1
+                if conn is not None:
+                    conn[1].close()
+                return
+            if not status_line:
+                out.failures["closed"] += 1
+                writer.close()
+                return
+            status = int(status_line.split()[1])
+            out.statuses[status] += 1
+            if status == 200:
+                out.latencies_ms.append((time.perf_counter() - due) * 1000)
+                if data.count(b'"scores"') != len(batch):
+                    out.failures["wrong_body"] += 1
+            elif status == 429:
+                out.refused_ms.append((time.perf_counter() - due) * 1000)
+                if not retry_after.isdigit():
+                    out.retry_after_missing += 1
+            free.append((reader, writer, time.monotonic()))
+
+    start = out.start = time.perf_counter()
+    due = start
+    pending: set[asyncio.Task] = set()
+    while True:
+        due += rng.expovariate(rate)
+        if due - start > duration:
+            break
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        batch = [rng.choice(TEXTS) for _ in range(rng.randint(*inputs))]
+        task = asyncio.create_task(one(rng.choice(tasks), batch, due))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        out.sent += 1
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=grace)
+        for task in late:
+            task.cancel()
+        out.cut = len(late)
+        if late:
+            await asyncio.wait(late)
+    for writer in opened:
+        writer.close()
     out.seconds = duration
     return out
 
@@ -252,8 +360,7 @@ def _flood(url: str, tasks: list[str], headers: dict, rate: float, duration: flo
     """Tenant A's open loop, run in a child process; its summary."""
 
     async def go() -> OpenLoop:
-        async with _http(url, 1024) as http:
-            return await open_loop(http, tasks, headers, rate, duration, random.Random(5))
+        return await raw_open_loop(url, tasks, headers, rate, duration, random.Random(5), grace=5.0)
 
     return asyncio.run(go()).summary()
 
@@ -261,7 +368,9 @@ def _flood(url: str, tasks: list[str], headers: dict, rate: float, duration: flo
 def _http(url: str, connections: int, timeout: float = 30.0) -> Any:
     import httpx
 
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # Idle connections are dropped after 3 s: the server closes them after 5 s (uvicorn's keep-alive timeout), and
+    # httpx's default of 5 s races that close (a ReadError on a request sent as the server hung up).
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=3.0)
     return httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits)
 
 
@@ -283,16 +392,20 @@ async def noisy_phases(url: str, a: tuple[dict, list[str]], b: tuple[dict, list[
     common.log(f"capacity {capacity} req/s ({cap['inputs_per_s']} inputs/s); B at {b_rate:.1f} req/s, "
                f"A floods at {a_rate:.1f} req/s")
     cpu, wall = cpu_seconds(server_pid), time.monotonic()
+    windows = {"b_alone": [wall]}
     async with _http(url, 64) as hb:
         alone = await open_loop(hb, b[1], b[0], b_rate, duration, random.Random(4))
+    windows["b_alone"].append(time.monotonic())
     server_cpu = {"b_alone": round((cpu_seconds(server_pid) - cpu) / (time.monotonic() - wall), 2)}
     # A floods from a process of its own: in this one its requests would delay B's on the client side.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(_ping).result()  # the child is up before the clock starts
         cpu, wall = cpu_seconds(server_pid), time.monotonic()
         flood_future = asyncio.wrap_future(pool.submit(_flood, url, a[1], a[0], a_rate, duration))
+        windows["b_with_flood"] = [time.monotonic()]
         async with _http(url, 64) as hb:
             flooded = await open_loop(hb, b[1], b[0], b_rate, duration, random.Random(4))
+        windows["b_with_flood"].append(time.monotonic())
         flooding = await flood_future
         server_cpu["with_flood"] = round((cpu_seconds(server_pid) - cpu) / (time.monotonic() - wall), 2)
     b_alone, b_flooded = alone.summary(), flooded.summary()
@@ -307,7 +420,7 @@ async def noisy_phases(url: str, a: tuple[dict, list[str]], b: tuple[dict, list[
             "b_p50_ratio": round(p50_ratio, 2) if p50_ratio else None,
             "b_p99_ratio": round(p99_ratio, 2) if p99_ratio else None,
             "target": {"b_p99_ratio_at_most": 1.5, "b_errors": 0},
-            "server_cpu_cores_used": server_cpu, "loadavg_at_end": _loadavg(),
+            "server_cpu_cores_used": server_cpu, "loadavg_at_end": _loadavg(), "windows": windows,
             "met": bool(p99_ratio is not None and p99_ratio <= 1.5 and b_flooded["errors"] == 0
                         and b_alone["errors"] == 0)}
 
@@ -319,10 +432,14 @@ def run_noisy(args: argparse.Namespace, base: str, tmp: Path, prefix: str, resul
     result.update(clients=clients, server_settings=settings)
     with fresh_database() as db_url:
         common.log(f"registering {len(TASKS)} tasks for tenants A and B on {base} ...")
-        a = register_tasks(db_url, "tenant-a", base)
-        b = register_tasks(db_url, "tenant-b", base)
-        server = Server(server_env(db_url, REDIS_URL, prefix, base, tmp / "data", **settings),
-                        tmp / "server-noisy.log").start()
+        made: dict[int, tuple[dict, bytes]] = {}  # the same adapters for both tenants: made once
+        a = register_tasks(db_url, "tenant-a", base, made)
+        b = register_tasks(db_url, "tenant-b", base, made)
+        env = server_env(db_url, REDIS_URL, prefix, base, tmp / "data", **settings)
+        trace = tmp / "trace.jsonl"
+        if args.trace:
+            env["SPAFIT_BATCH_TRACE"] = str(trace)
+        server = Server(env, tmp / "server-noisy.log").start()
         try:
             result["noisy"] = asyncio.run(noisy_phases(server.url, a, b, clients=clients, warmup=args.warmup,
                                                        capacity_s=args.capacity_duration, duration=duration,
@@ -334,6 +451,8 @@ def run_noisy(args: argparse.Namespace, base: str, tmp: Path, prefix: str, resul
                 log_text.count("Traceback")
         finally:
             server.stop()
+        if args.trace:
+            result["noisy"]["stages_ms"] = trace_stages(trace, result["noisy"]["windows"], b_tenant_id(db_url))
     result["loadavg_after"] = _loadavg()
     path = common.write_result(name, result)
     n = result["noisy"]
@@ -343,9 +462,63 @@ def run_noisy(args: argparse.Namespace, base: str, tmp: Path, prefix: str, resul
     common.log(f"B with A flooding: {bf['ok']} ok, {bf['errors']} errors, p50 {bf['latency_ms']['p50']} ms, "
                f"p99 {bf['latency_ms']['p99']} ms (p99 x{n['b_p99_ratio']}; target 1.5: "
                f"{'met' if n['met'] else 'NOT met'})")
+    common.log("B with A flooding, p50/p99 by 5 s: " + ", ".join(
+        f"{k} {v['p50']}/{v['p99']}" for k, v in bf["latency_ms_by_5s"].items() if v) + f"; slowest {bf['slowest'][:4]}")
+    for key, st in n.get("stages_ms", {}).items():
+        common.log(f"{key}: " + ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in st.items()
+                                          if isinstance(v, dict)) + " (p50/p99)")
     common.log(f"A flooding: {af['sent']} sent, {af['ok']} ok, {af['tenant_queue_full_429']} x 429, "
                f"{af['errors']} errors, failures {af['failures']}")
     common.log(f"wrote {path}")
+
+
+STAGES = [  # (name, from mark, to mark) of the batcher's trace (spafit_core.batching, debug mode); ms
+    ("to_submit", "t", "submit"),  # predict called -> the submitter thread queued it (thread hop, adapter lookup)
+    ("to_tokenised", "submit", "queued"),  # waiting for the worker to tokenise it (it does between passes)
+    ("round_robin", "queued", "taken"),  # in its tenant's queue until the round robin takes it
+    ("to_forward", "taken", "forward"),  # taken -> its pass starts (passes before it in the same take)
+    ("forward", "forward", "forward_end"),  # its own pass
+    ("to_resolved", "forward_end", "resolved"),  # the rest of its pass's rows' postprocessing / its other rows
+    ("to_returned", "resolved", "returned"),  # the event loop gets back to it
+    ("in_predict", "t", "returned"),  # all of the above: the batcher's share of the request's latency
+]
+
+
+def trace_stages(path: Path, windows: dict[str, list[float]], tenant: str) -> dict[str, Any]:
+    """Per phase (B alone, B with the flood): percentiles of each stage of B's requests inside the batcher, the
+    rows and tenants of B's forward passes, and the same stages for A during the flood."""
+    import json
+
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    out: dict[str, Any] = {}
+    for phase, (lo, hi) in windows.items():
+        for who in ("b", "a"):
+            rows = [x for x in lines if lo <= x["t"] <= hi and (x["tenant"] == tenant) == (who == "b")]
+            if not rows:
+                continue
+            entry: dict[str, Any] = {"requests": len(rows)}
+            for name, frm, to in STAGES:
+                vals = [(x[to] if to != "t" else 0) - (x[frm] if frm != "t" else 0) for x in rows
+                        if (frm == "t" or frm in x) and to in x]
+                entry[name] = _percentiles(vals)
+            entry["batch_rows"] = _percentiles([x["batch_rows"] for x in rows if "batch_rows" in x])
+            entry["batch_tenants"] = _percentiles([x["batch_tenants"] for x in rows if "batch_tenants" in x])
+            out[f"{who}_{phase.removeprefix('b_')}"] = entry
+    return out
+
+
+def b_tenant_id(database_url: str) -> str:
+    from sqlalchemy import select
+
+    from app.db import Database
+    from app.models import Tenant
+
+    db = Database.from_url(database_url)
+    try:
+        with db.session() as s:
+            return str(s.scalar(select(Tenant.id).where(Tenant.name == "tenant-b")))
+    finally:
+        db.dispose()
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -465,18 +638,23 @@ def random_adapter(base_model: str, method: dict, labels: tuple[str, ...], seed:
     return serialize(model, max_seq_length=min(128, most or 128))
 
 
-def register_tasks(database_url: str, tenant_name: str, base_model: str) -> tuple[dict[str, str], list[str]]:
-    """A tenant, a predict key and the 8 tasks, registered as a worker registers them. (headers, task names)"""
+def register_tasks(database_url: str, tenant_name: str, base_model: str,
+                   made: dict[int, tuple[dict, bytes]] | None = None) -> tuple[dict[str, str], list[str]]:
+    """A tenant, a predict key and the 8 tasks, registered as a worker registers them. (headers, task names)
+    `made`: adapters made for an earlier tenant, by task index (filled on the way), reused."""
     from app.db import Database
     from app.services import keys, registry
 
+    made = {} if made is None else made
     db = Database.from_url(database_url)
     try:
         with db.session() as s:
             tenant = keys.create_tenant(s, tenant_name)
             _, plaintext = keys.create_key(s, tenant.id, "load", ["predict"])
             for i, (name, method, labels) in enumerate(TASKS):
-                cfg, weights = random_adapter(base_model, method, labels, seed=i)
+                if i not in made:
+                    made[i] = random_adapter(base_model, method, labels, seed=i)
+                cfg, weights = made[i]
                 registry.register_version(s, tenant.id, name, cfg, weights)
             s.commit()
     finally:
@@ -816,6 +994,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flood", type=float, default=4.0, help="--noisy: A's rate, in multiples of the capacity")
     p.add_argument("--b-share", type=float, default=0.2, help="--noisy: B's rate, as a share of the capacity")
     p.add_argument("--capacity-duration", type=float, default=10.0, help="--noisy: seconds measuring capacity")
+    p.add_argument("--trace", action="store_true",
+                   help="--noisy: the batcher's debug trace (SPAFIT_BATCH_TRACE): where B's latency goes, by stage")
     p.add_argument("--set", nargs=2, action="append", metavar=("SETTING", "VALUE"),
                    help="a server setting, e.g. --set batch_max_size 8 (repeatable)")
     p.add_argument("--vs-engine", action="store_true", help="requests/s against the engine's rows/s (see above)")
