@@ -30,6 +30,7 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,11 @@ class Serving:
         self._saturated: dict[str, tuple[float, int]] = {}
         # The per-tenant share across API replicas (Redis, server mode); None: counted in this process only.
         self.tenant_rows = TenantRows.from_settings(settings)
+        # Backbones being loaded for predicts, by base model: one load each, on threads of their own, awaited by
+        # every request that needs it, so that waiting for a download holds none of the threads that predicts on
+        # the backbones already loaded go through (the batcher's submitters, the event loop's executor).
+        self._backbone_loads: dict[str, asyncio.Future] = {}
+        self._backbone_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="spafit-backbone")
         # Active versions (and, in deps, API keys) read without the database; emptied on any change anywhere.
         self.cache = Invalidation(settings.database_url)
         metrics.watch_engine(self.stats, self.queue_depth)
@@ -147,6 +153,7 @@ class Serving:
             self.tenant_rows.close()
         if batcher is not None:
             batcher.stop()
+        self._backbone_pool.shutdown(wait=False, cancel_futures=True)
 
     def check_ready(self) -> None:
         """The readiness check "engine": once started, the batcher's thread is alive (a dead one fails this check
@@ -347,6 +354,7 @@ class Serving:
                 batcher = self._batcher  # started and alive: no thread needed to read it
                 if batcher is None or not batcher.alive:
                     batcher = await asyncio.to_thread(lambda: self.batcher)
+                await self._backbones_loaded(batcher.engine, served)
                 predictions = await batcher.predict(served[0].adapter, inputs, top_k,
                                                     timeout_s=self.settings.predict_timeout_s, tenant=tenant)
             except TenantOverloadedError as e:  # the batcher's own bounds (only reached past ours)
@@ -367,6 +375,7 @@ class Serving:
             try:
                 served = await self._resolve(tenant_id, tasks)
                 engine = self._engine if self._engine is not None else await asyncio.to_thread(lambda: self.engine)
+                await self._backbones_loaded(engine, served)
                 timeout = self.settings.predict_timeout_s
                 stop = threading.Event()
                 work = asyncio.get_running_loop().run_in_executor(
@@ -420,6 +429,30 @@ class Serving:
         release()
         if not work.cancelled():
             work.exception()  # retrieved: an abandoned (timed out) call's error is not worth a log line
+
+    async def _backbones_loaded(self, engine: Engine, served: Sequence[Served]) -> None:
+        """Wait until the backbone of every served version is loaded, without holding a thread meanwhile: a base
+        model not resident yet is loaded once, on `_backbone_pool`, whoever else waits for it (a request that goes
+        away stops waiting; the load goes on for the next one). Its error, if it fails, is every waiter's."""
+        resident = engine.backbones
+        missing = {s.base_model for s in served} - set(resident)
+        if not missing:
+            return
+        from spafit_core.backbone import canonical_model_name
+
+        loop = asyncio.get_running_loop()
+        for name in {canonical_model_name(b) for b in missing} - set(resident):
+            load = self._backbone_loads.get(name)
+            if load is None or load.get_loop() is not loop:
+                load = self._backbone_loads[name] = loop.run_in_executor(self._backbone_pool, engine.backbone, name)
+                load.add_done_callback(lambda f, name=name: self._backbone_loaded(name, f))
+            await asyncio.shield(load)
+
+    def _backbone_loaded(self, name: str, load: asyncio.Future) -> None:
+        if self._backbone_loads.get(name) is load:
+            del self._backbone_loads[name]  # loaded (the engine holds it now) or failed (the next request retries)
+        if not load.cancelled():
+            load.exception()  # retrieved: each waiter raised it already
 
     async def _resolve(self, tenant_id: uuid.UUID, tasks: Sequence[str]) -> list[Served]:
         """The active versions, from the cache when every task is there (no thread, no database), else from the
