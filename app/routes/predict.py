@@ -123,14 +123,22 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        task.cancel()
+        _abandon(task)
         raise
     finally:
         watcher.cancel()
     if not task.done():
-        task.cancel()
+        _abandon(task)
         raise ClientClosedRequest("the client went away; its prediction was dropped")
     return task.result()
+
+
+def _abandon(task: asyncio.Future) -> None:
+    """Cancel work nobody waits for any more. It may still end with an error of its own (a 429 decided just before
+    the cancellation landed): retrieved here, or asyncio logs "Task exception was never retrieved" with a
+    traceback for every client that went away."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 @router.post("/v1/tasks/{task}/predict", response_model=TaskPredictions, summary="Predict with a task's active "

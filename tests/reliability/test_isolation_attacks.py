@@ -1,0 +1,255 @@
+"""Attacks on issue 12's isolation, fairness and bounds, against real API processes (`spafit serve`, server mode)
+sharing a private Redis (that the tests kill and restart) and the session's Postgres: two replicas, one key
+prefix of their own. Every answer must be HTTP (a 500 or a reset connection fails a test), and after each flood
+the rows counted in flight go back to zero, in Redis and in each process's gauge."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import ApiProcess, RedisServer, free_port, service_env, wait_until
+
+pytestmark = pytest.mark.slow
+
+SHARE = 24  # batch_max_queue_per_tenant of the replicas here
+METRICS_TOKEN = "attack-metrics-token-0123456789"
+TEXTS = ["good movie", "the plot was very boring and bad", "ok", "i love this film it is great fun"]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Any:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("attack-redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tenants(db, tiny_base) -> dict[str, Any]:
+    """Tenants `a` (the flood) and `b` (the victim), each with the task `spam`; their headers and ids."""
+    from app.services import keys, registry
+    from tests.api.adapters import random_adapter
+
+    cfg, weights = random_adapter(tiny_base, dict(name="spafit", n1=1, n2=2, rank=2), seed=7)
+    out: dict[str, Any] = {}
+    with db.session() as s:
+        for name in ("a", "b"):
+            tenant = keys.create_tenant(s, f"attack-{name}-{secrets.token_hex(4)}")
+            _, plaintext = keys.create_key(s, tenant.id, "attack", ["predict", "train"])
+            registry.register_version(s, tenant.id, "spam", cfg, weights, activate=True)
+            out[name] = {"id": str(tenant.id), "headers": {"Authorization": f"Bearer {plaintext}"}}
+        s.commit()
+    return out
+
+
+def _env(pg_url: str, redis: RedisServer, prefix: str, base: str, data: Any, **extra: Any) -> dict[str, str]:
+    return service_env(pg_url, redis.url, prefix, base, data, preload_base_model=True, engine_device="cpu",
+                       log_level="WARNING", batch_max_size=8, batch_max_wait_ms=5, max_predict_inputs=8,
+                       batch_max_queue_per_tenant=SHARE, tenant_rows_lease_s=2, metrics_token=METRICS_TOKEN,
+                       sse_max_streams_per_tenant=3, sse_slot_ttl_s=3, **extra)
+
+
+@pytest.fixture(scope="module")
+def replicas(pg_url, redis_server, redis_prefix, tiny_base, tmp_path_factory) -> Any:
+    tmp = tmp_path_factory.mktemp("attack")
+    prefix = f"{redis_prefix}attack:"
+    apis = [ApiProcess(_env(pg_url, redis_server, prefix, tiny_base, tmp / f"data{i}"), tmp / f"api{i}.log").launch()
+            for i in range(2)]
+    try:
+        for api in apis:
+            api.wait_ready(90)
+        yield apis, prefix
+    finally:
+        for api in apis:
+            api.stop()
+
+
+def _queued(api: ApiProcess, tenant: str) -> float:
+    text = httpx.get(f"{api.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10).text
+    series = f'spafit_predict_tenant_queued_rows{{tenant="{tenant}"}} '
+    return sum(float(line[len(series):]) for line in text.splitlines() if line.startswith(series))
+
+
+def _shared(redis: RedisServer, prefix: str, tenant: str) -> dict[str, int]:
+    import redis as redis_lib
+
+    try:
+        raw = redis_lib.Redis(port=redis.port, socket_timeout=2).hgetall(f"{prefix}spafit:rows:{tenant}")
+    except redis_lib.RedisError:
+        return {}
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def _client(http: httpx.AsyncClient, url: str, inputs: list[str], headers: dict, until: float,
+                  seen: Counter, failures: list[str], timeout: float | None = None) -> None:
+    while time.monotonic() < until:
+        try:
+            r = await http.post(f"{url}/v1/tasks/spam/predict", json={"inputs": inputs}, headers=headers,
+                                timeout=timeout or 30)
+        except httpx.TimeoutException:
+            seen["client-timeout"] += 1
+            continue
+        except httpx.HTTPError as e:  # a reset or dropped connection
+            failures.append(f"{type(e).__name__}: {e}")
+            await asyncio.sleep(0.05)
+            continue
+        seen[r.status_code] += 1
+        if r.status_code == 429:
+            await asyncio.sleep(0.02)
+        elif r.status_code != 200:
+            failures.append(f"{r.status_code}: {r.text[:300]}")
+
+
+async def _flood(apis: list[ApiProcess], tenants: dict, seconds: float, during: Any = None,
+                 flood_timeout: float | None = None) -> tuple[Counter, list[str], Counter, list[str]]:
+    limits = httpx.Limits(max_connections=80, max_keepalive_connections=80)
+    async with httpx.AsyncClient(limits=limits) as http:
+        until = time.monotonic() + seconds
+        f_seen, f_fail, v_seen, v_fail = Counter(), [], Counter(), []
+        jobs = [_client(http, apis[i % 2].url, TEXTS * 2, tenants["a"]["headers"], until, f_seen, f_fail,
+                        flood_timeout) for i in range(16)]
+        jobs += [_client(http, api.url, TEXTS[:2], tenants["b"]["headers"], until, v_seen, v_fail) for api in apis]
+        if during is not None:
+            jobs.append(asyncio.to_thread(during))
+        await asyncio.gather(*jobs)
+    return f_seen, f_fail, v_seen, v_fail
+
+
+def _drained(apis: list[ApiProcess], redis: RedisServer, prefix: str, tenant: str) -> None:
+    wait_until(lambda: not _shared(redis, prefix, tenant) and all(_queued(a, tenant) == 0 for a in apis), 15,
+               "the flooding tenant's rows given back (Redis and every process)")
+
+
+def _peak_watcher(redis: RedisServer, prefix: str, tenant: str, seconds: float, peak: list[int]) -> Any:
+    def watch() -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            peak.append(sum(_shared(redis, prefix, tenant).values()))
+            time.sleep(0.01)
+
+    return watch
+
+
+def _served_fairly(f_seen: Counter, f_fail: list[str], v_seen: Counter, v_fail: list[str]) -> None:
+    assert f_fail == [] and f_seen[429] >= 1 and f_seen[200] >= 1, (f_seen, f_fail[:3])
+    assert set(f_seen) <= {200, 429, "client-timeout"}, f_seen
+    assert v_fail == [] and set(v_seen) == {200} and v_seen[200] >= 4, (v_seen, v_fail[:3])
+
+
+def test_a_flood_over_two_replicas_never_holds_more_than_its_share_and_leaves_nothing_counted(
+        replicas, tenants, redis_server):
+    apis, prefix = replicas
+    peak: list[int] = []
+    watch = _peak_watcher(redis_server, prefix, tenants["a"]["id"], 5, peak)
+    _served_fairly(*asyncio.run(_flood(apis, tenants, 5, watch)))
+    assert 0 < max(peak) <= SHARE, max(peak)  # across both replicas, never past the share
+    _drained(apis, redis_server, prefix, tenants["a"]["id"])
+
+
+def test_redis_killed_and_restarted_mid_flood_never_fails_a_request_and_the_shared_share_comes_back(
+        replicas, tenants, redis_server):
+    apis, prefix = replicas
+
+    def outage() -> None:
+        time.sleep(1.5)
+        redis_server.kill9()  # everything it held is lost
+        time.sleep(3)
+        redis_server.start()
+
+    _served_fairly(*asyncio.run(_flood(apis, tenants, 9, outage)))
+    _drained(apis, redis_server, prefix, tenants["a"]["id"])
+    peak: list[int] = []
+    _served_fairly(*asyncio.run(_flood(apis, tenants, 4, _peak_watcher(redis_server, prefix, tenants["a"]["id"], 4,
+                                                                       peak))))
+    assert 0 < max(peak) <= SHARE, max(peak)  # counted in Redis again, across both replicas
+    _drained(apis, redis_server, prefix, tenants["a"]["id"])
+
+
+def test_clients_that_go_away_mid_request_leave_no_rows_counted(replicas, tenants, redis_server):
+    apis, prefix = replicas
+    f_seen, f_fail, v_seen, v_fail = asyncio.run(_flood(apis, tenants, 5, flood_timeout=0.03))
+    assert f_seen["client-timeout"] >= 10 and f_fail == [], (f_seen, f_fail[:3])
+    assert v_fail == [] and set(v_seen) == {200}, (v_seen, v_fail[:3])
+    _drained(apis, redis_server, prefix, tenants["a"]["id"])
+    for api in apis:
+        log = api.tail(500_000)
+        assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
+# ------------------------------------------------------------------------------ a backbone loading meanwhile
+@contextmanager
+def _uvicorn(app: Any) -> Iterator[str]:
+    """`app` behind a real uvicorn server in a thread of this process (so that a load can be slowed down)."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 60, "uvicorn")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_predicts_on_a_loaded_backbone_go_on_while_many_requests_wait_for_another_to_load(
+        pg_url, redis_url, redis_prefix, db, tiny_base, tmp_path, monkeypatch):
+    """Eight requests for a task on a base model that takes 4 s to load must not hold up a task on the
+    backbone already loaded: its requests answer in their usual time, not after the load."""
+    import spafit_core.engine.forward as forward
+    from app.main import create_app
+    from app.services import keys, registry
+    from tests.api.adapters import random_adapter, settings_factory, tiny_backbone
+
+    other_base = tiny_backbone(tmp_path / "other-base", seed=3)
+    with db.session() as s:
+        tenant = keys.create_tenant(s, f"attack-load-{secrets.token_hex(4)}")
+        _, plaintext = keys.create_key(s, tenant.id, "attack", ["predict"])
+        for task, base in (("here", tiny_base), ("there", other_base)):
+            registry.register_version(s, tenant.id, task, *random_adapter(base, seed=1), activate=True)
+        s.commit()
+    headers = {"Authorization": f"Bearer {plaintext}"}
+    real = forward.Backbone
+
+    def slow_backbone(name: str, *args: Any, **kw: Any) -> Any:
+        if "other-base" in name:
+            time.sleep(4)
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(forward, "Backbone", slow_backbone)
+    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path / "data") as make:
+        app = create_app(make(default_base_model=tiny_base, allowed_base_models=[other_base], engine_device="cpu",
+                              preload_base_model=True))
+        with _uvicorn(app) as url:
+            wait_until(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 60, "the backbone")
+            assert httpx.post(f"{url}/v1/tasks/here/predict", json={"inputs": TEXTS}, headers=headers,
+                              timeout=30).status_code == 200  # warm
+
+            async def scenario() -> tuple[list[int], list[float]]:
+                async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as http:
+                    far = [asyncio.ensure_future(http.post("/v1/tasks/there/predict", json={"inputs": TEXTS}))
+                           for _ in range(8)]
+                    await asyncio.sleep(0.5)  # the load has begun
+                    took = []
+                    for _ in range(3):
+                        t = time.monotonic()
+                        r = await http.post("/v1/tasks/here/predict", json={"inputs": TEXTS})
+                        assert r.status_code == 200, r.text
+                        took.append(time.monotonic() - t)
+                    return [r.status_code for r in await asyncio.gather(*far)], took
+
+            far, took = asyncio.run(scenario())
+    assert far == [200] * 8
+    assert max(took) < 1.5, took  # not the 3.5 s left of the other backbone's load
