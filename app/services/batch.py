@@ -222,9 +222,26 @@ def create_evaluation(session: Session, tenant_id: uuid.UUID, task: str, number:
     if label_field is None or label_field not in ds.columns:
         raise DataError(f"dataset {ds.id} has no label column{f' {label_field!r}' if label_field else ''}: an "
                         f"evaluation needs labels (columns: {ds.columns})", field="label_field")
+    _check_labels(version, ds, label_field)
     preset = glue_preset(session, version, ds)
     return _job(session, tenant_id, "evaluate", version, task, ds, text_fields, label_field,
                 {"glue_preset": preset} if preset else {}, settings, idempotency_key)
+
+
+def _check_labels(version: AdapterVersion, ds: Dataset, label_field: str) -> None:
+    """422 at creation for what the worker would fail on at the first row: a multi-label version (not evaluated
+    yet), or a dataset whose label column has labels the version does not know (from the upload's label counts)."""
+    task = (version.config or {}).get("task") or {}
+    task_type = task.get("task_type", "single_label_classification")
+    if task_type == "multi_label_classification":
+        raise ConfigError(f"version {version.version} is multi-label: evaluating multi-label versions is not "
+                          "supported yet", field="version")
+    if task_type != "single_label_classification" or ds.task_type != task_type or label_field != ds.label_field:
+        return
+    unknown = sorted(set(ds.label_counts or {}) - set(task.get("labels") or ()))
+    if unknown:
+        raise DataError(f"dataset {ds.id} has label(s) {unknown[:10]} in column {label_field!r} that version "
+                        f"{version.version} does not know (its labels: {task.get('labels')})", field="label_field")
 
 
 def _glue_import(ds: Dataset | None) -> str | None:

@@ -25,3 +25,37 @@ def test_compare_with_non_ascii_digits_is_422_naming_compare(client, tenant_key,
     register(db, key.tenant_id, "sentiment", cfg, weights)
     r = client.get("/v1/tasks/sentiment/versions", params={"compare": spec}, headers=key.headers)
     assert assert_problem(r, 422)["field"] == "compare"
+
+
+def _upload(client, key, labels: tuple[str, str], n: int = 12) -> str:
+    from .helpers import upload
+
+    rows = "".join(f"text number {i},{labels[i % 2]}\n" for i in range(n))
+    r = upload(client, f"text,label\n{rows}".encode(), "rows.csv", headers=key.headers)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_evaluating_a_multi_label_version_is_422_at_creation_not_a_failed_job(client, tenant_key, db, base):
+    key = tenant_key("train")
+    cfg, weights = random_adapter(base, SPAFIT, labels=("neg", "pos"), task_type="multi_label_classification")
+    register(db, key.tenant_id, "tags", cfg, weights)
+    ds = _upload(client, key, ("neg", "pos"))
+    p = assert_problem(client.post("/v1/tasks/tags/versions/1/evaluate", json={"dataset": ds}, headers=key.headers),
+                       422)
+    assert p["field"] == "version" and "multi-label" in p["detail"]
+
+
+def test_evaluating_on_labels_the_version_does_not_know_is_422_naming_them(client, tenant_key, db, base):
+    """Once a 202 and then a job failed at its first row; the upload's label counts already tell."""
+    key = tenant_key("train")
+    cfg, weights = random_adapter(base, SPAFIT, labels=("neg", "pos"))
+    register(db, key.tenant_id, "sentiment", cfg, weights)
+    client.app.state.send_job = lambda job_id: None  # nothing here needs a worker
+    wrong = _upload(client, key, ("negative", "positive"))
+    p = assert_problem(client.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": wrong},
+                                   headers=key.headers), 422, "invalid-dataset")
+    assert p["field"] == "label_field" and "negative" in p["detail"] and "positive" in p["detail"]
+    right = _upload(client, key, ("pos", "neg"))
+    assert client.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": right},
+                       headers=key.headers).status_code == 202
