@@ -34,6 +34,7 @@ from . import events, jobs, registry
 MAX_TOP_K = 1000
 CSV_HEADER = ("id", "label", "score")
 GLUE_HUB_NAMES = ("glue", "nyu-mll/glue")  # a dataset imported from these names a GLUE preset (its config)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula
 
 
 class TaskRef(BaseModel):
@@ -341,6 +342,22 @@ def _one(p: dict, all_scores: bool) -> dict:
     return row
 
 
+def csv_cell(value: Any) -> Any:
+    """An id or label as a CSV cell a spreadsheet shows as text (OWASP CSV injection: a leading `'` on text that
+    starts with = + - @ tab or CR and is not a number); an id that is a JSON object or list as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value  # "-3", "+1.5": a number
+    except ValueError:
+        return "'" + value
+
+
 def encode_task_rows(rows: list[dict], tasks: list[str], fmt: str, all_scores: bool) -> bytes:
     """Result rows of a several-task job ({id, results: {task: prediction}}) in the job's format: JSONL
     `{"id", "results": {task: {label, score[, labels][, scores]}}}`; CSV three columns per task (no header)."""
@@ -348,10 +365,10 @@ def encode_task_rows(rows: list[dict], tasks: list[str], fmt: str, all_scores: b
         buf = io.StringIO()
         w = csv.writer(buf)
         for r in rows:
-            cells: list[Any] = [r["id"]]
+            cells: list[Any] = [csv_cell(r["id"])]
             for t in tasks:
                 p = r["results"][t]
-                cells += ["" if p["label"] is None else p["label"], p["score"],
+                cells += [csv_cell(p["label"]), p["score"],
                           json.dumps(p["scores"], separators=(",", ":")) if all_scores else ""]
             w.writerow(cells)
         return buf.getvalue().encode()
@@ -366,7 +383,7 @@ def encode_rows(rows: list[dict], fmt: str, all_scores: bool) -> bytes:
         buf = io.StringIO()
         w = csv.writer(buf)
         for r in rows:
-            w.writerow([r["id"], "" if r["label"] is None else r["label"], r["score"],
+            w.writerow([csv_cell(r["id"]), csv_cell(r["label"]), r["score"],
                         json.dumps(r["scores"], separators=(",", ":")) if all_scores else ""])
         return buf.getvalue().encode()
     out = []

@@ -59,3 +59,27 @@ def test_evaluating_on_labels_the_version_does_not_know_is_422_naming_them(clien
     right = _upload(client, key, ("pos", "neg"))
     assert client.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": right},
                        headers=key.headers).status_code == 202
+
+
+def test_csv_results_do_not_hand_spreadsheets_formulas():
+    """A label or id such as `=HYPERLINK(...)` or `@SUM(...)` (from a tenant's training labels or a customer's
+    ticket id) is written as text (`'=...`) in CSV results; numbers, negative ones too, and JSON Lines stay as is."""
+    import csv
+    import io
+    import json
+
+    from app.services.batch import encode_rows, encode_task_rows
+
+    rows = [{"id": "=1+2", "label": '=HYPERLINK("http://x","y")', "score": 0.5, "scores": []},
+            {"id": "-3", "label": "@SUM(A1)", "score": 0.5, "scores": []},
+            {"id": {"a": 1}, "label": "+cmd|' /C calc'!A0", "score": 0.5, "scores": []},
+            {"id": 7, "label": "\tx", "score": 0.5, "scores": []},
+            {"id": "-2+3", "label": "plain", "score": 0.5, "scores": []}]
+    got = list(csv.reader(io.StringIO(encode_rows(rows, "csv", False).decode())))
+    assert [(r[0], r[1]) for r in got] == [("'=1+2", "'=HYPERLINK(\"http://x\",\"y\")"), ("-3", "'@SUM(A1)"),
+                                           ('{"a":1}', "'+cmd|' /C calc'!A0"), ("7", "'\tx"), ("'-2+3", "plain")]
+    several = [{"id": r["id"], "results": {"t": r}} for r in rows]
+    got = list(csv.reader(io.StringIO(encode_task_rows(several, ["t"], "csv", False).decode())))
+    assert [(r[0], r[1]) for r in got][:2] == [("'=1+2", "'=HYPERLINK(\"http://x\",\"y\")"), ("-3", "'@SUM(A1)")]
+    lines = [json.loads(x) for x in encode_rows(rows, "jsonl", False).decode().splitlines()]
+    assert [(r["id"], r["label"]) for r in lines] == [(r["id"], r["label"]) for r in rows]
