@@ -51,7 +51,7 @@ import torch
 from spafit_core.adapter import model_from_adapter, serialize
 from spafit_core.config import MethodConfig, TaskSpec
 from spafit_core.engine import Engine, Row
-from spafit_core.engine.forward import _lease, _route
+from spafit_core.engine.slot_lease import lease_slots, route_rows
 from spafit_core.model import SpafitModel, load_hf_classifier
 from spafit_core.train import collate
 
@@ -292,11 +292,11 @@ def bench_fan_out(engine: Engine, fac: Factory, args) -> dict[str, Any]:
 def bookkeeping(pools, adapters) -> None:
     """What a mixed forward spends deciding which adapter rows go where: the rows' slots, their order (rows of
     one LoRA rank together), the table lookup and each module's runs of rows (`engine.forward.Engine._forward`)."""
-    with pools.lock, _lease(pools, adapters) as slots:
+    with pools.lock, lease_slots(pools, adapters) as slots:
         order = pools.row_order(slots)
         if order is not None:
             slots = [slots[i] for i in order]
-        _route(pools, slots)
+        route_rows(pools, slots)
 
 
 def spread_rows(bb, n: int, length: int, seed: int) -> list[dict[str, list[int]]]:

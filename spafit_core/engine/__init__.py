@@ -19,6 +19,8 @@
   - `Engine.fan_out_many` (`fan_out` for one input): inputs asked of many tasks in one pass that branches
     where the tasks diverge: one trunk row per input runs the frozen layers, and at each task's first
     trained layer branches into a row for that task. Concurrent fan-outs on one backbone share the pass.
+- `slot_lease`: the slots a batch's adapters hold in the pools (or borrow for one forward), the route
+  over them, and host tensors onto the device without waiting.
 
 Switching the task of a request never reloads or copies the backbone: adapters only ever contribute
 deltas through the route of one forward pass.
@@ -26,8 +28,10 @@ deltas through the route of one forward pass.
 
 from .bank import AdapterBank
 from .base import Backbone, position_limit
-from .forward import Engine, Input, Row, _slots, _to_device, split_inputs  # noqa: F401 (_slots, _to_device: tests)
+from .forward import Engine, Input, Row, split_inputs
 from .packed import LoadedAdapter, PackedLayout, Slot, build_adapter
+from .slot_lease import batch_slots as _slots  # noqa: F401 (tests)
+from .slot_lease import to_device as _to_device  # noqa: F401 (tests)
 
 __all__ = ["AdapterBank", "Backbone", "Engine", "Input", "LoadedAdapter", "PackedLayout", "Row", "Slot",
            "build_adapter", "position_limit", "split_inputs"]

@@ -1,5 +1,6 @@
 """The engine: one backbone per base model, its adapter bank, and the forward pass over rows of many
-adapters (mixed batches, fan-out)."""
+adapters (mixed batches, fan-out). A batch's slots in the pools are leased in `slot_lease.py`; the fan-out's
+rows and waiting calls are in `fanout.py`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .bank import AdapterBank
 from .base import Backbone
 from .fanout import FanOut, branch, per_input, select_output, take
 from .packed import LoadedAdapter
+from .slot_lease import device_index, lease_slots, route_rows, to_device
 
 Input = str | tuple[str, str] | dict
 FAN_OUT_ROWS = 256  # (input, task) rows at most in one pass that joins concurrent fan-outs (one call: any)
@@ -228,12 +230,12 @@ class Engine:
 
     def _forward(self, bb: Backbone, rows: Sequence[Row]) -> list[torch.Tensor]:
         pools = self._banks[bb.name].pools
-        with self._forward_lock, pools.lock, _lease(pools, [r.adapter for r in rows]) as slots:
+        with self._forward_lock, pools.lock, lease_slots(pools, [r.adapter for r in rows]) as slots:
             order = pools.row_order(slots) if len(set(slots)) > 1 else None  # rows of one LoRA rank together
             if order is not None:
                 rows, slots = [rows[i] for i in order], [slots[i] for i in order]
-            batch = _to_device(collate([r.features for r in rows], bb.pad_id), bb.device)
-            deltas = _route(pools, slots)
+            batch = to_device(collate([r.features for r in rows], bb.pad_id), bb.device)
+            deltas = route_rows(pools, slots)
             try:
                 outputs = self._run(bb, batch, Route(deltas=deltas))
             except MixedBatchUnsupported:  # e.g. DeBERTa's shared relative-position projections
@@ -380,9 +382,9 @@ class Engine:
         cannot mix adapters in one batch."""
         depth, n = bb.stack.num_layers, len(feats)
         start = [min(a.first_trained_layer, depth) for a in adapters]
-        inputs = _to_device(collate(list(feats), bb.pad_id), bb.device)  # (N, T)
+        inputs = to_device(collate(list(feats), bb.pad_id), bb.device)  # (N, T)
         pools = self._banks[bb.name].pools
-        with self._forward_lock, pools.lock, _lease(pools, adapters) as task_slot:
+        with self._forward_lock, pools.lock, lease_slots(pools, adapters) as task_slot:
             rows: list[tuple[int, int | None]] = [(i, None) for i in range(n)]  # (input, task or None: trunk)
             hidden, done = None, 0  # layers [0, done) have run; `hidden`: the input of layer `done`
             try:
@@ -407,7 +409,7 @@ class Engine:
             outputs = select_output(outputs, pick)
             flat_adapters = [adapters[j] for i in range(n) for j in tasks_of[i]]
             slots = [task_slot[j] for i in range(n) for j in tasks_of[i]]
-            flat = self._heads(bb, pools, outputs, flat_adapters, _route(pools, slots).cols)
+            flat = self._heads(bb, pools, outputs, flat_adapters, route_rows(pools, slots).cols)
             return per_input(flat, tasks_of)
 
     def _stage(self, bb: Backbone, pools: SlotPools, inputs: dict, rows: Sequence[tuple[int, int | None]],
@@ -417,66 +419,14 @@ class Engine:
         `hi` is the depth."""
         which = [i for i, _ in rows]
         if which != list(range(len(inputs["input_ids"]))):
-            idx = _index(which, inputs["input_ids"].device)
+            idx = device_index(which, inputs["input_ids"].device)
             inputs = {k: v.index_select(0, idx) for k, v in inputs.items()}
         slots = [None if j is None else task_slot[j] for _, j in rows]
-        deltas = _route(pools, slots) if any(s is not None for s in slots) else {}
+        deltas = route_rows(pools, slots) if any(s is not None for s in slots) else {}
         last = hi >= bb.stack.num_layers
         r = Route(deltas=deltas, skip_below=lo, inject=hidden, stop_at=None if last else hi)
         outputs = self._run(bb, inputs, r)
         return outputs if last else r.captured
-
-
-def _route(pools: SlotPools, slots: list[int | None]):
-    """The pools' route for rows in `slots` (None: a row with no adapter); one entry where every row has the
-    same adapter."""
-    distinct = sorted({s for s in slots if s is not None})
-    if len(set(slots)) == 1 and slots[0] is not None:
-        return pools.route(_index(slots[:1], pools.device), distinct)
-    return pools.route(_index([0 if s is None else s for s in slots], pools.device), distinct, slots)
-
-
-def _index(slots: list[int], device: torch.device) -> torch.Tensor:
-    return _to_device({"s": torch.tensor(slots)}, device)["s"]
-
-
-@contextlib.contextmanager
-def _lease(pools: SlotPools, adapters: Sequence[LoadedAdapter]) -> Iterator[list[int]]:
-    """The slot of each of `adapters` in `pools`, on the host. An adapter not in these pools (evicted or
-    replaced while its request waited, or of a backbone since reloaded) borrows a slot for the block. Call
-    under the pools' lock: no slot changes meanwhile."""
-    borrowed: dict[int, int] = {}
-    slots = []
-    for a in adapters:
-        s = a.slot if a.pools is pools else None
-        if s is None:
-            s = borrowed.get(id(a))
-            if s is None:
-                s = borrowed[id(a)] = pools.attach(a.layout, a.packed(), a.task.num_labels)
-        slots.append(s)
-    try:
-        yield slots
-    finally:
-        for s in borrowed.values():
-            pools.detach(s)
-
-
-@contextlib.contextmanager
-def _slots(pools: SlotPools, adapters: Sequence[LoadedAdapter]) -> Iterator[tuple[torch.Tensor, list[int]]]:
-    """The row-to-slot index of a batch whose row i belongs to adapters[i] (one entry where every row has
-    the same adapter), on the pools' device, and its distinct slots (see `_lease`)."""
-    first = adapters[0]
-    if all(a is first for a in adapters):
-        adapters = adapters[:1]
-    with _lease(pools, adapters) as slots:
-        yield _index(slots, pools.device), list(set(slots))
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Host tensors onto `device`: as they are on the CPU; through pinned memory, without waiting, on a GPU."""
-    if device.type == "cpu":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _vmapped_head(head: nn.Module, stub, params: dict[str, torch.Tensor], outputs) -> torch.Tensor:
