@@ -298,6 +298,10 @@ class Serving:
         every tenant's rows together fill this process's `batch_max_queue`. Returns the function that gives the
         rows back (idempotent)."""
         limit, total = self.settings.batch_max_queue_per_tenant, self.settings.batch_max_queue
+        # A request larger than the share (a big fan-out) runs alone, charged one share (and never more than the
+        # whole queue): the queue has room for it whenever its tenant has nothing in flight, and it leaves the
+        # other tenants what it would leave them at its share.
+        rows = min(rows, limit, total)
         counter = self.tenant_rows  # None (embedded), or Redis unusable (`shared` None): counted here
         shared = await counter.admit(tenant, rows, limit) if counter is not None else None
         with self._in_flight_lock:

@@ -21,6 +21,8 @@ from .conftest import ApiProcess, RedisServer, free_port, service_env, wait_unti
 pytestmark = pytest.mark.slow
 
 SHARE = 24  # batch_max_queue_per_tenant of the replicas here
+QUEUE = 64  # batch_max_queue: rows in flight in one replica, every tenant
+FAN_TASKS = tuple(f"fan-{i}" for i in range(32))  # tenant a's tasks for a fan-out of 8 inputs x 32 tasks
 METRICS_TOKEN = "attack-metrics-token-0123456789"
 TEXTS = ["good movie", "the plot was very boring and bad", "ok", "i love this film it is great fun"]
 
@@ -44,7 +46,8 @@ def tenants(db, tiny_base) -> dict[str, Any]:
         for name in ("a", "b"):
             tenant = keys.create_tenant(s, f"attack-{name}-{secrets.token_hex(4)}")
             _, plaintext = keys.create_key(s, tenant.id, "attack", ["predict", "train"])
-            registry.register_version(s, tenant.id, "spam", cfg, weights, activate=True)
+            for task in ("spam", *(FAN_TASKS if name == "a" else ())):
+                registry.register_version(s, tenant.id, task, cfg, weights, activate=True)
             out[name] = {"id": str(tenant.id), "headers": {"Authorization": f"Bearer {plaintext}"}}
         s.commit()
     return out
@@ -53,7 +56,7 @@ def tenants(db, tiny_base) -> dict[str, Any]:
 def _env(pg_url: str, redis: RedisServer, prefix: str, base: str, data: Any, **extra: Any) -> dict[str, str]:
     return service_env(pg_url, redis.url, prefix, base, data, preload_base_model=True, engine_device="cpu",
                        log_level="WARNING", batch_max_size=8, batch_max_wait_ms=5, max_predict_inputs=8,
-                       batch_max_queue_per_tenant=SHARE, tenant_rows_lease_s=2, metrics_token=METRICS_TOKEN,
+                       batch_max_queue_per_tenant=SHARE, batch_max_queue=QUEUE, tenant_rows_lease_s=2, metrics_token=METRICS_TOKEN,
                        sse_max_streams_per_tenant=3, sse_slot_ttl_s=3, **extra)
 
 
@@ -182,6 +185,42 @@ def test_clients_that_go_away_mid_request_leave_no_rows_counted(replicas, tenant
     for api in apis:
         log = api.tail(500_000)
         assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
+def test_a_fan_out_larger_than_the_share_runs_alone_without_filling_the_service_for_other_tenants(replicas, tenants):
+    """A lone request larger than the share runs (a big fan-out), charged one share: it neither gets a 503 that no
+    retry can cure (its rows past the whole queue) nor makes every other tenant's predicts 503 while it runs."""
+    apis, _ = replicas
+    api = apis[0]
+    body = {"tasks": list(FAN_TASKS), "inputs": (TEXTS * 2)[:8]}  # 256 rows: more than the share and the queue
+    r = httpx.post(f"{api.url}/v1/predict", json=body, headers=tenants["a"]["headers"], timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 32
+
+    async def both() -> tuple[Counter, Counter]:
+        big, small = Counter(), Counter()
+        small_body = {"tasks": list(FAN_TASKS[:8]), "inputs": (TEXTS * 2)[:8]}  # 64 rows: the whole queue
+        async with httpx.AsyncClient(base_url=api.url, timeout=60) as http:
+            until = time.monotonic() + 4
+
+            async def flood() -> None:
+                while time.monotonic() < until:
+                    r = await http.post("/v1/predict", json=small_body, headers=tenants["a"]["headers"])
+                    big[r.status_code] += 1
+
+            async def victim() -> None:
+                while time.monotonic() < until:
+                    r = await http.post("/v1/tasks/spam/predict", json={"inputs": TEXTS[:2]},
+                                        headers=tenants["b"]["headers"])
+                    small[r.status_code] += 1
+                    await asyncio.sleep(0.01)
+
+            await asyncio.gather(flood(), victim())
+        return big, small
+
+    big, small = asyncio.run(both())
+    assert big[200] >= 1 and set(big) <= {200, 429}, big
+    assert set(small) == {200} and small[200] >= 5, small
 
 
 # ------------------------------------------------------------------------------ a backbone loading meanwhile
