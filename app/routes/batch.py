@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from ..deps import SessionDep, SettingsDep, TrainPrincipal
+from ..models import Job
 from ..schemas import DB_INT_MAX, Page, problem_responses
 from ..schemas_jobs import JobOut
 from ..services import batch, jobs, registry
@@ -74,12 +75,26 @@ def get_batch_prediction(*, job_id: uuid.UUID, session: SessionDep, principal: T
             summary="Download a succeeded batch prediction's results (409 before it has succeeded)")
 def batch_prediction_results(*, job_id: uuid.UUID, request: Request, session: SessionDep,
                              principal: TrainPrincipal) -> StreamingResponse:
-    job = batch.check_results(session, principal.tenant_id, job_id)
+    job, headers = _results(session, principal.tenant_id, job_id)
+    return StreamingResponse(batch.stream_results(request.app.state.db, job.id, job.hyperparameters.get(
+        "format", "jsonl"), batch.task_names(job)), media_type=batch.media_type(job), headers=headers)
+
+
+@router.head("/{job_id}/results", include_in_schema=False)
+def batch_prediction_results_head(*, job_id: uuid.UUID, session: SessionDep, principal: TrainPrincipal) -> Response:
+    """The GET's status and headers (Content-Length, type, file name) without its body."""
+    job, headers = _results(session, principal.tenant_id, job_id)
+    return Response(media_type=batch.media_type(job), headers=headers)
+
+
+def _results(session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> tuple[Job, dict[str, str]]:
+    """The succeeded job (404/409 otherwise) and its download's headers; Content-Length lets a client tell a
+    complete file from a cut one."""
+    job = batch.check_results(session, tenant_id, job_id)
     fmt = job.hyperparameters.get("format", "jsonl")
     ext = "csv" if fmt == "csv" else "jsonl"
-    return StreamingResponse(batch.stream_results(request.app.state.db, job.id, fmt, batch.task_names(job)),
-                             media_type=batch.media_type(job),
-                             headers={"Content-Disposition": f'attachment; filename="{job.id}.{ext}"'})
+    return job, {"Content-Disposition": f'attachment; filename="{job.id}.{ext}"',
+                 "Content-Length": str(batch.results_size(session, job.id, fmt, batch.task_names(job)))}
 
 
 @evaluate_router.post("/{task}/versions/{version}/evaluate", status_code=202, response_model=JobOut,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -316,6 +316,13 @@ def csv_header(tasks: list[str] | None) -> bytes:
     buf = io.StringIO()
     csv.writer(buf).writerow(cols)
     return buf.getvalue().encode()
+
+
+def results_size(session: Session, job_id: uuid.UUID, fmt: str, tasks: list[str] | None = None) -> int:
+    """The result file's length in bytes (its Content-Length), from the stored chunks' sizes."""
+    body = session.scalar(select(func.coalesce(func.sum(func.octet_length(BatchChunk.data)), 0))
+                          .where(BatchChunk.job_id == job_id))
+    return int(body) + (len(csv_header(tasks)) if fmt == "csv" else 0)
 
 
 def stream_results(db: Database, job_id: uuid.UUID, fmt: str, tasks: list[str] | None = None) -> Iterator[bytes]:

@@ -83,3 +83,81 @@ def test_csv_results_do_not_hand_spreadsheets_formulas():
     assert [(r[0], r[1]) for r in got][:2] == [("'=1+2", "'=HYPERLINK(\"http://x\",\"y\")"), ("-3", "'@SUM(A1)")]
     lines = [json.loads(x) for x in encode_rows(rows, "jsonl", False).decode().splitlines()]
     assert [(r["id"], r["label"]) for r in lines] == [(r["id"], r["label"]) for r in rows]
+
+
+@pytest.fixture
+def live_client(make_settings, tiny_base, worker):
+    """The API in process, its jobs run by the session's real Celery worker (tests/live.py)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.live import WORKER_SETTINGS
+
+    app = create_app(make_settings(allowed_base_models=[tiny_base], default_base_model=tiny_base,
+                                   batch_chunk_rows=16, **WORKER_SETTINGS))
+    with TestClient(app) as c:
+        yield c
+
+
+def _finished(client, job_id: str, headers: dict, timeout: float = 120) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never ended: {job}")
+
+
+@pytest.mark.slow
+def test_results_answer_head_and_carry_their_content_length(live_client, tenant_key, db, tiny_base):
+    """HEAD was 405; a GET had no Content-Length, so a download cut short (the job deleted mid-stream) looked
+    complete. Both now give the file's exact length; HEAD gives the GET's status and headers, no body."""
+    key, other = tenant_key("train"), tenant_key("train")
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("=neg", "pos"), seed=0)
+    register(db, key.tenant_id, "sentiment", cfg, weights)
+    ds = _upload(live_client, key, ("=neg", "pos"), n=40)
+    results = {}
+    for fmt in ("csv", "jsonl"):
+        r = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "format": fmt,
+                                                            "all_scores": True}, headers=key.headers)
+        assert r.status_code == 202, r.text
+        assert _finished(live_client, r.json()["id"], key.headers)["status"] == "succeeded"
+        url = f"/v1/batch-predictions/{r.json()['id']}/results"
+        got = live_client.get(url, headers=key.headers)
+        head = live_client.head(url, headers=key.headers)
+        assert got.status_code == head.status_code == 200 and head.content == b""
+        assert int(got.headers["content-length"]) == int(head.headers["content-length"]) == len(got.content)
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert head.headers["content-disposition"] == got.headers["content-disposition"]
+        assert len(got.text.splitlines()) == 40 + (fmt == "csv")
+        results[fmt] = url
+    assert live_client.head(results["csv"], headers=other.headers).status_code == 404
+    live_client.app.state.send_job = lambda job_id: None  # held queued
+    queued = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds},
+                              headers=key.headers).json()["id"]
+    assert live_client.head(f"/v1/batch-predictions/{queued}/results", headers=key.headers).status_code == 409
+    live_client.post(f"/v1/jobs/{queued}/cancel", headers=key.headers)
+
+
+@pytest.mark.slow
+def test_evaluating_a_regression_version_on_nan_labels_fails_naming_the_row(live_client, tenant_key, db, tiny_base):
+    """`float("nan")` parses: once such a label made every metric null and the evaluation `succeeded`."""
+    from .helpers import upload
+
+    key = tenant_key("train")
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=(), task_type="regression")
+    register(db, key.tenant_id, "score", cfg, weights)
+    rows = "".join(f"text number {i},{'nan' if i == 7 else i / 10}\n" for i in range(12))
+    r = upload(live_client, f"text,label\n{rows}".encode(), "rows.csv", headers=key.headers)
+    assert r.status_code == 201, r.text
+    job = live_client.post("/v1/tasks/score/versions/1/evaluate", json={"dataset": r.json()["id"]},
+                           headers=key.headers)
+    assert job.status_code == 202, job.text
+    done = _finished(live_client, job.json()["id"], key.headers)
+    assert done["status"] == "failed" and done["error"]["type"] == "invalid-dataset", done
+    assert "row 7" in done["error"]["message"] and "nan" in done["error"]["message"]
+    versions = live_client.get("/v1/tasks/score/versions", headers=key.headers).json()["items"]
+    assert versions[0]["evaluations"] == []
