@@ -268,7 +268,9 @@ def _evaluate(job: Job, lease, hb, engine, name: str, cfg: dict, rows: Iterator[
                 try:
                     y = float(value)  # type: ignore[arg-type]
                 except (TypeError, ValueError):
-                    raise DataError(f"row {seen - 1}: label {value!r} is not a number", field="label_field") from None
+                    y = math.nan
+                if not math.isfinite(y):  # "nan" and "inf" parse, and would leave every metric null
+                    raise DataError(f"row {seen - 1}: label {value!r} is not a finite number", field="label_field")
                 preds.append(p["value"])
                 gold.append(y)
             elif task_type == "single_label_classification":
