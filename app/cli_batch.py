@@ -35,7 +35,7 @@ def register(main: click.Group, *, remote: Callable[..., Any], emit: Callable[..
         name, at, version = spec.partition("@")
         if not at:
             return name
-        if not version.isdigit() or int(version) < 1:
+        if not (version.isascii() and version.isdigit()) or int(version) < 1:
             raise click.BadParameter(f"{spec!r}: give NAME or NAME@VERSION (a version number from 1)",
                                      param_hint="--task")
         return {"task": name, "version": int(version)}

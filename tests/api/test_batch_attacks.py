@@ -161,3 +161,16 @@ def test_evaluating_a_regression_version_on_nan_labels_fails_naming_the_row(live
     assert "row 7" in done["error"]["message"] and "nan" in done["error"]["message"]
     versions = live_client.get("/v1/tasks/score/versions", headers=key.headers).json()["items"]
     assert versions[0]["evaluations"] == []
+
+
+@pytest.mark.parametrize("spec", ["reviews@\u00b2", "reviews@\u2460", "reviews@x", "reviews@0"])
+def test_cli_task_version_that_is_not_an_ascii_number_is_a_usage_error(spec):
+    """`spafit batch create DS --task NAME@²` was a ValueError traceback (str.isdigit accepts ², int() does not);
+    it is refused before any request (the URL here answers nothing)."""
+    from click.testing import CliRunner
+
+    from app.cli import main
+
+    r = CliRunner().invoke(main, ["batch", "create", "00000000-0000-0000-0000-000000000000", "--task", spec],
+                           env={"SPAFIT_URL": "http://127.0.0.1:9", "SPAFIT_API_KEY": "k"})
+    assert r.exit_code == 2 and "NAME@VERSION" in r.stderr, (r.exit_code, r.stderr, r.exception)
