@@ -196,7 +196,7 @@ class Job(Base):
     """One fine-tuning run. State lives here (not in the Celery result backend); workers claim a job by
     setting `claimed_by`/`claimed_at`, prove liveness with `heartbeat_at` and save `checkpoint_sha256`.
     A claim increments `attempts`; (claimed_by, attempts) is the fencing token every later write of that
-    worker carries in its WHERE clause (worker/runner.py)."""
+    worker carries in its WHERE clause (worker/lease.py)."""
 
     __tablename__ = "jobs"
     __table_args__ = (

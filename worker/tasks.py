@@ -21,7 +21,7 @@ class DatabaseTask(Task):
     @property
     def db(self) -> Database:
         if DatabaseTask._db is None:
-            from .runner import guard
+            from .lease import guard
 
             DatabaseTask._db = guard(Database.from_settings(get_settings()), get_settings())
             from app.services import webhooks
@@ -39,7 +39,7 @@ HARD_TIME_LIMIT_GRACE_S = 600
 @celery_app.task(name=TRAIN_ADAPTER, base=DatabaseTask, bind=True, acks_late=True,
                  reject_on_worker_lost=True, time_limit=get_settings().job_time_limit_s + HARD_TIME_LIMIT_GRACE_S)
 def train_adapter(self: DatabaseTask, job_id: str) -> str:
-    """Run (or resume) job `job_id`; see worker.runner for the claim and fencing rules. An attempt the
+    """Run (or resume) job `job_id`; see worker.lease for the claim and fencing rules. An attempt the
     database's absence ended is sent again once the job's heartbeat is stale (the requeuer would too)."""
     from .runner import run_job
 
