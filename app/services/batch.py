@@ -349,6 +349,13 @@ def _one(p: dict, all_scores: bool) -> dict:
     return row
 
 
+def jsonl_line(row: dict) -> str:
+    """One JSON Lines row; U+2028, U+2029 and U+0085 escaped (valid JSON either way), since readers that split
+    lines with str.splitlines (httpx's iter_lines too) would cut a row in two at them."""
+    text = json.dumps(row, separators=(",", ":"), ensure_ascii=False)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+
+
 def csv_cell(value: Any) -> Any:
     """An id or label as a CSV cell a spreadsheet shows as text (OWASP CSV injection: a leading `'` on text that
     starts with = + - @ tab or CR and is not a number); an id that is a JSON object or list as JSON."""
@@ -379,8 +386,8 @@ def encode_task_rows(rows: list[dict], tasks: list[str], fmt: str, all_scores: b
                           json.dumps(p["scores"], separators=(",", ":")) if all_scores else ""]
             w.writerow(cells)
         return buf.getvalue().encode()
-    out = [json.dumps({"id": r["id"], "results": {t: _one(r["results"][t], all_scores) for t in tasks}},
-                      separators=(",", ":"), ensure_ascii=False) for r in rows]
+    out = [jsonl_line({"id": r["id"], "results": {t: _one(r["results"][t], all_scores) for t in tasks}})
+           for r in rows]
     return ("\n".join(out) + "\n").encode() if out else b""
 
 
@@ -400,7 +407,7 @@ def encode_rows(rows: list[dict], fmt: str, all_scores: bool) -> bytes:
             row["labels"] = r["labels"]
         if all_scores:
             row["scores"] = r["scores"]
-        out.append(json.dumps(row, separators=(",", ":"), ensure_ascii=False))
+        out.append(jsonl_line(row))
     return ("\n".join(out) + "\n").encode() if out else b""
 
 

@@ -20,6 +20,7 @@ from ._base import (
     RETRY_STATUSES,
     STREAM_READ_TIMEOUT,
     Call,
+    ResultRows,
     RetryPolicy,
     SSEDecoder,
     as_timeout,
@@ -376,20 +377,10 @@ class AsyncBatchPredictions:
         return out
 
     async def results(self, job: Any) -> AsyncIterator[dict[str, Any]]:
-        import csv
-        import json
-
         async with self._c._stream(E.batch_results(job)) as response:
-            is_csv = response.headers.get("content-type", "").startswith("text/csv")
-            header: list[str] | None = None
-            async for line in response.aiter_lines():
-                if not line.strip():
-                    continue
-                if not is_csv:
-                    yield json.loads(line)
-                    continue
-                row = next(csv.reader([line]))
-                if header is None:
-                    header = row
-                else:
-                    yield dict(zip(header, row, strict=False))
+            rows = ResultRows(response.headers.get("content-type", "").startswith("text/csv"))
+            async for part in response.aiter_bytes():
+                for row in rows.feed(part):
+                    yield row
+            for row in rows.flush():
+                yield row

@@ -199,5 +199,42 @@ def finished(job: Job) -> Job:
     return job
 
 
+class ResultRows:
+    """A batch prediction's result file, fed as bytes, as row dicts. Lines end at "\n" only (httpx's iter_lines,
+    like str.splitlines, also ends them at U+2028, U+0085, ... inside an id or a label), and a quoted CSV cell may
+    hold a newline."""
+
+    def __init__(self, is_csv: bool):
+        self.is_csv, self.buf, self.pending = is_csv, b"", ""
+        self.header: list[str] | None = None
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        return [row for line in lines for row in self._line(line.decode() + "\n")]
+
+    def flush(self) -> list[dict[str, Any]]:
+        rest, self.buf = self.buf, b""
+        return self._line(rest.decode() + "\n") if rest or self.pending else []
+
+    def _line(self, line: str) -> list[dict[str, Any]]:
+        import csv
+        import json
+
+        if not self.is_csv:
+            return [json.loads(line)] if line.strip() else []
+        self.pending += line
+        if self.pending.count('"') % 2:  # inside a quoted cell: its newline is part of it
+            return []
+        text, self.pending = self.pending, ""
+        if not text.strip():
+            return []
+        row = next(csv.reader([text]))
+        if self.header is None:
+            self.header = row
+            return []
+        return [dict(zip(self.header, row, strict=False))]
+
+
 def stream_closed(url: str) -> APIConnectionError:
     return APIConnectionError(f"the event stream of {url} kept closing before the job ended", url=url)

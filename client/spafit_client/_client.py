@@ -18,6 +18,7 @@ from ._base import (
     RETRY_STATUSES,
     STREAM_READ_TIMEOUT,
     Call,
+    ResultRows,
     RetryPolicy,
     SSEDecoder,
     as_timeout,
@@ -423,14 +424,8 @@ class BatchPredictions:
 
     def results(self, job: str | Job) -> Iterator[dict[str, Any]]:
         """A succeeded job's result rows as dicts ({id, label, score[, scores]}), streamed."""
-        import csv
-        import json
-
         with self._c._stream(E.batch_results(job)) as response:
-            lines = response.iter_lines()
-            if response.headers.get("content-type", "").startswith("text/csv"):
-                yield from csv.DictReader(lines)
-            else:
-                for line in lines:
-                    if line.strip():
-                        yield json.loads(line)
+            rows = ResultRows(response.headers.get("content-type", "").startswith("text/csv"))
+            for part in response.iter_bytes():
+                yield from rows.feed(part)
+            yield from rows.flush()

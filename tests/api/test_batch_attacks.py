@@ -174,3 +174,38 @@ def test_cli_task_version_that_is_not_an_ascii_number_is_a_usage_error(spec):
     r = CliRunner().invoke(main, ["batch", "create", "00000000-0000-0000-0000-000000000000", "--task", spec],
                            env={"SPAFIT_URL": "http://127.0.0.1:9", "SPAFIT_API_KEY": "k"})
     assert r.exit_code == 2 and "NAME@VERSION" in r.stderr, (r.exit_code, r.stderr, r.exception)
+
+
+@pytest.mark.slow
+def test_sdk_results_keep_ids_with_line_separators_whole(live_server, worker, make_key, db, tiny_base):
+    """Ids with U+2028, U+0085 or a newline (a JSON Lines dataset's `id`): the SDK's `results` split lines with
+    httpx's iter_lines, which ends a line at those too, and so cut such rows in two (JSONL: a JSONDecodeError; CSV:
+    wrong rows). Sync and async, both formats, now give every id back as it was; JSON Lines escape U+2028/U+0085."""
+    import asyncio
+    import json
+
+    import httpx
+    from spafit_client import AsyncClient, Client
+
+    key = make_key("train")
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("neg", "pos"), seed=1)
+    register(db, key.tenant_id, "sentiment", cfg, weights)
+    ids = ["x\u2028y", "p\x85q", "m\nn", "r\u2029s", "plain", 'q"uote']
+    data = "".join(json.dumps({"id": i, "text": f"text number {n}", "label": "pos" if n % 2 else "neg"}) + "\n"
+                   for n, i in enumerate(ids)).encode()
+    with Client(live_server.url, api_key=key.key) as client:
+        ds = client.datasets.upload(data, name="rows.jsonl", format="jsonl")
+        jobs = {fmt: client.batch.create(task="sentiment", dataset=ds, format=fmt) for fmt in ("jsonl", "csv")}
+        for job in jobs.values():
+            assert client.batch.wait(job, timeout=120, progress=False).status == "succeeded"
+        for job in jobs.values():
+            assert [r["id"] for r in client.batch.results(job)] == ids
+        raw = httpx.get(f"{live_server.url}/v1/batch-predictions/{jobs['jsonl'].id}/results",
+                        headers={"Authorization": f"Bearer {key.key}"}).text
+        assert len(raw.splitlines()) == len(ids) and "\u2028" not in raw and "\x85" not in raw
+
+    async def read() -> list[list[str]]:
+        async with AsyncClient(live_server.url, api_key=key.key) as client:
+            return [[r["id"] async for r in client.batch.results(job)] for job in jobs.values()]
+
+    assert asyncio.run(read()) == [ids, ids]
