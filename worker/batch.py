@@ -118,7 +118,8 @@ def _engine(db: Database, job: Job, settings: Settings):
     from spafit_core.engine import Engine
     from spafit_core.errors import DataError
 
-    tasks = (job.hyperparameters or {}).get("tasks") or [{"version_id": str(job.adapter_version_id)}]
+    tasks = (job.hyperparameters or {}).get("tasks") or [{"version_id": str(job.adapter_version_id),
+                                                          "task": job.task_name}]
     engine = Engine(device=settings.engine_device, device_bytes=settings.engine_cache_bytes,
                     cpu_bytes=settings.engine_cpu_cache_bytes, default_base_model=settings.default_base_model,
                     slot_kernel=settings.engine_slot_kernel)
@@ -127,8 +128,8 @@ def _engine(db: Database, job: Job, settings: Settings):
         version_id = uuid.UUID(t["version_id"])
         with db.session() as s:
             if s.get(AdapterVersion, version_id) is None:
-                raise DataError(f"version {t.get('version')} of task {t.get('task')!r}, which this job runs, was "
-                                "deleted", field="tasks")
+                which = f"version {t['version']}" if t.get("version") else "the version"
+                raise DataError(f"{which} of task {t.get('task')!r}, which this job runs, was deleted", field="tasks")
             cfg, weights = registry.version_payload(s, version_id)
         engine.load(t["version_id"], cfg, weights)
         names.append(t["version_id"])
@@ -296,6 +297,12 @@ def _evaluate(job: Job, lease, hb, engine, name: str, cfg: dict, rows: Iterator[
     metrics = evaluation_metrics(task_type, preds, gold, labels, (job.hyperparameters or {}).get("glue_preset"))
 
     def finish(s: Session) -> None:
+        # the version's row held (KEY SHARE) to the commit: its task deleted meanwhile is an error that says so,
+        # not the evaluation row's foreign key failing (an internal error)
+        if s.scalar(select(AdapterVersion.id).where(AdapterVersion.id == job.adapter_version_id)
+                    .with_for_update(key_share=True)) is None:
+            raise DataError(f"the version of task {job.task_name!r} this evaluation ran was deleted while it ran",
+                            field="version")
         lease.hold(s, status="succeeded", finished_at=utcnow(), metrics=metrics,
                    progress={"step": seen, "total_steps": total, "eta_seconds": 0})
         s.add(VersionEvaluation(tenant_id=job.tenant_id, version_id=job.adapter_version_id,

@@ -209,3 +209,39 @@ def test_sdk_results_keep_ids_with_line_separators_whole(live_server, worker, ma
             return [[r["id"] async for r in client.batch.results(job)] for job in jobs.values()]
 
     assert asyncio.run(read()) == [ids, ids]
+
+
+@pytest.mark.slow
+def test_deleting_the_task_while_its_evaluation_runs_fails_it_saying_so(live_client, tenant_key, db, tiny_base):
+    """Once an internal error (the evaluation row's foreign key to the deleted version); now a failed job whose
+    error says the version was deleted, on its first attempt, and no evaluation is stored."""
+    import time
+
+    from sqlalchemy import func, select
+
+    from app.models import VersionEvaluation
+    from tests.reliability.conftest import job_row
+    from tests.tiny import toy_csv
+
+    from .helpers import upload
+
+    key = tenant_key("train")
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("neg", "pos"), seed=1)
+    register(db, key.tenant_id, "sentiment", cfg, weights)
+    ds = upload(live_client, toy_csv(4000, 9, labels=("neg", "pos")), "big.csv", headers=key.headers).json()["id"]
+    job_id = live_client.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": ds},
+                              headers=key.headers).json()["id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = job_row(db, job_id)
+        if job.status == "running" and ((job.progress or {}).get("step") or 0) > 0:
+            break
+        assert job.status not in ("succeeded", "failed", "cancelled"), job.status
+        time.sleep(0.02)
+    assert live_client.delete("/v1/tasks/sentiment", headers=key.headers).status_code == 204
+    done = _finished(live_client, job_id, key.headers)
+    assert done["status"] == "failed" and done["attempts"] == 1, done
+    assert done["error"]["type"] == "invalid-dataset" and "deleted" in done["error"]["message"], done
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(VersionEvaluation).where(
+            VersionEvaluation.tenant_id == key.tenant_id)) == 0
