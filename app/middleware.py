@@ -92,7 +92,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = Headers(scope=scope).get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > self.max_bytes:
             request = Request(scope)
             response = problem(413, PayloadTooLarge.type, f"request body larger than {self.max_bytes} bytes",
                                request=request, headers={"Connection": "close"}, limit_bytes=self.max_bytes)
@@ -128,7 +128,7 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         name, _, port = value.partition(":") if value.count(":") == 1 else (value, "", "")
         if ":" in name:  # an unbracketed IPv6 address is not a valid Host header
             return None
-    if port and not port.isdigit():
+    if port and not (port.isascii() and port.isdigit()):
         return None
     name = name.rstrip(".")
     return (name, int(port) if port else None) if name else None

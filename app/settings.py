@@ -24,7 +24,7 @@ def _split_bind(value: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:9100`) -> (host, port)."""
     host, sep, port = value.strip().rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port, got {value!r}")
     return host, int(port)
 

@@ -214,7 +214,7 @@ def _decode_label(task: GlueTask, raw: str, where: str) -> object:
             return float(raw)
         except ValueError:
             raise DataError(f"{where}: score {raw!r} is not a number") from None
-    if task.label_coding == "index" and raw.isdigit() and int(raw) < len(task.labels):
+    if task.label_coding == "index" and raw.isascii() and raw.isdigit() and int(raw) < len(task.labels):
         return task.labels[int(raw)]
     if task.label_coding == "name" and raw in task.labels:
         return raw

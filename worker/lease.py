@@ -62,7 +62,7 @@ def _holder_alive(claimed_by: str | None) -> bool:
     if not claimed_by:
         return False
     host, _, pid = claimed_by.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname() or not (pid.isascii() and pid.isdigit()):
         return True  # another machine: only its heartbeat can tell
     try:
         os.kill(int(pid), 0)

@@ -56,7 +56,7 @@ def verify_webhook(body: bytes | str, headers: Mapping[str, str], secret: str | 
     msg_id, stamp, signatures = (lower.get(h) for h in ("webhook-id", "webhook-timestamp", "webhook-signature"))
     if not (msg_id and stamp and signatures):
         raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature header")
-    if not stamp.isdigit() or len(stamp) > 12:
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
         raise WebhookVerificationError("webhook-timestamp is not a Unix time in seconds")
     timestamp = int(stamp)
     now = time.time() if now is None else now

@@ -56,7 +56,7 @@ def test_timestamps_outside_the_tolerance_are_refused_both_ways():
     with pytest.raises(WebhookVerificationError, match="future"):
         verify_webhook(BODY, headers, SECRET, now=now - 301)
     assert verify_webhook(BODY, headers, SECRET, now=now + 3000, tolerance_s=3600)
-    for bad in ("", "12.5", "-5", "1e9", "abc", "9" * 20):
+    for bad in ("", "12.5", "-5", "1e9", "abc", "9" * 20, "\u00b2", "1\u0663"):  # non-ASCII digits: isdigit() says yes, int() no
         with pytest.raises(WebhookVerificationError):
             verify_webhook(BODY, {**headers, "webhook-timestamp": bad}, SECRET, now=now)
 
