@@ -30,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 import uuid
@@ -56,9 +58,63 @@ log = logging.getLogger("spafit.batching")
 # there with the monotonic times of its stages (see `_Request.marks`), to find where a request's latency goes.
 TRACE_PATH = os.environ.get("SPAFIT_BATCH_TRACE") or None
 
-# A request with more characters than this is tokenised in the caller's thread (the submitter pool), as one call of
-# its own: the worker tokenises small requests in batches, and one huge request must not hold up everyone's batch.
+# A request with more characters than this (after `cut_input`) is not tokenised in the worker's batches: it goes
+# to the big-request lane, one thread that tokenises such requests in chunks of about this many characters, taking
+# the tenants in turn, so that one tenant's huge inputs delay another's (big) requests by at most one chunk, and
+# never hold up the worker's batches or the submitter threads every request goes through.
 BATCH_TOKENIZE_CHARS = 16_384
+
+_WORD = re.compile(r"[^ ]+")  # split on ASCII space only: every tokenizer (WordPiece, BPE, SentencePiece) splits there
+_ALNUM = re.compile(r"[^\W_]")  # a letter or digit: never removed by a normalizer, so its word yields >= 1 token
+
+
+def cut_text(text: str, max_tokens: int) -> str:
+    """`text` cut after its first `max_tokens` words that hold a letter or a digit (words split on spaces), or
+    whole if it has fewer: the first `max_tokens` tokens are the same. Tokenizers split words at spaces and
+    tokenise each word on its own (a pre-token never spans a space), and a word with a letter or digit yields at
+    least one token (WordPiece gives a word over `max_input_chars_per_word` one [UNK]), so those words hold at
+    least `max_tokens` tokens, all complete. Costs about `max_tokens` regex matches whatever the text's length."""
+    if len(text) <= max_tokens:  # fewer characters than tokens asked for: nothing to cut
+        return text
+    n = 0
+    for m in _WORD.finditer(text):
+        if _ALNUM.search(m.group()):
+            n += 1
+            if n >= max_tokens:
+                return text[: m.end()]
+    return text
+
+
+def cut_input(x: Input, max_tokens: int) -> Input:
+    """`x` (a text, a {"text", "text_pair"} dict or a pair) with only what its first `max_tokens` tokens need.
+    A pair is truncated longest first, so which side is longer matters too: a side is cut only when the other is
+    short (fewer than `max_tokens` words), and then kept longer than the other side's tokens can be (at most two a
+    UTF-8 byte, with SentencePiece's word marks); two long sides are left whole (the big-request lane bounds what
+    that costs others)."""
+    if isinstance(x, str):
+        return cut_text(x, max_tokens)
+    if isinstance(x, dict):
+        text, pair = x.get("text"), x.get("text_pair")
+    else:
+        text, pair = x[0], x[1]
+    if not isinstance(text, str):
+        return x
+    if not isinstance(pair, str):  # a single text
+        cut = cut_text(text, max_tokens)
+        return x if cut is text else ({**x, "text": cut} if isinstance(x, dict) else type(x)([cut, *x[1:]]))
+    a, b = _cut_side(text, pair, max_tokens), _cut_side(pair, text, max_tokens)
+    if len(a) < len(text) and len(b) < len(pair):  # both long: the longer one gets the odd token
+        return x
+    if isinstance(x, dict):
+        return {**x, "text": a, "text_pair": b}
+    return type(x)([a, b, *x[2:]])
+
+
+def _cut_side(text: str, other: str, max_tokens: int) -> str:
+    """One side of a pair cut, still holding more tokens than `other` can have."""
+    if len(cut_text(text, max_tokens)) == len(text):
+        return text
+    return cut_text(text, max(max_tokens, 2 * len(other.encode()) + 2))
 
 
 @dataclass
@@ -110,7 +166,8 @@ class _Pending:
 
     request: _Request
     adapter: Any  # the engine's LoadedAdapter
-    inputs: list[Input]
+    inputs: list[Input]  # cut (`cut_input`): what the tokenizer needs of them, no more
+    made: list[dict] = field(default_factory=list)  # big-request lane: the rows of the chunks tokenised so far
 
 
 @dataclass
@@ -148,8 +205,14 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self._running = False
         self.stats = {"batches": 0, "rows": 0, "timeouts": 0, "overloads": 0, "tenant_overloads": 0,
-                      "dropped": 0, "retries": 0, "failed_rows": 0, "loop_errors": 0, "restarts": 0}
+                      "dropped": 0, "retries": 0, "failed_rows": 0, "loop_errors": 0, "restarts": 0,
+                      "turns": 0, "skipped_rounds": 0}
         self._served: Counter[str] = Counter()  # rows run, by tenant (under the lock)
+        # The big-request lane (see BATCH_TOKENIZE_CHARS): tenant -> its big requests not tokenised yet, oldest
+        # first; the tenants with some, in turn (one chunk a turn); the lane's thread, started when work comes.
+        self._lane: dict[str, deque[_Pending]] = {}
+        self._lane_ring: deque[str] = deque()
+        self._lane_thread: threading.Thread | None = None
         # Adapter loads on a miss, for `predict`: threads of their own, so that waiting for them
         # never queues behind other work on the event loop's default executor.
         self._submitter = _submitter()
@@ -162,6 +225,8 @@ class MicroBatcher:
                 if self._submitter._shutdown:  # stopped before: a new pool
                     self._submitter = _submitter()
                 self._spawn()
+                if self._lane_ring and (self._lane_thread is None or not self._lane_thread.is_alive()):
+                    self._spawn_lane()
         return self
 
     def _spawn(self) -> None:
@@ -246,31 +311,41 @@ class MicroBatcher:
         if not n:
             fut.set_result([])
             return fut
-        pending = _Pending(req, adapter, list(inputs))
-        made = None
-        if sum(_chars(x) for x in inputs) > BATCH_TOKENIZE_CHARS:  # big: tokenised here, not on the worker's time
-            with self._cond:
-                self._admit(tenant, n)  # refused before the work, as below
-            made = self._tokenize_apart([pending])
+        # Only what can reach the first `max_seq_length` tokens is tokenised: a 20,000-character input costs
+        # about what a 512-word one does.
+        pending = _Pending(req, adapter, [cut_input(x, adapter.max_seq_length) for x in inputs])
+        big = sum(_chars(x) for x in pending.inputs) > BATCH_TOKENIZE_CHARS
         with self._cond:
             self._admit(tenant, n)
-            if made is not None:
-                self._pending_rows[tenant] += n
-                self._rows += n
-                self._enqueue(made)
-                self._cond.notify()
-                fut.add_done_callback(lambda f: self._withdraw(req) if f.cancelled() else None)
-                return fut
-            self._pending.append(pending)  # tokenised by the worker, in a batch with the others
             self._pending_rows[tenant] += n
             self._rows += n
-            self._cond.notify()
+            if big:  # the big-request lane tokenises it, in chunks, the tenants in turn
+                lane = self._lane.setdefault(tenant, deque())
+                if not lane:
+                    self._lane_ring.append(tenant)
+                lane.append(pending)
+                if self._running and (self._lane_thread is None or not self._lane_thread.is_alive()):
+                    self._spawn_lane()
+            else:
+                self._pending.append(pending)  # tokenised by the worker, in a batch with the others
+                self._cond.notify()
         fut.add_done_callback(lambda f: self._withdraw(req) if f.cancelled() else None)
         return fut
 
     def _withdraw(self, req: _Request) -> None:
         """A cancelled request's rows leave the queue at once (they no longer count against any limit)."""
         with self._cond:
+            lane = self._lane.get(req.tenant)
+            for i, p in enumerate(lane or ()):
+                if p.request is req:
+                    del lane[i]  # type: ignore[union-attr]
+                    if not lane:
+                        del self._lane[req.tenant]
+                        self._lane_ring.remove(req.tenant)
+                    self._unpend(p)
+                    self._rows -= len(p.inputs)
+                    self.stats["dropped"] += len(p.inputs)
+                    return
             for i, p in enumerate(self._pending):
                 if p.request is req:
                     del self._pending[i]
@@ -349,6 +424,50 @@ class MicroBatcher:
             except Exception as e:
                 out.append((p, e))
         return out
+
+    # -- the big-request lane
+    def _spawn_lane(self) -> None:
+        """Start the lane's thread. Under the lock."""
+        self._lane_thread = threading.Thread(target=self._lane_loop, name="spafit-tokenize", daemon=True)
+        self._lane_thread.start()
+
+    def _lane_loop(self) -> None:
+        """Tokenise big requests one chunk (about BATCH_TOKENIZE_CHARS characters, at least one input) at a time,
+        taking the tenants with some in turn: a tenant's big requests wait for their own turns, and another tenant
+        waits for at most one chunk of each. A request joins its tenant's queue once all its chunks are done. The
+        thread ends when no work is left (`submit` starts another)."""
+        while True:
+            with self._cond:
+                if not self._running or not self._lane_ring:
+                    self._lane_thread = None
+                    return
+                tenant = self._lane_ring[0]
+                p = self._lane[tenant][0]
+                chunk = _chunk(p.inputs, len(p.made))
+            error: Exception | None = None
+            feats: list[dict] = []
+            if not p.request.future.done():
+                try:
+                    feats = self.engine.encode(p.adapter, chunk)
+                except Exception as e:  # this request's own inputs (or a bug of ours): it alone fails
+                    error = e
+            with self._cond:
+                lane = self._lane.get(tenant)
+                if not lane or lane[0] is not p:  # withdrawn (cancelled) meanwhile: nothing left to do for it
+                    continue
+                done = error is not None or p.request.future.done() or len(p.made) + len(chunk) >= len(p.inputs)
+                if done:
+                    lane.popleft()
+                    if not lane:
+                        del self._lane[tenant]
+                    self._enqueue([(p, error if error is not None else p.made + feats)])
+                    self._cond.notify()
+                else:
+                    p.made.extend(feats)
+                if self._lane_ring and self._lane_ring[0] == tenant:  # its turn is over
+                    self._lane_ring.popleft()
+                    if tenant in self._lane:
+                        self._lane_ring.append(tenant)
 
     def _enqueue(self, made: list[tuple[_Pending, list[dict] | Exception]]) -> None:
         """Tokenised requests join their tenants' queues (a request done meanwhile is dropped). Under the lock."""
@@ -467,6 +586,8 @@ class MicroBatcher:
             while len(items) < limit and self._ring:
                 tenant = self._ring[0]
                 if not self._in_turn:  # a new turn: the tenant's quantum joins what it did not use
+                    self._skip_rounds()
+                    self.stats["turns"] += 1
                     self._deficit[tenant] += cfg.quantum * cfg.weight(tenant)
                     self._in_turn = True
                 self._fill(tenant, items, limit)
@@ -479,6 +600,28 @@ class MicroBatcher:
                 # else the batch is full mid-turn: the tenant goes on next time, with what it has left
             self._saturated = len(items) >= limit or self._rows > 0
             return items
+
+    def _skip_rounds(self) -> None:
+        """At the start of a turn of the ring's head: when no tenant of the ring could send its next row within the
+        next k rounds (a small quantum x weight against long rows), add those k rounds' quanta to every tenant at
+        once, as k rounds that take nothing would. The round robin then loops at most one round before a tenant
+        sends, whatever the weights (0.001 x 1 token against 512-token rows would be 512,000 empty turns). Under
+        the lock."""
+        cfg = self.config
+        rounds = None
+        for tenant in self._ring:
+            head = next((it.length for it in self._queues[tenant] if not it.request.future.done()), None)
+            if head is None:  # only dropped rows left: `_fill` takes them out this round
+                return
+            share = cfg.quantum * cfg.weight(tenant)
+            need = max(0, math.ceil((head - self._deficit[tenant]) / share) - 1)  # turns that take nothing
+            rounds = need if rounds is None else min(rounds, need)
+            if not rounds:
+                return
+        if rounds:
+            for tenant in self._ring:
+                self._deficit[tenant] += rounds * cfg.quantum * cfg.weight(tenant)
+            self.stats["skipped_rounds"] += rounds
 
     def _fits(self, tenant: str, room: int) -> bool:
         """All of `tenant`'s waiting rows fit in `room` rows and its deficit. Under the lock."""
@@ -631,7 +774,25 @@ def _row_error(error: Exception, items: list[_Item]) -> SpafitError:
 
 
 def _chars(x: Input) -> int:
-    return len(x) if isinstance(x, str) else sum(len(v) for v in x.values() if isinstance(v, str))
+    if isinstance(x, str):
+        return len(x)
+    return sum(len(v) for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, str))
+
+
+def _is_pair(x: Input) -> bool:
+    return not isinstance(x, str) and (not isinstance(x, dict) or x.get("text_pair") is not None)
+
+
+def _chunk(inputs: list[Input], start: int) -> list[Input]:
+    """The next chunk of a big request from `start`: inputs up to about BATCH_TOKENIZE_CHARS characters (at least
+    one). A request that mixes single texts and pairs is one chunk: the tokenizer refuses it whole, as before."""
+    if len({_is_pair(x) for x in inputs}) > 1:
+        return inputs[start:]
+    end, chars = start, 0
+    while end < len(inputs) and (end == start or chars + _chars(inputs[end]) <= BATCH_TOKENIZE_CHARS):
+        chars += _chars(inputs[end])
+        end += 1
+    return inputs[start:end]
 
 
 def _tokenize_error(error: Exception, p: _Pending) -> SpafitError:

@@ -482,18 +482,20 @@ def test_a_request_cancelled_before_it_is_tokenised_leaves_no_row_behind(engine)
     assert batcher.stats["dropped"] == 3
 
 
-def test_a_huge_request_is_tokenised_by_its_caller_and_answered_exactly(engine, monkeypatch):
+def test_a_huge_request_is_tokenised_in_the_big_request_lane_and_answered_exactly(engine):
     from spafit_core import batching
 
-    big = ["good movie " * 2000, "bad plot"]  # over BATCH_TOKENIZE_CHARS: not the worker's time
-    assert sum(map(len, big)) > batching.BATCH_TOKENIZE_CHARS
+    # Inputs are cut to what their first 32 tokens need; still over BATCH_TOKENIZE_CHARS: not the worker's time
+    big = ["good movie " * 2000] * 200 + ["bad plot"]
+    assert sum(len(batching.cut_text(x, 32)) for x in big) > batching.BATCH_TOKENIZE_CHARS
     want = engine.predict("t0", big)
-    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1))  # not started: the caller tokenises
+    batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1))  # not started: the lane waits too
     fut = batcher.submit("t0", big, tenant="a")
-    assert not batcher._pending and batcher.depths() == {"a": 2}  # queued as rows already
+    assert not batcher._pending and batcher.depths() == {"a": 201}  # counted, in the lane
     batcher.start()
     try:
         got = fut.result(timeout=30)
     finally:
         batcher.stop()
     assert_same_predictions(got, want)
+    assert batcher.depths() == {}
