@@ -7,6 +7,7 @@ server mode refuses to start with anything unsafe (auth off, SQLite, the local b
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -235,10 +236,13 @@ class Settings(BaseSettings):
         default=512, ge=1,
         description="Prediction rows one tenant may have admitted and not yet answered, across every API replica "
         "(in Redis; per process without it, or while Redis is unreachable); beyond it that tenant's predicts get "
-        "429 with Retry-After while other tenants are served.",
+        "429 with Retry-After while other tenants are served. Decided in the process, with no Redis call on the "
+        "request path: each replica counts its own rows exactly and reads the other replicas' counts back every 0.1 s, "
+        "so across replicas a tenant can exceed it by what the other replicas admitted for it within about one such "
+        "interval (two at worst). A value over batch_max_queue is clamped to it (with a warning at startup).",
     )
     tenant_rows_lease_s: float = Field(
-        default=10.0, ge=1,
+        default=10.0, ge=1, le=3600,
         description="Each API replica renews its lease on the rows it counts in Redis every third of this; the rows "
         "of a replica that died are freed after it, so a crashed replica never keeps a tenant at its cap.",
     )
@@ -301,20 +305,20 @@ class Settings(BaseSettings):
         "once, across every API replica; one more gets 429 with Retry-After.",
     )
     sse_max_duration_s: float = Field(
-        default=600.0, gt=0,
+        default=600.0, gt=0, le=86400,
         description="Longest an event stream stays open: then the server sends a `reconnect` event and closes it, "
         "and the client resumes with `Last-Event-ID` (so streams spread over replicas and deploys finish).",
     )
     sse_slot_ttl_s: float = Field(
-        default=30.0, ge=1,
+        default=30.0, ge=1, le=3600,
         description="An open stream renews its slot (in Redis) every third of this; the slots of an API process "
         "that died lapse after it, so a crashed replica never keeps a tenant at its cap.",
     )
     sse_ping_interval_s: float = Field(
-        default=15.0, gt=0, description="A quiet event stream sends a keep-alive comment this often."
+        default=15.0, gt=0, le=3600, description="A quiet event stream sends a keep-alive comment this often."
     )
     sse_poll_interval_s: float = Field(
-        default=0.5, gt=0,
+        default=0.5, gt=0, le=60,
         description="How often one poller per API process looks for new events of every watched job (one short "
         "query for all open streams; no stream holds a database connection while it waits).",
     )
@@ -396,6 +400,11 @@ class Settings(BaseSettings):
         bad = {t: w for t, w in self.batch_tenant_weights.items() if not 0 < w < float("inf")}
         if bad:
             raise ValueError(f"batch_tenant_weights must be positive and finite; got {bad}")
+        if self.batch_max_queue_per_tenant > self.batch_max_queue:  # a share over the whole: clamped, said once
+            logging.getLogger("spafit.settings").warning(
+                "batch_max_queue_per_tenant (%d) is over batch_max_queue (%d): clamped to it",
+                self.batch_max_queue_per_tenant, self.batch_max_queue)
+            self.batch_max_queue_per_tenant = self.batch_max_queue
         if self.batch_max_queue_per_tenant < self.max_predict_inputs:
             raise ValueError("batch_max_queue_per_tenant must be at least max_predict_inputs, or a full request "
                              "could never be queued")

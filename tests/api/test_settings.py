@@ -95,3 +95,17 @@ def test_embedded_app_warns_that_auth_is_off_and_acts_as_the_local_tenant(no_env
             assert session.get(Dataset, __import__("uuid").UUID(r.json()["id"])).tenant_id == LOCAL_TENANT_ID
     assert any("AUTH IS OFF" in rec.getMessage() for rec in caplog.records)
     assert (no_env / ".spafit" / "spafit.db").exists()
+
+
+@pytest.mark.parametrize("name", ["tenant_rows_lease_s", "sse_slot_ttl_s", "sse_max_duration_s",
+                                  "sse_ping_interval_s", "sse_poll_interval_s"])
+def test_lease_and_interval_settings_have_an_upper_bound(no_env, name):
+    with pytest.raises(ValidationError, match=name):  # 1e300 s would break Redis expiry calls
+        Settings(_env_file=None, **{name: 1e300})
+
+
+def test_a_tenant_share_over_the_whole_queue_is_clamped_to_it_with_a_warning(no_env, caplog):
+    with caplog.at_level(logging.WARNING, logger="spafit.settings"):
+        s = Settings(_env_file=None, batch_max_queue=100, batch_max_queue_per_tenant=512)
+    assert s.batch_max_queue_per_tenant == 100
+    assert any("clamped" in rec.getMessage() for rec in caplog.records)
