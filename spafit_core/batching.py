@@ -1,9 +1,12 @@
 """Dynamic micro-batching of concurrent prediction requests onto the engine, fair between tenants and
 isolated between requests.
 
-Requests are queued as they come (their adapter resolved by the caller) and tokenised by the worker thread in
-batches: everything that arrived since its last pass in one call of the fast tokenizer per (backbone, length
-limit, kind of input), off the event loop; their rows then join one queue per tenant. Admission is bounded twice:
+Requests are queued as they come (their adapter resolved by the caller), each input cut to what its first
+`max_seq_length` tokens need (`cut_input`: a 20,000-character input costs the tokenizer what a 512-word one does),
+and tokenised by the worker thread in batches: everything that arrived since its last pass in one call of the fast
+tokenizer per (backbone, length limit, kind of input), off the event loop. A request still over
+BATCH_TOKENIZE_CHARS goes to the big-request lane instead: one thread, chunks of about that size, the tenants in
+turn, so a tenant's huge inputs wait for its own turns. Rows then join one queue per tenant. Admission is bounded twice:
 a tenant past `max_queue_per_tenant` waiting rows is refused (TenantOverloadedError: that tenant retries later),
 and the whole queue past `max_queue` rows is refused (OverloadedError). One worker thread drains the queues by
 deficit round robin: each tenant in turn may take rows worth `quantum x weight` tokens (a row costs its
