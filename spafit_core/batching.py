@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 import uuid
@@ -54,6 +53,7 @@ from .errors import (
     TenantOverloadedError,
 )
 from .outputs import postprocess
+from .textcut import _cut_side, cut_input, cut_text  # noqa: F401  (importable from here too)
 
 log = logging.getLogger("spafit.batching")
 
@@ -66,59 +66,6 @@ TRACE_PATH = os.environ.get("SPAFIT_BATCH_TRACE") or None
 # the tenants in turn, so that one tenant's huge inputs delay another's (big) requests by at most one chunk, and
 # never hold up the worker's batches or the submitter threads every request goes through.
 BATCH_TOKENIZE_CHARS = 16_384
-
-_WORD = re.compile(r"[^ ]+")  # split on ASCII space only: every tokenizer (WordPiece, BPE, SentencePiece) splits there
-_ALNUM = re.compile(r"[^\W_]")  # a letter or digit: never removed by a normalizer, so its word yields >= 1 token
-
-
-def cut_text(text: str, max_tokens: int) -> str:
-    """`text` cut after its first `max_tokens` words that hold a letter or a digit (words split on spaces), or
-    whole if it has fewer: the first `max_tokens` tokens are the same. Tokenizers split words at spaces and
-    tokenise each word on its own (a pre-token never spans a space), and a word with a letter or digit yields at
-    least one token (WordPiece gives a word over `max_input_chars_per_word` one [UNK]), so those words hold at
-    least `max_tokens` tokens, all complete. Costs about `max_tokens` regex matches whatever the text's length."""
-    if len(text) <= max_tokens:  # fewer characters than tokens asked for: nothing to cut
-        return text
-    n = 0
-    for m in _WORD.finditer(text):
-        if _ALNUM.search(m.group()):
-            n += 1
-            if n >= max_tokens:
-                return text[: m.end()]
-    return text
-
-
-def cut_input(x: Input, max_tokens: int) -> Input:
-    """`x` (a text, a {"text", "text_pair"} dict or a pair) with only what its first `max_tokens` tokens need.
-    A pair is truncated longest first, so which side is longer matters too: a side is cut only when the other is
-    short (fewer than `max_tokens` words), and then kept longer than the other side's tokens can be (at most two a
-    UTF-8 byte, with SentencePiece's word marks); two long sides are left whole (the big-request lane bounds what
-    that costs others)."""
-    if isinstance(x, str):
-        return cut_text(x, max_tokens)
-    if isinstance(x, dict):
-        text, pair = x.get("text"), x.get("text_pair")
-    else:
-        text, pair = x[0], x[1]
-    if not isinstance(text, str):
-        return x
-    if not isinstance(pair, str):  # a single text
-        cut = cut_text(text, max_tokens)
-        return x if cut is text else ({**x, "text": cut} if isinstance(x, dict) else type(x)([cut, *x[1:]]))
-    a, b = _cut_side(text, pair, max_tokens), _cut_side(pair, text, max_tokens)
-    if len(a) < len(text) and len(b) < len(pair):  # both long: the longer one gets the odd token
-        return x
-    if isinstance(x, dict):
-        return {**x, "text": a, "text_pair": b}
-    return type(x)([a, b, *x[2:]])
-
-
-def _cut_side(text: str, other: str, max_tokens: int) -> str:
-    """One side of a pair cut, still holding more tokens than `other` can have."""
-    if len(cut_text(text, max_tokens)) == len(text):
-        return text
-    return cut_text(text, max(max_tokens, 2 * len(other.encode()) + 2))
-
 
 @dataclass
 class BatchingConfig:
@@ -290,11 +237,13 @@ class MicroBatcher:
     def _admit(self, tenant: str, rows: int) -> None:
         cfg = self.config
         waiting = len(self._queues.get(tenant, ())) + self._pending_rows.get(tenant, 0)
-        if cfg.max_queue_per_tenant is not None and waiting + rows > cfg.max_queue_per_tenant:
+        # A request larger than a share (or the whole queue) is charged one share (the queue): it is accepted when its
+        # tenant (the queue) has nothing waiting, instead of a refusal that no retry could ever cure.
+        if cfg.max_queue_per_tenant is not None and waiting + min(rows, cfg.max_queue_per_tenant) > cfg.max_queue_per_tenant:
             self.stats["tenant_overloads"] += 1
             raise TenantOverloadedError(f"this tenant has {waiting} rows waiting (at most {cfg.max_queue_per_tenant}"
                                         "); retry shortly", detail={"tenant_queue_depth": waiting})
-        if self._rows + rows > cfg.max_queue:
+        if self._rows + min(rows, cfg.max_queue) > cfg.max_queue:
             self.stats["overloads"] += 1
             raise OverloadedError(f"prediction queue is full ({self._rows} rows waiting); retry shortly",
                                   detail={"queue_depth": self._rows})

@@ -20,6 +20,7 @@ from ..errors import AdapterError
 from ..layers import MixedBatchUnsupported, Route, route
 from ..outputs import postprocess
 from ..slots import SlotPools, kernel
+from ..textcut import cut_input
 from ..train import collate
 from .bank import AdapterBank
 from .base import Backbone
@@ -191,10 +192,12 @@ class Engine:
     # -- tokenisation
     def encode(self, adapter: LoadedAdapter, inputs: Sequence[Input]) -> list[dict[str, list[int]]]:
         """Token ids per input, truncated to what both the adapter and the backbone allow: an adapter that
-        claims a longer `max_seq_length` than the backbone has positions still gets rows that fit."""
+        claims a longer `max_seq_length` than the backbone has positions still gets rows that fit. Inputs are
+        cut first (`textcut.cut_input`, same tokens; a pair of two long sides never reaches the tokenizer whole),
+        so every path (lone, batched, fan-out, batch jobs) tokenises the same cut inputs."""
         bb = self._backbone_of(adapter)
-        texts, pairs = split_inputs(inputs)
         limit = adapter.max_seq_length if bb.max_length is None else min(adapter.max_seq_length, bb.max_length)
+        texts, pairs = split_inputs([cut_input(x, limit) for x in inputs])  # what the limit needs (textcut)
         enc = bb.tokenizer(texts, pairs, truncation=True, max_length=limit) if pairs else \
             bb.tokenizer(texts, truncation=True, max_length=limit)
         keys = [k for k in ("input_ids", "token_type_ids") if k in enc]

@@ -83,7 +83,7 @@ def test_cutting_an_input_keeps_its_first_max_length_tokens(tmp_path):
                 got = tok([a for a, _ in cut_pairs], [b for _, b in cut_pairs], max_length=limit,
                           **({"truncation": True} | kw))["input_ids"]
                 assert got == want, (name, limit, "pairs")
-    assert cut_input((texts[2], texts[3]), 8) == (texts[2], texts[3])  # two long sides: left whole
+    assert cut_input((texts[2], texts[3]), 8) == (cut_text(texts[2], 8), cut_text(texts[3], 8))  # two long: both cut
     assert cut_text("short text", 512) == "short text"
     assert cut_input({"text": "a b c d", "text_pair": None}, 2) == {"text": "a b", "text_pair": None}
 
