@@ -400,14 +400,14 @@ class Settings(BaseSettings):
         bad = {t: w for t, w in self.batch_tenant_weights.items() if not 0 < w < float("inf")}
         if bad:
             raise ValueError(f"batch_tenant_weights must be positive and finite; got {bad}")
+        if self.batch_max_queue_per_tenant < self.max_predict_inputs:  # the share as set, before any clamp below
+            raise ValueError("batch_max_queue_per_tenant must be at least max_predict_inputs, or a full request "
+                             "could never be queued")
         if self.batch_max_queue_per_tenant > self.batch_max_queue:  # a share over the whole: clamped, said once
             logging.getLogger("spafit.settings").warning(
                 "batch_max_queue_per_tenant (%d) is over batch_max_queue (%d): clamped to it",
                 self.batch_max_queue_per_tenant, self.batch_max_queue)
             self.batch_max_queue_per_tenant = self.batch_max_queue
-        if self.batch_max_queue_per_tenant < self.max_predict_inputs:
-            raise ValueError("batch_max_queue_per_tenant must be at least max_predict_inputs, or a full request "
-                             "could never be queued")
         if not embedded:  # fail fast on anything that is only safe on one machine
             if not self.auth_enabled:
                 raise ValueError(

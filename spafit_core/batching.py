@@ -238,15 +238,17 @@ class MicroBatcher:
         cfg = self.config
         waiting = len(self._queues.get(tenant, ())) + self._pending_rows.get(tenant, 0)
         # A request larger than a share (or the whole queue) is charged one share (the queue): it is accepted when its
-        # tenant (the queue) has nothing waiting, instead of a refusal that no retry could ever cure.
-        if cfg.max_queue_per_tenant is not None and waiting + min(rows, cfg.max_queue_per_tenant) > cfg.max_queue_per_tenant:
-            self.stats["tenant_overloads"] += 1
-            raise TenantOverloadedError(f"this tenant has {waiting} rows waiting (at most {cfg.max_queue_per_tenant}"
-                                        "); retry shortly", detail={"tenant_queue_depth": waiting})
+        # tenant (the queue) has nothing waiting, instead of a refusal that no retry could ever cure. The whole queue
+        # full is an overload whoever asks (a share can be the whole queue); past a share with room left, a 429.
         if self._rows + min(rows, cfg.max_queue) > cfg.max_queue:
             self.stats["overloads"] += 1
             raise OverloadedError(f"prediction queue is full ({self._rows} rows waiting); retry shortly",
                                   detail={"queue_depth": self._rows})
+        share = cfg.max_queue_per_tenant
+        if share is not None and waiting + min(rows, share) > share:
+            self.stats["tenant_overloads"] += 1
+            raise TenantOverloadedError(f"this tenant has {waiting} rows waiting (at most {share}"
+                                        "); retry shortly", detail={"tenant_queue_depth": waiting})
 
     def submit(self, adapter_name: str, inputs: Sequence[Input], top_k: int | None = None,
                timeout_s: float | None = None, tenant: str = "") -> Future:

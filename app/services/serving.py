@@ -310,13 +310,15 @@ class Serving:
                 depth, over = mine, mine + rows > limit and mine > 0
             else:
                 depth, over = shared.total, not shared.admitted
-            if over:
+            # The whole queue full is 503 whoever asks (with one busy tenant, its share can be the whole queue);
+            # a tenant past its share while there is room for others is 429.
+            if everyone + rows > total and everyone > 0:
+                refused: AppError = self._overloaded(f"prediction queue is full ({everyone} rows waiting); retry "
+                                                     "shortly", everyone)
+            elif over:
                 self._saturated[tenant] = (time.monotonic() + RETRY_AFTER_SECONDS, depth)
-                refused: AppError = self._tenant_overloaded(tenant, f"this tenant has {depth} rows waiting (at most "
-                                                            f"{limit}); retry shortly", depth)
-            elif everyone + rows > total:
-                refused = self._overloaded(f"prediction queue is full ({everyone} rows waiting); retry shortly",
-                                           everyone)
+                refused = self._tenant_overloaded(tenant, f"this tenant has {depth} rows waiting (at most "
+                                                  f"{limit}); retry shortly", depth)
             else:
                 self._in_flight[tenant] = mine + rows
                 released = threading.Event()
