@@ -3,21 +3,14 @@ isolated between requests.
 
 Requests are queued as they come (their adapter resolved by the caller), each input cut to what its first
 `max_seq_length` tokens need (`cut_input`: a 20,000-character input costs the tokenizer what a 512-word one does),
-and tokenised by the worker thread in batches: everything that arrived since its last pass in one call of the fast
-tokenizer per (backbone, length limit, kind of input), off the event loop. A request still over
-BATCH_TOKENIZE_CHARS goes to the big-request lane instead: one thread, chunks of about that size, the tenants in
-turn, so a tenant's huge inputs wait for its own turns. Rows then join one queue per tenant. Admission is bounded twice:
-a tenant past `max_queue_per_tenant` waiting rows is refused (TenantOverloadedError: that tenant retries later),
-and the whole queue past `max_queue` rows is refused (OverloadedError). One worker thread drains the queues by
-deficit round robin: each tenant in turn may take rows worth `quantum x weight` tokens (a row costs its
-length, so long inputs use up a share faster than short ones), and a tenant's backlog delays only itself. A tenant
-whose queue was empty when its rows arrived is served first, for one quantum (fq_codel's sparse flows), so a light
-tenant's rows go into the very next pass whatever a flooding tenant has queued; while such a tenant is being served,
-passes take at most `shared_batch_size` rows of the backlogged tenants, so what it waits for (the pass in flight,
-then its own) stays small on a CPU, where a pass costs about its rows. When its last batch was full or left rows
-waiting (saturated), it waits up to `max_wait_ms` for company (otherwise it does not wait: a lone request costs the
-one-row forward), then packs what it took (at most `max_batch_size` rows, sorted by length, within `max_tokens`
-padded tokens) into mixed-task forward passes.
+and tokenised off the event loop: by the worker thread in batches, or, for a request still over
+BATCH_TOKENIZE_CHARS, by the big-request lane, chunk by chunk, the tenants in turn (`tokenize_lane`). Rows then
+join one queue per tenant. Admission is bounded twice: a tenant past `max_queue_per_tenant` waiting rows is refused
+(TenantOverloadedError: that tenant retries later), and the whole queue past `max_queue` rows is refused
+(OverloadedError). One worker thread drains the queues by deficit round robin, light tenants first
+(`tenant_queues`), then packs what it took (at most `max_batch_size` rows, sorted by length, within `max_tokens`
+padded tokens) into mixed-task forward passes. This module holds the batcher itself: submission, admission, the
+worker loop and its supervision; every name it held before the split is still importable from here.
 
 Invariants a caller may rely on:
 - a request's rows are dropped, not run, once its future is done (cancelled: the client went away or timed
@@ -33,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -41,10 +33,9 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Engine, Input, Row
+from .engine import Engine, Input
 from .errors import (
     OverloadedError,
     PredictionFailedError,
@@ -53,7 +44,17 @@ from .errors import (
     TenantOverloadedError,
 )
 from .outputs import postprocess
+from .tenant_queues import BatchingConfig, TenantQueues, _fail, _Item, _Request
 from .textcut import _cut_side, cut_input, cut_text  # noqa: F401  (importable from here too)
+from .tokenize_lane import (  # noqa: F401  (importable from here too)
+    BATCH_TOKENIZE_CHARS,
+    Tokenizing,
+    _chars,
+    _chunk,
+    _is_pair,
+    _Pending,
+    _tokenize_error,
+)
 
 log = logging.getLogger("spafit.batching")
 
@@ -61,77 +62,12 @@ log = logging.getLogger("spafit.batching")
 # there with the monotonic times of its stages (see `_Request.marks`), to find where a request's latency goes.
 TRACE_PATH = os.environ.get("SPAFIT_BATCH_TRACE") or None
 
-# A request with more characters than this (after `cut_input`) is not tokenised in the worker's batches: it goes
-# to the big-request lane, one thread that tokenises such requests in chunks of about this many characters, taking
-# the tenants in turn, so that one tenant's huge inputs delay another's (big) requests by at most one chunk, and
-# never hold up the worker's batches or the submitter threads every request goes through.
-BATCH_TOKENIZE_CHARS = 16_384
 
-@dataclass
-class BatchingConfig:
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0  # how long the first row of a batch waits for company
-    max_tokens: int = 16384  # rows x padded length per forward pass
-    max_queue: int = 2048  # rows waiting, all tenants; beyond this requests are refused as overload
-    max_queue_per_tenant: int | None = None  # rows waiting of one tenant (None: max_queue)
-    quantum: int = 512  # tokens (a row costs its length) a tenant of weight 1 may take per turn of the round robin
-    weights: dict[str, float] = field(default_factory=dict)  # tenant -> weight (default 1)
-    # Most rows a forward pass takes from backlogged tenants while a light tenant is being served (one whose rows
-    # went into a pass within `shared_window_s` and left its queue empty): the rows such a tenant sends next wait
-    # for at most one pass this small, then run in the next one. On a CPU a pass costs about its rows, so 32-row
-    # passes of a flooding tenant would cost a light one two long passes per request. None: no bound (on a GPU,
-    # where a pass costs about the same whatever its rows, set it to max_batch_size or None).
-    shared_batch_size: int | None = 4
-    shared_window_s: float = 1.0
-    timeout_s: float = 30.0  # per request, from submission
+class MicroBatcher(Tokenizing, TenantQueues):
+    """The batcher: `submit` / `predict` queue a request, one worker thread (`_loop`) runs its rows. Tokenising
+    is `Tokenizing`'s (tokenize_lane.py), the round robin over the tenants' queues is `TenantQueues`'s
+    (tenant_queues.py); all of their state is created here and guarded by `_cond`."""
 
-    def weight(self, tenant: str) -> float:
-        return max(self.weights.get(tenant, 1.0), 1e-3)  # a zero weight would never be served
-
-
-
-@dataclass(eq=False)
-class _Request:
-    adapter_name: str
-    top_k: int | None
-    deadline: float
-    future: Future
-    results: list[Any]
-    remaining: int
-    tenant: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # Debug mode only (TRACE_PATH): stage -> time.monotonic() of its first occurrence: "queued" (tokenised, in its
-    # tenant's queue), "taken" (by the round robin), "forward" / "forward_end" (its first pass), "resolved".
-    marks: dict[str, Any] | None = None
-
-    def mark(self, stage: str, **extra: Any) -> None:
-        if self.marks is not None and stage not in self.marks:
-            self.marks[stage] = time.monotonic()
-            self.marks.update(extra)
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A request whose rows are not tokenised yet (they count as waiting rows of its tenant already)."""
-
-    request: _Request
-    adapter: Any  # the engine's LoadedAdapter
-    inputs: list[Input]  # cut (`cut_input`): what the tokenizer needs of them, no more
-    made: list[dict] = field(default_factory=list)  # big-request lane: the rows of the chunks tokenised so far
-
-
-@dataclass
-class _Item:
-    request: _Request
-    index: int
-    row: Row
-
-    @property
-    def length(self) -> int:
-        return len(self.row.features["input_ids"])
-
-
-class MicroBatcher:
     def __init__(self, engine: Engine, config: BatchingConfig | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None):
         self.engine = engine
@@ -319,143 +255,6 @@ class MicroBatcher:
                 if not kept:
                     self._forget(req.tenant)
 
-    def _unpend(self, p: _Pending) -> None:
-        """`p`'s rows no longer wait untokenised. Call under the lock."""
-        left = self._pending_rows[p.request.tenant] - len(p.inputs)
-        if left > 0:
-            self._pending_rows[p.request.tenant] = left
-        else:
-            del self._pending_rows[p.request.tenant]
-
-    def _tokenize_pending(self) -> None:
-        """Tokenise the requests that wait untokenised, in batches, and queue their rows. The lock is not held
-        while the tokenizer runs: requests keep arriving meanwhile."""
-        with self._cond:
-            pending, self._pending = self._pending, []
-        if not pending:
-            return
-        try:
-            made = self._tokenize(pending)
-        except Exception as e:  # a bug of ours: these requests fail, the counts stay right
-            made = [(p, e) for p in pending]
-        with self._cond:
-            self._enqueue(made)
-
-    def _tokenize(self, pending: list[_Pending]) -> list[tuple[_Pending, list[dict] | Exception]]:
-        """The rows of `pending`, one tokenizer call per (base model, length limit, kind of input): the same
-        features `engine.encode` gives each request alone. A call that fails is retried per request, so that
-        only a request whose own inputs fail gets the error. Runs without the lock."""
-        groups: dict[tuple, list[_Pending]] = {}
-        for p in pending:
-            kinds = {isinstance(x, str) for x in p.inputs}
-            key = (p.adapter.config["base_model"]["name"], p.adapter.max_seq_length,
-                   kinds.pop() if len(kinds) == 1 else id(p))  # a request mixing kinds is a group of its own
-            groups.setdefault(key, []).append(p)
-        out: list[tuple[_Pending, list[dict] | Exception]] = []
-        for group in groups.values():
-            try:
-                feats = self.engine.encode(group[0].adapter, [x for p in group for x in p.inputs])
-            except Exception:
-                if len(group) == 1:
-                    feats = None
-                else:
-                    out += self._tokenize_apart(group)
-                    continue
-            if feats is None:
-                out += self._tokenize_apart(group)
-                continue
-            at = 0
-            for p in group:
-                out.append((p, feats[at: at + len(p.inputs)]))
-                at += len(p.inputs)
-        return out
-
-    def _tokenize_apart(self, group: list[_Pending]) -> list[tuple[_Pending, list[dict] | Exception]]:
-        out: list[tuple[_Pending, list[dict] | Exception]] = []
-        for p in group:
-            try:
-                out.append((p, self.engine.encode(p.adapter, p.inputs)))
-            except Exception as e:
-                out.append((p, e))
-        return out
-
-    # -- the big-request lane
-    def _spawn_lane(self) -> None:
-        """Start the lane's thread. Under the lock."""
-        self._lane_thread = threading.Thread(target=self._lane_loop, name="spafit-tokenize", daemon=True)
-        self._lane_thread.start()
-
-    def _lane_loop(self) -> None:
-        """Tokenise big requests one chunk (about BATCH_TOKENIZE_CHARS characters, at least one input) at a time,
-        taking the tenants with some in turn: a tenant's big requests wait for their own turns, and another tenant
-        waits for at most one chunk of each. A request joins its tenant's queue once all its chunks are done. The
-        thread ends when no work is left (`submit` starts another)."""
-        while True:
-            with self._cond:
-                if not self._running or not self._lane_ring:
-                    self._lane_thread = None
-                    return
-                tenant = self._lane_ring[0]
-                p = self._lane[tenant][0]
-                chunk = _chunk(p.inputs, len(p.made))
-            error: Exception | None = None
-            feats: list[dict] = []
-            if not p.request.future.done():
-                try:
-                    feats = self.engine.encode(p.adapter, chunk)
-                except Exception as e:  # this request's own inputs (or a bug of ours): it alone fails
-                    error = e
-            with self._cond:
-                lane = self._lane.get(tenant)
-                if not lane or lane[0] is not p:  # withdrawn (cancelled) meanwhile: nothing left to do for it
-                    continue
-                done = error is not None or p.request.future.done() or len(p.made) + len(chunk) >= len(p.inputs)
-                if done:
-                    lane.popleft()
-                    if not lane:
-                        del self._lane[tenant]
-                    self._enqueue([(p, error if error is not None else p.made + feats)])
-                    self._cond.notify()
-                else:
-                    p.made.extend(feats)
-                if self._lane_ring and self._lane_ring[0] == tenant:  # its turn is over
-                    self._lane_ring.popleft()
-                    if tenant in self._lane:
-                        self._lane_ring.append(tenant)
-
-    def _enqueue(self, made: list[tuple[_Pending, list[dict] | Exception]]) -> None:
-        """Tokenised requests join their tenants' queues (a request done meanwhile is dropped). Under the lock."""
-        for p, feats in made:
-            req = p.request
-            self._unpend(p)
-            if isinstance(feats, Exception) or req.future.done():
-                self._rows -= len(p.inputs)
-                if isinstance(feats, Exception):
-                    _fail(req, _tokenize_error(feats, p))
-                else:
-                    self.stats["dropped"] += len(p.inputs)
-                continue
-            queue = self._queues.get(req.tenant)
-            if queue is None:  # a new flow: served ahead of the backlogged tenants, for one quantum
-                queue = self._queues[req.tenant] = deque()
-                self._new.append(req.tenant)
-                self._fresh.add(req.tenant)
-                self._deficit[req.tenant] = self.config.quantum * self.config.weight(req.tenant)
-            queue.extend(_Item(req, i, Row(p.adapter, f)) for i, f in enumerate(feats))
-            req.mark("queued")
-
-    def _forget(self, tenant: str) -> None:
-        """Take a tenant with no rows left out of the round robin. Call under the lock."""
-        self._fresh.discard(tenant)
-        if tenant in self._new:
-            self._new.remove(tenant)
-        else:
-            if self._ring and self._ring[0] == tenant:
-                self._in_turn = False
-            self._ring.remove(tenant)
-        del self._queues[tenant]
-        del self._deficit[tenant]
-
     async def predict(self, adapter_name: str, inputs: Sequence[Input], top_k: int | None = None,
                       timeout_s: float | None = None, tenant: str = "") -> list[dict]:
         """`submit` and wait. Cancelling the awaiting task (a client that went away) cancels the request,
@@ -480,133 +279,6 @@ class MicroBatcher:
             fut.cancel()  # a no-op once resolved; otherwise (timeout, cancelled) its rows leave the queue
 
     # -- the worker
-    def _limit(self, now: float) -> int:
-        """Most rows of backlogged tenants in the next pass: `shared_batch_size` while a light tenant is being
-        served (see BatchingConfig), else `max_batch_size`. Call under the lock."""
-        if now - self._light_at < self.config.shared_window_s:
-            return self._shared_limit()
-        return self.config.max_batch_size
-
-    def _shared_limit(self) -> int:
-        cfg = self.config
-        return cfg.max_batch_size if cfg.shared_batch_size is None else min(cfg.shared_batch_size, cfg.max_batch_size)
-
-    def _take(self) -> list[_Item]:
-        """The rows of the next pass, after tokenising (in batches) the requests that arrived since the last call:
-        first the light tenants' (new ones all of whose rows fit), then the other new tenants' (one quantum each),
-        then the backlogged ones' by deficit round robin; at most `max_batch_size` rows in all and, while a light
-        tenant is being served, at most `shared_batch_size` beyond the light tenants' rows."""
-        cfg = self.config
-        with self._cond:
-            while self._running and not self._rows:
-                self._cond.wait(timeout=0.5)
-            if not self._running:
-                return []
-            # Wait for company only when saturated (the last batch was full or left rows behind: demand is above
-            # what one batch takes, so more rows are on their way); otherwise run what is there at once, so that a
-            # lone request costs the one-row forward, not `max_wait_ms` more.
-            deadline = time.monotonic() + (cfg.max_wait_ms / 1000 if self._saturated else 0)
-            while self._rows < self._limit(time.monotonic()) and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(timeout=left)
-        self._tokenize_pending()
-        with self._cond:
-            items: list[_Item] = []
-            now = time.monotonic()
-            light = False
-            # Light tenants first: those whose queue was empty at the last pass and whose every row now fits their
-            # quantum and this pass. They run now whatever the others have queued, and for `shared_window_s` after
-            # their pass the others' rows in each pass are bounded (`_limit`), so that their next rows wait for one
-            # small pass, not a full one.
-            fresh, self._fresh = self._fresh, set()
-            for tenant in [t for t in self._new if t in fresh]:
-                if len(items) < cfg.max_batch_size and self._fits(tenant, cfg.max_batch_size - len(items)):
-                    took = len(items)
-                    self._fill(tenant, items, cfg.max_batch_size)
-                    light = light or len(items) > took
-                    if not self._queues[tenant]:
-                        self._forget(tenant)
-            self._light_taken = light
-            limit = max(len(items), self._shared_limit() if light else self._limit(now))
-            while len(items) < limit and self._new:  # then new tenants with more than that, one quantum each
-                tenant = self._new[0]
-                self._fill(tenant, items, limit)
-                queue = self._queues[tenant]
-                if not queue:
-                    self._forget(tenant)
-                elif queue[0].length > self._deficit[tenant]:  # quantum used up: it has a backlog, it joins the ring
-                    self._new.popleft()
-                    self._ring.append(tenant)
-                # else the pass is full mid-quantum: it goes on next time
-            while len(items) < limit and self._ring:
-                tenant = self._ring[0]
-                if not self._in_turn:  # a new turn: the tenant's quantum joins what it did not use
-                    self._skip_rounds()
-                    self.stats["turns"] += 1
-                    self._deficit[tenant] += cfg.quantum * cfg.weight(tenant)
-                    self._in_turn = True
-                self._fill(tenant, items, limit)
-                queue = self._queues[tenant]
-                if not queue:
-                    self._forget(tenant)
-                elif queue[0].length > self._deficit[tenant]:  # turn used up: next tenant
-                    self._ring.rotate(-1)
-                    self._in_turn = False
-                # else the batch is full mid-turn: the tenant goes on next time, with what it has left
-            self._saturated = len(items) >= limit or self._rows > 0
-            return items
-
-    def _skip_rounds(self) -> None:
-        """At the start of a turn of the ring's head: when no tenant of the ring could send its next row within the
-        next k rounds (a small quantum x weight against long rows), add those k rounds' quanta to every tenant at
-        once, as k rounds that take nothing would. The round robin then loops at most one round before a tenant
-        sends, whatever the weights (0.001 x 1 token against 512-token rows would be 512,000 empty turns). Under
-        the lock."""
-        cfg = self.config
-        rounds = None
-        for tenant in self._ring:
-            head = next((it.length for it in self._queues[tenant] if not it.request.future.done()), None)
-            if head is None:  # only dropped rows left: `_fill` takes them out this round
-                return
-            share = cfg.quantum * cfg.weight(tenant)
-            need = max(0, math.ceil((head - self._deficit[tenant]) / share) - 1)  # turns that take nothing
-            rounds = need if rounds is None else min(rounds, need)
-            if not rounds:
-                return
-        if rounds:
-            for tenant in self._ring:
-                self._deficit[tenant] += rounds * cfg.quantum * cfg.weight(tenant)
-            self.stats["skipped_rounds"] += rounds
-
-    def _fits(self, tenant: str, room: int) -> bool:
-        """All of `tenant`'s waiting rows fit in `room` rows and its deficit. Under the lock."""
-        budget, n = self._deficit[tenant], 0
-        for it in self._queues[tenant]:
-            if it.request.future.done():  # dropped when taken: costs nothing
-                continue
-            n += 1
-            budget -= it.length
-            if n > room or budget < 0:
-                return False
-        return True
-
-    def _fill(self, tenant: str, items: list[_Item], limit: int) -> None:
-        """Move `tenant`'s rows into `items` while its deficit pays for them, up to `limit` rows. Under the lock."""
-        queue = self._queues[tenant]
-        while queue and len(items) < limit:
-            it = queue[0]
-            if it.request.future.done():  # cancelled or failed meanwhile: costs nothing
-                queue.popleft()
-                self._rows -= 1
-                self.stats["dropped"] += 1
-                continue
-            if it.length > self._deficit[tenant]:  # a row costs its tokens: this one waits a turn
-                break
-            queue.popleft()
-            self._rows -= 1
-            self._deficit[tenant] -= it.length
-            items.append(it)
-            it.request.mark("taken")
-
     def _pack(self, items: list[_Item]) -> list[list[_Item]]:
         """Length-sorted batches within max_batch_size rows and max_tokens padded tokens."""
         items = sorted(items, key=lambda it: it.length)
@@ -727,39 +399,6 @@ def _row_error(error: Exception, items: list[_Item]) -> SpafitError:
                                  detail={"reference": ref})
 
 
-def _chars(x: Input) -> int:
-    if isinstance(x, str):
-        return len(x)
-    return sum(len(v) for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, str))
-
-
-def _is_pair(x: Input) -> bool:
-    return not isinstance(x, str) and (not isinstance(x, dict) or x.get("text_pair") is not None)
-
-
-def _chunk(inputs: list[Input], start: int) -> list[Input]:
-    """The next chunk of a big request from `start`: inputs up to about BATCH_TOKENIZE_CHARS characters (at least
-    one). A request that mixes single texts and pairs is one chunk: the tokenizer refuses it whole, as before."""
-    if len({_is_pair(x) for x in inputs}) > 1:
-        return inputs[start:]
-    end, chars = start, 0
-    while end < len(inputs) and (end == start or chars + _chars(inputs[end]) <= BATCH_TOKENIZE_CHARS):
-        chars += _chars(inputs[end])
-        end += 1
-    return inputs[start:end]
-
-
-def _tokenize_error(error: Exception, p: _Pending) -> SpafitError:
-    """The error a request gets when its inputs could not be tokenised (alone)."""
-    if isinstance(error, SpafitError):
-        return error
-    ref = uuid.uuid4().hex
-    log.error("tokenising a request failed (ref %s): adapter %s, %d inputs", ref, p.adapter.name, len(p.inputs),
-              exc_info=error)
-    return PredictionFailedError(f"the prediction failed on these inputs (ref {ref}); other requests were served",
-                                 detail={"reference": ref})
-
-
 def _trace(fut: Future, called: float, rows: int) -> None:
     """Append a request's stage times (ms after `predict` was called) to TRACE_PATH (debug mode)."""
     req = getattr(fut, "spafit_request", None)
@@ -786,11 +425,4 @@ def _resolve(fut: Future, result: Any) -> None:
     try:
         fut.set_result(result)
     except InvalidStateError:  # cancelled (or failed) by another thread since: nobody is waiting for it
-        pass
-
-
-def _fail(req: _Request, exc: Exception) -> None:
-    try:
-        req.future.set_exception(exc)
-    except InvalidStateError:  # already resolved or cancelled by a racing thread
         pass
