@@ -209,6 +209,33 @@ class OpenLoop:
                                      for k in range(int(self.seconds // 5))}}
 
 
+async def _open_loop(out: Any, one: Any, rng: random.Random, rate: float, duration: float,
+                     inputs: tuple[int, int], tasks: list[str], grace: float | None) -> None:
+    """Send requests at Poisson arrival times (`rate` a second, open loop: a slow answer never delays the next
+    send) for `duration` seconds through `one(task, batch, due)`; then wait `grace` seconds for the late ones and
+    cancel the rest (counted in `out.cut`)."""
+    start = out.start = time.perf_counter()
+    due = start
+    pending: set[asyncio.Task] = set()
+    while True:
+        due += rng.expovariate(rate)
+        if due - start > duration:
+            break
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        batch = [rng.choice(TEXTS) for _ in range(rng.randint(*inputs))]
+        task = asyncio.create_task(one(rng.choice(tasks), batch, due))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        out.sent += 1
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=grace)
+        for task in late:
+            task.cancel()
+        out.cut = len(late)
+        if late:
+            await asyncio.wait(late)
+
+
 async def open_loop(http: Any, tasks: list[str], headers: dict, rate: float, duration: float, rng: random.Random,
                     inputs: tuple[int, int] = (1, 4), grace: float | None = None) -> OpenLoop:
     """Requests at Poisson arrival times of mean `rate` per second for `duration` seconds, each sent when due
@@ -239,26 +266,7 @@ async def open_loop(http: Any, tasks: list[str], headers: dict, rate: float, dur
             if not r.headers.get("retry-after", "").isdigit():
                 out.retry_after_missing += 1
 
-    start = out.start = time.perf_counter()
-    due = start
-    pending: set[asyncio.Task] = set()
-    while True:
-        due += rng.expovariate(rate)
-        if due - start > duration:
-            break
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        batch = [rng.choice(TEXTS) for _ in range(rng.randint(*inputs))]
-        task = asyncio.create_task(one(rng.choice(tasks), batch, due))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-        out.sent += 1
-    if pending:
-        _, late = await asyncio.wait(pending, timeout=grace)
-        for task in late:
-            task.cancel()
-        out.cut = len(late)
-        if late:
-            await asyncio.wait(late)
+    await _open_loop(out, one, rng, rate, duration, inputs, tasks, grace)
     out.seconds = duration
     return out
 
@@ -326,26 +334,7 @@ async def raw_open_loop(url: str, tasks: list[str], headers: dict, rate: float, 
                     out.retry_after_missing += 1
             free.append((reader, writer, time.monotonic()))
 
-    start = out.start = time.perf_counter()
-    due = start
-    pending: set[asyncio.Task] = set()
-    while True:
-        due += rng.expovariate(rate)
-        if due - start > duration:
-            break
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        batch = [rng.choice(TEXTS) for _ in range(rng.randint(*inputs))]
-        task = asyncio.create_task(one(rng.choice(tasks), batch, due))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-        out.sent += 1
-    if pending:
-        _, late = await asyncio.wait(pending, timeout=grace)
-        for task in late:
-            task.cancel()
-        out.cut = len(late)
-        if late:
-            await asyncio.wait(late)
+    await _open_loop(out, one, rng, rate, duration, inputs, tasks, grace)
     for writer in opened:
         writer.close()
     out.seconds = duration
