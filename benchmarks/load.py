@@ -351,7 +351,10 @@ def _flood(url: str, tasks: list[str], headers: dict, rate: float, duration: flo
     async def go() -> OpenLoop:
         return await raw_open_loop(url, tasks, headers, rate, duration, random.Random(5), grace=5.0)
 
-    return asyncio.run(go()).summary()
+    cpu, wall = time.process_time(), time.monotonic()
+    out = asyncio.run(go()).summary()
+    out["client_cpu_cores_used"] = round((time.process_time() - cpu) / (time.monotonic() - wall), 2)
+    return out
 
 
 def _http(url: str, connections: int, timeout: float = 30.0) -> Any:
@@ -392,9 +395,11 @@ async def noisy_phases(url: str, a: tuple[dict, list[str]], b: tuple[dict, list[
         cpu, wall = cpu_seconds(server_pid), time.monotonic()
         flood_future = asyncio.wrap_future(pool.submit(_flood, url, a[1], a[0], a_rate, duration))
         windows["b_with_flood"] = [time.monotonic()]
+        b_cpu = time.process_time()
         async with _http(url, 64) as hb:
             flooded = await open_loop(hb, b[1], b[0], b_rate, duration, random.Random(4))
         windows["b_with_flood"].append(time.monotonic())
+        b_cpu = (time.process_time() - b_cpu) / (windows["b_with_flood"][1] - windows["b_with_flood"][0])
         flooding = await flood_future
         server_cpu["with_flood"] = round((cpu_seconds(server_pid) - cpu) / (time.monotonic() - wall), 2)
     b_alone, b_flooded = alone.summary(), flooded.summary()
@@ -410,6 +415,8 @@ async def noisy_phases(url: str, a: tuple[dict, list[str]], b: tuple[dict, list[
             "b_p99_ratio": round(p99_ratio, 2) if p99_ratio else None,
             "target": {"b_p99_ratio_at_most": 1.5, "b_errors": 0},
             "server_cpu_cores_used": server_cpu, "loadavg_at_end": _loadavg(), "windows": windows,
+            # the clients run on the same machine: what they took of its cores while A flooded
+            "client_cpu_cores_used": {"a_flood": flooding.get("client_cpu_cores_used"), "b": round(b_cpu, 2)},
             "met": bool(p99_ratio is not None and p99_ratio <= 1.5 and b_flooded["errors"] == 0
                         and b_alone["errors"] == 0)}
 
@@ -458,6 +465,9 @@ def run_noisy(args: argparse.Namespace, base: str, tmp: Path, prefix: str, resul
                                           if isinstance(v, dict)) + " (p50/p99)")
     common.log(f"A flooding: {af['sent']} sent, {af['ok']} ok, {af['tenant_queue_full_429']} x 429, "
                f"{af['errors']} errors, failures {af['failures']}")
+    common.log(f"cores used while A flooded: server {n['server_cpu_cores_used']['with_flood']}, A's client "
+               f"{n['client_cpu_cores_used']['a_flood']}, B's client {n['client_cpu_cores_used']['b']} "
+               f"(of {os.cpu_count()}); B alone: server {n['server_cpu_cores_used']['b_alone']}")
     common.log(f"wrote {path}")
 
 

@@ -4,9 +4,9 @@ drained by deficit round robin into the rows of each forward pass.
 Each tenant in turn may take rows worth `quantum x weight` tokens (a row costs its length, so long inputs use up a
 share faster than short ones), and a tenant's backlog delays only itself. A tenant whose queue was empty when its
 rows arrived is served first, for one quantum (fq_codel's sparse flows), so a light tenant's rows go into the very
-next pass whatever a flooding tenant has queued; while such a tenant is being served, passes take at most
-`shared_batch_size` rows of the backlogged tenants, so what it waits for (the pass in flight, then its own) stays
-small on a CPU, where a pass costs about its rows. When its last batch was full or left rows waiting (saturated),
+next pass whatever a flooding tenant has queued, in a pass of its own; while such a tenant is being served, passes
+take at most `shared_batch_size` rows of the backlogged tenants, so what it waits for (the pass in flight, then its
+own) stays small on a CPU, where a pass costs about its rows. When its last batch was full or left rows waiting (saturated),
 the worker waits up to `max_wait_ms` for company (otherwise it does not wait: a lone request costs the one-row
 forward).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +35,10 @@ class BatchingConfig:
     weights: dict[str, float] = field(default_factory=dict)  # tenant -> weight (default 1)
     # Most rows a forward pass takes from backlogged tenants while a light tenant is being served (one whose rows
     # went into a pass within `shared_window_s` and left its queue empty): the rows such a tenant sends next wait
-    # for at most one pass this small, then run in the next one. On a CPU a pass costs about its rows, so 32-row
-    # passes of a flooding tenant would cost a light one two long passes per request. None: no bound (on a GPU,
-    # where a pass costs about the same whatever its rows, set it to max_batch_size or None).
+    # for at most one pass this small, then run in the next one, alone. On a CPU a pass costs about its rows, so
+    # 32-row passes of a flooding tenant would cost a light one two long passes per request. None: no bound, and the
+    # light tenants' rows share their pass with the others' (on a GPU, where a pass costs about the same whatever
+    # its rows, set it to None).
     shared_batch_size: int | None = 4
     shared_window_s: float = 1.0
     timeout_s: float = 30.0  # per request, from submission
@@ -87,6 +88,7 @@ class TenantQueues:
     _cond: threading.Condition
     _running: bool
     _rows: int  # rows waiting, all tenants (queued or not tokenised yet)
+    _pending_rows: Counter[str]  # of those, the rows not tokenised yet, by tenant
     _queues: dict[str, deque[_Item]]
     _ring: deque[str]
     _new: deque[str]
@@ -133,8 +135,9 @@ class TenantQueues:
     def _take(self) -> list[_Item]:
         """The rows of the next pass, after tokenising (in batches) the requests that arrived since the last call:
         first the light tenants' (new ones all of whose rows fit), then the other new tenants' (one quantum each),
-        then the backlogged ones' by deficit round robin; at most `max_batch_size` rows in all and, while a light
-        tenant is being served, at most `shared_batch_size` beyond the light tenants' rows."""
+        then the backlogged ones' by deficit round robin; at most `max_batch_size` rows in all. A pass that holds
+        light tenants' rows holds nothing else (unless `shared_batch_size` is None), and while a light tenant is
+        being served the other passes hold at most `shared_batch_size` rows."""
         cfg = self.config
         with self._cond:
             while self._running and not self._rows:
@@ -158,14 +161,20 @@ class TenantQueues:
             # small pass, not a full one.
             fresh, self._fresh = self._fresh, set()
             for tenant in [t for t in self._new if t in fresh]:
-                if len(items) < cfg.max_batch_size and self._fits(tenant, cfg.max_batch_size - len(items)):
+                if (len(items) < cfg.max_batch_size and not self._pending_rows.get(tenant)  # none left untokenised
+                        and self._fits(tenant, cfg.max_batch_size - len(items))):
                     took = len(items)
                     self._fill(tenant, items, cfg.max_batch_size)
                     light = light or len(items) > took
                     if not self._queues[tenant]:
                         self._forget(tenant)
             self._light_taken = light
-            limit = max(len(items), self._shared_limit() if light else self._limit(now))
+            if light and cfg.shared_batch_size is not None:
+                # A light tenant's rows run in a pass of their own: on a CPU a pass costs about its rows, so the
+                # backlogged tenants' rows would only add to what the light tenant waits for (they run next).
+                self._saturated = self._rows > 0
+                return items
+            limit = max(len(items), self._limit(now))
             while len(items) < limit and self._new:  # then new tenants with more than that, one quantum each
                 tenant = self._new[0]
                 self._fill(tenant, items, limit)

@@ -1,8 +1,9 @@
 """Tokenising for the micro-batcher (`batching.MicroBatcher`): requests are tokenised by its worker in batches,
 and huge ones in the big-request lane, before their rows join their tenants' queues (`tenant_queues`).
 
-The worker tokenises everything that arrived since its last pass in one call of the fast tokenizer per (backbone,
-length limit, kind of input), off the event loop. A request still over BATCH_TOKENIZE_CHARS (after `cut_input`)
+Before each pass the worker tokenises, in one call of the fast tokenizer per (backbone, length limit, kind of input),
+off the event loop, what arrived since its last pass, up to a pass's worth per tenant beyond what its queue holds
+(a flooding tenant's backlog waits untokenised, so it never delays a light tenant's rows by more than a pass's worth). A request still over BATCH_TOKENIZE_CHARS (after `cut_input`)
 goes to the big-request lane instead: one thread, chunks of about that size, the tenants in turn, so a tenant's
 huge inputs wait for its own turns.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from .engine import Engine, Input, Row
 from .errors import PredictionFailedError, SpafitError
-from .tenant_queues import _fail, _Item, _Request
+from .tenant_queues import BatchingConfig, _fail, _Item, _Request
 
 log = logging.getLogger("spafit.batching")
 
@@ -46,7 +47,9 @@ class Tokenizing:
     rows go."""
 
     engine: Engine
+    config: BatchingConfig
     stats: dict[str, int]
+    _queues: dict[str, deque[_Item]]
     _cond: threading.Condition
     _running: bool
     _rows: int
@@ -68,7 +71,7 @@ class Tokenizing:
         """Tokenise the requests that wait untokenised, in batches, and queue their rows. The lock is not held
         while the tokenizer runs: requests keep arriving meanwhile."""
         with self._cond:
-            pending, self._pending = self._pending, []
+            pending = self._pending_for_pass()
         if not pending:
             return
         try:
@@ -77,6 +80,26 @@ class Tokenizing:
             made = [(p, e) for p in pending]
         with self._cond:
             self._enqueue(made)
+
+    def _pending_for_pass(self) -> list[_Pending]:
+        """The waiting requests to tokenise before the next pass, taken out of `_pending`: of each tenant, oldest
+        first, what tops its queue up to a full pass (`max_batch_size` rows; at least one request when it holds
+        less). The others wait: a flooding tenant's backlog is tokenised a pass's worth at a time as it is served,
+        not all at once in front of a light tenant's rows. Under the lock."""
+        room: dict[str, int] = {}
+        take: list[_Pending] = []
+        keep: list[_Pending] = []
+        for p in self._pending:
+            tenant = p.request.tenant
+            if tenant not in room:
+                room[tenant] = self.config.max_batch_size - len(self._queues.get(tenant, ()))
+            if room[tenant] > 0:
+                take.append(p)
+                room[tenant] -= len(p.inputs)
+            else:
+                keep.append(p)
+        self._pending = keep
+        return take
 
     def _tokenize(self, pending: list[_Pending]) -> list[tuple[_Pending, list[dict] | Exception]]:
         """The rows of `pending`, one tokenizer call per (base model, length limit, kind of input): the same

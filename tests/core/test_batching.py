@@ -313,10 +313,48 @@ def test_a_light_tenant_runs_in_the_next_pass_and_passes_stay_small_while_it_is_
     assert [len(c) for c in calls[:3]] == [32, 32, 32]  # a alone: full passes
     with_b = [i for i, c in enumerate(calls) if "t1" in c]
     assert with_b == [3, 6, 9, 12]  # each b request in the pass right after the one it arrived in
+    assert all(calls[i] == ["t1", "t1"] for i in with_b)  # in a pass of its own: a's rows would only add to it
     for i in range(3, 13):  # from b's first pass to its last: small passes (b's 2 rows + a's 2, or a's 4)
         assert len(calls[i]) <= 4 and calls[i].count("t0") <= 4, (i, calls[i])
     assert max(len(c) for c in calls[13:]) == 32  # b quiet for the window: a's passes are full again
     assert batcher.served == {"a": 320, "b": 8}
+
+
+def test_a_backlog_is_tokenised_a_pass_at_a_time_not_ahead_of_a_light_tenant(engine, monkeypatch):
+    """Tenant a has 320 rows waiting untokenised when tenant b's 2 rows arrive: each tokenizer call before a pass
+    holds at most a pass's worth of a's rows (not all 320 in front of b's), b runs in the next pass, and a's rows
+    are all served, with the engine's own answers."""
+    encode, forward = engine.encode, engine.forward
+    encoded: list[int] = []  # rows per tokenizer call
+    passes: list[list[str]] = []
+    b_future: list = []
+
+    def counting(adapter, inputs):
+        encoded.append(len(inputs))
+        return encode(adapter, inputs)
+
+    def recording(rows):
+        passes.append([r.adapter.name for r in rows])
+        if len(passes) == 2:
+            b_future.append(batcher.submit("t1", TEXTS[:2], tenant="b"))
+        return forward(rows)
+
+    monkeypatch.setattr(engine, "encode", counting)
+    monkeypatch.setattr(engine, "forward", recording)
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=32, max_wait_ms=1, shared_batch_size=4))
+    flood = [batcher.submit("t0", TEXTS * 2 + TEXTS[:4], tenant="a") for _ in range(20)]  # 320 rows
+    batcher.start()
+    try:
+        got_a = [f.result(timeout=60) for f in flood]
+        got_b = b_future[0].result(timeout=60)
+    finally:
+        batcher.stop()
+    assert max(encoded) <= 32 + 2, encoded  # a pass's worth of a's (two 16-row requests), b's 2 with them
+    assert sum(encoded) == 322  # every row tokenised once
+    assert passes[2] == ["t1", "t1"]  # b in the pass after the one in flight, alone
+    assert_same_predictions(got_b, engine.predict("t1", TEXTS[:2]))
+    assert_same_predictions(got_a[0], engine.predict("t0", TEXTS * 2 + TEXTS[:4]))
+    assert batcher.served == {"a": 320, "b": 2}
 
 
 def test_a_flood_that_starts_while_a_light_tenant_is_served_runs_in_small_passes(engine, monkeypatch):
