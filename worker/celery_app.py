@@ -23,17 +23,19 @@ celery_app = make_celery(include=["worker.tasks"])
 
 @worker_init.connect
 def preload(**_: object) -> None:
-    """Import what every job imports (torch, transformers' auto classes and BERT's, the trainer, the batch runner)
-    in the worker's parent, before its pool forks the children that run the jobs: 5-10 s less per job on a
-    2-core CPU. Imports only: nothing here runs a torch
-    op (a parent with a running OpenMP pool forks children that can hang) or touches CUDA (a parent that initialised
-    it forks children that cannot use it); tests/worker/test_preload.py checks both. SPAFIT_WORKER_PRELOAD=0 turns it
-    off."""
+    """Import what the jobs import (torch, transformers' auto classes and BERT's, `datasets`, the trainer, the batch
+    and import runners) in the worker's parent, before its pool forks the children that run the jobs: 5-10 s less
+    per job on a 2-core CPU. Imports only: nothing here runs a torch op (a parent with a running OpenMP pool forks
+    children that can hang) or touches CUDA (a parent that initialised it forks children that cannot use it);
+    tests/worker/test_preload.py checks both. SPAFIT_WORKER_PRELOAD=0 turns it off."""
     if os.environ.get("SPAFIT_WORKER_PRELOAD", "1") == "0":
         return
+    import datasets  # noqa: F401  (dataset imports from the Hub)
     import torch  # noqa: F401
     import transformers.models.bert.modeling_bert  # noqa: F401  (the default backbone's classes)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
 
     import spafit_core.pipeline  # noqa: F401
     import worker.batch  # noqa: F401
+    import worker.imports  # noqa: F401
+    import worker.runner  # noqa: F401

@@ -84,10 +84,12 @@ def test_both_long_pairs_keep_the_same_leading_tokens_but_maybe_the_odd_one():
     prose = "The film was a quiet, careful study of grief; its actors never once overplayed a scene. " * 300
     odd = "naïve café 東京タワー 🙂 ¿qué? x" + "y" * 150 + " !!! ... " * 3
     sides = [prose, odd * 200, "word, " * 5000, "—".join(["a b c"] * 4000)]
-    for limit in (8, 16, 128):
+    for limit, n in ((8, 700), (16, 1500), (128, 1500)):
         for x in sides:
             for y in sides:
-                pair = (x[:1500], y[:1800])  # small enough for the whole pair's quadratic merge
+                # Small enough for the whole pair's quadratic merge (its cost grows as (length / limit)^2: at 8
+                # tokens, 700 characters a side), long enough that the cut keeps a small part of each side.
+                pair = (x[:n], y[:n + 300])
                 a, b = cut_input(pair, limit)
                 want = tok(pair[0], pair[1], truncation=True, max_length=limit, return_token_type_ids=True)
                 got = tok(a, b, truncation=True, max_length=limit, return_token_type_ids=True)

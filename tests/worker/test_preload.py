@@ -24,7 +24,8 @@ for name in ("is_available", "device_count", "init", "_lazy_init", "current_devi
 before = set(sys.modules)
 from worker.celery_app import preload
 preload()
-loaded = sorted(m for m in ("spafit_core.pipeline", "worker.batch", "transformers.models.bert.modeling_bert")
+loaded = sorted(m for m in ("datasets", "spafit_core.pipeline", "transformers.models.bert.modeling_bert",
+                            "worker.batch", "worker.imports", "worker.runner")
                 if m in sys.modules and m not in before)
 pid = os.fork()  # what the prefork pool does next: the child trains a step on two threads
 if pid == 0:
@@ -50,7 +51,8 @@ def _probe(**env: str) -> dict:
 
 def test_preload_imports_the_job_code_without_touching_cuda_and_forked_children_train():
     got = _probe()
-    assert got["loaded"] == ["spafit_core.pipeline", "transformers.models.bert.modeling_bert", "worker.batch"]
+    assert got["loaded"] == ["datasets", "spafit_core.pipeline", "transformers.models.bert.modeling_bert",
+                             "worker.batch", "worker.imports", "worker.runner"]
     assert got["cuda_calls"] == [] and got["cuda_initialized"] is False
     assert got["child_status"] == 0  # a child forked after the preload ran torch ops on two threads
 
