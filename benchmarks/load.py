@@ -21,9 +21,12 @@ a tiny random BERT with `--tiny`. The load generator (httpx, asyncio) runs in th
     python -m benchmarks.load --tiny --quick     # the tiny backbone (what tests/reliability/test_load.py runs)
 
 Noisy neighbour (`--noisy`, instead of the two phases above): two tenants with the same 8 tasks on one server.
-First the service's capacity is measured (tenant A, closed loop, `--clients` clients); then tenant B alone sends
-its normal load, open loop (Poisson arrivals at `--b-share` of the capacity, default 20%); then, for the same
-time, tenant A floods open loop at `--flood` times the capacity (default 4x) while B sends the same load again.
+First the service's capacity is measured (tenant A, closed loop, `--clients` clients); then, `--rounds` times
+(default 5), tenant B alone sends its normal load, open loop (Poisson arrivals at `--b-share` of the capacity,
+default 20%), and then, for the same time, tenant A floods open loop at `--flood` times the capacity (default 4x)
+while B sends the same arrivals again; `--duration` (default 50 s) is each condition's time over all rounds.
+Alternating the conditions makes a drift of a shared machine's speed hit both alike (one window of each, one after
+the other, moved the p99 ratio from 0.6 to 6.4 between runs of the same code here: benchmarks/RELIABILITY.md).
 A's flood comes from a process of its own over raw keep-alive sockets (httpx would cost that generator a core at
 these rates, taken from the server on a 2-core machine); its requests still unanswered 5 s after the last was due
 are abandoned. Reported: B's p50/p99 alone and under the flood (target: p99 within 1.5x, zero errors for B), also
@@ -31,7 +34,7 @@ per 5 s of each phase with B's slowest requests, and what A got (200s, 429s with
 `--trace` runs the server with SPAFIT_BATCH_TRACE and reports, per phase and tenant, where the time went inside
 the batcher (thread hop, waiting to be tokenised, the round robin, its pass, back on the event loop).
 
-    python -m benchmarks.load --noisy --trace    # about 2 min on MiniLM: 5 s warm-up, 10 s capacity, 2 x 25 s
+    python -m benchmarks.load --noisy --trace    # about 3 min on MiniLM: 5 s warm-up, 10 s capacity, 5 x (10 + 10 s)
 
 HTTP against the engine (`--vs-engine`, instead of the phases above): two SPAFIT tasks, short inputs (4 to 6
 words), one input per request. Per mode (`--mode embedded|server|both`: embedded defaults on SQLite with auth
@@ -374,56 +377,102 @@ def cpu_seconds(pid: int) -> float:
 
 async def noisy_phases(url: str, a: tuple[dict, list[str]], b: tuple[dict, list[str]], *, clients: int,
                        warmup: float, capacity_s: float, duration: float, b_share: float,
-                       flood: float, server_pid: int) -> dict[str, Any]:
-    """Capacity (A, closed loop), B alone, then A flooding while B sends the same load; one server, one run."""
+                       flood: float, server_pid: int, rounds: int = 1) -> dict[str, Any]:
+    """Capacity (A, closed loop), then `rounds` rounds of B alone followed by A flooding while B sends the same load
+    (the same arrivals), `duration / rounds` seconds each; one server, one run. Alternating the two conditions
+    puts a drift of the machine's speed into both alike, which one window of each, one after the other, does not."""
     await run_phase(url, a[0], a[1], clients=clients, duration=warmup)  # every adapter of A loaded
     await run_phase(url, b[0], b[1], clients=4, duration=min(warmup, 3.0))  # ... and of B
     cap = (await run_phase(url, a[0], a[1], clients=clients, duration=capacity_s, seed=3)).summary()
     capacity = cap["throughput_rps"]
     b_rate, a_rate = b_share * capacity, flood * capacity
+    per = duration / rounds
     common.log(f"capacity {capacity} req/s ({cap['inputs_per_s']} inputs/s); B at {b_rate:.1f} req/s, "
-               f"A floods at {a_rate:.1f} req/s")
-    cpu, wall = cpu_seconds(server_pid), time.monotonic()
-    windows = {"b_alone": [wall]}
-    async with _http(url, 64) as hb:
-        alone = await open_loop(hb, b[1], b[0], b_rate, duration, random.Random(4))
-    windows["b_alone"].append(time.monotonic())
-    server_cpu = {"b_alone": round((cpu_seconds(server_pid) - cpu) / (time.monotonic() - wall), 2)}
+               f"A floods at {a_rate:.1f} req/s; {rounds} round(s) of {per:g} s alone + {per:g} s flooded")
+    windows: dict[str, list[list[float]]] = {"b_alone": [], "b_with_flood": []}
+    loops: dict[str, list[OpenLoop]] = {"b_alone": [], "b_with_flood": []}
+    floods: list[dict[str, Any]] = []
+    server = {"b_alone": [0.0, 0.0], "with_flood": [0.0, 0.0]}  # server CPU-s, wall s
+    b_cpu = [0.0, 0.0]
     # A floods from a process of its own: in this one its requests would delay B's on the client side.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(_ping).result()  # the child is up before the clock starts
-        cpu, wall = cpu_seconds(server_pid), time.monotonic()
-        flood_future = asyncio.wrap_future(pool.submit(_flood, url, a[1], a[0], a_rate, duration))
-        windows["b_with_flood"] = [time.monotonic()]
-        b_cpu = time.process_time()
         async with _http(url, 64) as hb:
-            flooded = await open_loop(hb, b[1], b[0], b_rate, duration, random.Random(4))
-        windows["b_with_flood"].append(time.monotonic())
-        b_cpu = (time.process_time() - b_cpu) / (windows["b_with_flood"][1] - windows["b_with_flood"][0])
-        flooding = await flood_future
-        server_cpu["with_flood"] = round((cpu_seconds(server_pid) - cpu) / (time.monotonic() - wall), 2)
+            for i in range(rounds):
+                cpu, t0 = cpu_seconds(server_pid), time.monotonic()
+                loops["b_alone"].append(await open_loop(hb, b[1], b[0], b_rate, per, random.Random(4 + i)))
+                windows["b_alone"].append([t0, time.monotonic()])
+                server["b_alone"][0] += cpu_seconds(server_pid) - cpu
+                server["b_alone"][1] += time.monotonic() - t0
+                cpu, t0, c0 = cpu_seconds(server_pid), time.monotonic(), time.process_time()
+                flood_future = asyncio.wrap_future(pool.submit(_flood, url, a[1], a[0], a_rate, per))
+                loops["b_with_flood"].append(await open_loop(hb, b[1], b[0], b_rate, per, random.Random(4 + i)))
+                windows["b_with_flood"].append([t0, time.monotonic()])
+                b_cpu[0] += time.process_time() - c0
+                b_cpu[1] += time.monotonic() - t0
+                floods.append(await flood_future)  # A's late requests abandoned: its backlog leaves the queue
+                server["with_flood"][0] += cpu_seconds(server_pid) - cpu
+                server["with_flood"][1] += time.monotonic() - t0
+                await asyncio.sleep(1.0)  # the abandoned requests' rows are dropped before B's next window
+    alone, flooded = _merge(loops["b_alone"]), _merge(loops["b_with_flood"])
     b_alone, b_flooded = alone.summary(), flooded.summary()
     p99_ratio = (b_flooded["latency_ms"]["p99"] / b_alone["latency_ms"]["p99"]
                  if b_alone["latency_ms"] and b_flooded["latency_ms"] else None)
     p50_ratio = (b_flooded["latency_ms"]["p50"] / b_alone["latency_ms"]["p50"]
                  if b_alone["latency_ms"] and b_flooded["latency_ms"] else None)
+    by_round = [{"b_alone_p99_ms": (_percentiles(x.latencies_ms) or {}).get("p99"),
+                 "b_with_flood_p99_ms": (_percentiles(y.latencies_ms) or {}).get("p99")}
+                for x, y in zip(loops["b_alone"], loops["b_with_flood"], strict=True)]
     return {"capacity": {"clients": clients, "seconds": capacity_s, **{k: cap[k] for k in (
                 "requests", "errors", "throughput_rps", "inputs_per_s", "latency_ms")}},
-            "b_rate_rps": round(b_rate, 2), "a_rate_rps": round(a_rate, 2), "duration_s": duration,
-            "b_alone": b_alone, "b_with_flood": b_flooded, "a_flood": flooding,
+            "b_rate_rps": round(b_rate, 2), "a_rate_rps": round(a_rate, 2), "duration_s": duration, "rounds": rounds,
+            "b_alone": b_alone, "b_with_flood": b_flooded, "a_flood": _merge_floods(floods), "by_round": by_round,
             "b_p50_ratio": round(p50_ratio, 2) if p50_ratio else None,
             "b_p99_ratio": round(p99_ratio, 2) if p99_ratio else None,
             "target": {"b_p99_ratio_at_most": 1.5, "b_errors": 0},
-            "server_cpu_cores_used": server_cpu, "loadavg_at_end": _loadavg(), "windows": windows,
+            "server_cpu_cores_used": {k: round(c / w, 2) for k, (c, w) in server.items()},
+            "loadavg_at_end": _loadavg(), "windows": windows,
             # the clients run on the same machine: what they took of its cores while A flooded
-            "client_cpu_cores_used": {"a_flood": flooding.get("client_cpu_cores_used"), "b": round(b_cpu, 2)},
+            "client_cpu_cores_used": {"a_flood": round(statistics.mean(f["client_cpu_cores_used"] for f in floods), 2),
+                                      "b": round(b_cpu[0] / b_cpu[1], 2)},
             "met": bool(p99_ratio is not None and p99_ratio <= 1.5 and b_flooded["errors"] == 0
                         and b_alone["errors"] == 0)}
 
 
+def _merge(loops: list[OpenLoop]) -> OpenLoop:
+    """The rounds of one condition as one open loop (its timeline continues round after round)."""
+    out = OpenLoop()
+    for x in loops:
+        out.timeline += [(t + out.seconds, ms) for t, ms in x.timeline]
+        out.latencies_ms += x.latencies_ms
+        out.refused_ms += x.refused_ms
+        out.statuses.update(x.statuses)
+        out.failures.update(x.failures)
+        out.retry_after_missing += x.retry_after_missing
+        out.sent += x.sent
+        out.cut += x.cut
+        out.seconds += x.seconds
+    return out
+
+
+def _merge_floods(floods: list[dict[str, Any]]) -> dict[str, Any]:
+    """A's rounds: the counts added up, each round's latencies as it reported them."""
+    if len(floods) == 1:
+        return floods[0]
+    total: dict[str, Any] = {k: sum(f[k] for f in floods) for k in (
+        "sent", "ok", "tenant_queue_full_429", "unanswered_at_end", "errors", "retry_after_missing_on_429")}
+    statuses: Counter = Counter()
+    failures: Counter = Counter()
+    for f in floods:
+        statuses.update(f["statuses"])
+        failures.update(f["failures"])
+    total.update(statuses=dict(statuses), failures=dict(failures), rounds=floods)
+    return total
+
+
 def run_noisy(args: argparse.Namespace, base: str, tmp: Path, prefix: str, result: dict[str, Any], name: str) -> None:
     clients = args.clients or 16
-    duration = args.duration or 25.0
+    duration = args.duration or 50.0
     settings = dict(args.set or [])
     result.update(clients=clients, server_settings=settings)
     with fresh_database() as db_url:
@@ -439,7 +488,7 @@ def run_noisy(args: argparse.Namespace, base: str, tmp: Path, prefix: str, resul
         try:
             result["noisy"] = asyncio.run(noisy_phases(server.url, a, b, clients=clients, warmup=args.warmup,
                                                        capacity_s=args.capacity_duration, duration=duration,
-                                                       b_share=args.b_share, flood=args.flood,
+                                                       b_share=args.b_share, flood=args.flood, rounds=args.rounds,
                                                        server_pid=server.proc.pid))
             result["noisy"]["after"] = _health_after(server.url, b[0], b[1][0])
             log_text = server.log_path.read_text(errors="replace")
@@ -458,6 +507,8 @@ def run_noisy(args: argparse.Namespace, base: str, tmp: Path, prefix: str, resul
     common.log(f"B with A flooding: {bf['ok']} ok, {bf['errors']} errors, p50 {bf['latency_ms']['p50']} ms, "
                f"p99 {bf['latency_ms']['p99']} ms (p99 x{n['b_p99_ratio']}; target 1.5: "
                f"{'met' if n['met'] else 'NOT met'})")
+    common.log("B's p99 by round, alone / flooded (ms): " + ", ".join(
+        f"{r['b_alone_p99_ms']} / {r['b_with_flood_p99_ms']}" for r in n["by_round"]))
     common.log("B with A flooding, p50/p99 by 5 s: " + ", ".join(
         f"{k} {v['p50']}/{v['p99']}" for k, v in bf["latency_ms_by_5s"].items() if v) + f"; slowest {bf['slowest'][:4]}")
     for key, st in n.get("stages_ms", {}).items():
@@ -483,16 +534,17 @@ STAGES = [  # (name, from mark, to mark) of the batcher's trace (spafit_core.bat
 ]
 
 
-def trace_stages(path: Path, windows: dict[str, list[float]], tenant: str) -> dict[str, Any]:
+def trace_stages(path: Path, windows: dict[str, list[list[float]]], tenant: str) -> dict[str, Any]:
     """Per phase (B alone, B with the flood): percentiles of each stage of B's requests inside the batcher, the
     rows and tenants of B's forward passes, and the same stages for A during the flood."""
     import json
 
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     out: dict[str, Any] = {}
-    for phase, (lo, hi) in windows.items():
+    for phase, spans in windows.items():
         for who in ("b", "a"):
-            rows = [x for x in lines if lo <= x["t"] <= hi and (x["tenant"] == tenant) == (who == "b")]
+            rows = [x for x in lines if any(lo <= x["t"] <= hi for lo, hi in spans)
+                    and (x["tenant"] == tenant) == (who == "b")]
             if not rows:
                 continue
             entry: dict[str, Any] = {"requests": len(rows)}
@@ -991,6 +1043,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="result name under benchmarks/results (default: by mode)")
     p.add_argument("--noisy", action="store_true", help="the noisy-neighbour run instead (see above)")
     p.add_argument("--flood", type=float, default=4.0, help="--noisy: A's rate, in multiples of the capacity")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--noisy: rounds of B alone then B under the flood, --duration / rounds seconds each")
     p.add_argument("--b-share", type=float, default=0.2, help="--noisy: B's rate, as a share of the capacity")
     p.add_argument("--capacity-duration", type=float, default=10.0, help="--noisy: seconds measuring capacity")
     p.add_argument("--trace", action="store_true",
