@@ -81,6 +81,8 @@ class MicroBatcher(Tokenizing, TenantQueues):
         # rule of fq_codel): each with one quantum; one that uses it up without emptying its queue joins the ring.
         self._new: deque[str] = deque()
         self._fresh: set[str] = set()  # those of `_new` whose rows arrived since the last pass was taken
+        self._held: set[str] = set()  # tenants whose queue ran dry while rows of theirs were untokenised
+        self._alone = False  # the last pass held light tenants' rows alone
         self._light_at = float("-inf")  # when a pass holding all a new tenant had waiting last ended
         self._light_taken = False  # the rows `_take` returned last hold such a tenant's
         self._deficit: dict[str, float] = {}

@@ -93,6 +93,8 @@ class TenantQueues:
     _ring: deque[str]
     _new: deque[str]
     _fresh: set[str]
+    _held: set[str]
+    _alone: bool
     _light_at: float
     _light_taken: bool
     _deficit: dict[str, float]
@@ -102,7 +104,12 @@ class TenantQueues:
     def _queue_of(self, tenant: str) -> deque[_Item]:
         """`tenant`'s queue, for its rows just tokenised. Under the lock."""
         queue = self._queues.get(tenant)
-        if queue is None:  # a new flow: served ahead of the backlogged tenants, for one quantum
+        if queue is None and tenant in self._held:  # its queue ran dry while it had rows untokenised: a backlog,
+            self._held.discard(tenant)               # not a new flow (it would jump the round robin every pass)
+            queue = self._queues[tenant] = deque()
+            self._ring.append(tenant)
+            self._deficit[tenant] = 0.0
+        elif queue is None:  # a new flow: served ahead of the backlogged tenants, for one quantum
             queue = self._queues[tenant] = deque()
             self._new.append(tenant)
             self._fresh.add(tenant)
@@ -120,6 +127,8 @@ class TenantQueues:
             self._ring.remove(tenant)
         del self._queues[tenant]
         del self._deficit[tenant]
+        if self._pending_rows.get(tenant):  # rows of it still untokenised: it stays a backlogged tenant
+            self._held.add(tenant)
 
     def _limit(self, now: float) -> int:
         """Most rows of backlogged tenants in the next pass: `shared_batch_size` while a light tenant is being
@@ -140,7 +149,9 @@ class TenantQueues:
         being served the other passes hold at most `shared_batch_size` rows."""
         cfg = self.config
         with self._cond:
-            while self._running and not self._rows:
+            # Rows still in the big-request lane count in `_rows` but cannot be taken: wait for the lane (it
+            # notifies when it queues a request), do not loop.
+            while self._running and not (self._pending or any(self._queues.values())):
                 self._cond.wait(timeout=0.5)
             if not self._running:
                 return []
@@ -169,12 +180,16 @@ class TenantQueues:
                     if not self._queues[tenant]:
                         self._forget(tenant)
             self._light_taken = light
-            if light and cfg.shared_batch_size is not None:
+            if light and cfg.shared_batch_size is not None and not self._alone:
                 # A light tenant's rows run in a pass of their own: on a CPU a pass costs about its rows, so the
                 # backlogged tenants' rows would only add to what the light tenant waits for (they run next).
+                # Not two such passes in a row: light tenants that keep coming back would shut the others out.
+                self._alone = True
                 self._saturated = self._rows > 0
                 return items
-            limit = max(len(items), self._limit(now))
+            self._alone = False
+            # After a light pass of its own, light rows share this one with up to `shared_batch_size` of the others.
+            limit = min(cfg.max_batch_size, len(items) + self._shared_limit()) if light else self._limit(now)
             while len(items) < limit and self._new:  # then new tenants with more than that, one quantum each
                 tenant = self._new[0]
                 self._fill(tenant, items, limit)

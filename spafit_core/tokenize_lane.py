@@ -55,17 +55,21 @@ class Tokenizing:
     _rows: int
     _pending: list[_Pending]
     _pending_rows: Counter[str]
+    _held: set[str]
     _lane: dict[str, deque[_Pending]]
     _lane_ring: deque[str]
     _lane_thread: threading.Thread | None
 
     def _unpend(self, p: _Pending) -> None:
         """`p`'s rows no longer wait untokenised. Call under the lock."""
-        left = self._pending_rows[p.request.tenant] - len(p.inputs)
+        tenant = p.request.tenant
+        left = self._pending_rows[tenant] - len(p.inputs)
         if left > 0:
-            self._pending_rows[p.request.tenant] = left
+            self._pending_rows[tenant] = left
         else:
-            del self._pending_rows[p.request.tenant]
+            del self._pending_rows[tenant]
+            if tenant not in self._queues:  # nothing of it waits any more: new again next time
+                self._held.discard(tenant)
 
     def _tokenize_pending(self) -> None:
         """Tokenise the requests that wait untokenised, in batches, and queue their rows. The lock is not held
@@ -187,8 +191,8 @@ class Tokenizing:
         """Tokenised requests join their tenants' queues (a request done meanwhile is dropped). Under the lock."""
         for p, feats in made:
             req = p.request
-            self._unpend(p)
             if isinstance(feats, Exception) or req.future.done():
+                self._unpend(p)
                 self._rows -= len(p.inputs)
                 if isinstance(feats, Exception):
                     _fail(req, _tokenize_error(feats, p))
@@ -196,6 +200,7 @@ class Tokenizing:
                     self.stats["dropped"] += len(p.inputs)
                 continue
             self._queue_of(req.tenant).extend(_Item(req, i, Row(p.adapter, f)) for i, f in enumerate(feats))
+            self._unpend(p)  # after `_queue_of`: a held tenant (see `_forget`) rejoins the round robin
             req.mark("queued")
 
 
