@@ -27,8 +27,9 @@ def preload(**_: object) -> None:
     and import runners) in the worker's parent, before its pool forks the children that run the jobs: 5-10 s less
     per job on a 2-core CPU. Imports only: nothing here runs a torch op (a parent with a running OpenMP pool forks
     children that can hang) or touches CUDA (a parent that initialised it forks children that cannot use it);
-    tests/worker/test_preload.py checks both. SPAFIT_WORKER_PRELOAD=0 turns it off."""
-    if os.environ.get("SPAFIT_WORKER_PRELOAD", "1") == "0":
+    tests/worker/test_preload.py checks both. SPAFIT_WORKER_PRELOAD=0 (or false, no, off, as the SPAFIT_ settings
+    read booleans) turns it off."""
+    if os.environ.get("SPAFIT_WORKER_PRELOAD", "1").strip().lower() in ("0", "false", "no", "off", "f", "n"):
         return
     import datasets  # noqa: F401  (dataset imports from the Hub)
     import torch  # noqa: F401

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 PROBE = r"""
 import json, os, sys
 import torch
@@ -57,6 +59,7 @@ def test_preload_imports_the_job_code_without_touching_cuda_and_forked_children_
     assert got["child_status"] == 0  # a child forked after the preload ran torch ops on two threads
 
 
-def test_preload_can_be_turned_off():
-    got = _probe(SPAFIT_WORKER_PRELOAD="0")
+@pytest.mark.parametrize("off", ["0", "false"])  # read as the SPAFIT_ settings read a boolean
+def test_preload_can_be_turned_off(off):
+    got = _probe(SPAFIT_WORKER_PRELOAD=off)
     assert got["loaded"] == [] and got["child_status"] == 0
