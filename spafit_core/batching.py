@@ -82,6 +82,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
         self._new: deque[str] = deque()
         self._fresh: set[str] = set()  # those of `_new` whose rows arrived since the last pass was taken
         self._held: set[str] = set()  # tenants whose queue ran dry while rows of theirs were untokenised
+        self._deferred: set[str] = set()  # tenants with requests left untokenised by the last tokenising (no room)
         self._alone = False  # the last pass held light tenants' rows alone
         self._light_at = float("-inf")  # when a pass holding all a new tenant had waiting last ended
         self._light_taken = False  # the rows `_take` returned last hold such a tenant's

@@ -94,6 +94,7 @@ class TenantQueues:
     _new: deque[str]
     _fresh: set[str]
     _held: set[str]
+    _deferred: set[str]  # tenants whose requests the last tokenising left untokenised (no room in a pass)
     _alone: bool
     _light_at: float
     _light_taken: bool
@@ -127,8 +128,8 @@ class TenantQueues:
             self._ring.remove(tenant)
         del self._queues[tenant]
         del self._deficit[tenant]
-        if self._pending_rows.get(tenant):  # rows of it still untokenised: it stays a backlogged tenant
-            self._held.add(tenant)
+        if tenant in self._deferred and self._pending_rows.get(tenant):  # a backlog still untokenised: it stays
+            self._held.add(tenant)                                         # a backlogged tenant
 
     def _limit(self, now: float) -> int:
         """Most rows of backlogged tenants in the next pass: `shared_batch_size` while a light tenant is being
@@ -172,7 +173,7 @@ class TenantQueues:
             # small pass, not a full one.
             fresh, self._fresh = self._fresh, set()
             for tenant in [t for t in self._new if t in fresh]:
-                if (len(items) < cfg.max_batch_size and not self._pending_rows.get(tenant)  # none left untokenised
+                if (len(items) < cfg.max_batch_size and tenant not in self._deferred  # no backlog untokenised
                         and self._fits(tenant, cfg.max_batch_size - len(items))):
                     took = len(items)
                     self._fill(tenant, items, cfg.max_batch_size)

@@ -56,6 +56,7 @@ class Tokenizing:
     _pending: list[_Pending]
     _pending_rows: Counter[str]
     _held: set[str]
+    _deferred: set[str]
     _lane: dict[str, deque[_Pending]]
     _lane_ring: deque[str]
     _lane_thread: threading.Thread | None
@@ -103,6 +104,9 @@ class Tokenizing:
             else:
                 keep.append(p)
         self._pending = keep
+        # The tenants with a backlog left untokenised: never light, and a backlog still when their queue runs dry
+        # (`tenant_queues`). A request that arrives while this pass's are tokenised is not a backlog.
+        self._deferred = {p.request.tenant for p in keep}
         return take
 
     def _tokenize(self, pending: list[_Pending]) -> list[tuple[_Pending, list[dict] | Exception]]:

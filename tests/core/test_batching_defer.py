@@ -156,3 +156,35 @@ def test_cancelling_a_deferred_request_keeps_the_counts_right(engine, monkeypatc
         gate.set()
         batcher.stop()
     assert batcher.depth == 0 and batcher.depths() == {} and not batcher._pending_rows
+
+
+def test_a_light_tenants_request_that_arrives_while_others_are_tokenised_keeps_it_light(engine, monkeypatch):
+    """Tenant a has a backlog left untokenised; tenant b's second request arrives while b's first is being tokenised.
+    b stays a light tenant: never put in the round robin behind a's turn (nor held as a backlog), and its second
+    request runs in the pass right after its first."""
+    encode = engine.encode
+    later: list = []
+    state: list[bool] = []  # per pass: b in the round robin or held as a backlog
+
+    def tokenising(adapter, inputs):
+        if "good" in inputs and not later:  # b's first request is being tokenised: its second arrives
+            later.append(batcher.submit("t1", ["fine"] * 2, tenant="b"))
+        return encode(adapter, inputs)
+
+    first: list = []
+    calls = _record(engine, monkeypatch, on_pass=lambda n: (
+        state.append("b" in batcher._ring or "b" in batcher._held),
+        first.append(batcher.submit("t1", ["good"] * 2, tenant="b")) if n == 2 else None))
+    monkeypatch.setattr(engine, "encode", tokenising)
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, shared_batch_size=4))
+    a = [batcher.submit("t0", ["ok"] * 8, tenant="a") for _ in range(12)]  # 96 rows: most left untokenised
+    batcher.start()
+    try:
+        for f in a + first + later:
+            f.result(timeout=60)
+    finally:
+        batcher.stop()
+    with_b = [i for i, c in enumerate(calls) if "t1" in c]
+    assert len(with_b) == 2 and with_b[1] == with_b[0] + 1, calls
+    assert not any(state), state
+    assert batcher.served == {"a": 96, "b": 4}
