@@ -633,6 +633,47 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def targets(data: dict) -> str:
+    """Issue 15's targets on test accuracy, in points: each SPAFIT split against LoRA (at least its accuracy with
+    fewer trained parameters) and full fine-tuning (within 1.5 points with under 0.5 % of the parameters), the
+    differences paired over the seeds both runs finished. Empty without LoRA and full fine-tuning runs."""
+    by: dict[str, dict[int, dict]] = {}
+    for r in data["runs"]:
+        by.setdefault(r["label"], {})[r["seed"]] = r
+    if "lora" not in by or "full" not in by:
+        return ""
+
+    def acc(label: str) -> str:
+        vals = [100 * r["test"]["accuracy"] for r in by[label].values()]
+        m, sd = mean_std(vals)
+        return f"{m:.2f} ± {sd:.2f} ({','.join(map(str, sorted(by[label])))})"
+
+    def paired(label: str, other: str) -> tuple[float | None, str]:
+        seeds = sorted(set(by[label]) & set(by[other]))
+        d = [100 * (by[label][k]["test"]["accuracy"] - by[other][k]["test"]["accuracy"]) for k in seeds]
+        if not d:
+            return None, "—"
+        return statistics.fmean(d), f"{statistics.fmean(d):+.2f} pt ({', '.join(f'{x:+.2f}' for x in d)})"
+
+    lines = ["| SPAFIT | accuracy % (seeds) | trained | LoRA accuracy % | full accuracy % | SPAFIT - LoRA, paired "
+             "| SPAFIT - full, paired | at least LoRA | within 1.5 of full, < 0.5 % |", "|" + "---|" * 9]
+    lora_params = next(iter(by["lora"].values()))["params"]["total"]
+    for label in sorted((k for k in by if k.startswith("spafit")), key=lambda k: (k != "spafit default", k)):
+        run = next(iter(by[label].values()))
+        share = run["params"]["total"] / (run["params"]["base_model"] + run["params"]["head"])
+        vs_lora, vs_lora_s = paired(label, "lora")
+        vs_full, vs_full_s = paired(label, "full")
+        fewer = run["params"]["total"] < lora_params
+        lines.append("| " + " | ".join([
+            label.replace("spafit ", "") + (f" ({run['n1']}, {run['n2']})" if label == "spafit default" else ""),
+            acc(label), f"{run['params']['total']:,} ({100 * share:.2f} %)", acc("lora"), acc("full"),
+            vs_lora_s, vs_full_s,
+            "—" if vs_lora is None else ("met" if vs_lora >= 0 and fewer else f"missed by {-vs_lora:.2f} pt"),
+            "—" if vs_full is None else ("met" if vs_full >= -1.5 and share < 0.005 else
+                                         f"missed ({vs_full:+.2f} pt, {100 * share:.2f} %)")]) + " |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     import torch
     import transformers
@@ -731,7 +772,10 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ((args.cache_dir if args.quick else RESULTS_DIR) /
                        f"accuracy_{name}{'_quick' if args.quick else ''}.json")
     if args.report_only:
-        print(markdown(json.loads(out.read_text())))
+        data = json.loads(out.read_text())
+        print(markdown(data))
+        if data.get("runs"):
+            print("\n" + targets(data))
         return
 
     if args.threads:
