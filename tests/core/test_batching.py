@@ -8,19 +8,13 @@ import threading
 import pytest
 
 from spafit_core.batching import BatchingConfig, MicroBatcher
-from spafit_core.engine import Engine
 from spafit_core.errors import OverloadedError, RequestTimeoutError
-from tests.core.test_engine import METHODS, TASKS, TEXTS, random_adapter
+from tests.core.test_engine import TEXTS, engine_with_adapters
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_dirs):
-    path = tiny_dirs("bert")
-    e = Engine(device="cpu", default_base_model=path)
-    for i in range(4):
-        _, cfg, w = random_adapter(path, METHODS[i], TASKS[i % 2], seed=i)
-        e.load(f"t{i}", cfg, w)
-    return e
+    return engine_with_adapters(tiny_dirs("bert"), 4)
 
 
 def assert_same_predictions(got: list[dict], want: list[dict]) -> None:

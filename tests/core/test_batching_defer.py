@@ -9,20 +9,14 @@ import time
 import pytest
 
 from spafit_core.batching import BatchingConfig, MicroBatcher
-from spafit_core.engine import Engine
-from tests.core.test_engine import METHODS, TASKS, random_adapter
+from tests.core.test_engine import engine_with_adapters
 
 LONG = " ".join(["the plot was very boring and bad, the acting was worse and the ending made no sense"] * 2)
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_dirs):
-    path = tiny_dirs("bert")
-    e = Engine(device="cpu", default_base_model=path)
-    for i in range(2):
-        _, cfg, w = random_adapter(path, METHODS[i], TASKS[i % 2], seed=i)
-        e.load(f"t{i}", cfg, w)
-    return e
+    return engine_with_adapters(tiny_dirs("bert"), 2)
 
 
 def _record(engine, monkeypatch, on_pass=None):

@@ -14,21 +14,15 @@ import pytest
 
 from spafit_core.backbone import resolve_model_path
 from spafit_core.batching import BATCH_TOKENIZE_CHARS, BatchingConfig, MicroBatcher, cut_input, cut_text
-from spafit_core.engine import Engine
 from tests.core.test_batching import _poisoned_forward, assert_same_predictions
-from tests.core.test_engine import METHODS, TASKS, random_adapter
+from tests.core.test_engine import engine_with_adapters
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_dirs):
-    path = tiny_dirs("bert")
-    e = Engine(device="cpu", default_base_model=path)
-    for i in range(2):
-        _, cfg, w = random_adapter(path, METHODS[i], TASKS[i % 2], seed=i)
-        e.load(f"t{i}", cfg, w)
-    return e
+    return engine_with_adapters(tiny_dirs("bert"), 2)
 
 
 def _real_texts() -> list[str]:

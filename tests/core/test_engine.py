@@ -42,6 +42,15 @@ def random_adapter(path, method: dict, task: TaskSpec, seed: int):
     return m, cfg, weights
 
 
+def engine_with_adapters(path: str, n: int) -> Engine:
+    """A CPU engine on the tiny backbone at `path` with `n` random adapters t0..t{n-1} (METHODS[i], TASKS[i % 2])."""
+    e = Engine(device="cpu", default_base_model=path)
+    for i in range(n):
+        _, cfg, w = random_adapter(path, METHODS[i], TASKS[i % 2], seed=i)
+        e.load(f"t{i}", cfg, w)
+    return e
+
+
 @pytest.fixture(scope="module")
 def zoo(tiny_dirs):
     path = tiny_dirs("bert")
