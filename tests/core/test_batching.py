@@ -255,11 +255,12 @@ def test_a_tenants_backlog_delays_only_itself(engine, monkeypatch):
     assert batcher.served == {"a": 64, "b": 3}
 
 
-def test_weights_share_the_engine_in_proportion(engine, monkeypatch):
+def weighted_first_passes(engine, monkeypatch, weights: dict[str, float]) -> tuple[list[str], MicroBatcher]:
+    """Tenants heavy and light each queue 48 rows of 4 tokens (quantum 8: 2 rows a turn at weight 1); the adapters
+    of the first 4 passes' 32 rows (both still backlogged then), and the stopped batcher."""
     calls = _poisoned_forward(engine, monkeypatch, poison="unused")
-    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, quantum=8,  # 2 rows of 4
-                                                  weights={"heavy": 3.0}))
-    futures = [batcher.submit("t0", ["good movie"] * 4, tenant="heavy") for _ in range(12)]  # 4 tokens a row
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, quantum=8, weights=weights))
+    futures = [batcher.submit("t0", ["good movie"] * 4, tenant="heavy") for _ in range(12)]
     futures += [batcher.submit("t1", ["good movie"] * 4, tenant="light") for _ in range(12)]
     batcher.start()
     try:
@@ -267,7 +268,11 @@ def test_weights_share_the_engine_in_proportion(engine, monkeypatch):
             f.result(timeout=30)
     finally:
         batcher.stop()
-    first = [name for call in calls[:4] for name, _ in call]  # 32 rows while both had a backlog
+    return [name for call in calls[:4] for name, _ in call], batcher
+
+
+def test_weights_share_the_engine_in_proportion(engine, monkeypatch):
+    first, _ = weighted_first_passes(engine, monkeypatch, {"heavy": 3.0})
     assert first.count("t0") == 24 and first.count("t1") == 8
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from spafit_core.backbone import resolve_model_path
 from spafit_core.batching import BATCH_TOKENIZE_CHARS, BatchingConfig, MicroBatcher, cut_input, cut_text
-from tests.core.test_batching import _poisoned_forward, assert_same_predictions
+from tests.core.test_batching import _poisoned_forward, assert_same_predictions, weighted_first_passes
 from tests.core.test_engine import engine_with_adapters
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,17 +182,6 @@ def test_a_tiny_weight_costs_the_round_robin_no_empty_turns(engine, monkeypatch)
 
 
 def test_tiny_weights_share_the_engine_in_the_same_proportion(engine, monkeypatch):
-    calls = _poisoned_forward(engine, monkeypatch, poison="unused")
-    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, quantum=8,  # 4-token rows
-                                                  weights={"heavy": 3e-3, "light": 1e-3}))
-    futures = [batcher.submit("t0", ["good movie"] * 4, tenant="heavy") for _ in range(12)]
-    futures += [batcher.submit("t1", ["good movie"] * 4, tenant="light") for _ in range(12)]
-    batcher.start()
-    try:
-        for f in futures:
-            f.result(timeout=30)
-    finally:
-        batcher.stop()
-    first = [name for call in calls[:4] for name, _ in call]  # 32 rows while both had a backlog
+    first, batcher = weighted_first_passes(engine, monkeypatch, {"heavy": 3e-3, "light": 1e-3})
     assert abs(first.count("t0") - 24) <= 1 and abs(first.count("t1") - 8) <= 1
     assert batcher.stats["turns"] < 200
