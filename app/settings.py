@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     broker_key_prefix: str = Field(
         default="",
         description="Prefix for every broker key (kombu `global_keyprefix`), so several deployments or "
-        "test sessions can share one Redis.",
+        "test sessions can share one Redis. Every replica of a deployment uses the same prefix, and a database "
+        "serves one deployment: a queued job sent under another prefix is re-sent through this one's broker.",
     )
     redis_url: str | None = Field(
         default=None,

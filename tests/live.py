@@ -212,6 +212,11 @@ def live_server(live_server_process: ApiProcess, worker: WorkerProcess) -> ApiPr
 def make_key(db: Any) -> Callable[..., Any]:
     """Like tests/conftest.py's `tenant_key`, for session- and module-scoped fixtures: `make_key("train")`
     is a new tenant with one key; `make_key("predict", tenant=other.tenant_id)` adds a key to a tenant."""
+    return key_maker(db)
+
+
+def key_maker(db: Any) -> Callable[..., Any]:
+    """`make_key` on the database `db` (a module with a database of its own overrides `make_key` with it)."""
     from app.services import keys
     from tests.conftest import TenantKey
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.live import WORKER_SETTINGS, ApiProcess, free_port, wait_until  # noqa: F401  (re-exported to the tests here)
+from tests.live import WORKER_SETTINGS, ApiProcess, free_port, key_maker, wait_until  # noqa: F401  (re-exported to the tests here)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -238,6 +238,29 @@ def via_proxy(pg_url: str, proxy: TcpProxy) -> str:
 def rel_prefix(redis_prefix: str) -> str:
     """A broker key prefix for the API processes started here: nothing they send reaches the session's worker."""
     return f"{redis_prefix}rel:"
+
+
+def own_database(pg_databases: Any, name: str) -> Iterator[str]:
+    """A migrated database for one module's deployment, dropped after it (use as a module-scoped `pg_url`
+    override, with `db` and `make_key` overridden on it too). A deployment on a broker prefix of its own must
+    not share the session's database: the requeue loop of another deployment on that database (the session's
+    live server, say) takes the jobs this one sent as sent to a broker it lost, and re-sends them to its own
+    worker (seen in CI: a job meant to stay queued was trained, and the stream following it ended early)."""
+    from app.services import migrate
+
+    url = pg_databases.create(name)
+    migrate.upgrade(url)
+    yield url
+    pg_databases.drop(url)
+
+
+def database_on(url: str) -> Iterator[Any]:
+    """An `app.db.Database` on `url` (a module's `db` override), disposed after it."""
+    from app.db import Database
+
+    database = Database.from_url(url)
+    yield database
+    database.dispose()
 
 
 def service_env(database_url: str, broker_url: str, prefix: str, base: str, data_dir: Path,

@@ -29,7 +29,7 @@ import pytest
 
 from tests.api.helpers import unique_csv
 
-from .conftest import ApiProcess, service_env, wait_until
+from .conftest import ApiProcess, database_on, key_maker, own_database, service_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,22 @@ STREAM_SETTINGS = {"sse_max_streams_per_tenant": CAP, "sse_poll_interval_s": 0.2
 LONG = {"sse_max_duration_s": 600, "sse_ping_interval_s": 15, "sse_slot_ttl_s": 30}
 SHORT = {"sse_max_duration_s": 1.5, "sse_ping_interval_s": 1, "sse_slot_ttl_s": 3}
 SSE = {"Accept": "text/event-stream"}
+
+
+# This module's deployment runs on a database of its own (see `own_database`): its jobs stay queued on purpose.
+@pytest.fixture(scope="module")
+def pg_url(pg_databases) -> Iterator[str]:
+    yield from own_database(pg_databases, "spafit_sse")
+
+
+@pytest.fixture(scope="module")
+def db(pg_url) -> Iterator[Any]:
+    yield from database_on(pg_url)
+
+
+@pytest.fixture(scope="module")
+def make_key(db) -> Any:
+    return key_maker(db)
 
 
 @pytest.fixture(scope="module")
@@ -354,12 +370,21 @@ def _write_then_finish(db: Any, job: str, total: int, pause: float) -> threading
     return writer
 
 
-def test_the_async_sdk_follows_a_job_across_stream_ends(replicas, db, make_key):
-    from spafit_client import AsyncClient
+def test_the_async_sdk_follows_a_job_across_stream_ends(replicas, db, make_key, monkeypatch):
+    from spafit_client import AsyncClient, _async_client
 
     _, short = replicas
     key = make_key("train")
     job = _queued_jobs(short.url, key, 1)[0]
+    heard: list[tuple[float, str]] = []  # every SSE line the SDK read, for the failure message
+    start = time.monotonic()
+
+    class Recording(_async_client.SSEDecoder):
+        def feed(self, line: str) -> Any:
+            heard.append((round(time.monotonic() - start, 3), line))
+            return super().feed(line)
+
+    monkeypatch.setattr(_async_client, "SSEDecoder", Recording)
     writer = _write_then_finish(db, job, 30, 0.12)  # ~3.6 s: the stream ends twice meanwhile
 
     async def follow() -> list[int]:
@@ -370,7 +395,14 @@ def test_the_async_sdk_follows_a_job_across_stream_ends(replicas, db, make_key):
         seen = asyncio.run(follow())
     finally:
         writer.join()
-    assert seen == list(range(1, 30 + 3))
+    if seen != list(range(1, 30 + 3)):  # say everything we know: the lines read, the rows stored, the log
+        from app.services import events
+
+        with db.session() as s:
+            stored = [(e.seq, e.type, e.created_at.isoformat()) for e in events.after(s, uuid.UUID(job))]
+        lines = "\n".join(f"{t:7.3f} {line}" for t, line in heard if line)
+        raise AssertionError(f"the SDK saw {seen}\nstored events: {stored}\nlines read:\n{lines}\n"
+                             f"the replica's log:\n{short.tail()}")
 
 
 def test_the_dashboard_follows_a_job_across_stream_ends(replicas, db, make_key):

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ApiProcess, RedisServer, free_port, service_env, wait_until
+from .conftest import ApiProcess, RedisServer, database_on, free_port, own_database, service_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,17 @@ QUEUE = 64  # batch_max_queue: rows in flight in one replica, every tenant
 FAN_TASKS = tuple(f"fan-{i}" for i in range(32))  # tenant a's tasks for a fan-out of 8 inputs x 32 tasks
 METRICS_TOKEN = "attack-metrics-token-0123456789"
 TEXTS = ["good movie", "the plot was very boring and bad", "ok", "i love this film it is great fun"]
+
+
+# This module's deployment runs on a database of its own (see `own_database`): its jobs stay queued on purpose.
+@pytest.fixture(scope="module")
+def pg_url(pg_databases) -> Iterator[str]:
+    yield from own_database(pg_databases, "spafit_attacks")
+
+
+@pytest.fixture(scope="module")
+def db(pg_url) -> Iterator[Any]:
+    yield from database_on(pg_url)
 
 
 @pytest.fixture(scope="module")
