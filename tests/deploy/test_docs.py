@@ -27,6 +27,8 @@ def test_readme_holds_the_two_commands_and_ci_runs_the_test_one():
     ci = (ROOT / ".ci/run").read_text()
     assert re.search(r"^make .*\btest$", ci, re.M)
     makefile = (ROOT / "Makefile").read_text()
-    for target in ("quickstart", "test"):
-        assert re.search(rf"^{target}: install", makefile, re.M)
+    assert re.search(r"^quickstart: install", makefile, re.M)
+    # `test` sets up the venv too: through test-setup, which installs it beside Chromium
+    assert re.search(r"^test: test-setup", makefile, re.M)
+    assert re.search(r"^test-setup:\n\t.*\binstall\b", makefile, re.M)
     assert 'TORCH ?= torch==2.13.0' in makefile
