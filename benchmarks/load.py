@@ -33,6 +33,8 @@ are abandoned. Reported: B's p50/p99 alone and under the flood (target: p99 with
 per 5 s of each phase with B's slowest requests, and what A got (200s, 429s with Retry-After, anything else).
 `--trace` runs the server with SPAFIT_BATCH_TRACE and reports, per phase and tenant, where the time went inside
 the batcher (thread hop, waiting to be tokenised, the round robin, its pass, back on the event loop).
+`--profile NAME` records the server with py-spy through the first round's two windows into
+benchmarks/profiles/NAME_alone.txt and NAME_flooded.txt, each thread's busy share of a core first.
 
     python -m benchmarks.load --noisy --trace    # about 3 min on MiniLM: 5 s warm-up, 10 s capacity, 5 x (10 + 10 s)
 
@@ -57,6 +59,7 @@ import asyncio
 import multiprocessing
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -377,10 +380,12 @@ def cpu_seconds(pid: int) -> float:
 
 async def noisy_phases(url: str, a: tuple[dict, list[str]], b: tuple[dict, list[str]], *, clients: int,
                        warmup: float, capacity_s: float, duration: float, b_share: float,
-                       flood: float, server_pid: int, rounds: int = 1) -> dict[str, Any]:
+                       flood: float, server_pid: int, rounds: int = 1, spy_dir: Path | None = None
+                       ) -> dict[str, Any]:
     """Capacity (A, closed loop), then `rounds` rounds of B alone followed by A flooding while B sends the same load
     (the same arrivals), `duration / rounds` seconds each; one server, one run. Alternating the two conditions
-    puts a drift of the machine's speed into both alike, which one window of each, one after the other, does not."""
+    puts a drift of the machine's speed into both alike, which one window of each, one after the other, does not.
+    With `spy_dir`, py-spy records the server through the first round's two windows (alone.raw, flooded.raw)."""
     await run_phase(url, a[0], a[1], clients=clients, duration=warmup)  # every adapter of A loaded
     await run_phase(url, b[0], b[1], clients=4, duration=min(warmup, 3.0))  # ... and of B
     cap = (await run_phase(url, a[0], a[1], clients=clients, duration=capacity_s, seed=3)).summary()
@@ -399,11 +404,15 @@ async def noisy_phases(url: str, a: tuple[dict, list[str]], b: tuple[dict, list[
         pool.submit(_ping).result()  # the child is up before the clock starts
         async with _http(url, 64) as hb:
             for i in range(rounds):
+                spy = py_spy(server_pid, per, spy_dir / "alone.raw") if spy_dir is not None and i == 0 else None
                 cpu, t0 = cpu_seconds(server_pid), time.monotonic()
                 loops["b_alone"].append(await open_loop(hb, b[1], b[0], b_rate, per, random.Random(4 + i)))
                 windows["b_alone"].append([t0, time.monotonic()])
+                if spy is not None:
+                    await asyncio.to_thread(spy.wait, 60)
                 server["b_alone"][0] += cpu_seconds(server_pid) - cpu
                 server["b_alone"][1] += time.monotonic() - t0
+                spy = py_spy(server_pid, per, spy_dir / "flooded.raw") if spy_dir is not None and i == 0 else None
                 cpu, t0, c0 = cpu_seconds(server_pid), time.monotonic(), time.process_time()
                 flood_future = asyncio.wrap_future(pool.submit(_flood, url, a[1], a[0], a_rate, per))
                 loops["b_with_flood"].append(await open_loop(hb, b[1], b[0], b_rate, per, random.Random(4 + i)))
@@ -411,6 +420,8 @@ async def noisy_phases(url: str, a: tuple[dict, list[str]], b: tuple[dict, list[
                 b_cpu[0] += time.process_time() - c0
                 b_cpu[1] += time.monotonic() - t0
                 floods.append(await flood_future)  # A's late requests abandoned: its backlog leaves the queue
+                if spy is not None:
+                    await asyncio.to_thread(spy.wait, 60)
                 server["with_flood"][0] += cpu_seconds(server_pid) - cpu
                 server["with_flood"][1] += time.monotonic() - t0
                 await asyncio.sleep(1.0)  # the abandoned requests' rows are dropped before B's next window
@@ -489,13 +500,16 @@ def run_noisy(args: argparse.Namespace, base: str, tmp: Path, prefix: str, resul
             result["noisy"] = asyncio.run(noisy_phases(server.url, a, b, clients=clients, warmup=args.warmup,
                                                        capacity_s=args.capacity_duration, duration=duration,
                                                        b_share=args.b_share, flood=args.flood, rounds=args.rounds,
-                                                       server_pid=server.proc.pid))
+                                                       server_pid=server.proc.pid,
+                                                       spy_dir=tmp if args.profile else None))
             result["noisy"]["after"] = _health_after(server.url, b[0], b[1][0])
             log_text = server.log_path.read_text(errors="replace")
             result["noisy"]["server_log_errors"] = log_text.count("Exception in ASGI application") + \
                 log_text.count("Traceback")
         finally:
             server.stop()
+        if args.profile:
+            noisy_profiles(args.profile, tmp, result["noisy"], args.duration or 50.0)
         if args.trace:
             result["noisy"]["stages_ms"] = trace_stages(trace, result["noisy"]["windows"], b_tenant_id(db_url))
     result["loadavg_after"] = _loadavg()
@@ -797,14 +811,63 @@ def engine_figures(base_model: str, adapters: list[tuple[str, dict, bytes]], bat
     return {"batch": batch, "rows_per_s": round(rows_s, 1), "one_row_ms": _percentiles(one)}
 
 
+PY_SPY_RATE = 100  # samples per second
+
+
 def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
     """`py-spy record` of the server for `seconds` (raw collapsed stacks, every thread), or None without it."""
     exe = Path(sys.executable).with_name("py-spy")
     if not exe.exists():
         return None
-    return subprocess.Popen([str(exe), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-t",
+    return subprocess.Popen([str(exe), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(PY_SPY_RATE), "-t",
                              "--format", "raw", "-o", str(out), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def noisy_profiles(name: str, tmp: Path, noisy: dict[str, Any], duration: float) -> None:
+    """benchmarks/profiles/NAME_alone.txt and NAME_flooded.txt from the first round's py-spy records; the busy
+    share of a core of each server thread in both windows goes into the results (`profile`)."""
+    profiles = REPO / "benchmarks" / "profiles"
+    profiles.mkdir(exist_ok=True)
+    per = duration / noisy["rounds"]
+    noisy["profile"] = {}
+    for window in ("alone", "flooded"):
+        raw = tmp / f"{window}.raw"
+        if not raw.exists():
+            continue
+        title = (f"py-spy record of the API process through the first {window} window of `--noisy` ({per:g} s, "
+                 f"{PY_SPY_RATE} samples/s; B at {noisy['b_rate_rps']} req/s"
+                 + (f", A flooding at {noisy['a_rate_rps']} req/s" if window == "flooded" else "")
+                 + f"); {common.command_line()}")
+        path = profiles / f"{name}_{window}.txt"
+        path.write_text(profile_summary(raw, title, seconds=per))
+        noisy["profile"][window] = {"file": str(path.relative_to(REPO)),
+                                    "thread_busy_cores": thread_busy(raw, per)}
+
+
+def thread_busy(raw: Path, seconds: float) -> dict[str, float]:
+    """Each thread's busy samples (idle waits left out, as in `profile_summary`) as a share of one core."""
+    busy: Counter = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if count.isdigit() and not _idle(stack):
+            busy[_thread_name(stack)] += int(count)
+    return {t: round(n / (PY_SPY_RATE * seconds), 3) for t, n in busy.most_common()}
+
+
+def _thread_name(stack: str) -> str:
+    """`thread (1234): spafit-batcher` -> spafit-batcher; the submit pool's threads as one."""
+    name = stack.split(";", 1)[0].partition(": ")[2] or stack.split(";", 1)[0]
+    return re.sub(r"_\d+$", "_*", name)
+
+
+_IDLE_LEAVES = ("wait (threading.py", "Condition.wait (threading.py", "select (selectors.py",
+                "_worker (concurrent/futures/thread.py", "poll (", "_run_once (asyncio/base_events.py")
+
+
+def _idle(stack: str) -> bool:
+    leaf = stack.rsplit(";", 1)[-1]
+    return any(leaf.startswith(i) for i in _IDLE_LEAVES) or "_listen_postgres" in stack  # the cache's LISTEN
 
 
 def _area(stack: str) -> str:
@@ -820,30 +883,31 @@ def _area(stack: str) -> str:
     return "other threads (thread pool hops, batcher bookkeeping)"
 
 
-def profile_summary(raw: Path, title: str, top: int = 30) -> str:
+def profile_summary(raw: Path, title: str, top: int = 30, seconds: float | None = None) -> str:
     """Top frames of a collapsed-stack file: by own samples and by inclusive samples (a frame counted once
-    per stack), each as a share of the samples of all threads that were not idle."""
+    per stack), each as a share of the samples of all threads that were not idle; with `seconds` (the record's
+    length), each thread's busy share of one core first."""
     own: Counter = Counter()
     inclusive: Counter = Counter()
     areas: Counter = Counter()
     total = 0
-    idle = ("wait (threading.py", "Condition.wait (threading.py", "select (selectors.py", "_worker (concurrent/futures/thread.py",
-            "poll (", "_run_once (asyncio/base_events.py")
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
+        if not count.isdigit() or _idle(stack):
             continue
         frames = stack.split(";")
         leaf = frames[-1]
-        if any(leaf.startswith(i) for i in idle) or "_listen_postgres" in stack:  # the cache's LISTEN: idle
-            continue
         n = int(count)
         total += n
         own[leaf] += n
         areas[_area(stack)] += n
         for f in set(frames[1:]):  # frames[0] is the thread
             inclusive[f] += n
-    lines = [title, f"busy samples (all threads, idle waits left out): {total}", "", "by area:"]
+    lines = [title, f"busy samples (all threads, idle waits left out): {total}", ""]
+    if seconds:
+        lines += ["busy share of one core, by thread:"]
+        lines += [f"{share:6.3f}  {thread}" for thread, share in thread_busy(raw, seconds).items()] + [""]
+    lines += ["by area:"]
     lines += [f"{100 * n / max(total, 1):6.1f}%  {area}" for area, n in areas.most_common()]
     lines += ["", "by own time:"]
     lines += [f"{100 * n / max(total, 1):6.1f}%  {f}" for f, n in own.most_common(top)]
@@ -1060,7 +1124,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="--vs-engine: the load generator's HTTP client (raw: prebuilt requests on keep-alive sockets)")
     p.add_argument("--one-duration", type=float, default=10.0, help="--vs-engine: seconds of the one-client run")
     p.add_argument("--profile", default=None, metavar="NAME",
-                   help="--vs-engine: py-spy the server at full load into benchmarks/profiles/NAME_<mode>.txt")
+                   help="--vs-engine: py-spy the server at full load into benchmarks/profiles/NAME_<mode>.txt; "
+                        "--noisy: through the first round's windows, into NAME_alone.txt and NAME_flooded.txt")
     args = p.parse_args(argv)
     clients = args.clients or (16 if args.quick else 64)
     duration = args.duration or (10.0 if args.quick else 60.0)
