@@ -275,7 +275,6 @@ def train(
     # Every module's mode and the prefix flag as the caller left them: restored when train() returns.
     modes = [(m, m.training) for m in model.modules()]
     prefix_eval_before = model.prefix_eval
-    model.prefix_eval = use_cache
 
     params = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(math.ceil(len(train_data) / cfg.batch_size) / cfg.gradient_accumulation_steps)
@@ -320,6 +319,7 @@ def train(
     base_seconds = state["train_seconds"]
     steps_done_this_run = 0
     try:
+        model.prefix_eval = use_cache  # set here, so a refusal above (a checkpoint, the cache) leaves it as it was
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
             model.train()
