@@ -27,6 +27,7 @@ import json
 import math
 import re
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .adapter_schema import MAX_LABELS
 from .config import MethodConfig, TaskSpec
-from .errors import AdapterError
+from .errors import AdapterError, UnsupportedArchitectureError
 from .layers import AdaptedLinear
 from .model import HEAD, SpafitModel
 
@@ -204,6 +206,11 @@ def peft_method(cfg: dict, tensors: dict[str, torch.Tensor], *, base_prefix: str
                                    f"({', '.join(sorted(set(roles_of.values())))})", field="target_modules")
             if t.dim() != 2 or (which == "A.weight" and t.shape[0] != r) or (which == "B.weight" and t.shape[1] != r):
                 raise AdapterError(f"{name} has shape {tuple(t.shape)}, not rank {r}", field="r")
+            module = name[len(PREFIX):].rsplit(".lora_", 1)[0]
+            if not _peft_targets(cfg, module, layer):
+                raise AdapterError(f"{PEFT_WEIGHTS} holds LoRA factors for {module}, which {PEFT_CONFIG}'s "
+                                   "target_modules / layers_to_transform do not select: PEFT would not load them, "
+                                   "so the folder is inconsistent", field="target_modules")
             lora_layers.setdefault(layer, set()).add(roles_of[path])
             lora[f"{stack_path}.{layer}.{path}.lora_{which[0]}"] = t
         elif name.endswith(".bias"):
@@ -232,6 +239,28 @@ def peft_method(cfg: dict, tensors: dict[str, torch.Tensor], *, base_prefix: str
     return method, lora, biases, head
 
 
+def _peft_targets(cfg: dict, module: str, layer: int) -> bool:
+    """Whether PEFT, loading `cfg`, puts LoRA on `module` (its name in the stock classifier) of layer `layer`:
+    PEFT's own rule for a list of names (a name or dotted suffix, then `layers_to_transform`; not listed in
+    `exclude_modules`). A config without such a list (none, or a regex: a client's regex is never run here)
+    is taken at its weights' word."""
+    targets = cfg.get("target_modules")
+    excluded = cfg.get("exclude_modules")
+    if isinstance(excluded, list) and any(module == e or module.endswith(f".{e}") for e in excluded
+                                           if isinstance(e, str)):
+        return False
+    if not isinstance(targets, list):
+        return True
+    if module in targets:
+        return True
+    if not any(isinstance(t, str) and module.endswith(f".{t}") for t in targets):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, bool) or layers is None or layers == []:
+        return True
+    return layer == layers if isinstance(layers, int) else not isinstance(layers, list) or layer in layers
+
+
 def from_peft(files: dict[str, bytes], base_model: str, *, task: TaskSpec | None = None,
               labels: list[str] | None = None) -> SpafitModel:
     """A SpafitModel on `base_model` (real weights) equal to the PEFT adapter in `files` on the stock
@@ -240,8 +269,15 @@ def from_peft(files: dict[str, bytes], base_model: str, *, task: TaskSpec | None
     from .stratify import find_stack
 
     cfg, tensors, info = read_peft_files(files)
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:  # refused here, so that no path (the CLI's import writes a folder) keeps such an adapter
+        raise AdapterError(f"{PEFT_WEIGHTS}: tensor {bad[0]} holds NaN or infinite values", field="weights")
     task = task or _task_of(tensors, labels, info)
     hf = load_hf_classifier(base_model, task)
+    if getattr(hf.config, "is_encoder_decoder", False):  # as SpafitModel refuses it, before the stack is searched
+        raise UnsupportedArchitectureError(
+            f"{base_model} is an encoder-decoder model; SPAFIT adapts (and imports PEFT adapters of) encoder-only "
+            "models", field="base_model")
     prefix = hf.base_model_prefix
     stack = find_stack(hf.base_model)
     roles_of = {path: role for spec in stack.layers for role, path in spec.roles.items()}
@@ -294,6 +330,15 @@ def serialize_imported(model: SpafitModel, *, max_seq_length: int = 128) -> tupl
 
 
 def _task_of(tensors: dict[str, torch.Tensor], labels: list[str] | None, info: dict | None) -> TaskSpec:
+    """The task, its labels bounded as any adapter's (`MAX_LABELS`) before a head of that size is built."""
+    task = _unbounded_task_of(tensors, labels, info)
+    if len(task.labels) > MAX_LABELS:
+        raise AdapterError(f"the PEFT adapter has {len(task.labels)} labels; an adapter has at most {MAX_LABELS}",
+                           field="labels")
+    return task
+
+
+def _unbounded_task_of(tensors: dict[str, torch.Tensor], labels: list[str] | None, info: dict | None) -> TaskSpec:
     if labels:
         return TaskSpec(labels=tuple(labels))
     if info is not None and isinstance(info.get("task"), dict):
@@ -311,6 +356,9 @@ def _task_of(tensors: dict[str, torch.Tensor], labels: list[str] | None, info: d
         raise AdapterError("cannot tell the number of labels of the PEFT head: give the labels", field="labels")
     if n == 1:
         return TaskSpec(task_type="regression")
+    if n > MAX_LABELS:
+        raise AdapterError(f"the PEFT adapter's head has {n} outputs; an adapter has at most {MAX_LABELS} labels",
+                           field="labels")
     return TaskSpec(labels=tuple(f"LABEL_{i}" for i in range(n)))
 
 
@@ -356,7 +404,11 @@ def unpack_peft(data: bytes, *, max_bytes: int = MAX_FILE_BYTES) -> dict[str, by
                 raise AdapterError(f"the PEFT archive holds {name} twice")
             if info.file_size > max_bytes:
                 raise AdapterError(f"{name} is larger than the limit of {max_bytes} bytes")
-            files[name] = b"" if name == "adapter_model.bin" else z.read(info)
+            try:
+                files[name] = b"" if name == "adapter_model.bin" else z.read(info)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as e:
+                # a damaged member (CRC mismatch, truncated stream), an encrypted one, an unknown compression
+                raise AdapterError(f"the PEFT archive is damaged or unreadable ({name}): {e}") from None
     return files
 
 

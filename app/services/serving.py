@@ -423,10 +423,14 @@ class Serving:
 
     def verify(self, cfg: dict, weights: bytes) -> None:
         """Build the adapter against the real backbone (sha256, fingerprint, names and shapes, finiteness)
-        without holding it: the engine loads it on its first predict like any other version."""
+        without holding it: the engine loads it on its first predict like any other version. Values beyond
+        `MAX_ABS_VALUE` are refused too: finite, yet every forward through them overflows to null scores."""
+        from spafit_core.adapter import verify
         from spafit_core.engine import build_adapter
 
-        build_adapter(self.engine.backbone(cfg["base_model"]["name"]), "import", cfg, weights)
+        backbone = self.engine.backbone(cfg["base_model"]["name"])
+        build_adapter(backbone, "import", cfg, weights)
+        verify(cfg, weights, fingerprint=backbone.fingerprint, expected_shapes=None)
 
     def _unpack(self, archive: bytes) -> tuple[dict, bytes]:
         from spafit_core.adapter import unpack
