@@ -38,6 +38,14 @@ class UnsupportedArchitectureError(SpafitError):
     status = 422
 
 
+class BaseModelUnavailable(SpafitError):
+    """The base model cannot be loaded: not a model folder, not a hub id, or the hub out of reach and no
+    copy in the cache."""
+
+    type = "base-model-unavailable"
+    status = 422
+
+
 class DataError(SpafitError, ValueError):
     """A dataset cannot be read or does not fit the task."""
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .backbone import canonical_model_name, fingerprint, resolve_model_path, unwrap_stack, wrap_stack
 from .config import MethodConfig, ResolvedMethod, TaskSpec
-from .errors import AdapterMismatchError, ConfigError, UnsupportedArchitectureError
+from .errors import AdapterMismatchError, BaseModelUnavailable, ConfigError, UnsupportedArchitectureError
 from .layers import TRAIN_DTYPE, AdaptedLinear, Route, route
 from .stratify import architecture_name, require_roles
 
@@ -37,8 +37,20 @@ def load_hf_classifier(base_model: str, task: TaskSpec, *, dtype: torch.dtype | 
         kwargs["label2id"] = {name: i for i, name in enumerate(task.labels)}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    with quiet_transformers():  # the "newly initialized head" report is expected, not news
+    with loading(base_model), quiet_transformers():  # the "newly initialized head" report is expected, not news
         return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+
+@contextlib.contextmanager
+def loading(base_model: str):
+    """transformers' OSError for a base model it cannot load (no such folder or hub id; offline and not in the
+    cache; a folder without weights) as a BaseModelUnavailable naming it: a clear error for the CLI and a job's
+    failure, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BaseModelUnavailable(f"cannot load base model {base_model!r}: {first}", field="base_model") from e
 
 
 @contextlib.contextmanager
@@ -61,7 +73,8 @@ def quiet_transformers():
 def load_tokenizer(base_model: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(base_model))
+    with loading(base_model):
+        return AutoTokenizer.from_pretrained(resolve_model_path(base_model))
 
 
 class SpafitModel(nn.Module):
@@ -123,8 +136,9 @@ class SpafitModel(nn.Module):
         enough for expected tensor shapes and parameter counts."""
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        config = AutoConfig.from_pretrained(resolve_model_path(base_model), num_labels=task.num_labels,
-                                            problem_type=task.task_type)
+        with loading(base_model):
+            config = AutoConfig.from_pretrained(resolve_model_path(base_model), num_labels=task.num_labels,
+                                                problem_type=task.task_type)
         with quiet_transformers(), torch.device("meta"):
             hf = AutoModelForSequenceClassification.from_config(config)
         return cls(hf, method, task, base_model_name=base_model, base_fingerprint="meta")

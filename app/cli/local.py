@@ -97,7 +97,7 @@ def train(data: str, validation: str | None, out: Path | None, base_model: str |
 @click.option("--format", "fmt", type=click.Choice(["peft", "merged"]), default="peft", show_default=True,
               help="peft: a PEFT LoRA folder for PeftModel.from_pretrained on the stock classifier; merged: a "
                    "standalone transformers model folder with every delta folded in.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The folder to write.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The folder to write.")
 @click.option("--base-model", default=None, help="Where the base weights are [default: the adapter's base model].")
 @json_option
 def export(adapter: Path, fmt: str, out: Path, base_model: str | None, as_json: bool) -> None:
@@ -123,7 +123,8 @@ def export(adapter: Path, fmt: str, out: Path, base_model: str | None, as_json: 
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["peft"]), default="peft", show_default=True,
               help="peft: a PEFT LoRA folder (or its zip) trained on the stock sequence classifier.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="The SPAFIT adapter folder to write.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The SPAFIT adapter folder to write.")
 @click.option("--base-model", default=None,
               help="Base model [default: the PEFT config's base_model_name_or_path].")
 @click.option("--label", "labels", multiple=True,

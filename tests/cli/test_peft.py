@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.cli.common import EXIT_INVALID
 from spafit_core import MethodConfig, TaskSpec, TrainConfig
 from spafit_core.adapter import CONFIG_FILE, load_adapter, save_adapter
 from spafit_core.model import SpafitModel
@@ -65,3 +66,20 @@ def test_export_merged_is_a_plain_transformers_folder(spafit, adapter, tmp_path)
     b = texts(ours.tokenizer)
     with torch.no_grad():
         assert (plain(**b).logits - ours(b)).abs().max() < 1e-5
+
+
+def test_a_base_model_that_cannot_be_loaded_and_an_out_that_is_a_file_fail_in_words(spafit, adapter, tmp_path,
+                                                                                    monkeypatch):
+    """Found by an attack: both were tracebacks (transformers' OSError; FileExistsError from mkdir)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id not in the cache fails at once, as on a machine offline
+    for base in (str(tmp_path / "no-such-folder"), "nobody-here/no-such-model-xyz"):
+        r = spafit("export", str(adapter), "--format", "peft", "--base-model", base, "--out", str(tmp_path / "p"),
+                   "--json")
+        assert r.exit_code == EXIT_INVALID and isinstance(r.exception, SystemExit), r  # not a crash
+        e = r.error()
+        assert e["type"] == "base-model-unavailable" and e["field"] == "base_model" and base in e["message"]
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    for command in ("export", "import"):
+        r = spafit(command, str(adapter), "--out", str(a_file))
+        assert r.exit_code == 2 and "is a file" in r.stderr and isinstance(r.exception, SystemExit), r  # usage
