@@ -46,6 +46,14 @@ class _LayerIndex(click.ParamType):
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", "learning_rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Learning rate [default: 1e-3 for adapters].")
+@click.option("--head-lr", "head_learning_rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None, help="Learning rate of the task head [default: --lr].")
+@click.option("--bias-lr", "bias_learning_rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None, help="Learning rate of the bias deltas [default: --lr].")
+@click.option("--lora-lr", "lora_learning_rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None, help="Learning rate of the LoRA factors [default: --lr].")
+@click.option("--validation-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True,
+              help="Without --validation, this stratified share of DATA is held out for it (0: none).")
 @click.option("--max-seq-length", type=click.IntRange(8, 8192), default=128, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--text-field", "text_fields", multiple=True, help="Text column (twice for sentence pairs) [default: inferred].")
@@ -57,7 +65,9 @@ class _LayerIndex(click.ParamType):
 @json_option
 def train(data: str, validation: str | None, out: Path | None, base_model: str | None, method_name: str,
           n1: int | float | None, n2: int | float | None, rank: int, alpha: float, epochs: int, batch_size: int,
-          learning_rate: float | None, max_seq_length: int, seed: int, text_fields: tuple[str, ...],
+          learning_rate: float | None, head_learning_rate: float | None, bias_learning_rate: float | None,
+          lora_learning_rate: float | None, validation_fraction: float, max_seq_length: int, seed: int,
+          text_fields: tuple[str, ...],
           label_field: str | None, task_type: str | None, device: str, progress: bool, as_json: bool) -> None:
     """Fine-tune an adapter here, without a service: DATA (CSV, TSV, JSONL, glue/<task>, hf:<id>) in, an
     adapter folder (spafit_adapter.json + adapter.safetensors) out. Import it into a service with
@@ -70,6 +80,8 @@ def train(data: str, validation: str | None, out: Path | None, base_model: str |
     out = out or Path(f"{Path(data.replace(':', '-')).stem.replace('/', '-')}-adapter")
     method = MethodConfig(name=method_name, n1=n1, n2=n2, rank=rank, alpha=alpha)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                      head_learning_rate=head_learning_rate, bias_learning_rate=bias_learning_rate,
+                      lora_learning_rate=lora_learning_rate, validation_fraction=validation_fraction,
                       max_seq_length=max_seq_length, seed=seed, device=device, log_every_steps=1)
     base_model = base_model or DEFAULT_BASE_MODEL
     view = _TrainProgress() if progress else None
@@ -84,6 +96,7 @@ def train(data: str, validation: str | None, out: Path | None, base_model: str |
     r = result.train_result
     summary = {
         "out": str(out.resolve()), "base_model": base_model, "method": method.to_dict(),
+        "learning_rates": {k: cfg.lr_for(method.name, k) for k in ("head", "bias", "lora")},
         "task": result.model.task.to_dict(), "metrics": result.metrics, "main_metric": r.main_metric,
         "best_epoch": r.best_epoch, "history": r.history, "steps": r.steps,
         "train_seconds": round(r.train_seconds, 3), "param_counts": result.model.param_counts(),

@@ -83,3 +83,22 @@ def test_a_locally_trained_adapter_imports_into_a_service_and_predicts(spafit, l
     assert r.exit_code == 0, r
     predictions = r.json()["predictions"]
     assert len(predictions) == 2 and {p["label"] for p in predictions} <= {"positive", "negative"}
+
+
+def test_train_takes_per_part_learning_rates_and_the_validation_share(spafit, data, tiny_base, tmp_path):
+    """The job API's head/bias/LoRA learning rates and validation_fraction, here too (an attack found them missing)."""
+    base = ["--base-model", tiny_base, "--n1", "1", "--n2", "2", "--epochs", "2", "--batch-size", "8", "--json",
+            "--no-progress"]
+    r = spafit("train", str(data / "train.csv"), "--out", str(tmp_path / "none"), "--validation-fraction", "0", *base)
+    assert r.exit_code == 0, r
+    held_none = r.json()
+    assert held_none["steps"] == 12 and held_none["metrics"] == {}  # all 48 rows train, nothing is scored
+    assert held_none["learning_rates"] == {"head": 1e-3, "bias": 1e-3, "lora": 1e-3}
+    r = spafit("train", str(data / "train.csv"), "--out", str(tmp_path / "quarter"), "--validation-fraction", "0.25",
+               "--head-lr", "3e-3", "--bias-lr", "2e-3", "--lora-lr", "5e-3", *base)
+    assert r.exit_code == 0, r
+    held = r.json()
+    assert held["steps"] == 10 and set(held["metrics"]) == {"accuracy", "f1"}  # 36 rows train, 12 are scored
+    assert held["learning_rates"] == {"head": 3e-3, "bias": 2e-3, "lora": 5e-3}
+    r = spafit("train", str(data / "train.csv"), "--out", str(tmp_path / "x"), "--validation-fraction", "0.9", *base)
+    assert r.exit_code == 2 and "0.9" in r.stderr  # a usage error, before anything loads
