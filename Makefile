@@ -16,6 +16,9 @@ PYTEST := $(BIN)/python -m pytest
 # them), then the timing-sensitive tests (marker `serial`) alone. Many tests wait on child processes, so more
 # processes than cores pays (README, Tests).
 TEST_WORKERS ?= 4
+# The serial phase collects only the files that mark a test serial (tests/conftest.py stops a run in which a
+# serial test sits in a file that does not say `mark.serial`), not the whole suite again.
+SERIAL_TESTS = $(shell grep -rl --include='test_*.py' 'mark\.serial' tests)
 XDIST := --dist loadfile --no-loadscope-reorder
 # The unit tests: no Postgres, Redis or service processes (tests marked `slow` left out); CPU-bound, so one
 # process per core.
@@ -30,7 +33,7 @@ quickstart: install  ## start the embedded service, fine-tune an adapter, predic
 test: test-setup  ## the whole test suite (needs the Postgres and Redis of the machine)
 	status=0; \
 	$(PYTEST) -q -n $(TEST_WORKERS) $(XDIST) -m "not serial" --durations=15 || status=$$?; \
-	$(PYTEST) -q -m serial --durations=5 || { s=$$?; [ $$s = 5 ] || status=$$s; }; \
+	$(PYTEST) -q -m serial --durations=5 $(SERIAL_TESTS) || { s=$$?; [ $$s = 5 ] || status=$$s; }; \
 	exit $$status
 
 # The venv and Chromium side by side: on a fresh machine each takes about a minute, mostly waiting on downloads.

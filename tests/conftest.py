@@ -236,6 +236,13 @@ LIVE_FIXTURES = frozenset({"worker", "live_server_process", "embedded_server", "
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `make test`'s serial phase collects only the files whose text says `mark.serial` (the Makefile's
+    # SERIAL_TESTS): a test made serial some other way would run in neither phase, so it stops the run here.
+    unseen = sorted({str(item.path) for item in items if item.get_closest_marker("serial")
+                     and "mark.serial" not in item.path.read_text()})
+    if unseen:
+        raise pytest.UsageError(f"serial tests in files that do not say `mark.serial` (make test would skip them): "
+                                f"{unseen}; mark them with @pytest.mark.serial or pytestmark")
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if gpu and not _cuda_available():  # CUDA checks run on a GPU machine (`pytest -m gpu`); here they are
         config.hook.pytest_deselected(items=gpu)  # deselected, not skipped: a skip in CI would hide a failure
