@@ -27,7 +27,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 
-from spafit_core.errors import SpafitError
+from spafit_core.errors import BaseModelUnavailable, SpafitError
 
 log = logging.getLogger("spafit.errors")
 
@@ -317,6 +317,9 @@ class ErrorBoundary:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SpafitError, _spafit_error)
+    # A backbone the service cannot load is the deployment's problem, and its message names paths: a 500 with a
+    # reference, the details in the log (the CLI, on the user's own machine, shows it as invalid input).
+    app.add_exception_handler(BaseModelUnavailable, _unexpected)
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(HTTPException, _http_exception)

@@ -85,7 +85,7 @@ def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Setti
     # is final or held by another worker is answered in milliseconds, not after a torch import.
     from spafit_core import MethodConfig, TrainConfig
     from spafit_core import data as core_data
-    from spafit_core.errors import SpafitError, TrainingCancelled
+    from spafit_core.errors import BaseModelUnavailable, SpafitError, TrainingCancelled
     from spafit_core.pipeline import finetune
 
     job_id = job.id
@@ -158,6 +158,8 @@ def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Setti
             reason = _time_limit_reason(now, settings)
             return _fail(db, lease, job, "time-limit", reason)
         return _end(db, lease, job, "cancelled", event={"status": "cancelled", "reason": e.message})
+    except BaseModelUnavailable as e:  # the deployment's model store (its paths stay in the log), not the job's input
+        return _internal(db, lease, job, e)
     except (SpafitError, AppError) as e:
         return _fail(db, lease, job, e.type, e.message)
     except Exception as e:
@@ -165,11 +167,16 @@ def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Setti
             log.error("job %s attempt %d ends on a database error; it will be resumed", job_id, lease.attempt,
                       exc_info=True)
             return "interrupted"
-        error_id = uuid.uuid4().hex[:16]
-        log.exception("job %s failed on an internal error (error id %s)", job_id, error_id)
-        message = (f"the job failed on an internal error ({type(e).__name__}); the service's log has the "
-                   f"details under error id {error_id}")
-        return _fail(db, lease, job, "internal-error", message, error_id=error_id)
+        return _internal(db, lease, job, e)
+
+
+def _internal(db: Database, lease: Lease, job: Job, e: BaseException) -> str:
+    """Fail the job on an internal error: in words and an error id for the client, the details in the log."""
+    error_id = uuid.uuid4().hex[:16]
+    log.error("job %s failed on an internal error (error id %s)", job.id, error_id, exc_info=e)
+    message = (f"the job failed on an internal error ({type(e).__name__}); the service's log has the "
+               f"details under error id {error_id}")
+    return _fail(db, lease, job, "internal-error", message, error_id=error_id)
 
 
 def _fail(db: Database, lease: Lease, job: Job, type_: str, message: str, *, error_id: str | None = None) -> str:

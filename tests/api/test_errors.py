@@ -34,6 +34,13 @@ def app_with_failures(settings):
     def app_error() -> None:
         raise NotFound("task 'x' not found")
 
+    @app.get("/test/backbone")
+    def backbone() -> None:  # as the engine raises it when the deployment's model folder broke
+        from spafit_core.model import loading
+
+        with loading("/srv/secret-models/minilm"):
+            raise OSError("It looks like the config file at '/srv/secret-models/minilm/config.json' is not valid")
+
     return app
 
 
@@ -55,6 +62,16 @@ def test_unexpected_exception_is_500_without_internals_and_is_logged(app_with_fa
     assert "hunter2" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
     assert body["reference"] == "req-123"
     assert any("req-123" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+def test_a_backbone_the_service_cannot_load_is_a_500_that_names_no_path(app_with_failures, caplog):
+    """BaseModelUnavailable is invalid input to the CLI (the user's own machine), but in the service it is the
+    deployment's model store: a 500 with a reference, the paths only in the log."""
+    with TestClient(app_with_failures, raise_server_exceptions=False) as client, caplog.at_level(logging.ERROR):
+        r = client.get("/test/backbone", headers={"X-Request-ID": "req-456"})
+    assert assert_problem(r, 500, "internal-error")["reference"] == "req-456"
+    assert "secret-models" not in r.text and "base-model-unavailable" not in r.text
+    assert any("req-456" in rec.getMessage() and "secret-models" in str(rec.exc_info[1]) for rec in caplog.records)
 
 
 def test_validation_error_lists_each_location_and_message(client, tenant_key):
