@@ -263,6 +263,21 @@ def database_on(url: str) -> Iterator[Any]:
     database.dispose()
 
 
+def own_database_fixtures(name: str) -> tuple[Any, Any]:
+    """Module-scoped `pg_url` and `db` overrides on a database of the module's own (see `own_database`):
+    `pg_url, db = own_database_fixtures("spafit_x")` at the top of a test module."""
+
+    @pytest.fixture(scope="module")
+    def pg_url(pg_databases: Any) -> Iterator[str]:
+        yield from own_database(pg_databases, name)
+
+    @pytest.fixture(scope="module")
+    def db(pg_url: str) -> Iterator[Any]:
+        yield from database_on(pg_url)
+
+    return pg_url, db
+
+
 def service_env(database_url: str, broker_url: str, prefix: str, base: str, data_dir: Path,
                 **settings: Any) -> dict[str, str]:
     """The environment of a server-mode API or worker process (the shell's SPAFIT_* variables dropped)."""

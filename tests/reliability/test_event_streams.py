@@ -29,7 +29,7 @@ import pytest
 
 from tests.api.helpers import unique_csv
 
-from .conftest import ApiProcess, database_on, key_maker, own_database, service_env, wait_until
+from .conftest import ApiProcess, key_maker, own_database_fixtures, service_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +45,7 @@ SSE = {"Accept": "text/event-stream"}
 
 
 # This module's deployment runs on a database of its own (see `own_database`): its jobs stay queued on purpose.
-@pytest.fixture(scope="module")
-def pg_url(pg_databases) -> Iterator[str]:
-    yield from own_database(pg_databases, "spafit_sse")
-
-
-@pytest.fixture(scope="module")
-def db(pg_url) -> Iterator[Any]:
-    yield from database_on(pg_url)
+pg_url, db = own_database_fixtures("spafit_sse")
 
 
 @pytest.fixture(scope="module")

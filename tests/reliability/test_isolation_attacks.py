@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ApiProcess, RedisServer, database_on, free_port, own_database, service_env, wait_until
+from .conftest import ApiProcess, RedisServer, free_port, own_database_fixtures, service_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +30,7 @@ TEXTS = ["good movie", "the plot was very boring and bad", "ok", "i love this fi
 
 
 # This module's deployment runs on a database of its own (see `own_database`): its jobs stay queued on purpose.
-@pytest.fixture(scope="module")
-def pg_url(pg_databases) -> Iterator[str]:
-    yield from own_database(pg_databases, "spafit_attacks")
-
-
-@pytest.fixture(scope="module")
-def db(pg_url) -> Iterator[Any]:
-    yield from database_on(pg_url)
+pg_url, db = own_database_fixtures("spafit_attacks")
 
 
 @pytest.fixture(scope="module")
