@@ -163,6 +163,7 @@ class Lease:
     attempt: int
     retry_s: float
     lost: threading.Event = field(default_factory=threading.Event)
+    ending: threading.Event = field(default_factory=threading.Event)  # `end()` began: the run writes its last
     refused: int = 0  # fenced writes that matched nothing (at most 1: the run stops at the first)
     retries: int = 0  # writes retried on a transient database error
 
@@ -193,7 +194,9 @@ class Lease:
     def end(self, status: str, *, error: tuple[str, str] | None = None, error_id: str | None = None,
             event: dict | None = None, **values) -> None:
         """Set a final status and write its event in one fenced transaction: a reader (the live event stream
-        ends at a final status) never sees the status without its event."""
+        ends at a final status) never sees the status without its event. From here on the heartbeat stands down:
+        a beat that meets the final status this write sets is not a takeover."""
+        self.ending.set()
 
         def write(s: Session) -> None:
             checkpoint = s.scalar(select(Job.checkpoint_sha256).where(Job.id == self.job_id))
@@ -321,12 +324,14 @@ class _Heartbeat(threading.Thread):
     def beat(self) -> None:
         if self.deadline is not None and utcnow() > self.deadline:
             self.timed_out.set()
-        if self.lease.lost.is_set():
+        if self.lease.lost.is_set() or self.lease.ending.is_set():
             return
         try:
             with self.lease.db.transaction() as s:
                 res = s.execute(update(Job).where(*self.lease.fence()).values(heartbeat_at=utcnow()))
                 if res.rowcount == 0:
+                    if self.lease.ending.is_set():  # this run ended the job while the beat waited (a slow database)
+                        return
                     self.lease.refused += 1
                     self.lease.lost.set()
                     log.warning("job %s: heartbeat refused, attempt %d no longer holds the job (taken over)",
@@ -340,5 +345,8 @@ class _Heartbeat(threading.Thread):
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or self.lease.lost.is_set() or self.timed_out.is_set()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """No more beats; waits (up to `timeout`) for one in flight, so the run's counts are final."""
         self._stop_evt.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout)

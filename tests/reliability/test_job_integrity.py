@@ -432,3 +432,42 @@ def test_a_worker_session_left_idle_in_a_transaction_loses_its_locks(make_settin
         assert job_row(db, job_id).claimed_by == "successor:1"
     finally:
         paused.dispose()
+
+
+def test_a_heartbeat_that_meets_the_final_status_its_own_run_wrote_is_not_a_takeover(app_client, tenant_key, db):
+    """Found in CI by the database-cut test: a beat held up by the database ran its fenced write just after the
+    run's own final write, was refused, and the run reported a takeover that never happened ("1 fenced write(s)
+    refused", the lease marked lost). Once `end()` begins, the heartbeat stands down."""
+    import threading
+
+    from app.models import utcnow
+    from worker.lease import _Heartbeat, claim
+
+    key = tenant_key("train")
+    train, val = _datasets(app_client, key.headers, n=24)
+    held: list[uuid.UUID] = []
+    broker, app_client.app.state.send_job = app_client.app.state.send_job, held.append
+    try:
+        job_id = uuid.UUID(_submit(app_client, key.headers, job_body(train, val, task="beat-after-end")))
+    finally:
+        app_client.app.state.send_job = broker
+    c = claim(db, job_id, "test-runner", app_client.app.state.settings)
+    assert c.outcome == "claimed" and c.lease is not None
+    lease, hb = c.lease, _Heartbeat(c.lease, 60.0, None)
+    hb.beat()
+    assert lease.refused == 0 and not lease.lost.is_set()  # a plain beat while the run holds the job
+
+    # The race as CI met it: a beat waits on the job's row while the run's final write commits.
+    with db.transaction() as s:
+        s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+        beat = threading.Thread(target=hb.beat)
+        beat.start()
+        time.sleep(0.5)
+        assert beat.is_alive()  # its UPDATE waits for this transaction's row lock
+        lease.ending.set()  # what Lease.end() does before its fenced write
+        s.execute(update(Job).where(Job.id == job_id).values(status="failed", finished_at=utcnow()))
+    beat.join(10)
+    assert not beat.is_alive()
+    assert lease.refused == 0 and not lease.lost.is_set(), "a beat after the run's own end counted as a takeover"
+    hb.beat()  # and any later beat: no write at all
+    assert lease.refused == 0 and job_row(db, job_id).status == "failed"
