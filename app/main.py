@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -129,6 +130,9 @@ def _problem_openapi(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     _configure_logging(settings.log_level)
+    # Python picks its temporary directory on first use by writing and deleting a scratch file there: done now,
+    # not when the first large upload spills to disk (a process killed mid-upload left that file behind).
+    tempfile.gettempdir()
     db = Database.from_settings(settings)
     metrics = Metrics()
     readiness = Readiness(timeout=settings.readiness_timeout)

@@ -5,8 +5,11 @@ mode); the upload is a multipart body written slowly over a raw socket so the ki
 from __future__ import annotations
 
 import io
+import os
 import secrets
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
@@ -17,7 +20,7 @@ from sqlalchemy import func, select
 
 from app.models import Blob, Dataset
 
-from .conftest import ApiProcess, service_env
+from .conftest import ROOT, ApiProcess, service_env
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +129,18 @@ def test_api_killed_mid_upload_leaves_no_partial_dataset(api_env, tmp_path, tena
                 == 1 + registered
     finally:
         api.stop()
+
+
+def test_the_api_picks_its_temporary_directory_when_it_starts(tmp_path):
+    """Python picks its temporary directory on first use by writing and deleting a scratch file there. In the API
+    that first use was the first upload to spill to disk, so the kill above once landed inside it and left an
+    empty scratch file in TMPDIR (CI). `create_app()` makes that choice at start."""
+    (tmp_path / "t").mkdir()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SPAFIT_")},
+           "TMPDIR": str(tmp_path / "t"), "SPAFIT_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
+    code = ("import tempfile\nfrom app.main import create_app\nbefore = tempfile.tempdir\ncreate_app()\n"
+            "print(before, tempfile.tempdir)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.split()
+    assert after == str(tmp_path / "t") and list((tmp_path / "t").iterdir()) == [], (before, after)
