@@ -41,6 +41,7 @@ from .adapter_schema import (  # noqa: F401  (the config schema's names are re-e
     check_backbone,
     parse_config,
     position_limit,
+    read_member,
     validate_config,
 )
 from .config import MethodConfig, TaskSpec
@@ -209,8 +210,8 @@ def unpack(data: bytes, *, max_bytes: int = 256 << 20) -> tuple[dict, bytes]:
                 raise AdapterError(f"adapter archive lacks {name}")
             if infos[name].file_size > max_bytes:
                 raise AdapterError(f"{name} is larger than the limit of {max_bytes} bytes")
-        cfg = parse_config(z.read(infos[CONFIG_FILE]))
-        weights = z.read(infos[WEIGHTS_FILE])
+        cfg = parse_config(read_member(z, infos[CONFIG_FILE], "adapter archive"))
+        weights = read_member(z, infos[WEIGHTS_FILE], "adapter archive")
     return cfg, weights
 
 

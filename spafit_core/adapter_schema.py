@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import zipfile
+import zlib
 from typing import Any
 
 from .config import MethodConfig, TaskSpec
@@ -314,3 +316,12 @@ def parse_config(raw: bytes | str | dict) -> dict[str, Any]:
     else:
         cfg = raw
     return validate_config(cfg)
+
+
+def read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, archive: str) -> bytes:
+    """One member of an uploaded zip, or AdapterError in words: a damaged member (CRC mismatch, truncated
+    stream), an encrypted one or an unknown compression is the upload's fault, never a 500."""
+    try:
+        return z.read(info)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as e:
+        raise AdapterError(f"the {archive} is damaged or unreadable ({info.filename}): {e}") from None

@@ -27,7 +27,6 @@ import json
 import math
 import re
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .adapter_schema import MAX_LABELS
+from .adapter_schema import MAX_LABELS, read_member
 from .config import MethodConfig, TaskSpec
 from .errors import AdapterError, UnsupportedArchitectureError
 from .layers import AdaptedLinear
@@ -404,11 +403,7 @@ def unpack_peft(data: bytes, *, max_bytes: int = MAX_FILE_BYTES) -> dict[str, by
                 raise AdapterError(f"the PEFT archive holds {name} twice")
             if info.file_size > max_bytes:
                 raise AdapterError(f"{name} is larger than the limit of {max_bytes} bytes")
-            try:
-                files[name] = b"" if name == "adapter_model.bin" else z.read(info)
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as e:
-                # a damaged member (CRC mismatch, truncated stream), an encrypted one, an unknown compression
-                raise AdapterError(f"the PEFT archive is damaged or unreadable ({name}): {e}") from None
+            files[name] = b"" if name == "adapter_model.bin" else read_member(z, info, "PEFT archive")
     return files
 
 

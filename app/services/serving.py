@@ -26,8 +26,6 @@ import logging
 import threading
 import time
 import uuid
-import zipfile
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +35,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from spafit_core.errors import (
-    AdapterError,
     AdapterMismatchError,
     OverloadedError,
     PredictionFailedError,
@@ -435,13 +432,7 @@ class Serving:
     def _unpack(self, archive: bytes) -> tuple[dict, bytes]:
         from spafit_core.adapter import unpack
 
-        try:
-            return unpack(archive, max_bytes=2 * (self.settings.max_request_bytes or len(archive)))
-        except AdapterError:
-            raise
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as e:
-            # a damaged member (CRC mismatch, truncated stream), an encrypted one, an unknown compression
-            raise AdapterError(f"adapter archive is damaged or unreadable: {e}") from None
+        return unpack(archive, max_bytes=2 * (self.settings.max_request_bytes or len(archive)))  # AdapterError
 
     def _check_base_model(self, session: Session, name: str) -> None:
         from spafit_core.backbone import canonical_model_name
