@@ -41,6 +41,18 @@ def load_hf_classifier(base_model: str, task: TaskSpec, *, dtype: torch.dtype | 
         return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
 
 
+def refuse_encoder_decoder(hf_model: nn.Module) -> None:
+    """UnsupportedArchitectureError for an encoder-decoder classifier (BART, T5): the stack found would be one of
+    two (BART: the decoder's), and the classifier reads the decoder; adapting either alone is not the method, so
+    refuse rather than train (or import) something else silently."""
+    if getattr(hf_model.config, "is_encoder_decoder", False):
+        name = architecture_name(hf_model.base_model)
+        raise UnsupportedArchitectureError(
+            f"{name} is an encoder-decoder model; SPAFIT adapts the one layer stack of an encoder-only model "
+            "(BERT, RoBERTa, DeBERTa, ELECTRA, DistilBERT, MiniLM ...)", field="base_model",
+            detail={"architecture": name})
+
+
 @contextlib.contextmanager
 def loading(base_model: str):
     """transformers' OSError for a base model it cannot load (no such folder or hub id; offline and not in the
@@ -98,13 +110,7 @@ class SpafitModel(nn.Module):
             p.requires_grad_(False)
         from .stratify import find_stack
 
-        if getattr(hf_model.config, "is_encoder_decoder", False):
-            # The stack found would be one of two (BART: the decoder's), and the classifier reads the decoder:
-            # adapting either alone is not the method, so refuse rather than train something else silently.
-            raise UnsupportedArchitectureError(
-                f"{architecture_name(base)} is an encoder-decoder model; SPAFIT adapts the one layer stack of "
-                "an encoder-only model (BERT, RoBERTa, DeBERTa, ELECTRA, DistilBERT, MiniLM ...)",
-                field="base_model", detail={"architecture": architecture_name(base)})
+        refuse_encoder_decoder(hf_model)
         self.stack = find_stack(base)
         self.plan: ResolvedMethod = method.resolve(self.stack.num_layers)
         self.adapted: dict[str, nn.Module] = {}

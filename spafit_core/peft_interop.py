@@ -36,9 +36,9 @@ from safetensors.torch import save as st_save
 
 from .adapter_schema import MAX_LABELS, read_member
 from .config import MethodConfig, TaskSpec
-from .errors import AdapterError, UnsupportedArchitectureError
+from .errors import AdapterError
 from .layers import AdaptedLinear
-from .model import HEAD, SpafitModel
+from .model import HEAD, SpafitModel, refuse_encoder_decoder
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -273,10 +273,7 @@ def from_peft(files: dict[str, bytes], base_model: str, *, task: TaskSpec | None
         raise AdapterError(f"{PEFT_WEIGHTS}: tensor {bad[0]} holds NaN or infinite values", field="weights")
     task = task or _task_of(tensors, labels, info)
     hf = load_hf_classifier(base_model, task)
-    if getattr(hf.config, "is_encoder_decoder", False):  # as SpafitModel refuses it, before the stack is searched
-        raise UnsupportedArchitectureError(
-            f"{base_model} is an encoder-decoder model; SPAFIT adapts (and imports PEFT adapters of) encoder-only "
-            "models", field="base_model")
+    refuse_encoder_decoder(hf)  # as SpafitModel does, before the stack is searched
     prefix = hf.base_model_prefix
     stack = find_stack(hf.base_model)
     roles_of = {path: role for spec in stack.layers for role, path in spec.roles.items()}
