@@ -215,7 +215,11 @@ def test_sdk_results_keep_ids_with_line_separators_whole(live_server, worker, ma
 def test_deleting_the_task_while_its_evaluation_runs_fails_it_saying_so(live_client, tenant_key, db, tiny_base):
     """Once an internal error (the evaluation row's foreign key to the deleted version); now a failed job whose
     error says the version was deleted, on its first attempt, and no evaluation is stored."""
+    import os
+    import signal
     import time
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
 
     from sqlalchemy import func, select
 
@@ -238,7 +242,24 @@ def test_deleting_the_task_while_its_evaluation_runs_fails_it_saying_so(live_cli
             break
         assert job.status not in ("succeeded", "failed", "cancelled"), job.status
         time.sleep(0.02)
-    assert live_client.delete("/v1/tasks/sentiment", headers=key.headers).status_code == 204
+    # CI once saw the evaluation finish between this read and the delete (a fast machine, 4,000 tiny rows): the
+    # process running it is paused (SIGSTOP) so the delete lands mid-run for certain, then woken (well within the
+    # 4 s heartbeat). Should the pause catch it inside a progress write, the delete waits on that row lock: the
+    # worker is woken after 1.5 s, the write commits and the delete goes ahead, still with most rows to go.
+    pid = int(job.claimed_by.rpartition(":")[2])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        paused = job_row(db, job_id)
+        assert paused.status == "running", (paused.status, paused.progress)
+        with ThreadPoolExecutor(1) as pool:
+            deleted = pool.submit(live_client.delete, "/v1/tasks/sentiment", headers=key.headers)
+            try:
+                deleted.result(timeout=1.5)
+            except FutureTimeout:
+                os.kill(pid, signal.SIGCONT)
+            assert deleted.result(timeout=30).status_code == 204
+    finally:
+        os.kill(pid, signal.SIGCONT)
     done = _finished(live_client, job_id, key.headers)
     assert done["status"] == "failed" and done["attempts"] == 1, done
     assert done["error"]["type"] == "invalid-dataset" and "deleted" in done["error"]["message"], done
