@@ -196,10 +196,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def write_result(name: str, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Write `data` to results/NAME.json; a NAME with a folder in it (`/tmp/try`) is a path of its own."""
+    path = (RESULTS / f"{name}.json") if "/" not in name else Path(name).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the repository where it lies in it (as the committed results are named)."""
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
 
 
 def command_line() -> str:

@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# serving ({m['cpu']}, {m['cores']} cores, {threads} torch threads, torch {m['torch']}; "
           f"CPU times; adapters random, not trained)")
     print(report(res))
-    print(f"\nraw: {path.relative_to(common.REPO)}; {res['wall_seconds']:.0f}s; load average "
+    print(f"\nraw: {common.shown(path)}; {res['wall_seconds']:.0f}s; load average "
           f"{res['load_average_start'][0]:.1f} at start, {res['load_average_end'][0]:.1f} at end")
 
 

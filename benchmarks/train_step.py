@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# train_step ({res['machine']['cpu']}, {res['machine']['cores']} cores, {threads} torch threads, "
           f"torch {res['machine']['torch']}; CPU times)")
     print(report(res))
-    print(f"\nraw: {path.relative_to(common.REPO)}; {res['wall_seconds']:.0f}s; load average "
+    print(f"\nraw: {common.shown(path)}; {res['wall_seconds']:.0f}s; load average "
           f"{res['load_average_start'][0]:.1f} at start, {res['load_average_end'][0]:.1f} at end")
 
 

@@ -79,6 +79,10 @@ class Route:
     inject: torch.Tensor | None = None  # hidden states fed to layer `skip_below` instead of its input
     stop_at: int | None = None  # layers >= stop_at pass through; the input of layer stop_at is captured
     captured: torch.Tensor | None = None
+    # `inject` is inject_rows[inject_index] (rows branched from one state): a linear fed `inject` itself runs
+    # its frozen weight on the distinct rows and copies the result out (its deltas still per row)
+    inject_rows: torch.Tensor | None = None
+    inject_index: torch.Tensor | None = None
 
 
 _ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("spafit_route", default=None)
@@ -147,7 +151,10 @@ class AdaptedLinear(nn.Module):
             bias = bias.to(self.base.weight.dtype)  # a float32 delta on a bf16 / fp16 base
         if d is not None:
             bias, d = d.fold_bias(bias)
-        y = F.linear(x, self.base.weight, bias)
+        if r is not None and r.inject_rows is not None and x is r.inject:  # the same input in several rows
+            y = F.linear(r.inject_rows, self.base.weight, bias).index_select(0, r.inject_index)
+        else:
+            y = F.linear(x, self.base.weight, bias)
         if self.lora_A is not None:
             xa = self.lora_dropout(x)
             autocast = torch.is_autocast_enabled(x.device.type)

@@ -11,22 +11,17 @@ import torch
 from .packed import LoadedAdapter
 
 
-def branch(rows: list[tuple[int, int | None]], hidden: torch.Tensor | None, b: int, start: Sequence[int],
-            tasks_of: Sequence[Sequence[int]]) -> tuple[list[tuple[int, int | None]], torch.Tensor | None]:
+def branch(rows: list[tuple[int, int | None]], b: int, start: Sequence[int],
+           tasks_of: Sequence[Sequence[int]]) -> tuple[list[tuple[int, int | None]], list[int]]:
     """At layer `b`, each trunk row (i, None) branches into (i, j) for each of input i's tasks j that start at
-    `b`, its hidden state copied (none before the first layer: each row starts from its input's embeddings);
-    it stays while input i has tasks that start later. Trunk rows first, then the new branches, then the rows
-    already branched."""
+    `b`; it stays while input i has tasks that start later. Trunk rows first, then the new branches, then the
+    rows already branched. Returns the new rows and, for each, the old row whose hidden state it takes (a new
+    branch: its trunk row's; none is copied here, see `Engine._stage`)."""
     trunk = [k for k, (_, j) in enumerate(rows) if j is None]
     layout = [(rows[k], k) for k in trunk if any(start[j] > b for j in tasks_of[rows[k][0]])]
     layout += [((rows[k][0], j), k) for k in trunk for j in tasks_of[rows[k][0]] if start[j] == b]
     layout += [(row, k) for k, row in enumerate(rows) if row[1] is not None]  # (row, whose hidden state it takes)
-    rows = [row for row, _ in layout]
-    return rows, None if hidden is None else take(hidden, [k for _, k in layout])
-
-
-def take(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    return t.index_select(0, index(idx, t.device))
+    return [row for row, _ in layout], [k for _, k in layout]
 
 
 def per_input(flat: list[torch.Tensor], tasks_of: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:

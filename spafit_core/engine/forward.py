@@ -24,7 +24,7 @@ from ..textcut import cut_input
 from ..train import collate
 from .bank import AdapterBank
 from .base import Backbone
-from .fanout import FanOut, branch, per_input, select_output, take
+from .fanout import FanOut, branch, per_input, select_output
 from .packed import LoadedAdapter
 from .slot_lease import device_index, lease_slots, route_rows, to_device
 
@@ -390,21 +390,23 @@ class Engine:
         with self._forward_lock, pools.lock, lease_slots(pools, adapters) as task_slot:
             rows: list[tuple[int, int | None]] = [(i, None) for i in range(n)]  # (input, task or None: trunk)
             hidden, done = None, 0  # layers [0, done) have run; `hidden`: the input of layer `done`
+            pick: list[int] | None = None  # the row of `hidden` each of `rows` starts from (None: row k from k)
             try:
                 for b in sorted(set(start)):
                     if b < depth:
                         if b > done:
-                            hidden, done = self._stage(bb, pools, inputs, rows, task_slot, done, b, hidden), b
+                            hidden, done = self._stage(bb, pools, inputs, rows, task_slot, done, b, hidden, pick), b
+                            pick = None
                             if hidden is None:  # no layer at index b ran: run each row in full
                                 flat = self._forward(bb, [Row(adapters[j], feats[i]) for i in range(n)
                                                           for j in tasks_of[i]])
                                 return per_input(flat, tasks_of)
-                        rows, hidden = branch(rows, hidden, b, start, tasks_of)
+                        rows, took = branch(rows, b, start, tasks_of)
+                        pick = took if pick is None else [pick[k] for k in took]
                         order = pools.row_order([None if j is None else task_slot[j] for _, j in rows])
                         if order is not None:  # rows of one LoRA rank together (see `Engine._forward`)
-                            rows = [rows[k] for k in order]
-                            hidden = None if hidden is None else take(hidden, order)
-                outputs = self._stage(bb, pools, inputs, rows, task_slot, done, depth, hidden)
+                            rows, pick = [rows[k] for k in order], [pick[k] for k in order]
+                outputs = self._stage(bb, pools, inputs, rows, task_slot, done, depth, hidden, pick)
             except MixedBatchUnsupported:
                 return None
             at = {row: i for i, row in enumerate(rows)}
@@ -416,10 +418,13 @@ class Engine:
             return per_input(flat, tasks_of)
 
     def _stage(self, bb: Backbone, pools: SlotPools, inputs: dict, rows: Sequence[tuple[int, int | None]],
-               task_slot: Sequence[int], lo: int, hi: int, hidden: torch.Tensor | None):
+               task_slot: Sequence[int], lo: int, hi: int, hidden: torch.Tensor | None,
+               pick: list[int] | None = None):
         """Layers [lo, hi) on `rows` (input, task or None), fed `hidden` (the input of layer lo; None: from
-        the embeddings): the input of layer `hi` (None where no layer `hi` ran), or the model's outputs where
-        `hi` is the depth."""
+        the embeddings), row k from row pick[k] of it: the input of layer `hi` (None where no layer `hi` ran),
+        or the model's outputs where `hi` is the depth. Where rows start from the same state (the branches of
+        one trunk row), the linears that read layer lo's input (attention's query, key and value) run once
+        per distinct state (`Route.inject_rows`)."""
         which = [i for i, _ in rows]
         if which != list(range(len(inputs["input_ids"]))):
             idx = device_index(which, inputs["input_ids"].device)
@@ -427,7 +432,14 @@ class Engine:
         slots = [None if j is None else task_slot[j] for _, j in rows]
         deltas = route_rows(pools, slots) if any(s is not None for s in slots) else {}
         last = hi >= bb.stack.num_layers
-        r = Route(deltas=deltas, skip_below=lo, inject=hidden, stop_at=None if last else hi)
+        distinct, at = None, None
+        if hidden is not None and pick is not None and pick != list(range(hidden.shape[0])):
+            at = device_index(pick, hidden.device)
+            distinct, hidden = hidden, hidden.index_select(0, at)
+            if distinct.shape[0] >= len(pick):  # no row shared: nothing to save
+                distinct, at = None, None
+        r = Route(deltas=deltas, skip_below=lo, inject=hidden, stop_at=None if last else hi,
+                  inject_rows=distinct, inject_index=at)
         outputs = self._run(bb, inputs, r)
         return outputs if last else r.captured
 

@@ -187,6 +187,36 @@ def test_fan_out_branches_at_each_tasks_first_trained_layer(engine_zoo):
             assert abs(got[n]["score"] - e.predict(n, [text])[0]["score"]) <= 1e-5
 
 
+def test_rows_branched_from_one_state_share_its_query_key_and_value_projections(engine_zoo, monkeypatch):
+    """At the layer where rows branch off a trunk row they all start from its hidden state: the frozen query,
+    key and value weights run once per distinct state, not once per row (their deltas still per row), and the
+    answers stay those of separate calls."""
+    e = engine_zoo
+    names = ["z0", "z1", "z3"]  # n1 = 1, 2, 3 of 4 layers
+    e.fan_out(names, TEXTS[0])
+    layers = e.backbone().base.encoder.layer
+    weights = {id(getattr(gate.layer.attention.self, p).weight): (k, p)
+               for k, gate in enumerate(layers) for p in ("query", "key", "value")}
+    fed: dict[tuple[int, str], list[int]] = {}
+    linear = torch.nn.functional.linear
+
+    def recording(x, weight, bias=None):
+        if id(weight) in weights:
+            fed.setdefault(weights[id(weight)], []).append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    many = e.fan_out_many(names, TEXTS[:2])
+    monkeypatch.undo()
+    # layer rows as in the test above: 2, 4, 6, 6; distinct states fed to each layer: 2 trunk rows at layers
+    # 0 and 1, the 4 rows of layer 1's output at layer 2, and 6 at layer 3 (2 trunk rows + 4 branched)
+    for p in ("query", "key", "value"):
+        assert [fed[(k, p)] for k in range(4)] == [[2], [2], [4], [6]], fed
+    for text, got in zip(TEXTS[:2], many, strict=True):
+        for n in names:
+            assert abs(got[n]["score"] - e.predict(n, [text])[0]["score"]) <= 1e-5
+
+
 def test_fan_out_mixing_shared_and_unshared_prefixes_and_head_only_tasks_is_exact(tiny_bert, zoo):
     path_cfg = dict(name="spafit", n1=4, n2=4, rank=1)  # n1 = the depth: the head alone is trained
     e = loaded_engine(tiny_bert, zoo)
