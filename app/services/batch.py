@@ -67,7 +67,8 @@ class BatchPredictionCreate(BaseModel):
     id_field: str | None = Field(default=None, max_length=200, description=(
         "the column whose value is each result row's `id`; default: `id` where the dataset has it, else the "
         "row's 0-based index"))
-    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K, description="with all_scores: at most this many")
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K, description=(
+        "the best k labels' scores per row (as `all_scores`, at most k of them); alone it implies all_scores"))
     format: Literal["jsonl", "csv"] = "jsonl"
     all_scores: bool = Field(default=False, description="also every label's score (JSONL: a list; CSV: a JSON column)")
 
@@ -77,6 +78,10 @@ class BatchPredictionCreate(BaseModel):
             raise ValueError("give either `task` (one task) or `tasks` (several), not both or neither")
         if self.tasks is not None and self.version is not None:
             raise ValueError("`version` goes with `task`; with `tasks`, give {task, version} items")
+        if self.top_k is not None and not self.all_scores:
+            if "all_scores" in self.model_fields_set:  # once silently ignored: no scores, whatever top_k said
+                raise ValueError("`top_k` limits the scores `all_scores` adds; with all_scores false there are none")
+            self.all_scores = True  # top_k alone asks for the best k scores
         return self
 
     def task_refs(self) -> list[TaskRef]:

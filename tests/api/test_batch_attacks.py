@@ -3,6 +3,8 @@ each is a 4xx problem+json naming the field, or the documented behaviour."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from .adapters import SPAFIT, random_adapter, register
@@ -266,3 +268,25 @@ def test_deleting_the_task_while_its_evaluation_runs_fails_it_saying_so(live_cli
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(VersionEvaluation).where(
             VersionEvaluation.tenant_id == key.tenant_id)) == 0
+
+
+@pytest.mark.slow
+def test_top_k_alone_returns_that_many_scores_and_with_all_scores_false_is_422(live_client, tenant_key, db, tiny_base):
+    """`top_k` without `all_scores` was accepted and silently ignored (rows without scores): alone it now asks for
+    the best k scores; with `all_scores: false` it contradicts it (422 naming the body)."""
+    key = tenant_key("train")
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("neg", "pos"), seed=0)
+    register(db, key.tenant_id, "sentiment", cfg, weights)
+    ds = _upload(live_client, key, ("neg", "pos"), n=6)
+    bad = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "top_k": 1,
+                                                          "all_scores": False}, headers=key.headers)
+    assert "all_scores" in assert_problem(bad, 422)["detail"]
+    r = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "top_k": 1},
+                         headers=key.headers)
+    assert r.status_code == 202, r.text
+    assert _finished(live_client, r.json()["id"], key.headers)["status"] == "succeeded"
+    rows = [json.loads(line) for line in live_client.get(f"/v1/batch-predictions/{r.json()['id']}/results",
+                                                         headers=key.headers).text.splitlines()]
+    assert len(rows) == 6
+    for row in rows:
+        assert [s["label"] for s in row["scores"]] == [row["label"]], row  # the best one, and only it
