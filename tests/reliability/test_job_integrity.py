@@ -208,6 +208,8 @@ import os, signal, sys
 from kombu import Connection
 url, prefix = sys.argv[1], sys.argv[2]
 with Connection(url, transport_options={"global_keyprefix": prefix}) as conn:
+    print("ready", flush=True)  # started: it listens once told to (a line on stdin)
+    sys.stdin.readline()
     queue = conn.SimpleQueue("training")
     print("listening", flush=True)
     message = queue.get(block=True, timeout=60)  # taken, never acknowledged
@@ -221,15 +223,29 @@ def test_a_message_taken_by_a_consumer_that_dies_before_claiming_is_resent(app_c
     key = tenant_key("train")
     train, val = _datasets(app_client, key.headers, n=400)
     small_train, small_val = _datasets(app_client, key.headers, n=24, seed=7)
-    # The session's worker is busy (one job at a time), so the next message goes to the doomed consumer.
+    # The session's worker is busy (one job at a time), so the next message goes to the doomed consumer. The
+    # consumer starts first (a second or so of imports on a loaded machine): started after the blocker, it let the
+    # blocker's 300 steps race its start, and a blocker ended meanwhile left the worker free to take the message.
+    doomed = subprocess.Popen([sys.executable, "-c", _DOOMED_CONSUMER, redis_url, redis_prefix], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert doomed.stdout.readline().strip() == "ready"
     blocker = _submit(app_client, key.headers, job_body(train, val, task="blocker", epochs=3, batch_size=4))
     wait_until(lambda: _step(db, blocker) >= 2, 120, "the blocker to train")
-    doomed = subprocess.Popen([sys.executable, "-c", _DOOMED_CONSUMER, redis_url, redis_prefix], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert doomed.stdout.readline().strip() == "listening"
-    job_id = _submit(app_client, key.headers, job_body(small_train, small_val, task="lost-message"))
-    sent = time.monotonic()
-    took = doomed.stdout.readline()
+    # And the blocker is paused (SIGSTOP) until the message is taken, so it is still running for certain: a few
+    # hundred milliseconds, well under the 4 s heartbeat staleness.
+    holder = job_row(db, blocker).claimed_by
+    os.kill(_pid(holder), signal.SIGSTOP)
+    try:
+        paused = job_row(db, blocker)
+        assert paused.status == "running" and paused.claimed_by == holder, (paused.status, paused.progress)
+        doomed.stdin.write("listen\n")
+        doomed.stdin.flush()
+        assert doomed.stdout.readline().strip() == "listening"
+        job_id = _submit(app_client, key.headers, job_body(small_train, small_val, task="lost-message"))
+        sent = time.monotonic()
+        took = doomed.stdout.readline()
+    finally:
+        os.kill(_pid(holder), signal.SIGCONT)
     assert doomed.wait(30) == -signal.SIGKILL and job_id in took, took
     row = job_row(db, job_id)
     assert row.status == "queued" and row.enqueued_at is not None and row.attempts == 0
@@ -341,7 +357,10 @@ def test_a_job_past_its_wall_clock_limit_fails_with_that_reason(app_client, work
     train, val = _datasets(app_client, key.headers, n=400)
     held: list[uuid.UUID] = []
     broker, app_client.app.state.send_job = app_client.app.state.send_job, held.append
-    job_id = _submit(app_client, key.headers, {**job_body(train, val, task="slow", epochs=10, batch_size=4),
+    # 100 epochs (10,000 steps) that only the limit can end: with 10 (1,000 steps) the job raced its own limit, and
+    # a machine about four times as fast as a 2-core box (260 steps in the 6 s here) would finish it and succeed.
+    # The limit stops it after 6 s either way: the test takes no longer.
+    job_id = _submit(app_client, key.headers, {**job_body(train, val, task="slow", epochs=100, batch_size=4),
                                                "time_limit_s": 600})
     with db.transaction() as s:  # below what the API accepts (60 s), to keep the test short
         s.execute(update(Job).where(Job.id == uuid.UUID(job_id)).values(time_limit_s=6))
@@ -349,7 +368,8 @@ def test_a_job_past_its_wall_clock_limit_fails_with_that_reason(app_client, work
     done = _wait_final(app_client, job_id, key.headers, 120, worker.tail)
     assert done["status"] == "failed" and done["error"]["type"] == "time-limit", (done, worker.tail())
     assert "wall-clock limit of 6 s" in done["error"]["message"] and done["adapter_version"] is None
-    assert (done["progress"] or {}).get("step", 0) < 1000 and _versions(db, key.tenant_id, "slow") == 0
+    assert (done["progress"] or {}).get("step", 0) < done["progress"]["total_steps"] == 10_000
+    assert _versions(db, key.tenant_id, "slow") == 0
 
     # A job whose limit passed while it was away (its worker lost) fails at its next claim, without running.
     queued = _submit(app_client, key.headers, job_body(train, val, task="expired"))

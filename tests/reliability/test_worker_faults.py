@@ -157,14 +157,26 @@ def _run_redis_restart(client: TestClient, headers: dict, db: Any, redis: Any, w
     running = _submit(client, headers, job_body(long_train, val, task="running", epochs=2, batch_size=4))
     wait_until(lambda: (_job(client, running, headers)["progress"] or {}).get("step", 0) >= 5, 120,
                f"the first job to train ({worker.tail(1500)})")
-    queued = [_submit(client, headers, job_body(short_train, None, task=f"queued-{i}")) for i in range(3)]
-    assert all(_job(client, j, headers)["status"] == "queued" for j in queued)
-    old_epoch = redis.run_id()
-    assert {job_row(db, j).broker_epoch for j in queued} == {old_epoch}
-    assert _job(client, running, headers)["status"] == "running"
+    # "One job running, three queued" must still hold when Redis dies: the first job's 100 steps could end while
+    # the three are submitted and checked (a fast machine), and the worker would then take one of them before the
+    # kill. So the child running it is paused (SIGSTOP) from here until Redis is gone: well under the 4 s heartbeat
+    # staleness (tests/live.py WORKER_SETTINGS), and it trains on, mid-job, once woken.
+    holder = job_row(db, running).claimed_by
+    pid = int(holder.rpartition(":")[2])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        paused = job_row(db, running)
+        assert paused.status == "running" and paused.claimed_by == holder, (paused.status, paused.progress)
+        queued = [_submit(client, headers, job_body(short_train, None, task=f"queued-{i}")) for i in range(3)]
+        assert all(_job(client, j, headers)["status"] == "queued" for j in queued)
+        old_epoch = redis.run_id()
+        assert {job_row(db, j).broker_epoch for j in queued} == {old_epoch}
+        assert _job(client, running, headers)["status"] == "running"
 
-    step_at_kill = (_job(client, running, headers)["progress"] or {}).get("step")
-    redis.kill9()  # every queued message (and the running job's unacked one) is lost with it
+        step_at_kill = (_job(client, running, headers)["progress"] or {}).get("step")
+        redis.kill9()  # every queued message (and the running job's unacked one) is lost with it
+    finally:
+        os.kill(pid, signal.SIGCONT)
     time.sleep(1.0)
     redis.start()
     restarted = time.monotonic()

@@ -294,6 +294,42 @@ def test_evaluate_versions_list_and_compare(batch_client, tenant_key, db, tiny_b
         "items"][0]["evaluations"] == []
 
 
+def _cancel_while_paused(client, db, job_id: str, claimed_by: str, headers: dict) -> Any:
+    """POST the cancel of a running job while the worker child running it is paused (SIGSTOP), and keep it paused
+    until its next heartbeat is overdue. The worker reads the cancel flag only at a heartbeat (every 0.5 s here):
+    sent to a running child, the cancel raced the rest of the job, and a machine that predicts the remaining rows
+    within one beat would see it succeed (the shape of CI's delete-during-evaluation failure). Paused, the child
+    cannot finish before the flag is set, and on waking its overdue beat runs at once and reads it, with nearly all
+    rows still to go. Each pause stays well under the 4 s heartbeat staleness (tests/live.py WORKER_SETTINGS)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from datetime import timedelta
+
+    from app.models import utcnow
+    from tests.live import wait_until
+    from tests.reliability.conftest import job_row
+
+    pid = int(claimed_by.rpartition(":")[2])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        paused = job_row(db, job_id)
+        assert paused.status == "running" and paused.claimed_by == claimed_by, (paused.status, paused.progress)
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(client.post, f"/v1/jobs/{job_id}/cancel", headers=headers)
+            try:
+                r = asked.result(timeout=1.5)
+            except FutureTimeout:  # paused inside a write holding the job's row: let it commit, then pause again
+                os.kill(pid, signal.SIGCONT)
+                r = asked.result(timeout=30)
+                os.kill(pid, signal.SIGSTOP)
+        overdue = timedelta(seconds=2 * WORKER_SETTINGS["job_heartbeat_interval_s"])
+        wait_until(lambda: utcnow() - job_row(db, job_id).heartbeat_at > overdue, 5,
+                   "the paused worker's next heartbeat to be due")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    return r
+
+
 def test_cancel_a_running_batch_prediction(batch_client, tenant_key, db, tiny_base, worker):
     from tests.reliability.conftest import job_row
 
@@ -309,7 +345,7 @@ def test_cancel_a_running_batch_prediction(batch_client, tenant_key, db, tiny_ba
             break
         assert job.status not in FINAL, job.status
         time.sleep(0.02)
-    r = batch_client.post(f"/v1/jobs/{job_id}/cancel", headers=key.headers)
+    r = _cancel_while_paused(batch_client, db, job_id, job.claimed_by, key.headers)
     assert r.status_code == 200 and r.json()["cancel_requested"] is True
     done = _wait(batch_client, job_id, key.headers, worker=worker)
     assert done["status"] == "cancelled", (done, worker.tail())
