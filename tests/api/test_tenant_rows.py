@@ -62,7 +62,8 @@ def test_a_flood_of_one_tenant_costs_no_redis_call_and_leaves_another_tenants_ad
             took_b = time.perf_counter() - took_b
             assert calls == []  # no Redis call on the request path, for either tenant
             assert sum(x.admitted for x in flood) == CAP and flood[-1] == Admission(False, CAP)  # exact in-process
-            assert victim == Admission(True, 0) and took_b < 0.01, took_b  # the old lock: ~0.5 s behind a's calls
+            # the old lock: ~0.5 s behind a's calls; 0.1 s leaves room for a process preempted on a loaded CI box
+            assert victim == Admission(True, 0) and took_b < 0.1, took_b
             assert time.perf_counter() - started < 1.0
             for _ in range(CAP):
                 rows.release(a, 1)  # releases are counted in the process too
