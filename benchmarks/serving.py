@@ -289,14 +289,15 @@ def bench_fan_out(engine: Engine, fac: Factory, args) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ (g) the bare backbone
-def bookkeeping(pools, adapters) -> None:
+def bookkeeping(pools, adapters, lease=lease_slots, route=route_rows) -> None:
     """What a mixed forward spends deciding which adapter rows go where: the rows' slots, their order (rows of
-    one LoRA rank together), the table lookup and each module's runs of rows (`engine.forward.Engine._forward`)."""
-    with pools.lock, lease_slots(pools, adapters) as slots:
+    one LoRA rank together), the table lookup and each module's runs of rows (`engine.forward.Engine._forward`).
+    `lease`, `route`: an earlier engine's own functions (part f)."""
+    with pools.lock, lease(pools, adapters) as slots:
         order = pools.row_order(slots)
         if order is not None:
             slots = [slots[i] for i in order]
-        route_rows(pools, slots)
+        route(pools, slots)
 
 
 def spread_rows(bb, n: int, length: int, seed: int) -> list[dict[str, list[int]]]:
@@ -467,6 +468,8 @@ def import_ref_engine(folder: Path):
 def bench_engine_ref(fac: Factory, args, tmp: Path) -> dict[str, Any]:
     """The same work on the engine as committed at `--engine-ref` and on the working tree's, interleaved in
     one process (each engine on its own copy of the backbone); ratios are ref time / current time."""
+    import importlib.util
+
     folder = extract_ref(args.engine_ref, tmp)
     ref_mod = import_ref_engine(folder)
     engines = {"ref": ref_mod.Engine(device="cpu", default_base_model=BASE, device_bytes=1 << 40),
@@ -487,10 +490,16 @@ def bench_engine_ref(fac: Factory, args, tmp: Path) -> dict[str, Any]:
         else:  # ...vs one row-to-slot index and one table lookup
             pools = eng.bank().pools
 
-            def bookkeeping_x10(a=d32, pools=pools, new=tag == "new"):
+            ref_lease = None
+            if tag == "ref" and importlib.util.find_spec("spafit_core_ref.engine.slot_lease") is not None:
+                ref_lease = importlib.import_module("spafit_core_ref.engine.slot_lease")  # with the rank runs
+
+            def bookkeeping_x10(a=d32, pools=pools, new=tag == "new", ref_lease=ref_lease):
                 for _ in range(10):
                     if new:
                         bookkeeping(pools, a)
+                    elif ref_lease is not None:
+                        bookkeeping(pools, a, ref_lease.lease_slots, ref_lease.route_rows)
                     else:  # a ref with slot pools, before the rank runs
                         with pools.lock, ref_mod._slots(pools, a) as (row_slot, distinct):
                             pools.route(row_slot, distinct)
