@@ -22,6 +22,7 @@ from .errors import Forbidden, NotFound, Unauthorized
 from .metrics import Metrics
 from .security import Principal
 from .services import keys
+from .services.conversions import Conversions
 from .services.serving import Serving
 from .settings import Settings
 
@@ -45,6 +46,10 @@ async def get_serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
+async def get_conversions(request: Request) -> Conversions:
+    return request.app.state.conversions
+
+
 def get_session(request: Request) -> Iterator[Session]:
     """A session per request, closed (and rolled back if uncommitted) at the end. Services commit."""
     with request.app.state.db.session() as session:
@@ -56,6 +61,7 @@ DatabaseDep = Annotated[Database, Depends(get_database)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 SessionDep = Annotated[Session, Depends(get_session)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
+ConversionsDep = Annotated[Conversions, Depends(get_conversions)]
 
 
 async def get_principal(

@@ -151,6 +151,14 @@ class DatasetNotReady(AppError):
     status = 422
 
 
+class TooManyConversions(AppError):
+    """The tenant already has a PEFT conversion (an export or import that loads the base model) running in this
+    process (`app/services/conversions.py`)."""
+
+    type = "too-many-conversions"
+    status = 429
+
+
 class TooManyStreams(AppError):
     """The tenant already holds `sse_max_streams_per_tenant` live event streams (across every API replica)."""
 

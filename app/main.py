@@ -27,6 +27,7 @@ from .services import datasets as dataset_service
 from .services import jobs as job_service
 from .services import keys, migrate
 from .services import webhooks as webhook_service
+from .services.conversions import Conversions
 from .services.health import Readiness, ping_broker
 from .services.serving import PredictGate, Serving
 from .services.streams import EventHub, StreamSlots, end_streams_on_shutdown
@@ -173,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.send_job = job_service.Broker(settings)
     app.state.event_hub = EventHub(db, settings.sse_poll_interval_s)  # live event streams (routes/jobs.py)
     app.state.stream_slots = StreamSlots.from_settings(settings)
+    app.state.conversions = Conversions.from_settings(settings)  # PEFT exports and imports (load a base model)
     app.state.send_import = app.state.send_job.send_import  # dataset imports run in the worker too
     app.state.send_webhook = webhook_service.broker_sender(settings)
     webhook_service.install_outbox(db, app.state.send_webhook)  # deliveries go out when their job's end commits

@@ -138,6 +138,21 @@ class Settings(BaseSettings):
         default=2, ge=1, description="Dataset imports one tenant may have `importing` at once; more get 429."
     )
     max_predict_inputs: int = Field(default=64, ge=1, description="Most inputs in one predict request.")
+    peft_conversions_in_flight: int = Field(
+        default=2, ge=1,
+        description="PEFT conversions (`GET /v1/tasks/{task}/adapter?format=peft`, a PEFT import) running at once "
+        "in one API process; each loads the base model in full. One tenant runs one at a time (a second gets 429); "
+        "beyond this many, the others wait their turn.",
+    )
+    peft_conversion_wait_s: float = Field(
+        default=30.0, ge=0,
+        description="How long a PEFT conversion waits for a slot before the request gets 503 with Retry-After.",
+    )
+    peft_export_cache_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0,
+        description="PEFT exports kept in memory per API process, by the adapter's content: the same version "
+        "downloaded again is not converted again (0: no cache).",
+    )
     default_base_model: str = Field(
         default="sentence-transformers/all-MiniLM-L6-v2",
         description="Backbone used when a job names none (the packaged MiniLM loads without network).",

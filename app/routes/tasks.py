@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
-from ..deps import ServingDep, SessionDep, SettingsDep, TaskReaderPrincipal, TrainPrincipal
+from ..deps import ConversionsDep, ServingDep, SessionDep, SettingsDep, TaskReaderPrincipal, TrainPrincipal
 from ..errors import UnsupportedMediaType
 from ..schemas import DB_INT_MAX, AdapterVersionOut, Page, TaskOut, problem_responses
 from ..services import registry
@@ -97,8 +97,8 @@ def delete_task(*, task: TaskName, principal: TrainPrincipal, session: SessionDe
 
 
 @router.get("/{task}/adapter", response_class=Response, summary="Download a version as a zip",
-            responses={**_ZIP_RESPONSE, **problem_responses(401, 403, 404, 409, 422)})
-def download_adapter(*, task: TaskName, principal: TrainPrincipal, session: SessionDep,
+            responses={**_ZIP_RESPONSE, **problem_responses(401, 403, 404, 409, 422, 429, 503)})
+def download_adapter(*, task: TaskName, principal: TrainPrincipal, session: SessionDep, conversions: ConversionsDep,
                      version: Annotated[int | None, Query(ge=1, le=DB_INT_MAX,
                                                           description="default: the active version")] = None,
                      format: Annotated[Literal["spafit", "peft"], Query(
@@ -113,7 +113,7 @@ def download_adapter(*, task: TaskName, principal: TrainPrincipal, session: Sess
         return Response(status_code=304, headers=headers)
     if format == "peft":
         session.close()  # the conversion loads the base model: hold no database connection meanwhile
-        archive = registry.peft_archive(archive)
+        archive = conversions.export(principal.tenant_id, sha, archive, registry.peft_archive)
     suffix = "" if format == "spafit" else f"-{format}"
     headers["Content-Disposition"] = f'attachment; filename="{task}-v{number}{suffix}.zip"'
     return Response(archive, media_type="application/zip", headers=headers)
@@ -121,9 +121,10 @@ def download_adapter(*, task: TaskName, principal: TrainPrincipal, session: Sess
 
 @router.put("/{task}/adapter", status_code=201, response_model=AdapterVersionOut,
             summary="Import an adapter trained elsewhere as the task's new, active version",
-            responses=problem_responses(401, 403, 413, 415, 422), openapi_extra=_ZIP_BODY)
+            responses=problem_responses(401, 403, 413, 415, 422, 429, 503), openapi_extra=_ZIP_BODY)
 def import_adapter(*, task: TaskName, response: Response, archive: Annotated[bytes, Depends(adapter_archive)],
                    principal: TrainPrincipal, session: SessionDep, serving: ServingDep, settings: SettingsDep,
+                   conversions: ConversionsDep,
                    format: Annotated[Literal["spafit", "peft"] | None, Query(
                        description="default: told from the archive (PEFT's adapter_model.safetensors means peft)")]
                    = None,
@@ -136,9 +137,11 @@ def import_adapter(*, task: TaskName, response: Response, archive: Annotated[byt
     from spafit_core.peft_interop import is_peft_archive
 
     if format == "peft" or (format is None and is_peft_archive(archive)):
-        archive = registry.from_peft_archive(session, archive, base_model=base_model, labels=labels,
-                                             default_base_model=settings.default_base_model,
-                                             max_bytes=2 * (settings.max_request_bytes or len(archive)))
+        session.close()  # no pooled connection held while waiting for a slot (it opens again when used)
+        with conversions.slot(principal.tenant_id):  # it loads the base model
+            archive = registry.from_peft_archive(session, archive, base_model=base_model, labels=labels,
+                                                 default_base_model=settings.default_base_model,
+                                                 max_bytes=2 * (settings.max_request_bytes or len(archive)))
     version = serving.import_adapter(session, principal.tenant_id, task, archive)
     response.headers["Location"] = f"/v1/tasks/{task}"
     return registry.version_out(version, active=True)

@@ -296,6 +296,7 @@ def from_peft_archive(session: Session, archive_zip: bytes, *, base_model: str |
         raise AdapterMismatchError(
             f"the PEFT adapter names base model {str(name)[:200]!r}, which this service does not serve; give "
             f"base_model= one of {sorted(allowed)}", field="base_model")
+    session.rollback()  # the read is done: no pooled connection held while the base model loads
     model = from_peft(files, canonical_model_name(name), labels=labels)
     return pack(*serialize_imported(model))
 

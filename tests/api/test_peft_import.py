@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import zipfile
 
 import pytest
@@ -172,3 +173,49 @@ def test_an_archive_in_the_old_layout_still_imports(api, tenant_key, base):
     new = api.get("/v1/tasks/old-layout/adapter", headers=key.headers)
     with zipfile.ZipFile(io.BytesIO(new.content)) as z:
         assert sorted(z.namelist()) == ["adapter.safetensors", "spafit_adapter.json"]
+
+
+def test_peft_conversions_are_one_per_tenant_and_an_export_is_converted_once(api, tenant_key, db, base, monkeypatch,
+                                                                           peft_folder):
+    """Each conversion loads the base model in the API process: a tenant's second one while its first runs is a
+    429 (Retry-After) and not a second model in memory, another tenant's runs meanwhile, and the same version
+    downloaded again is served from the cache without converting."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.services import registry
+
+    key, other = tenant_key("train", "predict"), tenant_key("train", "predict")
+    for k, seed in ((key, 5), (key, 6), (other, 7)):
+        register(db, k.tenant_id, f"conv{seed}", *random_adapter(base, SPAFIT, labels=tuple(LABELS), seed=seed))
+    real, entered, release, converted = registry.peft_archive, threading.Event(), threading.Event(), []
+
+    def held(archive: bytes) -> bytes:  # the first conversion waits until told, so that it is running for certain
+        converted.append(archive)
+        if len(converted) == 1:
+            entered.set()
+            assert release.wait(30)
+        return real(archive)
+
+    monkeypatch.setattr(registry, "peft_archive", held)
+    peft_zip = {"format": "peft"}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(api.get, "/v1/tasks/conv5/adapter", params=peft_zip, headers=key.headers)
+        try:
+            assert entered.wait(30)
+            busy = api.get("/v1/tasks/conv6/adapter", params=peft_zip, headers=key.headers)
+            assert assert_problem(busy, 429, "too-many-conversions") and busy.headers["Retry-After"] == "1"
+            imported = api.put("/v1/tasks/imp/adapter", content=zipped(peft_folder[0]),
+                               params={"labels": LABELS}, headers={**key.headers, **ZIP})  # an import loads it too
+            assert_problem(imported, 429, "too-many-conversions")
+            theirs = api.get("/v1/tasks/conv7/adapter", params=peft_zip, headers=other.headers)
+            assert theirs.status_code == 200, theirs.text
+        finally:
+            release.set()
+        assert first.result(timeout=60).status_code == 200
+    mine = api.get("/v1/tasks/conv6/adapter", params=peft_zip, headers=key.headers)  # its turn now
+    assert mine.status_code == 200 and len(converted) == 3
+    again = api.get("/v1/tasks/conv5/adapter", params=peft_zip, headers=key.headers)
+    assert again.status_code == 200 and again.content == first.result().content and len(converted) == 3
+    imported = api.put("/v1/tasks/imp/adapter", content=zipped(peft_folder[0]), params={"labels": LABELS},
+                       headers={**key.headers, **ZIP})
+    assert imported.status_code == 201, imported.text
