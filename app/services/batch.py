@@ -168,15 +168,19 @@ def _hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _replayed(session: Session, tenant_id: uuid.UUID, idempotency_key: str | None, digest: str) -> Job | None:
+    """The job an earlier request with this Idempotency-Key created (409 if that request's body was another), checked
+    before anything is resolved: a retry gets its job back even after the task's active version changed or the
+    task was deleted, as with training jobs."""
+    if idempotency_key is None:
+        return None
+    existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+    return None if existing is None else jobs._replay(existing, digest)
+
+
 def _job(session: Session, tenant_id: uuid.UUID, kind: str, version: AdapterVersion, task: str, ds: Dataset,
          text_fields: list[str], label_field: str | None, options: dict, settings: Settings,
-         idempotency_key: str | None) -> tuple[Job, bool]:
-    digest = _hash({"kind": kind, "task": task, "version": version.version, "dataset": str(ds.id),
-                                   "text_fields": text_fields, "label_field": label_field, **options})
-    if idempotency_key is not None:
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
-        if existing is not None:
-            return jobs._replay(existing, digest), False
+         idempotency_key: str | None, digest: str) -> tuple[Job, bool]:
     jobs._check_active_jobs(session, tenant_id, settings, 1)
     task_type = ((version.config or {}).get("task") or {}).get("task_type") or "single_label_classification"
     job = Job(tenant_id=tenant_id, kind=kind, task_name=task, task_type=task_type, base_model=version.base_model,
@@ -199,6 +203,9 @@ def _job(session: Session, tenant_id: uuid.UUID, kind: str, version: AdapterVers
 
 def create_prediction(session: Session, tenant_id: uuid.UUID, body: BatchPredictionCreate, settings: Settings, *,
                       idempotency_key: str | None = None) -> tuple[Job, bool]:
+    digest = _hash({"kind": "predict", **body.model_dump(mode="json")})  # the request as sent
+    if (existing := _replayed(session, tenant_id, idempotency_key, digest)) is not None:
+        return existing, False
     refs = body.task_refs()
     several = body.tasks is not None
     versions = _task_versions(session, tenant_id, refs, several)
@@ -215,11 +222,14 @@ def create_prediction(session: Session, tenant_id: uuid.UUID, body: BatchPredict
         options["tasks"] = [{"task": r.task, "version": v.version, "version_id": str(v.id)}
                             for r, v in zip(refs, versions, strict=True)]
     return _job(session, tenant_id, "predict", versions[0], refs[0].task, ds, text_fields, None, options, settings,
-                idempotency_key)
+                idempotency_key, digest)
 
 
 def create_evaluation(session: Session, tenant_id: uuid.UUID, task: str, number: int, body: EvaluateCreate,
                       settings: Settings, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    digest = _hash({"kind": "evaluate", "task": task, "version": number, **body.model_dump(mode="json")})
+    if (existing := _replayed(session, tenant_id, idempotency_key, digest)) is not None:
+        return existing, False
     registry.check_task_name(task)
     version = _version(session, tenant_id, task, number)
     ds = _dataset(session, tenant_id, body.dataset, settings)
@@ -231,7 +241,7 @@ def create_evaluation(session: Session, tenant_id: uuid.UUID, task: str, number:
     _check_labels(version, ds, label_field)
     preset = glue_preset(session, version, ds)
     return _job(session, tenant_id, "evaluate", version, task, ds, text_fields, label_field,
-                {"glue_preset": preset} if preset else {}, settings, idempotency_key)
+                {"glue_preset": preset} if preset else {}, settings, idempotency_key, digest)
 
 
 def _check_labels(version: AdapterVersion, ds: Dataset, label_field: str) -> None:

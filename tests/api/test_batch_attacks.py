@@ -290,3 +290,32 @@ def test_top_k_alone_returns_that_many_scores_and_with_all_scores_false_is_422(l
     assert len(rows) == 6
     for row in rows:
         assert [s["label"] for s in row["scores"]] == [row["label"]], row  # the best one, and only it
+
+
+@pytest.mark.slow
+def test_an_idempotent_retry_gets_its_job_back_after_the_active_version_changed(live_client, tenant_key, db,
+                                                                                 tiny_base):
+    """The request's hash once included the version it resolved to: a retry after another version was activated
+    (or after the task was deleted) was a 409 or a 404 instead of the job the first request made."""
+    key = tenant_key("train")
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("neg", "pos"), seed=0)
+    register(db, key.tenant_id, "sentiment", cfg, weights)
+    ds = _upload(live_client, key, ("neg", "pos"), n=6)
+    live_client.app.state.send_job = lambda job_id: None  # held queued: the retries find it as it was made
+    headers = {**key.headers, "Idempotency-Key": "retry-me"}
+    evaluate = {**key.headers, "Idempotency-Key": "retry-eval"}
+    first = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds}, headers=headers)
+    scored = live_client.post("/v1/tasks/sentiment/versions/1/evaluate", json={"dataset": ds}, headers=evaluate)
+    assert first.status_code == scored.status_code == 202, (first.text, scored.text)
+    register(db, key.tenant_id, "sentiment", *random_adapter(tiny_base, SPAFIT, labels=("neg", "pos"), seed=1))
+    again = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds}, headers=headers)
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"], again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert live_client.delete("/v1/tasks/sentiment", headers=key.headers).status_code == 204
+    for url, body, h, made in (("/v1/batch-predictions", {"task": "sentiment", "dataset": ds}, headers, first),
+                               ("/v1/tasks/sentiment/versions/1/evaluate", {"dataset": ds}, evaluate, scored)):
+        after = live_client.post(url, json=body, headers=h)
+        assert after.status_code == 202 and after.json()["id"] == made.json()["id"], after.text
+    other = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "format": "csv"},
+                             headers=headers)
+    assert_problem(other, 409)  # the same key for another request is still refused
