@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +48,11 @@ class Backbone:
             p.requires_grad_(False)
         self.dtype = next(self.base.parameters()).dtype
         self.tokenizer = load_tokenizer(name)
+        # A fast tokenizer keeps its truncation length in the one shared Rust object and each call sets it first:
+        # threads tokenising for adapters of different `max_seq_length` took each other's (rows silently cut at
+        # another adapter's length). Every call holds this lock (`Engine.encode`); the tokenizer still runs a
+        # batch on several cores inside a call.
+        self.tokenizer_lock = threading.Lock()
         self.pad_id = self.tokenizer.pad_token_id or 0
         self._head_templates: dict[tuple[int, str], nn.Module] = {}
         self._layouts: dict[tuple, PackedLayout] = {}

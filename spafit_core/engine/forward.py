@@ -198,8 +198,9 @@ class Engine:
         bb = self._backbone_of(adapter)
         limit = adapter.max_seq_length if bb.max_length is None else min(adapter.max_seq_length, bb.max_length)
         texts, pairs = split_inputs([cut_input(x, limit) for x in inputs])  # what the limit needs (textcut)
-        enc = bb.tokenizer(texts, pairs, truncation=True, max_length=limit) if pairs else \
-            bb.tokenizer(texts, truncation=True, max_length=limit)
+        with bb.tokenizer_lock:  # the limit is the tokenizer's state, shared: one call at a time (`Backbone`)
+            enc = bb.tokenizer(texts, pairs, truncation=True, max_length=limit) if pairs else \
+                bb.tokenizer(texts, truncation=True, max_length=limit)
         keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
         return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 

@@ -385,3 +385,34 @@ def test_every_architectures_heads_run_batched_and_exact(tiny_dirs, arch):
     for text, got in zip(TEXTS[:2], e.fan_out_many(names, TEXTS[:2]), strict=True):
         for n in names:
             assert abs(got[n]["score"] - e.predict(n, [text])[0]["score"]) <= 1e-5
+
+
+def test_threads_tokenising_for_adapters_of_different_lengths_each_get_their_own(tiny_bert, zoo):
+    """A fast tokenizer holds its truncation length as state of the one shared Rust object, set by each call: the
+    API's fan-out threads, the batcher and the big-request lane tokenising at once for tasks of different
+    `max_seq_length` took each other's (an attack found 1,417 of 4 x 300 x 12 encodings cut at the other length,
+    and fan-out logits off by up to 0.57). Each thread must get what the same call gets alone."""
+    _, cfg, w = zoo["z0"]
+    e = loaded_engine(tiny_bert, {})
+    for name, limit in (("short", 5), ("long", 32)):
+        e.load(name, {**cfg, "max_seq_length": limit}, w)
+    texts = [t + " and then some more words to cut" for t in TEXTS] + [(TEXTS[1], TEXTS[5])]
+    cases = [(e.adapter(n), [x]) for n in ("short", "long") for x in texts]
+    want = [e.encode(a, x) for a, x in cases]
+    assert {len(f[0]["input_ids"]) for f in want[:len(texts)]} == {5}  # each cut at its own adapter's length
+    assert max(len(f[0]["input_ids"]) for f in want[len(texts):]) > 5
+    wrong: list[tuple[int, int, int]] = []
+
+    def tokenise() -> None:
+        for _ in range(150):
+            for (a, x), w in zip(cases, want, strict=True):
+                got = e.encode(a, x)
+                if got != w:
+                    wrong.append((a.max_seq_length, len(got[0]["input_ids"]), len(w[0]["input_ids"])))
+
+    threads = [threading.Thread(target=tokenise) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [], f"{len(wrong)} wrong encodings, e.g. (limit, got, wanted) {wrong[:3]}"
