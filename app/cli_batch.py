@@ -49,7 +49,7 @@ def register(main: click.Group, *, remote: Callable[..., Any], emit: Callable[..
     @click.option("--version", "version", type=click.IntRange(1), default=None, help="Default: the active version.")
     @click.option("--text-field", "text_fields", multiple=True, help="Input column (twice: text and text pair).")
     @click.option("--id-field", default=None, help="The column giving each result row's id (default: `id` or the index).")
-    @click.option("--top-k", type=click.IntRange(1, 1000), default=None, help="With --all-scores: at most K labels.")
+    @click.option("--top-k", type=click.IntRange(1, 1000), default=None, help="The best K labels' scores per row (implies --all-scores).")
     @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
     @click.option("--all-scores", is_flag=True, help="Every label's score too.")
     @click.option("--wait/--no-wait", default=True, help="Follow the job with a progress bar until it ends.")

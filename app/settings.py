@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     )
     max_predict_inputs: int = Field(default=64, ge=1, description="Most inputs in one predict request.")
     peft_conversions_in_flight: int = Field(
-        default=2, ge=1,
+        default=2, ge=1, le=20,
         description="PEFT conversions (`GET /v1/tasks/{task}/adapter?format=peft`, a PEFT import) running at once "
         "in one API process; each loads the base model in full. One tenant runs one at a time (a second gets 429); "
         "beyond this many, the others wait their turn.",

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -78,11 +78,18 @@ class BatchPredictionCreate(BaseModel):
             raise ValueError("give either `task` (one task) or `tasks` (several), not both or neither")
         if self.tasks is not None and self.version is not None:
             raise ValueError("`version` goes with `task`; with `tasks`, give {task, version} items")
-        if self.top_k is not None and not self.all_scores:
-            if "all_scores" in self.model_fields_set:  # once silently ignored: no scores, whatever top_k said
-                raise ValueError("`top_k` limits the scores `all_scores` adds; with all_scores false there are none")
-            self.all_scores = True  # top_k alone asks for the best k scores
+        if self.top_k is not None and not self.all_scores:  # top_k alone asks for the best k scores (it was
+            self.all_scores = True                              # silently ignored: no scores at all)
         return self
+
+    @field_validator("all_scores")
+    @classmethod
+    def _scores_for_top_k(cls, value: bool, info: ValidationInfo) -> bool:
+        """Runs only when the client sent `all_scores` (defaults are not validated): false with `top_k` is a 422
+        naming this field."""
+        if not value and info.data.get("top_k") is not None:
+            raise ValueError("`top_k` limits the scores `all_scores` adds; with all_scores false there are none")
+        return value
 
     def task_refs(self) -> list[TaskRef]:
         if self.tasks is None:

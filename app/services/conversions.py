@@ -6,7 +6,8 @@ tenant's predictions with it).
 
 So: one conversion per tenant at a time in a process (a second gets 429 `too-many-conversions` with
 Retry-After), at most `in_flight` in the process (the others wait their turn, at most `waiting` of them and for
-at most `wait_s`; past either, 503 with Retry-After), and finished exports cached by content (an adapter's
+at most `wait_s`; past either, 503 with Retry-After; running and waiting together never hold more than
+`MAX_THREADS` of the routes' shared thread pool, 40 by default), and finished exports cached by content (an adapter's
 sha256: the PEFT zip is a function of it and of the base model it names), so the same version downloaded again
 costs nothing. The bound is per process on purpose: what it protects is the process's memory and cores.
 """
@@ -23,11 +24,13 @@ from contextlib import contextmanager
 from ..errors import ServiceUnavailable, TooManyConversions
 from ..settings import Settings
 
+MAX_THREADS = 20  # of the thread pool that runs every sync route (anyio's default: 40)
+
 
 class Conversions:
     def __init__(self, in_flight: int, wait_s: float, cache_bytes: int, waiting: int | None = None):
         self.in_flight, self.wait_s, self.cache_bytes = in_flight, wait_s, cache_bytes
-        self.waiting = 4 * in_flight if waiting is None else waiting
+        self.waiting = max(0, min(4 * in_flight, MAX_THREADS - in_flight)) if waiting is None else waiting
         self._cond = threading.Condition()
         self._running = 0
         self._queued = 0

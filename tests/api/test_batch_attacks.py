@@ -280,7 +280,8 @@ def test_top_k_alone_returns_that_many_scores_and_with_all_scores_false_is_422(l
     ds = _upload(live_client, key, ("neg", "pos"), n=6)
     bad = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "top_k": 1,
                                                           "all_scores": False}, headers=key.headers)
-    assert "all_scores" in assert_problem(bad, 422)["detail"]
+    problem = assert_problem(bad, 422)
+    assert "all_scores" in problem["detail"] and problem["field"] == "all_scores", problem
     r = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "top_k": 1},
                          headers=key.headers)
     assert r.status_code == 202, r.text

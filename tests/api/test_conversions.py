@@ -118,3 +118,11 @@ def test_an_export_is_converted_once_per_content_and_the_cache_keeps_to_its_byte
     assert conv._cached <= 100 and list(conv._cache) == ["sha-b", "sha-c"]
     conv.export(tenant, "sha-big", b"x" * 20, convert)  # 200 bytes: never kept
     assert "sha-big" not in conv._cache
+
+
+def test_running_and_waiting_conversions_never_hold_more_than_their_share_of_the_route_thread_pool():
+    from app.services.conversions import MAX_THREADS
+
+    for in_flight in (1, 2, 5, 16, 20):
+        conv = Conversions(in_flight=in_flight, wait_s=1, cache_bytes=0)
+        assert conv.in_flight + conv.waiting <= MAX_THREADS and conv.waiting <= 4 * in_flight
