@@ -174,6 +174,17 @@ class TenantQueueFull(AppError):
     status = 429
 
 
+class RangeNotSatisfiable(AppError):
+    """A `Range` that starts past the end of the file: 416 with `Content-Range: bytes */<size>`."""
+
+    type = "range-not-satisfiable"
+    status = 416
+
+    def __init__(self, size: int):
+        super().__init__(f"the requested range starts past the end of the {size}-byte file", field="Range",
+                         headers={"Content-Range": f"bytes */{size}"})
+
+
 class ClientClosedRequest(AppError):
     """The client went away before its answer was ready; its work was dropped. Nobody reads this response."""
 

@@ -66,18 +66,29 @@ def get_batch_prediction(*, job_id: uuid.UUID, session: SessionDep, principal: T
     return jobs.to_out(session, batch.get_prediction(session, principal.tenant_id, job_id))
 
 
-@router.get("/{job_id}/results", responses={**problem_responses(401, 403, 404, 409, 422), 200: {
+@router.get("/{job_id}/results", responses={**problem_responses(401, 403, 404, 409, 416, 422), 200: {
                 "description": "the result file, streamed, one row per input row in the dataset's order. One task: "
                                "JSON Lines `{id, label, score[, labels][, scores]}` or CSV `id,label,score,scores`. "
                                "Several tasks (`tasks`): JSON Lines `{id, results: {<task>: {label, score[, labels]"
                                "[, scores]}}}` or CSV `id` then `<task>.label,<task>.score,<task>.scores` per task",
-                "content": {"application/x-ndjson": {}, "text/csv": {}}}},
+                "content": {"application/x-ndjson": {}, "text/csv": {}}},
+                206: {"description": "the bytes a `Range: bytes=...` header asked for (one range; `If-Range` "
+                                     "with this file's ETag), to resume a download cut short"}},
             summary="Download a succeeded batch prediction's results (409 before it has succeeded)")
-def batch_prediction_results(*, job_id: uuid.UUID, request: Request, session: SessionDep,
-                             principal: TrainPrincipal) -> StreamingResponse:
+def batch_prediction_results(*, job_id: uuid.UUID, request: Request, session: SessionDep, principal: TrainPrincipal,
+                             range_: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
+                             if_range: Annotated[str | None, Header(max_length=200)] = None) -> StreamingResponse:
     job, headers = _results(session, principal.tenant_id, job_id)
+    size = int(headers["Content-Length"])
+    span = None if if_range is not None and if_range.strip() != headers["ETag"] else batch.byte_range(range_, size)
+    status = 200
+    if span is not None:
+        status = 206
+        headers = {**headers, "Content-Length": str(span[1] - span[0]),
+                   "Content-Range": f"bytes {span[0]}-{span[1] - 1}/{size}"}
     return StreamingResponse(batch.stream_results(request.app.state.db, job.id, job.hyperparameters.get(
-        "format", "jsonl"), batch.task_names(job)), media_type=batch.media_type(job), headers=headers)
+        "format", "jsonl"), batch.task_names(job), span), status_code=status, media_type=batch.media_type(job),
+        headers=headers)
 
 
 @router.head("/{job_id}/results", include_in_schema=False)
@@ -93,7 +104,9 @@ def _results(session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> tuple[Job, dic
     job = batch.check_results(session, tenant_id, job_id)
     fmt = job.hyperparameters.get("format", "jsonl")
     ext = "csv" if fmt == "csv" else "jsonl"
-    return job, {"Content-Disposition": f'attachment; filename="{job.id}.{ext}"',
+    # A succeeded job's results never change: its id names them (the ETag `If-Range` is checked against).
+    return job, {"Content-Disposition": f'attachment; filename="{job.id}.{ext}"', "Accept-Ranges": "bytes",
+                 "ETag": f'"{job.id}"',
                  "Content-Length": str(batch.results_size(session, job.id, fmt, batch.task_names(job)))}
 
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from spafit_core.errors import ConfigError, DataError
 
 from ..db import Database
-from ..errors import Conflict, NotFound, ResultsNotReady, TooManyRows
+from ..errors import Conflict, NotFound, RangeNotSatisfiable, ResultsNotReady, TooManyRows
 from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task, VersionEvaluation
 from ..schemas import MAX_FANOUT_TASKS
 from ..settings import Settings
@@ -347,19 +347,64 @@ def results_size(session: Session, job_id: uuid.UUID, fmt: str, tasks: list[str]
     return int(body) + (len(csv_header(tasks)) if fmt == "csv" else 0)
 
 
-def stream_results(db: Database, job_id: uuid.UUID, fmt: str, tasks: list[str] | None = None) -> Iterator[bytes]:
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range [start, stop) a `Range` header asks of a file of `size` bytes (RFC 9110: `bytes=a-b`,
+    `bytes=a-`, `bytes=-n`); None where the whole file is the answer (no header, another unit, several ranges,
+    a malformed one: a server may ignore those). A range that starts past the end raises `RangeNotSatisfiable`."""
+    if header is None:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isascii() and first.isdigit() or first == "") or \
+            not (last.isascii() and last.isdigit() or last == "") or first == last == "":
+        return None
+    if first == "":  # the last n bytes
+        n = int(last)
+        if n == 0:
+            raise RangeNotSatisfiable(size)
+        return max(0, size - n), size
+    start = int(first)
+    stop = size if last == "" else min(int(last) + 1, size)
+    if last != "" and int(last) < start:
+        return None  # invalid: ignored
+    if start >= size:
+        raise RangeNotSatisfiable(size)
+    return start, stop
+
+
+def stream_results(db: Database, job_id: uuid.UUID, fmt: str, tasks: list[str] | None = None,
+                   span: tuple[int, int] | None = None) -> Iterator[bytes]:
     """The result file, one stored chunk at a time (never the whole file in memory); a session per chunk, so a
-    slow reader holds no pooled connection between chunks."""
+    slow reader holds no pooled connection between chunks. `span`: only bytes [start, stop) of it (chunks before
+    `start` are skipped by their stored sizes, not read)."""
+    start, stop = span if span is not None else (0, None)
+    at = 0  # the file offset of the next piece
     if fmt == "csv":
-        yield csv_header(tasks)
-    chunk = 0
-    while True:
-        with db.session() as s:
-            data = s.scalar(select(BatchChunk.data).where(BatchChunk.job_id == job_id, BatchChunk.chunk == chunk))
-        if data is None:
+        head = csv_header(tasks)
+        yield from _clip(head, at, start, stop)
+        at += len(head)
+    with db.session() as s:
+        sizes = s.execute(select(BatchChunk.chunk, func.octet_length(BatchChunk.data))
+                          .where(BatchChunk.job_id == job_id).order_by(BatchChunk.chunk)).all()
+    for chunk, size in sizes:
+        if stop is not None and at >= stop:
             return
-        yield bytes(data)
-        chunk += 1
+        if at + size > start:
+            with db.session() as s:
+                data = s.scalar(select(BatchChunk.data).where(BatchChunk.job_id == job_id, BatchChunk.chunk == chunk))
+            if data is None:  # the job was deleted meanwhile: the download ends short of its Content-Length
+                return
+            yield from _clip(bytes(data), at, start, stop)
+        at += size
+
+
+def _clip(piece: bytes, at: int, start: int, stop: int | None) -> Iterator[bytes]:
+    """The part of `piece` (at file offset `at`) inside [start, stop)."""
+    lo, hi = max(start - at, 0), len(piece) if stop is None else min(stop - at, len(piece))
+    if lo < hi:
+        yield piece[lo:hi]
 
 
 def _one(p: dict, all_scores: bool) -> dict:

@@ -37,6 +37,7 @@ from ._base import (
 from .errors import (
     DatasetImportFailed,
     ImportWaitTimeout,
+    SpafitAPIError,
     WaitTimeout,
     error_from_response,
     error_from_transport,
@@ -368,12 +369,19 @@ class AsyncBatchPredictions:
     async def cancel(self, job: Any) -> Job:
         return await self._c.jobs.cancel(job)
 
-    async def download(self, job: Any, path: str | os.PathLike[str]) -> Path:
+    async def download(self, job: Any, path: str | os.PathLike[str], *, resume: bool = False) -> Path:
         out = Path(path)
-        async with self._c._stream(E.batch_results(job)) as response:
-            with out.open("wb") as f:
-                async for part in response.aiter_bytes():
-                    f.write(part)
+        have = E.partial_size(out, resume)
+        try:
+            async with self._c._stream(E.batch_results(job, have)) as response:
+                with out.open("ab" if response.status_code == 206 else "wb") as f:
+                    async for part in response.aiter_bytes():
+                        f.write(part)
+        except SpafitAPIError as e:
+            if e.status != 416 or not have:
+                raise
+            if not E.download_complete(e, have):  # longer than the file: not a start of it, fetched whole
+                return await self.download(job, out)
         return out
 
     async def results(self, job: Any) -> AsyncIterator[dict[str, Any]]:

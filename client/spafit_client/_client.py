@@ -35,6 +35,7 @@ from ._base import (
 from .errors import (
     DatasetImportFailed,
     ImportWaitTimeout,
+    SpafitAPIError,
     WaitTimeout,
     error_from_response,
     error_from_transport,
@@ -414,12 +415,21 @@ class BatchPredictions:
     def cancel(self, job: str | Job) -> Job:
         return self._c.jobs.cancel(job)
 
-    def download(self, job: str | Job, path: str | os.PathLike[str]) -> Path:
-        """Write a succeeded job's result file to `path`, streamed; returns the path."""
+    def download(self, job: str | Job, path: str | os.PathLike[str], *, resume: bool = False) -> Path:
+        """Write a succeeded job's result file to `path`, streamed; returns the path. `resume=True`: a file already
+        at `path` (a download cut short) is completed from where it stopped (a `Range` request), not fetched again."""
         out = Path(path)
-        with self._c._stream(E.batch_results(job)) as response, out.open("wb") as f:
-            for part in response.iter_bytes():
-                f.write(part)
+        have = E.partial_size(out, resume)
+        try:
+            with self._c._stream(E.batch_results(job, have)) as response, \
+                    out.open("ab" if response.status_code == 206 else "wb") as f:
+                for part in response.iter_bytes():
+                    f.write(part)
+        except SpafitAPIError as e:
+            if e.status != 416 or not have:
+                raise
+            if not E.download_complete(e, have):  # longer than the file: not a start of it, fetched whole
+                return self.download(job, out)
         return out
 
     def results(self, job: str | Job) -> Iterator[dict[str, Any]]:

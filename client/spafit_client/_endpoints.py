@@ -182,8 +182,23 @@ def list_batch_predictions(*, limit: int | None, cursor: str | None) -> Call[Pag
     return Call("GET", "/v1/batch-predictions", params={"limit": limit, "cursor": cursor}, model=Page[Job])
 
 
-def batch_results(job: Any) -> Call[httpx.Response]:
-    return Call("GET", f"/v1/batch-predictions/{_seg(resource_id(job))}/results", raw=True)
+def batch_results(job: Any, start: int = 0) -> Call[httpx.Response]:
+    """The result file; from byte `start` on where it is above 0 (a 206, or the whole file in a 200 if the
+    server's copy is not the one begun: `If-Range` names it by the job, whose results never change)."""
+    job_id = resource_id(job)
+    headers = {"Range": f"bytes={start}-", "If-Range": f'"{job_id}"'} if start > 0 else {}
+    return Call("GET", f"/v1/batch-predictions/{_seg(job_id)}/results", headers=headers, raw=True)
+
+
+def download_complete(error: Exception, have: int) -> bool:
+    """Whether a resumed download's 416 says the `have` bytes already on disk are the whole file."""
+    headers = getattr(error, "headers", None)
+    return getattr(error, "status", None) == 416 and headers is not None and \
+        headers.get("content-range") == f"bytes */{have}"
+
+
+def partial_size(out: Path, resume: bool) -> int:
+    return out.stat().st_size if resume and out.is_file() else 0
 
 
 def evaluate_version(task: str, version: int, *, dataset: Any, text_fields: list[str] | None,

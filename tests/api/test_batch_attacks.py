@@ -320,3 +320,44 @@ def test_an_idempotent_retry_gets_its_job_back_after_the_active_version_changed(
     other = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "format": "csv"},
                              headers=headers)
     assert_problem(other, 409)  # the same key for another request is still refused
+
+
+@pytest.mark.slow
+def test_results_answer_a_byte_range_so_a_cut_download_resumes(live_client, tenant_key, db, tiny_base):
+    """`Range` was ignored (the whole file again, allowed but useless to resume a download cut short): one byte
+    range is now a 206 with those bytes and Content-Range, across chunk boundaries and the CSV header; past the
+    end a 416; `If-Range` with another ETag, several ranges or a malformed one get the whole file."""
+    key = tenant_key("train")
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=("neg", "pos"), seed=0)
+    register(db, key.tenant_id, "sentiment", cfg, weights)
+    ds = _upload(live_client, key, ("neg", "pos"), n=40)  # chunks of 16 rows: three of them
+    for fmt in ("csv", "jsonl"):
+        r = live_client.post("/v1/batch-predictions", json={"task": "sentiment", "dataset": ds, "format": fmt},
+                             headers=key.headers)
+        assert _finished(live_client, r.json()["id"], key.headers)["status"] == "succeeded"
+        url = f"/v1/batch-predictions/{r.json()['id']}/results"
+        full = live_client.get(url, headers=key.headers)
+        body, etag, size = full.content, full.headers["etag"], len(full.content)
+        assert full.status_code == 200 and full.headers["accept-ranges"] == "bytes" and size > 600
+
+        def get(url=url, **extra):
+            return live_client.get(url, headers={**key.headers, **extra})
+
+        for spec, (lo, hi) in (("bytes=0-9", (0, 10)), ("bytes=5-", (5, size)), ("bytes=-7", (size - 7, size)),
+                               (f"bytes=100-{size + 50}", (100, size)), ("bytes=300-700", (300, 701)),
+                               (f"bytes=-{size * 2}", (0, size))):
+            part = get(Range=spec)
+            assert part.status_code == 206, (spec, part.status_code)
+            assert part.content == body[lo:hi], spec
+            assert part.headers["content-range"] == f"bytes {lo}-{hi - 1}/{size}"
+            assert int(part.headers["content-length"]) == hi - lo
+        cut = body[:333]  # a download cut short, resumed where it stopped, is the file
+        assert cut + get(Range="bytes=333-", **{"If-Range": etag}).content == body
+        for spec, extra in (("bytes=0-1,5-6", {}), ("bytes=9-3", {}), ("items=0-5", {}), ("bytes=x-", {}),
+                            (b"bytes=\xb2-", {}), ("bytes=0-9", {"If-Range": '"another"'})):
+            whole = get(Range=spec, **extra)
+            assert whole.status_code == 200 and whole.content == body, spec
+        beyond = get(Range=f"bytes={size}-")
+        assert assert_problem(beyond, 416)["field"] == "Range"
+        assert beyond.headers["content-range"] == f"bytes */{size}"
+        assert_problem(get(Range="bytes=-0"), 416)

@@ -26,7 +26,7 @@ def batch_tenant(live_server, make_key, db, tiny_base):
     return live_server, key
 
 
-def test_sync_sdk_batch_prediction_and_evaluation(batch_tenant, worker):
+def test_sync_sdk_batch_prediction_and_evaluation(batch_tenant, worker, tmp_path):
     """Slow: four real jobs (a batch prediction, two evaluations, a two-task batch prediction) one after another on
     the session's one worker; each worker child imports torch and loads the backbone (20-30 s in all when idle,
     over 60 s on a loaded machine)."""
@@ -44,6 +44,11 @@ def test_sync_sdk_batch_prediction_and_evaluation(batch_tenant, worker):
         rows = list(client.batch.results(job))
         assert [int(r["id"]) for r in rows] == list(range(30))
         assert all(len(json.loads(r["scores"])) == 2 for r in rows)
+        whole = client.batch.download(job, tmp_path / "all.csv").read_bytes()
+        cut = tmp_path / "cut.csv"
+        for kept in (whole[:7], whole[:len(whole) // 2], whole + b"more", b""):  # resumed, or fetched whole again
+            cut.write_bytes(kept)
+            assert client.batch.download(job, cut, resume=True).read_bytes() == whole, len(kept)
         assert [j.id for j in client.batch.list()] == [job.id]
 
         for v in (1, 2):
@@ -76,11 +81,18 @@ def test_async_sdk_batch_prediction(batch_tenant, worker, tmp_path):
             await client.batch.wait(job, progress=False, timeout=120)
             rows = [r async for r in client.batch.results(job)]
             path = await client.batch.download(job, tmp_path / "out.jsonl")
-            return rows, path
+            whole = path.read_bytes()
+            cut = tmp_path / "cut.jsonl"  # a download cut short, resumed: the file, not the file twice
+            cut.write_bytes(whole[:100])
+            await client.batch.download(job, cut, resume=True)
+            resumed = cut.read_bytes()
+            await client.batch.download(job, cut, resume=True)  # already whole: left as it is
+            return rows, path, whole, resumed, cut.read_bytes()
 
-    rows, path = asyncio.run(go())
+    rows, path, whole, resumed, again = asyncio.run(go())
     assert [r["id"] for r in rows] == list(range(20))
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+    assert resumed == again == whole
 
 
 def test_cli_batch_and_evaluate(batch_tenant, worker, spafit, tmp_path):
