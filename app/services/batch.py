@@ -360,6 +360,8 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not dash or not (first.isascii() and first.isdigit() or first == "") or \
             not (last.isascii() and last.isdigit() or last == "") or first == last == "":
         return None
+    if size == 0:  # no byte of an empty file can be asked for
+        raise RangeNotSatisfiable(size)
     if first == "":  # the last n bytes
         n = int(last)
         if n == 0:
