@@ -55,14 +55,21 @@ class Backbone:
         self.tokenizer_lock = threading.Lock()
         self.pad_id = self.tokenizer.pad_token_id or 0
         self._head_templates: dict[tuple[int, str], nn.Module] = {}
+        # Each template's tensor shapes, read once when it is made: a forward runs `functional_call` on the
+        # template (its parameters swapped for the rows' own for the call), so reading them from the module while
+        # a load checks an adapter's shapes raced that call (vmap's "tensor escaped" errors on the load).
+        self._head_shapes: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
+        self._head_lock = threading.Lock()  # one template made per key
         self._layouts: dict[tuple, PackedLayout] = {}
         self._input_names = set(inspect.signature(self.base.forward).parameters)
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.base.parameters())
         self.max_length = position_limit(self.config, self.base)  # tokens per input, at most
 
-    def head_template(self, task: TaskSpec) -> nn.Module:
-        """A head-only copy of the HF classifier for `task` (its base swapped for a stub)."""
-        return self._head(task.num_labels, task.task_type)
+    def head_shapes(self, task: TaskSpec) -> dict[str, tuple[int, ...]]:
+        """Per head tensor name, its shape for `task`'s head (what an adapter's head tensors must match)."""
+        key = (task.num_labels, task.task_type)
+        self._head(*key)
+        return self._head_shapes[key]
 
     def padded_head(self, num_labels: int) -> nn.Module:
         """The head module that serves every head of up to `num_labels` labels (their label dimensions
@@ -71,25 +78,30 @@ class Backbone:
 
     def head_label_dims(self) -> dict[str, tuple[int, ...]]:
         """Per head tensor name, its dimensions with one entry per label."""
-        one, two = self.padded_head(1).state_dict(), self.padded_head(2).state_dict()
-        return {k: tuple(i for i, (a, b) in enumerate(zip(v.shape, two[k].shape, strict=True)) if a != b)
-                for k, v in one.items()}
+        one, two = self.head_shapes(TaskSpec(task_type="regression")), self.head_shapes(TaskSpec(labels=("a", "b")))
+        return {k: tuple(i for i, (a, b) in enumerate(zip(v, two[k], strict=True)) if a != b) for k, v in one.items()}
 
     def _head(self, num_labels: int, task_type: str) -> nn.Module:
         key = (num_labels, task_type)
-        if key not in self._head_templates:
-            from transformers import AutoModelForSequenceClassification
+        model = self._head_templates.get(key)
+        if model is not None:
+            return model
+        with self._head_lock:
+            model = self._head_templates.get(key)
+            if model is None:
+                from transformers import AutoModelForSequenceClassification
 
-            cfg = copy.deepcopy(self.config)
-            cfg.num_labels, cfg.problem_type = num_labels, task_type
-            with quiet_transformers(), torch.device("meta"):
-                model = AutoModelForSequenceClassification.from_config(cfg)
-            setattr(model, model.base_model_prefix, _BaseStub())
-            model = model.to_empty(device="cpu").eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-            self._head_templates[key] = model
-        return self._head_templates[key]
+                cfg = copy.deepcopy(self.config)
+                cfg.num_labels, cfg.problem_type = num_labels, task_type
+                with quiet_transformers(), torch.device("meta"):
+                    model = AutoModelForSequenceClassification.from_config(cfg)
+                setattr(model, model.base_model_prefix, _BaseStub())
+                model = model.to_empty(device="cpu").eval()
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                self._head_shapes[key] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+                self._head_templates[key] = model  # published after its shapes
+        return model
 
     def model_inputs(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k in self._input_names}

@@ -180,13 +180,13 @@ class Engine:
         return self.bank(base).get(name)
 
     def stats(self) -> dict[str, int]:
-        out = {**self._retired, "adapters": 0, "adapter_bytes": 0}
-        with self._lock:
-            for b in self._banks.values():
-                for k, v in b.stats.items():
-                    out[k] += v
-                out["adapters"] += len(b.names())
-                out["adapter_bytes"] += b.nbytes
+        with self._lock:  # the banks read outside the engine's lock: a bank's lock is never taken inside it
+            out, banks = {**self._retired, "adapters": 0, "adapter_bytes": 0}, list(self._banks.values())
+        for b in banks:
+            for k, v in b.stats.items():
+                out[k] += v
+            out["adapters"] += len(b.names())
+            out["adapter_bytes"] += b.nbytes
         return out
 
     # -- tokenisation
@@ -243,7 +243,7 @@ class Engine:
             try:
                 outputs = self._run(bb, batch, Route(deltas=deltas))
             except MixedBatchUnsupported:  # e.g. DeBERTa's shared relative-position projections
-                out = self._forward_by_group(rows)
+                out = self._forward_by_group(bb, rows)
             else:
                 out = self._heads(bb, pools, outputs, [r.adapter for r in rows], deltas.cols)
         if order is None:
@@ -253,13 +253,16 @@ class Engine:
             back[i] = logits
         return back  # type: ignore[return-value]
 
-    def _forward_by_group(self, rows: Sequence[Row]) -> list[torch.Tensor]:
+    def _forward_by_group(self, bb: Backbone, rows: Sequence[Row]) -> list[torch.Tensor]:
+        """One pass per adapter, on `bb`, which the caller holds in use (`_using`). Never through `forward`: that
+        takes the engine's lock, and a caller here may hold the pools' lock, which a load takes after the bank's
+        while `stats()` takes the bank's after the engine's (a deadlock of the three, found by a stress test)."""
         out: list[torch.Tensor | None] = [None] * len(rows)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(id(r.adapter), []).append(i)
         for idx in groups.values():
-            for i, logits in zip(idx, self.forward([rows[i] for i in idx]), strict=True):
+            for i, logits in zip(idx, self._forward(bb, [rows[i] for i in idx]), strict=True):
                 out[i] = logits
         return out  # type: ignore[return-value]
 
@@ -360,7 +363,7 @@ class Engine:
             logits = self._fan_out_shared(bb, adapters, feats, tasks_of)
             if logits is None:  # the model cannot mix adapters in one batch
                 for job in jobs:
-                    flat = self._forward_by_group([Row(a, f) for f in job.feats for a in job.adapters])
+                    flat = self._forward_by_group(bb, [Row(a, f) for f in job.feats for a in job.adapters])
                     k = len(job.adapters)
                     job.finish([flat[i * k: (i + 1) * k] for i in range(len(job.feats))])
                 return

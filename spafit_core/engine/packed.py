@@ -145,7 +145,7 @@ def build_adapter(backbone: Backbone, name: str, cfg: dict, weights: bytes) -> L
     tensors = load_weights(cfg, weights)
     check_fingerprint(cfg, backbone.fingerprint)
     plan = method.resolve(backbone.stack.num_layers)
-    head_shapes = {k: tuple(v.shape) for k, v in backbone.head_template(task).state_dict().items()}
+    head_shapes = backbone.head_shapes(task)
     check_shapes(delta_shapes(backbone.stack, plan, backbone.adapted) | {HEAD + k: v for k, v in head_shapes.items()},
                  {k: tuple(v.shape) for k, v in tensors.items()})
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
