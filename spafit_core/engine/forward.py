@@ -157,8 +157,12 @@ class Engine:
                     self._trim()
 
     def bank(self, base_model: str | None = None) -> AdapterBank:
-        bb = self.backbone(base_model)
-        return self._banks[bb.name]
+        while True:  # as `_using`: a backbone evicted between the two steps is loaded again
+            bb = self.backbone(base_model)
+            with self._lock:
+                bank = self._banks.get(bb.name)
+                if bank is not None and self._backbones.get(bb.name) is bb:
+                    return bank
 
     def load(self, name: str, cfg: dict, weights: bytes) -> LoadedAdapter:
         base = parse_config(cfg)["base_model"]["name"]
