@@ -173,7 +173,11 @@ class Lease:
 
     def hold(self, s: Session, **values) -> None:
         """In the caller's transaction: update the job row only while this claim holds (which also locks the row
-        to the end of the transaction); `LeaseLost` if it no longer does."""
+        to the end of the transaction); `LeaseLost` if it no longer does. A write that sets a status other than
+        running is the run's last (`end()`, and the success writes that store an adapter or an evaluation): the
+        heartbeat stands down from here, so a beat waiting on the row meanwhile is not counted as a takeover."""
+        if values.get("status", "running") != "running":
+            self.ending.set()
         values.setdefault("heartbeat_at", utcnow())
         if s.execute(update(Job).where(*self.fence()).values(**values)).rowcount != 1:
             self.refused += 1

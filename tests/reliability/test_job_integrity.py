@@ -491,3 +491,41 @@ def test_a_heartbeat_that_meets_the_final_status_its_own_run_wrote_is_not_a_take
     assert lease.refused == 0 and not lease.lost.is_set(), "a beat after the run's own end counted as a takeover"
     hb.beat()  # and any later beat: no write at all
     assert lease.refused == 0 and job_row(db, job_id).status == "failed"
+
+
+def test_a_success_write_that_stores_a_result_also_stands_the_heartbeat_down(app_client, tenant_key, db):
+    """The rule above held for `end()` only: a run that succeeds stores its adapter (or evaluation, or trial) and
+    its status in one fenced write of its own, and a beat held up meanwhile reported a takeover (found by a
+    stress hunt: `refused=1`, the lease marked lost, on a job that succeeded). Any write setting a final status
+    stands the heartbeat down."""
+    import threading
+
+    from app.models import utcnow
+    from worker.lease import _Heartbeat, claim
+
+    key = tenant_key("train")
+    train, val = _datasets(app_client, key.headers, n=24)
+    held: list[uuid.UUID] = []
+    broker, app_client.app.state.send_job = app_client.app.state.send_job, held.append
+    try:
+        job_id = uuid.UUID(_submit(app_client, key.headers, job_body(train, val, task="beat-after-success")))
+    finally:
+        app_client.app.state.send_job = broker
+    c = claim(db, job_id, "test-runner", app_client.app.state.settings)
+    assert c.outcome == "claimed" and c.lease is not None
+    lease, hb = c.lease, _Heartbeat(c.lease, 60.0, None)
+    written, beat = threading.Event(), threading.Thread(target=hb.beat)
+
+    def store_result(s) -> None:  # the shape of register / an evaluation's finish: status and result together
+        s.execute(select(Job.id).where(Job.id == job_id).with_for_update())  # the row, as its first statement
+        beat.start()  # past its own check (the run still running), its UPDATE waits for this row lock
+        time.sleep(0.5)
+        assert beat.is_alive()
+        lease.hold(s, status="succeeded", finished_at=utcnow())
+        written.set()
+
+    lease.write(store_result, "store the result")
+    beat.join(10)
+    assert written.is_set() and not beat.is_alive()
+    assert lease.refused == 0 and not lease.lost.is_set(), "the run's own success counted as a takeover"
+    assert job_row(db, job_id).status == "succeeded"
