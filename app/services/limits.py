@@ -116,7 +116,7 @@ class TenantRows:
         self._others: dict[str, int] = {}  # the other replicas' rows of each watched tenant, as admission uses them
         self._last_read: dict[str, int] = {}  # ...and as the last call read them
         self._seen: dict[str, float] = {}  # watched tenants -> when last admitted here (monotonic)
-        self._reads: dict[str, asyncio.Future] = {}  # first reads of tenants not in the cache, shared while pending
+        self._reads: dict[str, asyncio.Task[bool]] = {}  # first reads of tenants not in the cache, shared while pending
         self._stated_at = 0.0  # when every count was last written again (monotonic)
         self._wake: asyncio.Event | None = None
         self._wake_pending = False
@@ -205,27 +205,27 @@ class TenantRows:
         return Admission(True, total)
 
     async def _first_read(self, tenant: str) -> bool:
-        """Read the other replicas' rows of a tenant this replica does not watch (one call, shared by the requests
-        that arrive meanwhile); False when Redis is unusable."""
-        pending = self._reads.get(tenant)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._reads[tenant] = pending
-            try:
-                (others,) = await self._script(keys=[self.replicas_key, self.key(tenant)],
-                                               args=[self.replica, int(self.lease_s * 1000), -1])
-                self._others[tenant] = self._last_read[tenant] = int(others)
-                self._seen[tenant] = time.monotonic()
-                pending.set_result(True)
-            except BaseException as e:
-                if not isinstance(e, asyncio.CancelledError):
-                    self._went_down(e)
-                pending.set_result(False)  # a cancelled read leaves the tenant unknown: the next request reads
-                if isinstance(e, asyncio.CancelledError):
-                    raise
-            finally:
-                self._reads.pop(tenant, None)
-        return await asyncio.shield(pending) and not self._down
+        """Read the other replicas' rows of a tenant this replica does not watch (one read, shared by the requests
+        that arrive meanwhile); False when Redis is unusable. The read is a task of its own: a caller whose client
+        goes away stops waiting for it, and the others still get its answer (it once ended the read for all of
+        them, who then counted their rows in the process as if Redis were down, past the tenant's cap)."""
+        read = self._reads.get(tenant)
+        if read is None:
+            read = self._reads[tenant] = asyncio.get_running_loop().create_task(self._read_others(tenant))
+            read.add_done_callback(lambda t, tenant=tenant: self._reads.pop(tenant, None)
+                                   if self._reads.get(tenant) is t else None)
+        return await asyncio.shield(read) and not self._down
+
+    async def _read_others(self, tenant: str) -> bool:
+        try:
+            (others,) = await self._script(keys=[self.replicas_key, self.key(tenant)],
+                                           args=[self.replica, int(self.lease_s * 1000), -1])
+        except Exception as e:
+            self._went_down(e)
+            return False
+        self._others[tenant] = self._last_read[tenant] = int(others)
+        self._seen[tenant] = time.monotonic()
+        return True
 
     def release(self, tenant: str, rows: int) -> None:
         """Give back rows an `Admission` took: counted at once here, written to Redis by the syncer. From the loop

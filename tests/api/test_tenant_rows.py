@@ -109,3 +109,40 @@ def test_two_replicas_see_each_others_rows_within_a_refresh_and_refuse_without_r
             await two.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_client_that_goes_away_during_a_first_read_leaves_the_others_under_the_cap(redis_url, redis_prefix):
+    """Replica b has never seen the tenant, which holds its whole share on replica a; two requests reach b at once
+    and the first one's client goes away while b's first read of the tenant is in flight. The read once ended with
+    that caller, handing `False` (Redis unusable) to the other, which was then counted in the process only: past
+    the tenant's cap across replicas (found by a stress hunt). The read is a task of its own now: the second
+    request is refused as it would be without the cancel."""
+    tenant = f"shared-{uuid.uuid4()}"
+
+    async def scenario() -> None:
+        a = TenantRows(redis_url, redis_prefix, lease_s=10).start()
+        b = TenantRows(redis_url, redis_prefix, lease_s=10).start()
+        try:
+            assert (await a.admit(tenant, CAP, CAP)).admitted
+            await a.synced()
+            b._bind()
+            script = b._script
+
+            async def slow_round_trip(*args: Any, **kw: Any) -> Any:  # a Redis under load: the cancel lands mid-read
+                await asyncio.sleep(0.05)
+                return await script(*args, **kw)
+
+            b._script = slow_round_trip
+            first = asyncio.create_task(b.admit(tenant, 8, CAP))
+            second = asyncio.create_task(b.admit(tenant, 8, CAP))
+            await asyncio.sleep(0.01)
+            first.cancel()  # the first client went away
+            await asyncio.gather(first, return_exceptions=True)
+            got = await second
+            assert got == Admission(False, CAP), got  # refused at the cap, not counted as if Redis were down
+            assert b._others.get(tenant) == CAP and not b._reads
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    asyncio.run(scenario())
