@@ -9,6 +9,7 @@ evaluate. This is what the CLI's `spafit train` and the service's worker run.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,12 @@ from .config import MethodConfig, TaskSpec, TrainConfig
 from .errors import DataError
 from .model import SpafitModel
 from .train import Encoded, TrainResult, encode, set_seed, train
+
+# Runs share the process's random number generators (seeded per run; the head and LoRA initialisation, dropout and
+# the checkpoint's saved RNG state draw on them): two at once would each leave the other irreproducible, the same
+# seed giving another adapter. So runs in one process take turns from seeding to the end of training; train in
+# parallel with processes (the service runs each job in a worker process of its own).
+_RUN_LOCK = threading.Lock()
 
 
 @dataclass
@@ -145,7 +152,9 @@ def finetune(
     data_dir: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune `base_model` with `method` on `train_data` (a CSV/TSV/JSONL path, "glue/<task>",
-    "hf:<id>", a local HF dataset folder, or a data.Table) and evaluate on `validation` each epoch."""
+    "hf:<id>", a local HF dataset folder, or a data.Table) and evaluate on `validation` each epoch. Calls from
+    several threads take turns (they share the process's random number generators); use processes to train in
+    parallel."""
     from . import data as data_mod
 
     method = method or MethodConfig()
@@ -156,16 +165,17 @@ def finetune(
     preset = glue_task_for(train_data)
     if metrics is None and preset is not None:
         metrics = list(preset.metrics)
-    set_seed(cfg.seed)  # the head and LoRA A are initialised from it
-    model = SpafitModel.from_pretrained(base_model, method, task)
-    tr = _encode(data_mod.to_examples(train_table, text_fields, label_field, task), model, cfg, task)
-    va = _encode(data_mod.to_examples(val_table, text_fields, label_field, task), model, cfg, task) \
-        if val_table is not None else None
-    report["train"]["truncated_rows"] = tr.truncated
-    if va is not None:
-        report["validation"]["truncated_rows"] = va.truncated
-    result = train(model, tr, cfg, validation=va, metrics=metrics, callback=callback,
-                   should_stop=should_stop, checkpoint_path=checkpoint_path)
+    with _RUN_LOCK:  # one run at a time per process: see _RUN_LOCK
+        set_seed(cfg.seed)  # the head and LoRA A are initialised from it
+        model = SpafitModel.from_pretrained(base_model, method, task)
+        tr = _encode(data_mod.to_examples(train_table, text_fields, label_field, task), model, cfg, task)
+        va = _encode(data_mod.to_examples(val_table, text_fields, label_field, task), model, cfg, task) \
+            if val_table is not None else None
+        report["train"]["truncated_rows"] = tr.truncated
+        if va is not None:
+            report["validation"]["truncated_rows"] = va.truncated
+        result = train(model, tr, cfg, validation=va, metrics=metrics, callback=callback,
+                       should_stop=should_stop, checkpoint_path=checkpoint_path)
     return FinetuneResult(model=model, train_result=result, report=report, max_seq_length=cfg.max_seq_length,
                           metrics=result.metrics)
 
