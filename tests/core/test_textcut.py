@@ -58,9 +58,10 @@ def test_a_pair_of_two_50k_character_sides_tokenises_in_small_time_and_memory(ti
     cut = _probe(path, 50_000, cut=True)
     assert cut["n_ids"] == 16
     assert cut["cpu_s"] < 2 and cut["rss_mb"] < 200, cut
-    # the bound means something: whole, a pair of 8,000-character sides (a sixth of that) already breaks it
+    # the bound means something: whole, a pair of 8,000-character sides (a sixth of that) costs ~1 GB here and
+    # 1.5 CPU s against the cut pair's 0.3 ms. A CI run once saw no RSS growth (2.8 CPU s): either measure counts
     whole = _probe(path, 8_000, cut=False)
-    assert whole["rss_mb"] > 200, whole
+    assert whole["rss_mb"] > 200 or whole["cpu_s"] > 100 * max(cut["cpu_s"], 0.001), (whole, cut)
 
 
 def test_two_long_sides_are_each_cut_to_their_first_max_length_words():
