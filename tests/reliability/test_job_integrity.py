@@ -454,6 +454,22 @@ def test_a_worker_session_left_idle_in_a_transaction_loses_its_locks(make_settin
         paused.dispose()
 
 
+def _claimed_here(app_client, key, db, task: str) -> tuple[uuid.UUID, Any, Any]:
+    """A job of `task` (its message held back) claimed by this test as a worker would: (id, lease, heartbeat)."""
+    from worker.lease import _Heartbeat, claim
+
+    train, val = _datasets(app_client, key.headers, n=24)
+    held: list[uuid.UUID] = []
+    broker, app_client.app.state.send_job = app_client.app.state.send_job, held.append
+    try:
+        job_id = uuid.UUID(_submit(app_client, key.headers, job_body(train, val, task=task)))
+    finally:
+        app_client.app.state.send_job = broker
+    c = claim(db, job_id, "test-runner", app_client.app.state.settings)
+    assert c.outcome == "claimed" and c.lease is not None
+    return job_id, c.lease, _Heartbeat(c.lease, 60.0, None)
+
+
 def test_a_heartbeat_that_meets_the_final_status_its_own_run_wrote_is_not_a_takeover(app_client, tenant_key, db):
     """Found in CI by the database-cut test: a beat held up by the database ran its fenced write just after the
     run's own final write, was refused, and the run reported a takeover that never happened ("1 fenced write(s)
@@ -461,19 +477,8 @@ def test_a_heartbeat_that_meets_the_final_status_its_own_run_wrote_is_not_a_take
     import threading
 
     from app.models import utcnow
-    from worker.lease import _Heartbeat, claim
 
-    key = tenant_key("train")
-    train, val = _datasets(app_client, key.headers, n=24)
-    held: list[uuid.UUID] = []
-    broker, app_client.app.state.send_job = app_client.app.state.send_job, held.append
-    try:
-        job_id = uuid.UUID(_submit(app_client, key.headers, job_body(train, val, task="beat-after-end")))
-    finally:
-        app_client.app.state.send_job = broker
-    c = claim(db, job_id, "test-runner", app_client.app.state.settings)
-    assert c.outcome == "claimed" and c.lease is not None
-    lease, hb = c.lease, _Heartbeat(c.lease, 60.0, None)
+    job_id, lease, hb = _claimed_here(app_client, tenant_key("train"), db, "beat-after-end")
     hb.beat()
     assert lease.refused == 0 and not lease.lost.is_set()  # a plain beat while the run holds the job
 
@@ -501,19 +506,8 @@ def test_a_success_write_that_stores_a_result_also_stands_the_heartbeat_down(app
     import threading
 
     from app.models import utcnow
-    from worker.lease import _Heartbeat, claim
 
-    key = tenant_key("train")
-    train, val = _datasets(app_client, key.headers, n=24)
-    held: list[uuid.UUID] = []
-    broker, app_client.app.state.send_job = app_client.app.state.send_job, held.append
-    try:
-        job_id = uuid.UUID(_submit(app_client, key.headers, job_body(train, val, task="beat-after-success")))
-    finally:
-        app_client.app.state.send_job = broker
-    c = claim(db, job_id, "test-runner", app_client.app.state.settings)
-    assert c.outcome == "claimed" and c.lease is not None
-    lease, hb = c.lease, _Heartbeat(c.lease, 60.0, None)
+    job_id, lease, hb = _claimed_here(app_client, tenant_key("train"), db, "beat-after-success")
     written, beat = threading.Event(), threading.Thread(target=hb.beat)
 
     def store_result(s) -> None:  # the shape of register / an evaluation's finish: status and result together
