@@ -197,11 +197,12 @@ def _job(session: Session, tenant_id: uuid.UUID, kind: str, version: AdapterVers
     session.add(job)
     try:
         session.flush()
-    except IntegrityError:  # the same Idempotency-Key, created concurrently
+    except IntegrityError:  # the same Idempotency-Key, created concurrently; or a dataset or version deleted
         session.rollback()
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+        existing = None if idempotency_key is None else session.scalar(
+            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
         if existing is None:
-            raise
+            raise jobs.deleted_meanwhile() from None
         return jobs._replay(existing, digest), False
     events.append_in(session, job.id, "status", {"status": "queued"})
     session.commit()

@@ -277,6 +277,11 @@ def content(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> tu
 def delete(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> None:
     """Delete the dataset, and its blob if nothing else uses it. `Conflict` if a job references it."""
     dataset = get(session, tenant_id, dataset_id)
+    if dataset.state == "importing" and dataset.import_attempts > 0:
+        # a worker is importing it and reads the row only when it stores the result: deleted now, the import would
+        # run on uncounted, and a tenant could go past its import limit by deleting imports as it starts them
+        raise Conflict(f"dataset {dataset_id} is being imported by a worker; delete it once its import has "
+                       "finished or failed (GET /v1/datasets/{id} shows its state)")
     used_by = session.scalars(select(Job.id).where(
         or_(Job.train_dataset_id == dataset.id, Job.validation_dataset_id == dataset.id)).limit(5)).all()
     if used_by:

@@ -252,12 +252,12 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
     session.add(job)
     try:
         session.flush()
-    except IntegrityError:  # the same Idempotency-Key, created concurrently
+    except IntegrityError:  # the same Idempotency-Key, created concurrently; or a dataset deleted meanwhile
         session.rollback()
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id,
-                                                    Job.idempotency_key == idempotency_key))
+        existing = None if idempotency_key is None else session.scalar(
+            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
         if existing is None:
-            raise
+            raise deleted_meanwhile() from None
         return _replay(existing, digest), False
     if sweep:
         from . import sweeps
@@ -277,6 +277,12 @@ def to_dispatch(session: Session, job: Job) -> list[uuid.UUID]:
     if job.kind != "sweep":
         return [job.id]
     return list(session.scalars(select(Job.id).where(Job.parent_job_id == job.id)))
+
+
+def deleted_meanwhile() -> NotFound:
+    """A job's insert that failed on a foreign key: what it names (a dataset, a version) was deleted between the
+    checks and the insert (once a 500)."""
+    return NotFound("a dataset or adapter version this job names was deleted while the job was being created")
 
 
 def _replay(job: Job, digest: str) -> Job:

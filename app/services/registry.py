@@ -83,7 +83,10 @@ def register_version(session: Session, tenant_id: uuid.UUID, task_name: str, cfg
             return existing
     task = get_or_create_task(session, tenant_id, task_name)
     # Lock the task row so two registrations cannot take the same number (Postgres; SQLite serialises writers).
-    session.execute(select(Task.id).where(Task.id == task.id).with_for_update())
+    # A task deleted between finding it and the lock is made again (a registration after a delete starts anew).
+    while session.scalar(select(Task.id).where(Task.id == task.id).with_for_update()) is None:
+        session.expunge(task)
+        task = get_or_create_task(session, tenant_id, task_name)
     number = (session.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.task_id == task.id))
               or 0) + 1
     sha = blobs.put(session, weights)
@@ -123,6 +126,9 @@ def active_version(session: Session, task: Task) -> AdapterVersion:
 
 def activate(session: Session, tenant_id: uuid.UUID, name: str, number: int) -> AdapterVersion:
     task = get_task(session, tenant_id, name)
+    # the task's row held to the commit: a delete meanwhile makes this a 404, not an update of a row now gone
+    if session.scalar(select(Task.id).where(Task.id == task.id).with_for_update()) is None:
+        raise NotFound(f"task {name!r} not found")
     version = get_version(session, task, number)
     task.active_version_id = version.id
     session.commit()
@@ -145,7 +151,11 @@ def delete_task(session: Session, tenant_id: uuid.UUID, name: str) -> list[uuid.
     session.delete(task)
     session.flush()
     for sha in shas:
-        blobs.delete_if_unreferenced(session, sha)
+        try:
+            with session.begin_nested():  # another tenant may be registering the same bytes right now
+                blobs.delete_if_unreferenced(session, sha)
+        except IntegrityError:  # it did: the blob stays for it (the delete of the task goes on)
+            pass
     session.commit()
     return ids
 

@@ -148,7 +148,10 @@ def ensure_secret(session: Session, tenant_id: uuid.UUID) -> Tenant:
 
 def rotate_secret(session: Session, tenant_id: uuid.UUID) -> Tenant:
     """A new secret; the old one keeps signing (alongside) for `webhook_secret_overlap_s`."""
-    tenant = ensure_secret(session, tenant_id)
+    ensure_secret(session, tenant_id)
+    # the row held to the commit and read fresh: two rotations at once take turns (each one's new secret is the
+    # other's previous), instead of the last writer dropping the first one's secret unseen
+    tenant = session.get(Tenant, tenant_id, with_for_update=True, populate_existing=True)
     tenant.webhook_secret_previous, tenant.webhook_secret = tenant.webhook_secret, new_secret()
     tenant.webhook_secret_rotated_at = utcnow()
     session.flush()
