@@ -14,7 +14,7 @@ from ..deps import SessionDep, SettingsDep, TrainPrincipal
 from ..errors import TooManyStreams
 from ..schemas import DB_INT_MAX, Page, problem_responses
 from ..schemas_jobs import JobCreate, JobEventOut, JobOut, JobStatus
-from ..services import events, jobs, retention, streams
+from ..services import events, jobs, keys, retention, streams
 from ..services.pagination import DEFAULT_LIMIT, MAX_LIMIT
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -100,7 +100,8 @@ async def job_events(*, job_id: uuid.UUID, request: Request, principal: TrainPri
         metrics.event_streams_refused.labels(tenant=str(tenant)).inc()
         raise
     body = streams.event_stream(db, request.app.state.event_hub, lease, job_id, after if resume is None else resume,
-                                request.app.state.settings)
+                                request.app.state.settings,
+                                keys.still_valid(db, request.app.state.serving.cache, principal))
     return streams.EventStreamResponse(body, lease, metrics.event_streams_open)
 
 

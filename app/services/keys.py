@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from ..db import Database
 from ..errors import Conflict, InvalidInput, NotFound, Unauthorized
@@ -132,6 +134,36 @@ def authenticate_fresh(db: Database, cache: Invalidation, plaintext: str) -> Pri
         principal = authenticate(session, plaintext)
     cache.put(("key", _digest(plaintext)), principal, generation)
     return principal
+
+
+def key_active(db: Database, key_id: uuid.UUID) -> bool:
+    """Whether key `key_id` still exists unrevoked (blocking: call it from a thread)."""
+    with db.session() as session:
+        return session.scalar(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))) is not None
+
+
+def still_valid(db: Database, cache: Invalidation, principal: Principal) -> Callable[[], Awaitable[bool]]:
+    """For a long-lived request (a live event stream): an async check that the key it opened with is not revoked
+    since. It asks the database only after the cache was invalidated (any key change in any replica bumps its
+    generation within a second); otherwise it costs nothing."""
+    seen = cache.generation
+
+    async def check() -> bool:
+        nonlocal seen
+        if principal.key_id is None:  # auth off
+            return True
+        generation = cache.generation
+        if generation == seen:
+            return True
+        try:
+            ok = await run_in_threadpool(key_active, db, principal.key_id)
+        except SQLAlchemyError:  # the database is away: the stream's own read fails and asks for a reconnect
+            return True
+        if ok:
+            seen = generation
+        return ok
+
+    return check
 
 
 def _digest(plaintext: str) -> str:

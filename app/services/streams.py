@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -305,8 +305,10 @@ def _sse(event: str, data: Any, id: int | None = None) -> str:
 
 
 async def event_stream(db: Database, hub: EventHub, lease: Lease, job_id: uuid.UUID, after: int,
-                       settings: Settings) -> AsyncIterator[str]:
-    """The body of a live stream: events with seq > `after` until the job ends or the stream's time is up."""
+                       settings: Settings, allowed: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[str]:
+    """The body of a live stream: events with seq > `after` until the job ends or the stream's time is up.
+    `allowed`: checked before each batch of events is sent; once False (the key was revoked), the stream ends
+    with `reconnect` (reason `unauthorized`: the client's next request gets the 401)."""
     opened = time.monotonic()
     deadline = opened + settings.sse_max_duration_s
     last_write = opened
@@ -320,6 +322,10 @@ async def event_stream(db: Database, hub: EventHub, lease: Lease, job_id: uuid.U
                             exc_info=True)
                 await lease.release()
                 yield _sse("reconnect", {"last_event_id": seq, "reason": "database-unavailable"})
+                return
+            if allowed is not None and not await allowed():
+                await lease.release()
+                yield _sse("reconnect", {"last_event_id": seq, "reason": "unauthorized"})
                 return
             for e_seq, e_type, data, created in rows:
                 seq = e_seq
