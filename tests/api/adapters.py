@@ -127,6 +127,15 @@ def serve(settings: Any) -> Iterator[Any]:
         yield client
 
 
+@contextmanager
+def served_on(base: str, pg_url: str, redis_url: str, redis_prefix: str, tmp_path_factory: Any,
+              **overrides: Any) -> Iterator[Any]:
+    """`serve` of an app on backbone `base` (CPU), with a data folder of its own: a module's `api` fixture."""
+    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("data")) as make, \
+            serve(make(default_base_model=base, engine_device="cpu", **overrides)) as client:
+        yield client
+
+
 def direct(client: Any, version_id: Any, inputs: list, top_k: int | None = None) -> list[dict]:
     """What the app's own engine answers for a version, called directly (no HTTP, no batcher)."""
     return client.serving.engine.predict(str(version_id), inputs, top_k)

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from .adapters import SPAFIT, TEXTS, random_adapter, register, serve, settings_factory, tiny_backbone, zip_of
+from .adapters import SPAFIT, TEXTS, random_adapter, register, served_on, tiny_backbone, zip_of
 from .helpers import assert_problem
 
 peft = pytest.importorskip("peft")
@@ -26,8 +26,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
-    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("data")) as make, \
-            serve(make(default_base_model=base, engine_device="cpu", preload_base_model=True)) as client:
+    with served_on(base, pg_url, redis_url, redis_prefix, tmp_path_factory, preload_base_model=True) as client:
         yield client
 
 

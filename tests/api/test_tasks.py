@@ -20,7 +20,7 @@ from .adapters import (
     random_adapter,
     register,
     serve,
-    settings_factory,
+    served_on,
     tiny_backbone,
     zip_of,
 )
@@ -48,8 +48,7 @@ def zoo(base):
 
 @pytest.fixture(scope="module")
 def api(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
-    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("data")) as make, \
-            serve(make(default_base_model=base, engine_device="cpu", preload_base_model=True)) as client:
+    with served_on(base, pg_url, redis_url, redis_prefix, tmp_path_factory, preload_base_model=True) as client:
         yield client
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from .adapters import SPAFIT, pack, random_adapter, register, serve, settings_factory, tiny_backbone
+from .adapters import SPAFIT, pack, random_adapter, register, served_on, tiny_backbone
 from .helpers import assert_problem, csv_bytes, upload
 
 
@@ -21,8 +21,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
-    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("data")) as make, \
-            serve(make(default_base_model=base, engine_device="cpu", preload_base_model=False)) as client:
+    with served_on(base, pg_url, redis_url, redis_prefix, tmp_path_factory, preload_base_model=False) as client:
         yield client
 
 
