@@ -13,6 +13,7 @@ Services raise these classes; handlers never build error responses themselves.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from http import HTTPStatus
@@ -223,6 +224,17 @@ def _title(slug: str) -> str:
     return slug.replace("-", " ").capitalize()
 
 
+class ProblemResponse(JSONResponse):
+    """JSON that no message can fail to render: a lone surrogate echoed from the input (a JSON escape such as
+    \\ud800) goes out as that escape instead of raising while the error is reported."""
+
+    media_type = PROBLEM_MEDIA_TYPE
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "backslashreplace")
+
+
 def problem(status: int, slug: str | None, detail: str, *, request: Request | None = None,
             title: str | None = None, headers: dict[str, str] | None = None, **members: Any) -> JSONResponse:
     """A problem+json response. `slug=None` means "about:blank": the status code says it all (RFC 9457 4.2.1)."""
@@ -234,7 +246,7 @@ def problem(status: int, slug: str | None, detail: str, *, request: Request | No
     if request is not None:
         body["instance"] = request.url.path
     body.update({k: v for k, v in members.items() if v is not None})
-    return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+    return ProblemResponse(jsonable_encoder(body), status_code=status, headers=headers)
 
 
 def _location(loc: tuple | list) -> str:

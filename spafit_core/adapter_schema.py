@@ -207,19 +207,32 @@ CONFIG_SCHEMA: dict[str, tuple[bool, Any]] = {  # key: (required, check)
 }
 
 
+def _is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate (a JSON escape such as \\ud800): not encodable as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _clean_json(value: Any, path: str = "", depth: int = 0) -> None:
-    """No NaN / infinity and no NUL characters anywhere: the registry stores the config as JSON(B)."""
+    """No NaN / infinity, no NUL characters and no lone surrogates anywhere: the registry stores the config as
+    JSON(B), and errors echo its strings back as UTF-8."""
     if depth > 32:
         raise AdapterError(f"{CONFIG_FILE}: nested deeper than 32 levels at {path or 'the top'}", field=path or None)
     if isinstance(value, float) and not math.isfinite(value):
         raise _bad(path, "a finite number", value)
     if isinstance(value, str) and "\x00" in value:
         raise AdapterError(f"{CONFIG_FILE}: {path} holds a NUL character", field=path or None)
+    if isinstance(value, str) and not _is_unicode(value):
+        raise AdapterError(f"{CONFIG_FILE}: {path} holds a lone surrogate (\\ud800-\\udfff): not valid Unicode",
+                           field=path or None)
     if isinstance(value, dict):
         for k, v in value.items():
-            if "\x00" in str(k):
-                raise AdapterError(f"{CONFIG_FILE}: a key in {path or 'the config'} holds a NUL character",
-                                   field=path or None)
+            if "\x00" in str(k) or not _is_unicode(str(k)):
+                raise AdapterError(f"{CONFIG_FILE}: a key in {path or 'the config'} holds a NUL character or a "
+                                   "lone surrogate", field=path or None)
             _clean_json(v, f"{path}.{k}" if path else str(k), depth + 1)
     elif isinstance(value, list):
         for i, v in enumerate(value):

@@ -14,11 +14,13 @@ from ..schemas import Health, Problem, Readiness, problem_responses
 router = APIRouter(tags=["health"])
 
 
+@router.head("/healthz", include_in_schema=False, response_model=None)  # HEAD probes: GET without the body
 @router.get("/healthz", response_model=Health, summary="The process is alive")
 def healthz() -> Health:
     return Health(status="ok")
 
 
+@router.head("/readyz", include_in_schema=False, response_model=None)
 @router.get("/readyz", response_model=Readiness, summary="Database, broker and engine are usable",
             responses={503: {"model": Problem, "description": "a check failed; `checks` says which"}})
 async def readyz(*, request: Request, metrics: MetricsDep) -> Response | Readiness:

@@ -330,7 +330,7 @@ class Serving:
                 start = time.perf_counter()
                 try:
                     outs = engine.fan_out_many([s.adapter for s in group], chunk, top_k)
-                except SpafitError:
+                except (SpafitError, AppError):  # keep their type: 404 (deleted since resolved), blob-corrupted
                     raise
                 except Exception as e:  # the engine failed on these inputs: say so with a reference to the log
                     ref = uuid.uuid4().hex
