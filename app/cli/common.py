@@ -37,6 +37,14 @@ def exit_code_for(exc: BaseException) -> int | None:
     core = sys.modules.get("spafit_core.errors")
     if core is not None and isinstance(exc, core.SpafitError):
         return exit_code_for_status(exc.status)
+    sa = sys.modules.get("sqlalchemy.exc")
+    if sa is not None and isinstance(exc, sa.OperationalError):  # admin commands: the database is unreachable
+        return EXIT_UNREACHABLE
+    pd = sys.modules.get("pydantic")
+    if pd is not None and isinstance(exc, pd.ValidationError) and exc.title == "Settings":  # SPAFIT_* misconfigured
+        return EXIT_USAGE
+    if isinstance(exc, OSError):  # a local file: missing, unwritable, not an adapter folder
+        return EXIT_FAILED
     return None
 
 
@@ -116,7 +124,15 @@ def remote(f: Callable[..., Any]) -> Callable[..., Any]:
     @json_option
     @functools.wraps(f)
     def wrapper(url: str, api_key: str | None, http_timeout: float, **kwargs: Any) -> Any:
+        import httpx
         from spafit_client import Client
+
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL as e:
+            raise click.BadParameter(f"{url!r}: {e}", param_hint="--url") from None
+        if api_key and not api_key.isascii():
+            raise click.BadParameter("an API key is ASCII (spafit_<prefix>_<secret>)", param_hint="--api-key")
 
         with Client(url, api_key=api_key or "", timeout=http_timeout) as client:
             return f(client=client, **kwargs)

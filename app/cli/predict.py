@@ -56,7 +56,11 @@ def predict(client: Any, args: tuple[str, ...], file: Any, tasks: str | None, to
 
 def _read_inputs(file: Any) -> list[Any]:
     out: list[Any] = []
-    for n, line in enumerate(file, 1):
+    try:
+        lines = list(file)
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"not UTF-8 text ({e.reason} at byte {e.start})", param_hint="--file") from None
+    for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue

@@ -13,7 +13,10 @@ from .common import EVENTS_PAGE, emit, main, metric_text, remote, table
 def _int_list(value: str | None) -> list[Any] | None:
     if not value:
         return None
-    return [float(v) if "." in v else int(v) for v in value.split(",") if v.strip()]
+    try:
+        return [float(v) if "." in v else int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give numbers separated by commas") from None
 
 
 @main.command()

@@ -17,6 +17,7 @@ from ._client import Client
 from ._version import __version__
 from .errors import (
     APIConnectionError,
+    APIResponseError,
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
@@ -60,7 +61,7 @@ from .webhooks import sign_webhook, verify_webhook
 
 __all__ = [
     "DEFAULT_BASE_URL", "AsyncClient", "Client", "RetryPolicy", "__version__",
-    "APIConnectionError", "APITimeoutError", "AuthenticationError", "BadRequestError", "ConflictError",
+    "APIConnectionError", "APIResponseError", "APITimeoutError", "AuthenticationError", "BadRequestError", "ConflictError",
     "DatasetImportFailed", "ImportWaitTimeout", "JobCancelled", "JobFailed", "NotFoundError", "OverloadedError",
     "PayloadTooLargeError",
     "PermissionDeniedError", "RateLimitError", "ServerError", "SpafitAPIError", "SpafitError", "ValidationError",

@@ -129,6 +129,8 @@ class AsyncClient:
                 return response
             await response.aread()
             await response.aclose()
+            if attempt > 0 and call.done_if is not None and response.status_code in call.done_if:
+                return response  # an earlier attempt went through; its answer was lost
             if response.status_code in RETRY_STATUSES and call.retryable and attempt < self.retry.max_retries:
                 await self._sleep(self.retry.delay(attempt, parse_retry_after(response.headers.get("retry-after"))))
                 attempt += 1
@@ -140,6 +142,8 @@ class AsyncClient:
         response = await self._send(call, stream=True, timeout=stream_timeout(self.timeout, read_timeout))
         try:
             yield response
+        except httpx.TransportError as e:  # the body was cut or stalled after the answer began
+            raise error_from_transport(e, str(response.request.url)) from e
         finally:
             await response.aclose()
 
@@ -219,7 +223,11 @@ class AsyncJobs:
                           cursor)
 
     async def cancel(self, job: str | Job) -> Job:
-        return await self._c._call(E.cancel_job(job))
+        call = E.cancel_job(job)
+        response = await self._c._send(call)
+        if response.status_code == 409:  # a retry after the first attempt went through (its answer lost)
+            return await self.get(job)
+        return parse(call, response)
 
     async def delete(self, job: str | Job) -> None:
         await self._c._call(E.delete_job(job))

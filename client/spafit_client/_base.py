@@ -11,6 +11,7 @@ from functools import cache
 from typing import Any, Generic, TypeVar, cast
 
 import httpx
+import pydantic
 from pydantic import BaseModel, TypeAdapter
 
 from ._version import __version__
@@ -82,6 +83,7 @@ class Call(Generic[T]):
     retry: bool | None = None  # None: decided by the method and the Idempotency-Key header
     model: Any = None
     raw: bool = False
+    done_if: frozenset[int] | None = None  # statuses that, on a retry, mean an earlier attempt went through
 
     @property
     def retryable(self) -> bool:
@@ -113,9 +115,15 @@ def parse(call: Call[T], response: httpx.Response) -> T:
     """The answer as the call's type: its model, the response itself (`raw`), or None."""
     if call.raw:
         return cast(T, response)
-    if response.status_code == 204 or call.model is None:
+    if response.status_code == 204 or call.model is None or (call.done_if and response.status_code in call.done_if):
         return cast(T, None)
-    return cast(T, _adapter(call.model).validate_json(response.content))
+    try:
+        return cast(T, _adapter(call.model).validate_json(response.content))
+    except pydantic.ValidationError as e:
+        from .errors import APIResponseError
+        raise APIResponseError(f"the answer of {response.request.method} {response.request.url} is not what the "
+                               f"service sends: {e.error_count()} problem(s), e.g. {e.errors()[0]['msg']}",
+                               url=str(response.request.url)) from None
 
 
 @cache

@@ -136,6 +136,8 @@ class Client:
                 return response
             response.read()
             response.close()
+            if attempt > 0 and call.done_if is not None and response.status_code in call.done_if:
+                return response  # an earlier attempt went through; its answer was lost
             if response.status_code in RETRY_STATUSES and call.retryable and attempt < self.retry.max_retries:
                 self._sleep(self.retry.delay(attempt, parse_retry_after(response.headers.get("retry-after"))))
                 attempt += 1
@@ -147,6 +149,8 @@ class Client:
         response = self._send(call, stream=True, timeout=stream_timeout(self.timeout, read_timeout))
         try:
             yield response
+        except httpx.TransportError as e:  # the body was cut or stalled after the answer began
+            raise error_from_transport(e, str(response.request.url)) from e
         finally:
             response.close()
 
@@ -242,7 +246,11 @@ class Jobs:
 
     def cancel(self, job: str | Job) -> Job:
         """Cancel a queued job at once or a running one at its next step (`cancel_requested` is set)."""
-        return self._c._call(E.cancel_job(job))
+        call = E.cancel_job(job)
+        response = self._c._send(call)
+        if response.status_code == 409:  # a retry after the first attempt went through (its answer lost)
+            return self.get(job)
+        return parse(call, response)
 
     def delete(self, job: str | Job) -> None:
         """Delete a finished job with its events (409 while queued or running: cancel it first). The adapter

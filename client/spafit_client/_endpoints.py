@@ -53,11 +53,12 @@ def ready() -> Call[Readiness]:
 # ---------------------------------------------------------------------------------------------- datasets
 def _read(source: FileInput) -> tuple[str, bytes]:
     if isinstance(source, bytes):
-        return "data.csv", source
+        return "data", source  # no extension: the service sniffs the format (CSV, TSV or JSON Lines)
     if isinstance(source, str | os.PathLike):
         path = Path(source)
         return path.name, path.read_bytes()
-    return Path(getattr(source, "name", "data.csv")).name, source.read()
+    name = getattr(source, "name", None)
+    return (Path(name).name if isinstance(name, str | os.PathLike) else "data"), source.read()
 
 
 def upload_dataset(source: FileInput, *, name: str | None, text_fields: list[str] | str | None,
@@ -94,7 +95,7 @@ def list_datasets(*, limit: int | None, cursor: str | None) -> Call[Page[Dataset
 
 
 def delete_dataset(dataset: Any) -> Call[None]:
-    return Call("DELETE", f"/v1/datasets/{_seg(resource_id(dataset))}")
+    return Call("DELETE", f"/v1/datasets/{_seg(resource_id(dataset))}", done_if=frozenset({404}))
 
 
 # -------------------------------------------------------------------------------------------------- jobs
@@ -127,11 +128,11 @@ def list_jobs(*, status: str | None, task: str | None, limit: int | None,
 
 def cancel_job(job: Any) -> Call[Job]:
     # Safe to repeat: a second cancel of the same job changes nothing (a finished job answers 409).
-    return Call("POST", f"/v1/jobs/{_seg(resource_id(job))}/cancel", retry=True, model=Job)
+    return Call("POST", f"/v1/jobs/{_seg(resource_id(job))}/cancel", retry=True, model=Job, done_if=frozenset({409}))
 
 
 def delete_job(job: Any) -> Call[None]:
-    return Call("DELETE", f"/v1/jobs/{_seg(resource_id(job))}")
+    return Call("DELETE", f"/v1/jobs/{_seg(resource_id(job))}", done_if=frozenset({404}))
 
 
 def job_events(job: Any, *, after: int, limit: int | None) -> Call[list[JobEvent]]:
@@ -235,7 +236,7 @@ def activate_version(task: str, version: int) -> Call[Task]:
 
 
 def delete_task(task: str) -> Call[None]:
-    return Call("DELETE", f"/v1/tasks/{_seg(task)}")
+    return Call("DELETE", f"/v1/tasks/{_seg(task)}", done_if=frozenset({404}))
 
 
 def download_adapter(task: str, *, version: int | None, format: str | None = None) -> Call[httpx.Response]:
@@ -275,7 +276,7 @@ def save_archive(response: httpx.Response, task: str, path: str | os.PathLike[st
     disposition = response.headers.get("content-disposition", "")
     filename = disposition.partition('filename="')[2].rstrip('"') or f"{task}.zip"
     target = Path(path) if path is not None else Path(filename)
-    if target.is_dir():
+    if target.is_dir() or (path is not None and str(path).endswith(("/", os.sep))):
         target = target / Path(filename).name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(response.content)

@@ -249,3 +249,7 @@ def parse_retry_after(value: str | None) -> float | None:
 class WebhookVerificationError(SpafitError, builtins.ValueError):
     """`verify_webhook`: a webhook whose signature does not match, whose headers are missing, or whose
     timestamp is outside the tolerance (a replay). Answer it with a 4xx and do not act on it."""
+
+
+class APIResponseError(APIConnectionError):
+    """An answer that is not the service's (not its JSON): the URL points elsewhere, or a proxy answered."""

@@ -1,5 +1,5 @@
 """Bugs found by attacking the HTTP surface of serving and of the task registry as a hostile or careless client
-would (see /work/notes/hunt_predict.md). Each test fails on the code as it was found and passes once fixed."""
+would. Each test fails on the code as it was found and passes once fixed."""
 
 from __future__ import annotations
 
