@@ -25,6 +25,13 @@ def _not_bool(value: object) -> object:
     return value
 
 
+def _not_bool_int(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("an integer, not a boolean")
+    return value
+
+
+NotBoolInt = Annotated[int, BeforeValidator(_not_bool_int)]  # `true` is not a rank of 1
 LayerValue = Annotated[int | float, BeforeValidator(_not_bool)]  # an int is a layer index, a float a fraction
 
 
@@ -49,9 +56,9 @@ class MethodIn(BaseModel):
 
     name: Literal["spafit", "lora", "bitfit"] = Field(
         default="spafit", description="`full` fine-tuning is not offered: it yields a whole model, not an adapter")
-    n1: int | float | None = Field(default=None, ge=-1024, le=1024, description="first bias-only layer (default L/3)")
-    n2: int | float | None = Field(default=None, ge=-1024, le=1024, description="first LoRA layer (default 2L/3)")
-    rank: int = Field(default=8, ge=1, le=MAX_RANK, description=f"LoRA rank, in [1, {MAX_RANK}]")
+    n1: LayerValue | None = Field(default=None, ge=-1024, le=1024, description="first bias-only layer (default L/3)")
+    n2: LayerValue | None = Field(default=None, ge=-1024, le=1024, description="first LoRA layer (default 2L/3)")
+    rank: NotBoolInt = Field(default=8, ge=1, le=MAX_RANK, description=f"LoRA rank, in [1, {MAX_RANK}]")
     alpha: float = Field(default=16.0, gt=0, le=4096, description="LoRA alpha, in (0, 4096]; the update is scaled "
                          "by alpha / rank")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA input, in [0, 1)")

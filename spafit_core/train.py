@@ -314,13 +314,15 @@ def train(
             emit({"type": "checkpoint", "step": state["step"], "epoch": state["epoch"],
                   "path": str(ckpt), "epoch_end": at_epoch_end})
 
-    stopped_early = False
+    # A run resumed from the checkpoint its early stop wrote (the process killed while it serialised the adapter)
+    # stops there too, rather than training on into another run.
+    stopped_early = bool(state.get("stopped_early"))
     start_time = time.perf_counter()
     base_seconds = state["train_seconds"]
     steps_done_this_run = 0
     try:
         model.prefix_eval = use_cache  # set here, so a refusal above (a checkpoint, the cache) leaves it as it was
-        while state["epoch"] < cfg.epochs:
+        while state["epoch"] < cfg.epochs and not stopped_early:
             epoch = state["epoch"]
             model.train()
             order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
@@ -398,7 +400,7 @@ def train(
             state["train_seconds"] = base_seconds + time.perf_counter() - start_time
             patience = cfg.early_stopping_patience
             if patience is not None and state["bad_epochs"] >= patience and state["epoch"] < cfg.epochs:
-                stopped_early = True
+                stopped_early = state["stopped_early"] = True
                 emit({"type": "early_stop", "epoch": state["epoch"], "best_epoch": state["best_epoch"]})
                 save(True)
                 break

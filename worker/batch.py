@@ -77,7 +77,7 @@ def stream_rows(reader: _BlobReader, fmt: str) -> Iterator[dict[str, object]]:
         header = None
         for _start, _end, row in core_data._numbered_rows(rdr, lines):
             if header is None:
-                header = row
+                header = [c.strip() for c in row]  # the names as the upload read them (`data_read._header`)
                 continue
             yield dict(zip(header, row, strict=False))
         return

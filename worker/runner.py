@@ -131,6 +131,10 @@ def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Setti
         def register(s: Session) -> None:
             old_ckpt = s.scalar(select(Job.checkpoint_sha256).where(Job.id == job_id))
             lease.hold(s)  # checked (and the row locked) before anything is registered
+            # A cancel accepted after the last step (during the final evaluation or the serialising) wins: nothing
+            # is registered or activated. The API's cancel locks this row too, so one of the two comes first.
+            if s.scalar(select(Job.cancel_requested).where(Job.id == job_id)):
+                raise TrainingCancelled("cancelled before its adapter was registered")
             version = registry.register_version(s, job.tenant_id, job.task_name, cfg, weights, job_id=job_id)
             lease.hold(s, status="succeeded", finished_at=utcnow(), adapter_version_id=version.id,
                        metrics=result.metrics, checkpoint_sha256=None, error_type=None, error_message=None)

@@ -188,6 +188,10 @@ def _replayed(session: Session, tenant_id: uuid.UUID, idempotency_key: str | Non
 def _job(session: Session, tenant_id: uuid.UUID, kind: str, version: AdapterVersion, task: str, ds: Dataset,
          text_fields: list[str], label_field: str | None, options: dict, settings: Settings,
          idempotency_key: str | None, digest: str) -> tuple[Job, bool]:
+    if idempotency_key is not None:  # again under the tenant's lock: a concurrent try of this request committed first
+        existing = jobs.replayed_under_lock(session, tenant_id, idempotency_key)
+        if existing is not None:
+            return jobs._replay(existing, digest), False
     jobs._check_active_jobs(session, tenant_id, settings, 1)
     task_type = ((version.config or {}).get("task") or {}).get("task_type") or "single_label_classification"
     job = Job(tenant_id=tenant_id, kind=kind, task_name=task, task_type=task_type, base_model=version.base_model,

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -100,8 +101,12 @@ def max_positions(base_model: str) -> int | None:
 _POSITIONS: dict[str, int] = {}
 
 
+_IMPORT_LOCK = threading.Lock()  # transformers' lazy module is not safe to import from several threads at once
+
+
 def _read_max_positions(base_model: str) -> int | None:
-    from transformers import AutoConfig
+    with _IMPORT_LOCK:  # the first concurrent creates of a fresh process raced it: ImportError, a 500
+        from transformers import AutoConfig
 
     from spafit_core.backbone import resolve_model_path
 
@@ -182,6 +187,14 @@ def _check_active_jobs(session: Session, tenant_id: uuid.UUID, settings: Setting
                           headers={"Retry-After": str(TOO_MANY_JOBS_RETRY_AFTER_S)}, limit=limit, active=active)
 
 
+def replayed_under_lock(session: Session, tenant_id: uuid.UUID, idempotency_key: str) -> Job | None:
+    """The job a concurrent request with this Idempotency-Key created, looked up with the tenant's row locked (as
+    `_check_active_jobs` locks it): without this, a retry racing its first try waited for that lock, then counted
+    the first try's job against the tenant's limit and answered 429 instead of the job."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+
+
 def request_hash(body: JobCreate) -> str:
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -241,6 +254,10 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
                               field="validation_dataset")
     else:
         adding = 1
+    if idempotency_key is not None:  # again under the tenant's lock: a concurrent try of this request committed first
+        existing = replayed_under_lock(session, tenant_id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest), False
     _check_active_jobs(session, tenant_id, settings, adding)
     job = Job(tenant_id=tenant_id, kind="sweep" if sweep else "train", task_name=body.task, task_type=body.task_type or train.task_type
               or "single_label_classification", base_model=base_model, train_dataset_id=train.id,
@@ -457,8 +474,14 @@ def requeue_orphans(db: Database, send: Sender, settings: Settings) -> list[uuid
         lost_queued = (Job.status == "queued") & (Job.kind != "sweep") & (Job.cancel_requested.is_(False)) & (
             Job.enqueued_at.is_(None) | unclaimed
             | ((Job.broker_epoch != epoch) if epoch is not None else False))
-        dead_running = (Job.status == "running") & (Job.kind != "sweep") & (Job.heartbeat_at.is_(None) | (Job.heartbeat_at < stale)) & (
-            Job.enqueued_at.is_(None) | (Job.enqueued_at < stale))
+        # A dead running job is re-sent once per silence of its worker (not since it went silent), then again only
+        # as a queued one would be (the message unclaimed with nothing waiting, or sent to a broker that lost it):
+        # re-sent every staleness period, its copies piled up while workers were down (22 for one job in a minute
+        # and a half), each costing a worker a fresh child before any new job could start.
+        dead_running = (Job.status == "running") & (Job.kind != "sweep") & (
+            Job.heartbeat_at.is_(None) | (Job.heartbeat_at < stale)) & (
+            Job.enqueued_at.is_(None) | (Job.enqueued_at < Job.heartbeat_at) | unclaimed
+            | ((Job.broker_epoch != epoch) if epoch is not None else False))
         ids = list(s.scalars(select(Job.id).where(or_(lost_queued, dead_running)).limit(500)))
     sent = [i for i in ids if dispatch(send, i, db)]
     if sent:

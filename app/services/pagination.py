@@ -28,6 +28,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         ts, id = json.loads(raw)
+        if not isinstance(ts, str) or not isinstance(id, str):  # e.g. a forged cursor with a number as its id
+            raise ValueError("cursor parts must be strings")
         created_at = datetime.fromisoformat(ts)
         if created_at.tzinfo is None:
             raise ValueError("naive timestamp")
