@@ -207,8 +207,9 @@ CONFIG_SCHEMA: dict[str, tuple[bool, Any]] = {  # key: (required, check)
 }
 
 
-def _is_unicode(text: str) -> bool:
-    """False for a str holding a lone surrogate (a JSON escape such as \\ud800): not encodable as UTF-8."""
+def is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate (JSON lets the escape \\ud800 through): not encodable as UTF-8, so
+    neither a tokenizer, Postgres JSON nor a UTF-8 response can take it."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -225,12 +226,12 @@ def _clean_json(value: Any, path: str = "", depth: int = 0) -> None:
         raise _bad(path, "a finite number", value)
     if isinstance(value, str) and "\x00" in value:
         raise AdapterError(f"{CONFIG_FILE}: {path} holds a NUL character", field=path or None)
-    if isinstance(value, str) and not _is_unicode(value):
+    if isinstance(value, str) and not is_unicode(value):
         raise AdapterError(f"{CONFIG_FILE}: {path} holds a lone surrogate (\\ud800-\\udfff): not valid Unicode",
                            field=path or None)
     if isinstance(value, dict):
         for k, v in value.items():
-            if "\x00" in str(k) or not _is_unicode(str(k)):
+            if "\x00" in str(k) or not is_unicode(str(k)):
                 raise AdapterError(f"{CONFIG_FILE}: a key in {path or 'the config'} holds a NUL character or a "
                                    "lone surrogate", field=path or None)
             _clean_json(v, f"{path}.{k}" if path else str(k), depth + 1)

@@ -16,6 +16,8 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 
+from spafit_core.adapter_schema import is_unicode
+
 from ..deps import PredictPrincipal, ServingDep, SettingsDep
 from ..errors import ClientClosedRequest
 from ..schemas import (
@@ -85,7 +87,7 @@ def checked_inputs(inputs: list[PredictInput], settings: Settings, *, one_kind: 
                 errors.append(_error(loc, "string_too_short", "text must not be empty"))
             elif len(text) > limit:
                 errors.append(_error(loc, "string_too_long", f"text is longer than {limit} characters"))
-            elif not _is_unicode(text):
+            elif not is_unicode(text):
                 errors.append(_error(loc, "string_unicode", "text holds a lone surrogate (a \\ud800-\\udfff "
                                      "escape without its pair): not valid Unicode"))
     if one_kind and len({isinstance(x, str) for x in out}) > 1:
@@ -160,12 +162,3 @@ async def fan_out(*, body: FanOutRequest, principal: PredictPrincipal, settings:
     serving.remember_key(request.headers, str(principal.tenant_id))
     results = await unless_disconnected(request, serving.fan_out(principal.tenant_id, tasks, inputs, body.top_k))
     return _json(results, {"results": results})
-
-
-def _is_unicode(text: str) -> bool:
-    """False for text a tokenizer cannot take: JSON lets a lone surrogate escape (\\ud800) through."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
