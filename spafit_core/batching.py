@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any
@@ -86,6 +86,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
         self._alone = False  # the last pass held light tenants' rows alone
         self._light_at = float("-inf")  # when a pass holding all a new tenant had waiting last ended
         self._light_taken = False  # the rows `_take` returned last hold such a tenant's
+        self._light_tenants: OrderedDict[str, float] = OrderedDict()  # tenant -> when it last ran as light
         self._deficit: dict[str, float] = {}
         self._in_turn = False  # the tenant at the head of the ring is in the middle of its turn
         self._saturated = False  # the last batch was full or left rows waiting: worth waiting for company

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +39,7 @@ class BatchingConfig:
     # 32-row passes of a flooding tenant would cost a light one two long passes per request. None: no bound, and the
     # light tenants' rows share their pass with the others' (on a GPU, where a pass costs about the same whatever
     # its rows, set it to None).
-    shared_batch_size: int | None = 4
+    shared_batch_size: int | None = 2
     shared_window_s: float = 1.0
     timeout_s: float = 30.0  # per request, from submission
 
@@ -97,6 +97,7 @@ class TenantQueues:
     _deferred: set[str]  # tenants whose requests the last tokenising left untokenised (no room in a pass)
     _alone: bool
     _light_at: float
+    _light_tenants: OrderedDict[str, float]  # tenant -> when its rows last ran as a light tenant's (oldest first)
     _light_taken: bool
     _deficit: dict[str, float]
     _in_turn: bool
@@ -172,14 +173,27 @@ class TenantQueues:
             # their pass the others' rows in each pass are bounded (`_limit`), so that their next rows wait for one
             # small pass, not a full one.
             fresh, self._fresh = self._fresh, set()
+            # While a light tenant is being served, a tenant that was not light itself within the window is light
+            # only with at most a small pass's worth of rows: a flood's first burst (a new tenant whose rows fit a
+            # pass) would otherwise share the light tenant's pass, or take a long one of its own, and every light
+            # tenant would wait for it. A tenant light within the window keeps the whole pass for its rows.
+            window = self._limit(now) < cfg.max_batch_size
             for tenant in [t for t in self._new if t in fresh]:
+                room = cfg.max_batch_size - len(items)
+                if window and now - self._light_tenants.get(tenant, -math.inf) >= cfg.shared_window_s:
+                    room = min(room, self._shared_limit())
                 if (len(items) < cfg.max_batch_size and tenant not in self._deferred  # no backlog untokenised
-                        and self._fits(tenant, cfg.max_batch_size - len(items))):
+                        and self._fits(tenant, room)):
                     took = len(items)
                     self._fill(tenant, items, cfg.max_batch_size)
-                    light = light or len(items) > took
+                    if len(items) > took:
+                        light = True
+                        self._light_tenants[tenant] = now
+                        self._light_tenants.move_to_end(tenant)
                     if not self._queues[tenant]:
                         self._forget(tenant)
+            while self._light_tenants and now - next(iter(self._light_tenants.values())) >= cfg.shared_window_s:
+                self._light_tenants.popitem(last=False)  # out of the window: forgotten (so bounded by the window)
             self._light_taken = light
             if light and cfg.shared_batch_size is not None and not self._alone:
                 # A light tenant's rows run in a pass of their own: on a CPU a pass costs about its rows, so the
