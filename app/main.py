@@ -128,12 +128,23 @@ def _problem_openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+def _resolve_transformers() -> None:
+    """Resolve the names request threads import from transformers lazily, once, before any request runs:
+    transformers' lazy module is not safe to import from several threads at once (a fresh process's first
+    concurrent job creates and adapter imports failed with ImportError, a 500)."""
+    from spafit_core.adapter_schema import TRANSFORMERS_IMPORT_LOCK
+
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import AutoConfig, AutoTokenizer  # noqa: F401  (no torch: the engine imports it when used)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     _configure_logging(settings.log_level)
     # Python picks its temporary directory on first use by writing and deleting a scratch file there: done now,
     # not when the first large upload spills to disk (a process killed mid-upload left that file behind).
     tempfile.gettempdir()
+    _resolve_transformers()
     db = Database.from_settings(settings)
     metrics = Metrics()
     readiness = Readiness(timeout=settings.readiness_timeout)

@@ -25,13 +25,15 @@ def _not_bool(value: object) -> object:
     return value
 
 
-def _not_bool_int(value: object) -> object:
+def _not_bool_number(value: object) -> object:
     if isinstance(value, bool):
-        raise ValueError("an integer, not a boolean")
+        raise ValueError("a number, not a boolean")
     return value
 
 
-NotBoolInt = Annotated[int, BeforeValidator(_not_bool_int)]  # `true` is not a rank of 1
+# `true` is not 1: pydantic's lax mode would take it as a rank, an epoch count or a learning rate of 1
+NotBoolInt = Annotated[int, BeforeValidator(_not_bool_number)]
+NotBoolFloat = Annotated[float, BeforeValidator(_not_bool_number)]
 LayerValue = Annotated[int | float, BeforeValidator(_not_bool)]  # an int is a layer index, a float a fraction
 
 
@@ -44,8 +46,8 @@ class SweepIn(BaseModel):
     n2: list[LayerValue] | None = Field(default=None, min_length=1, max_length=12, description="values of n2 to try")
     rank: list[Annotated[StrictInt, Field(ge=1, le=MAX_RANK)]] | None = Field(
         default=None, min_length=1, max_length=6, description=f"values of rank to try (each in [1, {MAX_RANK}])")
-    max_trials: int = Field(default=16, ge=1, le=64, description="cap on the number of trials")
-    max_trainable_params: int | None = Field(
+    max_trials: NotBoolInt = Field(default=16, ge=1, le=64, description="cap on the number of trials")
+    max_trainable_params: NotBoolInt | None = Field(
         default=None, ge=1, le=2**62, description="only trials under this trainable-parameter budget are eligible")
 
 
@@ -59,9 +61,9 @@ class MethodIn(BaseModel):
     n1: LayerValue | None = Field(default=None, ge=-1024, le=1024, description="first bias-only layer (default L/3)")
     n2: LayerValue | None = Field(default=None, ge=-1024, le=1024, description="first LoRA layer (default 2L/3)")
     rank: NotBoolInt = Field(default=8, ge=1, le=MAX_RANK, description=f"LoRA rank, in [1, {MAX_RANK}]")
-    alpha: float = Field(default=16.0, gt=0, le=4096, description="LoRA alpha, in (0, 4096]; the update is scaled "
+    alpha: NotBoolFloat = Field(default=16.0, gt=0, le=4096, description="LoRA alpha, in (0, 4096]; the update is scaled "
                          "by alpha / rank")
-    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA input, in [0, 1)")
+    dropout: NotBoolFloat = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA input, in [0, 1)")
     targets: list[str] | None = Field(
         default=None, description="LoRA targets among query, key, value, attention_output, ffn_in, ffn_out "
         "(default: the four attention projections)")
@@ -75,28 +77,28 @@ class HyperparametersIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    epochs: int = Field(default=3, ge=1, le=100)
-    batch_size: int = Field(default=16, ge=1, le=1024)
-    learning_rate: float | None = Field(default=None, gt=0, le=0.1, description="default: 1e-3 for adapters")
-    head_learning_rate: float | None = Field(default=None, gt=0, le=0.1,
+    epochs: NotBoolInt = Field(default=3, ge=1, le=100)
+    batch_size: NotBoolInt = Field(default=16, ge=1, le=1024)
+    learning_rate: NotBoolFloat | None = Field(default=None, gt=0, le=0.1, description="default: 1e-3 for adapters")
+    head_learning_rate: NotBoolFloat | None = Field(default=None, gt=0, le=0.1,
                                              description="the classifier head's; default: learning_rate")
-    bias_learning_rate: float | None = Field(default=None, gt=0, le=0.1,
+    bias_learning_rate: NotBoolFloat | None = Field(default=None, gt=0, le=0.1,
                                              description="the bias deltas'; default: learning_rate")
-    lora_learning_rate: float | None = Field(default=None, gt=0, le=0.1,
+    lora_learning_rate: NotBoolFloat | None = Field(default=None, gt=0, le=0.1,
                                              description="the LoRA factors'; default: learning_rate")
-    validation_fraction: float = Field(default=0.1, ge=0, le=0.5, description="without a validation dataset, "
+    validation_fraction: NotBoolFloat = Field(default=0.1, ge=0, le=0.5, description="without a validation dataset, "
                                        "this stratified, seeded share of the training rows becomes one (when it "
                                        "and the rest have at least 8 rows each); 0: none")
-    max_seq_length: int = Field(default=128, ge=8, le=8192, description="at most the base model's positions; "
+    max_seq_length: NotBoolInt = Field(default=128, ge=8, le=8192, description="at most the base model's positions; "
                                 "default 128, or fewer when the model takes fewer")
-    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
-    seed: int = Field(default=42, ge=0, le=MAX_SEED)
-    early_stopping_patience: int | None = Field(default=None, ge=1, le=100)
-    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW's decoupled weight decay, in [0, 1]")
-    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
-    max_grad_norm: float | None = Field(default=1.0, gt=0, le=1e6)
+    warmup_ratio: NotBoolFloat = Field(default=0.06, ge=0, lt=1)
+    seed: NotBoolInt = Field(default=42, ge=0, le=MAX_SEED)
+    early_stopping_patience: NotBoolInt | None = Field(default=None, ge=1, le=100)
+    weight_decay: NotBoolFloat = Field(default=0.0, ge=0, le=1, description="AdamW's decoupled weight decay, in [0, 1]")
+    gradient_accumulation_steps: NotBoolInt = Field(default=1, ge=1, le=1024)
+    max_grad_norm: NotBoolFloat | None = Field(default=1.0, gt=0, le=1e6)
     prefix_cache: bool = Field(default=False, description="SPAFIT: compute the frozen prefix once per example")
-    checkpoint_every_steps: int | None = Field(default=None, ge=1, le=1_000_000,
+    checkpoint_every_steps: NotBoolInt | None = Field(default=None, ge=1, le=1_000_000,
                                                description="default: the server's setting")
 
 
@@ -112,7 +114,7 @@ class JobCreate(BaseModel):
     task_type: TaskType | None = Field(default=None, description="default: the training dataset's")
     method: MethodIn = Field(default_factory=MethodIn)
     hyperparameters: HyperparametersIn = Field(default_factory=HyperparametersIn)
-    time_limit_s: int | None = Field(
+    time_limit_s: NotBoolInt | None = Field(
         default=None, ge=60, le=365 * 24 * 3600,
         description="wall-clock limit from the job's first start, in seconds (at most the service's "
         "SPAFIT_JOB_TIME_LIMIT_S, which is the default); past it the job fails with type `time-limit`")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import zipfile
 import zlib
 from typing import Any
@@ -284,10 +285,22 @@ def position_limit(config: Any) -> int | None:
     return positions - offset
 
 
+TRANSFORMERS_IMPORT_LOCK = threading.Lock()  # see auto_config
+
+
+def auto_config() -> Any:
+    """transformers.AutoConfig, imported under a lock: transformers' lazy module is not safe to import from several
+    threads at once (the first concurrent job creates or adapter imports of a fresh API process failed with
+    `ImportError: cannot import name 'AutoConfig'`, a 500). Every lazy import of it in a request goes here."""
+    with TRANSFORMERS_IMPORT_LOCK:
+        from transformers import AutoConfig
+    return AutoConfig
+
+
 def backbone_limits(base_model: str) -> dict[str, Any]:
     """What an adapter config must respect of its backbone, read from the backbone's config (transformers
     AutoConfig): max_seq_length (position table, less a RoBERTa-style padding offset), num_layers, model_type."""
-    from transformers import AutoConfig
+    AutoConfig = auto_config()  # noqa: N806  (the class, under its own name)
 
     from .backbone import resolve_model_path
 

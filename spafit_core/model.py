@@ -140,8 +140,10 @@ class SpafitModel(nn.Module):
     def skeleton(cls, base_model: str, method: MethodConfig, task: TaskSpec) -> SpafitModel:
         """The model's structure on the meta device, from the config alone (no weights are read):
         enough for expected tensor shapes and parameter counts."""
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from .adapter_schema import TRANSFORMERS_IMPORT_LOCK
 
+        with TRANSFORMERS_IMPORT_LOCK:  # a request thread may be importing it too (adapter_schema.auto_config)
+            from transformers import AutoConfig, AutoModelForSequenceClassification
         with loading(base_model):
             config = AutoConfig.from_pretrained(resolve_model_path(base_model), num_labels=task.num_labels,
                                                 problem_type=task.task_type)

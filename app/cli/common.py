@@ -40,12 +40,30 @@ def exit_code_for(exc: BaseException) -> int | None:
     sa = sys.modules.get("sqlalchemy.exc")
     if sa is not None and isinstance(exc, sa.OperationalError):  # admin commands: the database is unreachable
         return EXIT_UNREACHABLE
+    if sa is not None and isinstance(exc, sa.ArgumentError | sa.NoSuchModuleError):  # SPAFIT_DATABASE_URL malformed
+        return EXIT_USAGE
+    if sa is not None and isinstance(exc, sa.ProgrammingError) and _undefined_table(exc):  # not migrated yet
+        return EXIT_FAILED
+    alembic = sys.modules.get("alembic.util.exc")
+    if alembic is not None and isinstance(exc, alembic.CommandError):  # e.g. `db upgrade --revision bogus`
+        return EXIT_USAGE
     pd = sys.modules.get("pydantic")
     if pd is not None and isinstance(exc, pd.ValidationError) and exc.title == "Settings":  # SPAFIT_* misconfigured
         return EXIT_USAGE
     if isinstance(exc, OSError):  # a local file: missing, unwritable, not an adapter folder
         return EXIT_FAILED
     return None
+
+
+def _undefined_table(exc: BaseException) -> bool:
+    return type(getattr(exc, "orig", None)).__name__ == "UndefinedTable" or "no such table" in str(exc)
+
+
+def error_message(exc: BaseException) -> str:
+    """What `error:` says: the exception's own words, but one line where the database's would be a statement."""
+    if _undefined_table(exc):
+        return "the database has no SPAFIT tables yet: run `spafit db upgrade` first"
+    return str(exc)
 
 
 def exit_code_for_status(status: int) -> int:
@@ -59,7 +77,7 @@ def exit_code_for_status(status: int) -> int:
 
 
 def error_payload(exc: BaseException, code: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"message": str(exc), "exit_code": code, "kind": type(exc).__name__}
+    out: dict[str, Any] = {"message": error_message(exc), "exit_code": code, "kind": type(exc).__name__}
     for name in ("status", "type", "title", "detail", "field", "errors", "error_type"):
         value = getattr(exc, name, None)
         if value is not None and not callable(value):
@@ -85,7 +103,7 @@ class SpafitGroup(click.Group):
             if ctx.meta.get(JSON_META):
                 click.echo(json.dumps({"error": error_payload(e, code)}, default=str), err=True)
             else:
-                click.echo(f"error: {e}", err=True)
+                click.echo(f"error: {error_message(e)}", err=True)
             ctx.exit(code)
 
 

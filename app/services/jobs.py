@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import re
-import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -101,12 +100,10 @@ def max_positions(base_model: str) -> int | None:
 _POSITIONS: dict[str, int] = {}
 
 
-_IMPORT_LOCK = threading.Lock()  # transformers' lazy module is not safe to import from several threads at once
-
-
 def _read_max_positions(base_model: str) -> int | None:
-    with _IMPORT_LOCK:  # the first concurrent creates of a fresh process raced it: ImportError, a 500
-        from transformers import AutoConfig
+    from spafit_core.adapter_schema import auto_config
+
+    AutoConfig = auto_config()  # noqa: N806  (one lock for every lazy import of it: a fresh process's first creates)
 
     from spafit_core.backbone import resolve_model_path
 
@@ -444,6 +441,8 @@ def _epoch(send: Sender) -> str | None:
 def dispatch(send: Sender, job_id: uuid.UUID, db: Database | None = None) -> bool:
     """Send, but never fail the request over it: a job whose message did not go out (or went to a broker
     that has since lost it) is found and re-sent by `requeue_orphans`."""
+    sent_at = utcnow()  # before sending: a worker may claim (and beat) before the write below, and a dead running
+    # job is re-sent when its last send is older than its last beat (`requeue_orphans`)
     try:
         send(job_id)
     except Exception as e:  # broker down: the job row is safe
@@ -451,7 +450,7 @@ def dispatch(send: Sender, job_id: uuid.UUID, db: Database | None = None) -> boo
         return False
     if db is not None:
         with db.transaction() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow(), broker_epoch=_epoch(send)))
+            s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=sent_at, broker_epoch=_epoch(send)))
     return True
 
 

@@ -219,18 +219,31 @@ class ResultRows:
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         self.buf += data
         *lines, self.buf = self.buf.split(b"\n")
-        return [row for line in lines for row in self._line(line.decode() + "\n")]
+        return [row for line in lines for row in self._line(line + b"\n")]
 
     def flush(self) -> list[dict[str, Any]]:
         rest, self.buf = self.buf, b""
-        return self._line(rest.decode() + "\n") if rest or self.pending else []
+        return self._line(rest + b"\n") if rest or self.pending else []
 
-    def _line(self, line: str) -> list[dict[str, Any]]:
+    def _line(self, raw: bytes) -> list[dict[str, Any]]:
+        import json
+
+        try:
+            return self._parse(raw.decode())
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:  # a proxy's page, not the service's
+            from .errors import APIResponseError
+
+            raise APIResponseError(f"the batch results are not the service's JSON Lines or CSV: {e}") from None
+
+    def _parse(self, line: str) -> list[dict[str, Any]]:
         import csv
         import json
 
         if not self.is_csv:
-            return [json.loads(line)] if line.strip() else []
+            row = json.loads(line) if line.strip() else None
+            if row is not None and not isinstance(row, dict):
+                raise ValueError(f"a result line is {type(row).__name__}, not an object")
+            return [] if row is None else [row]
         self.pending += line
         if self.pending.count('"') % 2:  # inside a quoted cell: its newline is part of it
             return []
@@ -242,6 +255,10 @@ class ResultRows:
             self.header = row
             return []
         return [dict(zip(self.header, row, strict=False))]
+
+
+# Failures before the request left: a retry after one of these cannot meet an earlier attempt's effects.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 def stream_closed(url: str) -> APIConnectionError:

@@ -15,6 +15,7 @@ import httpx
 from . import _endpoints as E
 from ._base import (
     DEFAULT_TIMEOUT,
+    NOT_SENT,
     RETRY_STATUSES,
     STREAM_READ_TIMEOUT,
     Call,
@@ -33,6 +34,7 @@ from ._base import (
     stream_timeout,
 )
 from .errors import (
+    APIConnectionError,
     DatasetImportFailed,
     ImportWaitTimeout,
     SpafitAPIError,
@@ -122,34 +124,45 @@ class Client:
         """One call, retried per the policy; an error status raises its typed exception."""
         kwargs = request_kwargs(call, self.base_url, self._headers)
         attempt = 0
+        maybe_applied = False  # an earlier attempt may have been carried out (its answer lost), not just refused
         while True:
             request = self._http.build_request(**kwargs, timeout=timeout or self.timeout)
             try:
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as e:
+                maybe_applied = maybe_applied or not isinstance(e, NOT_SENT)
                 if call.retryable and attempt < self.retry.max_retries:
                     self._sleep(self.retry.delay(attempt))
                     attempt += 1
                     continue
                 raise error_from_transport(e, str(request.url)) from e
+            except UnicodeError as e:  # a host name IDNA cannot encode (an empty label: "api..example.com")
+                raise APIConnectionError(f"could not reach {request.url}: {e}", url=str(request.url)) from e
             if response.status_code < 400:
                 return response
             response.read()
             response.close()
-            if attempt > 0 and call.done_if is not None and response.status_code in call.done_if:
+            if maybe_applied and call.done_if is not None and response.status_code in call.done_if:
                 return response  # an earlier attempt went through; its answer was lost
             if response.status_code in RETRY_STATUSES and call.retryable and attempt < self.retry.max_retries:
+                # a gateway's 502 / 504: the service behind it may have carried the request out
+                maybe_applied = maybe_applied or response.status_code in (502, 504)
                 self._sleep(self.retry.delay(attempt, parse_retry_after(response.headers.get("retry-after"))))
                 attempt += 1
                 continue
             raise error_from_response(response)
 
     @contextmanager
-    def _stream(self, call: Call[Any], read_timeout: float | None = None) -> Iterator[httpx.Response]:
+    def _stream(self, call: Call[Any], read_timeout: float | None = None, *,
+                convert: bool = True) -> Iterator[httpx.Response]:
+        """The response with its body unread. A body cut or stalled after the answer began is the SDK's
+        connection error, except with `convert=False` (the event stream resumes on httpx's own)."""
         response = self._send(call, stream=True, timeout=stream_timeout(self.timeout, read_timeout))
         try:
             yield response
-        except httpx.TransportError as e:  # the body was cut or stalled after the answer began
+        except httpx.TransportError as e:
+            if not convert:
+                raise
             raise error_from_transport(e, str(response.request.url)) from e
         finally:
             response.close()
@@ -306,7 +319,7 @@ class Jobs:
             error: httpx.TransportError | None = None
             resume = False
             try:
-                with self._c._stream(call, read_timeout) as response:
+                with self._c._stream(call, read_timeout, convert=False) as response:
                     decoder = SSEDecoder()
                     for line in response.iter_lines():
                         sse = decoder.feed(line)

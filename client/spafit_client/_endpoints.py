@@ -274,7 +274,11 @@ def import_adapter(task: str, archive: bytes) -> Call[AdapterVersion]:
 def save_archive(response: httpx.Response, task: str, path: str | os.PathLike[str] | None) -> Path:
     """Write a downloaded archive to `path` (a folder: the service's file name inside it)."""
     disposition = response.headers.get("content-disposition", "")
-    filename = disposition.partition('filename="')[2].rstrip('"') or f"{task}.zip"
+    # Only the name's last part, whatever the answer says ("../x.zip" or an absolute path from a proxy or a
+    # tampered answer would write outside the folder asked for).
+    filename = Path(disposition.partition('filename="')[2].rstrip('"')).name
+    if filename in ("", ".", ".."):
+        filename = f"{Path(task).name or 'adapter'}.zip"
     target = Path(path) if path is not None else Path(filename)
     if target.is_dir() or (path is not None and str(path).endswith(("/", os.sep))):
         target = target / Path(filename).name
