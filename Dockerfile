@@ -27,7 +27,11 @@ RUN pip install . ./client \
 
 # ---------------------------------------------------------------------------------------------- runtime
 FROM python:${PYTHON_VERSION}-slim AS runtime
-RUN useradd --create-home --uid 10001 spafit
+# The volumes' mount points exist, owned by spafit: a named volume mounted where the image has no folder is created
+# owned by root, and the non-root user could not write the Hub cache or its data there.
+RUN useradd --create-home --uid 10001 spafit \
+ && mkdir -p /home/spafit/.cache/huggingface /home/spafit/data \
+ && chown -R spafit:spafit /home/spafit
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

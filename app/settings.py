@@ -8,6 +8,7 @@ server mode refuses to start with anything unsafe (auth off, SQLite, the local b
 from __future__ import annotations
 
 import logging
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -65,8 +66,53 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
+MAX_DURATION_S = 10 * 365 * 86400  # ten years: longer is "never", and timedelta() overflows not far above
+MAX_DAYS = 36500
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _check_device(value: object) -> object:
+    if isinstance(value, str) and not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value.strip()):
+        raise ValueError(f"{value!r} is not a device: auto, cpu, cuda, cuda:N or mps")
+    return value.strip() if isinstance(value, str) else value
+
+
+def _check_database_url(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url).get_dialect()
+    except Exception as e:  # not a URL, or a dialect / driver not installed
+        raise ValueError(f"SPAFIT_DATABASE_URL is not a usable SQLAlchemy URL ({type(e).__name__}: {e})") from None
+
+
+def _check_broker_url(url: str) -> None:
+    from kombu.transport import TRANSPORT_ALIASES
+
+    scheme = url.split("://", 1)[0].split("+", 1)[0]  # Celery's "sqla+sqlite://" is the "sqla" transport
+    if "://" not in url or scheme not in TRANSPORT_ALIASES:
+        raise ValueError(f"SPAFIT_BROKER_URL's scheme {scheme!r} is no broker transport Celery knows (e.g. "
+                         "redis://host:6379/0)")
+
+
+def _check_durations(settings: BaseSettings) -> None:
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if name.endswith("_s") and value > MAX_DURATION_S:
+            raise ValueError(f"SPAFIT_{name.upper()} is {value}: at most {MAX_DURATION_S} seconds (ten years)")
+        if name.endswith("_days") and value > MAX_DAYS:
+            raise ValueError(f"SPAFIT_{name.upper()} is {value}: at most {MAX_DAYS} days")
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SPAFIT_", env_file=".env", extra="ignore")
+    # No inf / NaN anywhere: an infinite retention or timeout reached timedelta() and stopped the collector and the
+    # requeuer for good (OverflowError every round); durations are also bounded below (`_check_durations`).
+    model_config = SettingsConfigDict(env_prefix="SPAFIT_", env_file=".env", extra="ignore", allow_inf_nan=False)
 
     mode: Literal["embedded", "server"] = Field(
         default="embedded",
@@ -229,7 +275,8 @@ class Settings(BaseSettings):
         default=64, ge=1, le=4096,
         description="Rows of a batch prediction or evaluation job in one engine forward pass.",
     )
-    engine_device: str = Field(default="auto", description="Device of the serving engine: auto, cpu, cuda, cuda:N.")
+    engine_device: Annotated[str, BeforeValidator(_check_device)] = Field(
+        default="auto", description="Device of the serving engine: auto, cpu, cuda, cuda:N (or mps).")
     engine_cache_bytes: int = Field(
         default=256 * MiB, ge=1,
         description="Adapter bytes held on the engine's device (LRU, by bytes). A miss loads from the registry.",
@@ -358,7 +405,8 @@ class Settings(BaseSettings):
     readiness_timeout: float = Field(
         default=3.0, gt=0, description="Seconds each `/readyz` check may take before it counts as failed."
     )
-    log_level: str = Field(default="INFO", description="Python logging level of the service.")
+    log_level: Annotated[Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"], BeforeValidator(_upper)] = Field(
+        default="INFO", description="Python logging level of the service.")
     webhook_allow_private_urls: bool = Field(
         default=False,
         description="Allow job webhook URLs to loopback, link-local and private addresses in server mode (checked "
@@ -389,10 +437,13 @@ class Settings(BaseSettings):
                 )
             self.database_url = f"sqlite:///{self.data_dir / 'spafit.db'}"
         self.database_url = normalize_database_url(self.database_url)
+        _check_database_url(self.database_url)
         if self.broker_url is None:
             if not embedded:
                 raise ValueError("server mode needs SPAFIT_BROKER_URL (e.g. redis://host:6379/0)")
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        _check_broker_url(self.broker_url)
+        _check_durations(self)
         if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
             self.redis_url = self.broker_url
         if self.auth_enabled is None:

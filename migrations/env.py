@@ -48,11 +48,24 @@ def run_migrations_offline() -> None:
 
 
 def _run(connection: Connection) -> None:
-    _configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds a table (copy, DROP TABLE, rename); with foreign keys on (app/db.py turns them on for
+        # every connection) the DROP deletes the rows that refer to it (job events, webhook deliveries, a version's
+        # job link) or fails. Off while migrating (a no-op inside a transaction: set first), checked after.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.commit()  # end the transaction SQLAlchemy began for it: alembic's own below commits the migration
+    _configure(connection=connection, render_as_batch=sqlite)
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
         context.run_migrations()
+    if sqlite:
+        dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.commit()
+        if dangling:
+            raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {dangling[:5]}")
 
 
 def run_migrations_online() -> None:

@@ -51,9 +51,12 @@ def keys() -> None:
 
 def _db():
     from app.db import Database
+    from app.services import migrate
     from app.settings import get_settings
 
-    return Database.from_settings(get_settings())
+    database = Database.from_settings(get_settings())
+    migrate.check_current(database.engine)  # not migrated (or behind): say so, not the SQL the first query fails
+    return database
 
 
 @keys.command("create")

@@ -37,13 +37,16 @@ def exit_code_for(exc: BaseException) -> int | None:
     core = sys.modules.get("spafit_core.errors")
     if core is not None and isinstance(exc, core.SpafitError):
         return exit_code_for_status(exc.status)
+    migrate = sys.modules.get("app.services.migrate")
+    if migrate is not None and isinstance(exc, migrate.SchemaNotCurrent):  # admin commands: `spafit db upgrade`
+        return EXIT_FAILED
     sa = sys.modules.get("sqlalchemy.exc")
+    if sa is not None and isinstance(exc, sa.DBAPIError) and _undefined_table(exc):  # not migrated yet (SQLite says
+        return EXIT_FAILED                                                            # so with an OperationalError)
     if sa is not None and isinstance(exc, sa.OperationalError):  # admin commands: the database is unreachable
         return EXIT_UNREACHABLE
     if sa is not None and isinstance(exc, sa.ArgumentError | sa.NoSuchModuleError):  # SPAFIT_DATABASE_URL malformed
         return EXIT_USAGE
-    if sa is not None and isinstance(exc, sa.ProgrammingError) and _undefined_table(exc):  # not migrated yet
-        return EXIT_FAILED
     alembic = sys.modules.get("alembic.util.exc")
     if alembic is not None and isinstance(exc, alembic.CommandError):  # e.g. `db upgrade --revision bogus`
         return EXIT_USAGE

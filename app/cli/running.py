@@ -39,10 +39,11 @@ def worker(queues: str, concurrency: int, loglevel: str) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--worker/--no-worker", "with_worker", default=None,
               help="Also run a worker process (default: yes in embedded mode, no in server mode).")
-@click.option("--workers", "api_workers", default=1, show_default=True, type=int, help="API processes (uvicorn).")
+@click.option("--workers", "api_workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="API processes (uvicorn).")
 @click.option("--insecure-bind", is_flag=True,
               help="With auth off (embedded mode), bind a non-loopback --host anyway: everyone who reaches the "
               "port acts as the local tenant. Also SPAFIT_INSECURE_BIND=true.")
@@ -74,11 +75,13 @@ def serve(host: str, port: int, with_worker: bool | None, api_workers: int, inse
     if with_worker is None:
         with_worker = settings.mode == "embedded"
     child = None
-    if with_worker:
-        if settings.auto_migrate:  # migrate once before both processes start, not concurrently in each
-            from app.services import migrate
+    # Migrate once, before the API processes and the worker start, never concurrently in each (several API processes
+    # migrating one fresh SQLite file failed to start).
+    if settings.auto_migrate:
+        from app.services import migrate
 
-            migrate.upgrade(settings.database_url)
+        migrate.upgrade(settings.database_url)
+    if with_worker:
         child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING"])
         click.echo(f"started worker process {child.pid}", err=True)
         # uvicorn re-raises the SIGTERM it shut down on once it is done; with the default action that would

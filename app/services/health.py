@@ -60,7 +60,9 @@ def _public_error(e: Exception) -> str:
     """What /readyz (unauthenticated) may say about a failure. Our own checks raise RuntimeError with a message
     written for operators ("run `spafit db upgrade`"); a driver's message names internal hosts, ports and
     users, so only its type is shown: the whole error is in the server log."""
-    if type(e) is RuntimeError:
+    from .migrate import SchemaNotCurrent
+
+    if type(e) in (RuntimeError, SchemaNotCurrent):
         return f"RuntimeError: {str(e)[:200]}".strip()
     return f"{type(e).__name__} (details in the server log)"
 

@@ -53,11 +53,15 @@ def is_current(url: str) -> bool:
     return current(url) == head()
 
 
+class SchemaNotCurrent(RuntimeError):
+    """The database is not at this code's revision (not migrated yet, or behind, or ahead)."""
+
+
 def check_current(engine: Engine) -> None:
     """Raise unless the database behind `engine` is migrated to this code's head (a real query)."""
     with engine.connect() as conn:
         at = MigrationContext.configure(conn).get_current_revision()
     expected = head()
     if at != expected:
-        raise RuntimeError(f"database schema is at revision {at or 'none'}, this code needs {expected}; "
+        raise SchemaNotCurrent(f"database schema is at revision {at or 'none'}, this code needs {expected}; "
                            "run `spafit db upgrade`")

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, aliased
 
 from ..db import Database
 from ..errors import Conflict, NotFound
-from ..models import JOB_FINAL_STATUSES, Blob, Job, JobEvent, utcnow
+from ..models import JOB_FINAL_STATUSES, BatchChunk, Blob, Job, JobEvent, utcnow
 from ..settings import Settings
 from . import blobs, jobs
 
@@ -85,6 +85,7 @@ class GcReport:
     checkpoints_dropped: int = 0  # pointers of finished jobs cleared
     trial_results_dropped: int = 0  # result pointers of trials of finished sweeps cleared
     events_pruned: int = 0
+    chunks_dropped: int = 0  # output chunks of batch predictions that ended failed or cancelled (never readable)
     blobs_deleted: int = 0
     bytes_freed: int = 0
     blobs_kept_busy: int = 0  # unreferenced when looked at, referenced again when deleted: kept
@@ -96,12 +97,14 @@ class GcReport:
     def record(self, metrics) -> None:
         """Add what was freed to `spafit_gc_freed`."""
         for what, n in (("blobs", self.blobs_deleted), ("bytes", self.bytes_freed), ("events", self.events_pruned),
+                        ("batch_chunks", self.chunks_dropped),
                         ("checkpoints", self.checkpoints_dropped), ("trial_results", self.trial_results_dropped)):
             metrics.gc_freed.labels(what=what).inc(n)
 
     def __str__(self) -> str:
         return (f"dropped {self.checkpoints_dropped} checkpoint(s) of finished jobs and "
-                f"{self.trial_results_dropped} trial result(s) of finished sweeps; pruned {self.events_pruned} "
+                f"{self.trial_results_dropped} trial result(s) of finished sweeps and the output of "
+                f"{self.chunks_dropped} chunk(s) of ended batch predictions; pruned {self.events_pruned} "
                 f"event(s); deleted {self.blobs_deleted} blob(s), {_size(self.bytes_freed)} freed "
                 f"({self.seconds:.2f}s)")
 
@@ -120,6 +123,7 @@ def collect(db: Database, settings: Settings, *, now: datetime | None = None) ->
     now = now or utcnow()
     report = GcReport()
     report.checkpoints_dropped, report.trial_results_dropped = drop_finished_pointers(db)
+    report.chunks_dropped = drop_unreadable_chunks(db)
     report.events_pruned = prune_events(db, now - timedelta(days=settings.event_retention_days))
     report.blobs_deleted, report.bytes_freed, report.blobs_kept_busy = collect_blobs(
         db, now - timedelta(seconds=settings.gc_blob_grace_s))
@@ -141,6 +145,15 @@ def drop_finished_pointers(db: Database) -> tuple[int, int]:
                                               Job.parent_job_id.is_not(None), finished_sweep)
                             .values(result_sha256=None)).rowcount
     return checkpoints, results
+
+
+def drop_unreadable_chunks(db: Database) -> int:
+    """Delete the stored output chunks of batch predictions that ended failed or cancelled: results are served only
+    for a succeeded job and a final job never resumes, so nothing can read them again (a cancelled million-row
+    prediction kept its partial output for good)."""
+    ended = select(Job.id).where(Job.kind == "predict", Job.status.in_(("failed", "cancelled")))
+    with db.transaction() as s:
+        return s.execute(delete(BatchChunk).where(BatchChunk.job_id.in_(ended))).rowcount
 
 
 def prune_events(db: Database, cutoff: datetime) -> int:
