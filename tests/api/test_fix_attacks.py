@@ -211,19 +211,8 @@ def test_cli_keys_with_a_malformed_database_url_is_an_error_message(cli, monkeyp
     """Commit 2d8f167: 'SPAFIT_* misconfigured for keys/db' is a message with its exit code. A SPAFIT_DATABASE_URL
     that is no URL (a typo, an unexpanded `${DB_URL}`) makes create_engine raise sqlalchemy.exc.ArgumentError, which
     `exit_code_for` (app/cli/common.py) maps to nothing: a traceback."""
-    from app.settings import get_settings
-
-    for name in [n for n in os.environ if n.startswith("SPAFIT_") and not n.startswith("SPAFIT_TEST_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SPAFIT_MODE", "server")
-    monkeypatch.setenv("SPAFIT_DATABASE_URL", "${DATABASE_URL}")
-    monkeypatch.setenv("SPAFIT_BROKER_URL", "redis://127.0.0.1:1/0")
-    get_settings.cache_clear()
-    try:
-        r = cli("keys", "list", "--tenant", "x")
-    finally:
-        get_settings.cache_clear()
-    assert r.exception is None or isinstance(r.exception, SystemExit), f"{r!r}\n--- escaped: {r.exception!r}"
+    r = _cli_with_settings(cli, monkeypatch, {"SPAFIT_MODE": "server", "SPAFIT_DATABASE_URL": "${DATABASE_URL}",
+                                              "SPAFIT_BROKER_URL": "redis://127.0.0.1:1/0"}, "keys", "list", "--tenant", "x")
     assert r.exit_code != 0 and "error" in r.stderr.lower(), r
 
 
@@ -234,19 +223,9 @@ def test_cli_keys_on_a_database_not_yet_migrated_is_an_error_message(cli, monkey
     ('relation "tenants" does not exist') is neither an OperationalError nor a Settings error, so SpafitGroup
     (app/cli/common.py `exit_code_for`) lets it out: a traceback with exit 1, where commit 2d8f167 made the other
     database / configuration failures of keys and db messages with exit codes."""
-    from app.settings import get_settings
-
-    for name in [n for n in os.environ if n.startswith("SPAFIT_") and not n.startswith("SPAFIT_TEST_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SPAFIT_MODE", "server")
-    monkeypatch.setenv("SPAFIT_DATABASE_URL", empty_pg_url)
-    monkeypatch.setenv("SPAFIT_BROKER_URL", "redis://127.0.0.1:1/0")  # server mode needs one; not used here
-    get_settings.cache_clear()
-    try:
-        r = cli("keys", "list", "--tenant", "x")
-    finally:
-        get_settings.cache_clear()
-    assert r.exception is None or isinstance(r.exception, SystemExit), f"{r!r}\n--- escaped: {r.exception!r}"
+    r = _cli_with_settings(cli, monkeypatch, {"SPAFIT_MODE": "server", "SPAFIT_DATABASE_URL": empty_pg_url,
+                                              "SPAFIT_BROKER_URL": "redis://127.0.0.1:1/0"},  # needed, not used
+                           "keys", "list", "--tenant", "x")
     assert r.exit_code != 0 and "error" in r.stderr.lower(), r
 
 
@@ -254,18 +233,26 @@ def test_cli_db_upgrade_to_an_unknown_revision_is_an_error_message(cli, monkeypa
     """`spafit db upgrade --revision <typo>`: alembic raises alembic.util.CommandError ("Can't locate revision
     identified by 'bogus'"), which `exit_code_for` does not map: a traceback with exit 1 for a usage error of an
     admin command (the class of commit 2d8f167's 'CLI tracebacks for user errors ... keys/db')."""
+    r = _cli_with_settings(cli, monkeypatch, {"SPAFIT_DATA_DIR": str(tmp_path / "data")},  # embedded, SQLite
+                           "db", "upgrade", "--revision", "bogus")
+    assert r.exit_code != 0 and "bogus" in r.stderr, r
+
+
+def _cli_with_settings(cli, monkeypatch, env: dict[str, str], *args: str):
+    """`spafit *args` with only `env` of the SPAFIT_* settings set; asserts no exception escaped the CLI."""
     from app.settings import get_settings
 
     for name in [n for n in os.environ if n.startswith("SPAFIT_") and not n.startswith("SPAFIT_TEST_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("SPAFIT_DATA_DIR", str(tmp_path / "data"))  # embedded: a SQLite database of its own
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     try:
-        r = cli("db", "upgrade", "--revision", "bogus")
+        r = cli(*args)
     finally:
         get_settings.cache_clear()
     assert r.exception is None or isinstance(r.exception, SystemExit), f"{r!r}\n--- escaped: {r.exception!r}"
-    assert r.exit_code != 0 and "bogus" in r.stderr, r
+    return r
 
 def test_cli_a_url_whose_host_has_an_empty_label_is_an_error_message(cli):
     """Commit 2d8f167 checks --url with `httpx.URL(url)` (app/cli/common.py `remote`), but a host with an empty or
@@ -375,29 +362,6 @@ def test_a_dead_running_job_whose_claim_beat_its_dispatch_write_is_resent(make_s
 
 # ------------------------------------------------------------------------------------------ concurrent first imports
 
-_CONCURRENT_FIRST_ADAPTER_IMPORTS = """
-import sys, threading
-import app.main  # what an API process has imported when it starts serving
-from spafit_core.adapter_schema import backbone_limits
-
-errors, start = [], threading.Barrier(16)
-
-def register():  # what 16 concurrent PUT /v1/tasks/{task}/adapter run in registry.register_version
-    start.wait()
-    try:
-        backbone_limits(sys.argv[1])
-    except Exception as e:
-        errors.append(repr(e))
-
-threads = [threading.Thread(target=register) for _ in range(16)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-print(errors[0] if errors else "ok")
-"""
-
-
 def test_the_first_concurrent_adapter_imports_of_a_fresh_api_process_are_not_500(tiny_base):
     """Commit d9db7b1 put transformers' first lazy import behind a lock private to app/services/jobs.py
     (`_IMPORT_LOCK`, for job creates). The adapter import path does the same import unguarded:
@@ -406,13 +370,8 @@ def test_the_first_concurrent_adapter_imports_of_a_fresh_api_process_are_not_500
     `ImportError: cannot import name 'AutoConfig' from 'transformers'` (a 500), as job creates did; and since the
     lock is private, a job create racing an adapter import (or the preload thread's own transformers import) is not
     protected either. Seen here: 5 of 8 fresh processes, 1 to 8 of 16 threads each."""
-    import subprocess
-    import sys
+    from tests.api.test_job_path_attacks import first_concurrent_calls_never_fail
 
-    from tests.live import ROOT, subprocess_env
-
-    for attempt in range(8):  # stops at the first failure
-        out = subprocess.run([sys.executable, "-c", _CONCURRENT_FIRST_ADAPTER_IMPORTS, tiny_base], cwd=ROOT,
-                             env=subprocess_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.strip().splitlines()[-1] == "ok", f"fresh process {attempt + 1}: {out.stdout[-500:]}"
+    # what concurrent PUT /v1/tasks/{task}/adapter run in registry.register_version
+    first_concurrent_calls_never_fail("from spafit_core.adapter_schema import backbone_limits",
+                                      "backbone_limits(sys.argv[1])", tiny_base)

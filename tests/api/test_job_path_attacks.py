@@ -272,21 +272,21 @@ def test_a_run_resumed_after_it_stopped_early_trains_no_further(tiny_base, tmp_p
 
 # ------------------------------------------------------------------------------------------ concurrent creates
 
-_CONCURRENT_FIRST_CREATES = """
+_FIRST_CONCURRENT_CALLS = """
 import sys, threading
 import app.main  # what an API process has imported when it starts serving
-from app.services import jobs
+{setup}
 
 errors, start = [], threading.Barrier(16)
 
-def create():  # what 16 concurrent POST /v1/jobs run first in their threadpool threads (jobs._check_limits)
+def call():
     start.wait()
     try:
-        jobs.max_positions(sys.argv[1])
+        {call}
     except Exception as e:
         errors.append(repr(e))
 
-threads = [threading.Thread(target=create) for _ in range(16)]
+threads = [threading.Thread(target=call) for _ in range(16)]
 for t in threads:
     t.start()
 for t in threads:
@@ -295,22 +295,30 @@ print(errors[0] if errors else "ok")
 """
 
 
+def first_concurrent_calls_never_fail(setup: str, call: str, arg: str) -> None:
+    """In up to 8 fresh processes (stopping at the first failure), 16 threads make `call` at once, as the first
+    concurrent requests of a fresh API process would (`sys.argv[1]` is `arg`); none may raise."""
+    import subprocess
+    import sys
+
+    from tests.live import ROOT, subprocess_env
+
+    script = _FIRST_CONCURRENT_CALLS.format(setup=setup, call=call)
+    for attempt in range(8):
+        out = subprocess.run([sys.executable, "-c", script, arg], cwd=ROOT, env=subprocess_env(HF_HUB_OFFLINE="1"),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == "ok", f"fresh process {attempt + 1}: {out.stdout[-500:]}"
+
+
 def test_the_first_concurrent_job_creates_of_a_fresh_api_process_are_not_500(tiny_base):
     """`_read_max_positions` imports `transformers.AutoConfig` on first use, in the request's threadpool thread.
     transformers' lazy module is not safe to import from several threads at once: in a fresh API process (a new
     replica, a restart) the first concurrent POST /v1/jobs fail with `ImportError: cannot import name
     'AutoConfig' from 'transformers'`, a 500 (seen live: 2 of the first 6 concurrent creates). Each try is a fresh
     process (up to 8); without a fix most of them hit it (6 of 8 in a manual run)."""
-    import subprocess
-    import sys
-
-    from tests.live import ROOT, subprocess_env
-
-    for attempt in range(8):  # stops at the first failure (most fresh processes fail without a fix)
-        out = subprocess.run([sys.executable, "-c", _CONCURRENT_FIRST_CREATES, tiny_base], cwd=ROOT,
-                             env=subprocess_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.strip().splitlines()[-1] == "ok", f"fresh process {attempt + 1}: {out.stdout[-500:]}"
+    # what concurrent POST /v1/jobs run first in their threadpool threads (jobs._check_limits)
+    first_concurrent_calls_never_fail("from app.services import jobs", "jobs.max_positions(sys.argv[1])", tiny_base)
 
 
 def test_concurrent_retries_with_one_idempotency_key_get_the_job_not_429(worker_env, tmp_path, make_key):
