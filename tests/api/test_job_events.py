@@ -57,13 +57,14 @@ def test_concurrent_writers_get_consecutive_numbers_without_retrying(client, db,
 
 
 def test_cancel_while_the_worker_writes_events_is_never_a_server_error(client, db, tenant_key):
-    from app.models import Job
+    from app.models import Job, utcnow
     from app.services import events
 
     key = tenant_key("train")
     job_id = _queued_job(client, key)
-    with db.transaction() as s:  # as if a worker had claimed it
-        s.get(Job, job_id).status = "running"
+    with db.transaction() as s:  # as if a worker had claimed it (and beat: else the requeuer of any API process
+        job = s.get(Job, job_id)  # on this database may take it for orphaned and re-send it mid-test)
+        job.status, job.heartbeat_at = "running", utcnow()
     stop, errors = threading.Event(), []
 
     def worker_progress() -> None:
