@@ -42,21 +42,28 @@ def _post(url: str, payload: dict, secrets: list[str], msg_id: str, settings: Se
     try:
         host, port, addresses = webhooks.resolve(url, settings)
     except webhooks.UrlRefused as e:
-        return None, f"refused: {e}"
+        log.info("webhook to %s refused: %s", url, e)
+        return None, f"refused: {e.public}"  # the row's error is the tenant's to read: no inside address
     parts = urlsplit(url)
     body = webhooks.body_bytes(payload)
     headers = webhooks.headers(secrets, msg_id, int(time.time()), body)
-    headers["host"] = parts.netloc
-    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    # Host and SNI carry the name as it goes on the wire: an internationalised one in its IDNA (xn--) form, as
+    # getaddrinfo resolved it (httpx sends header values as ASCII and raised on `bücher.example`)
+    name = host if host.isascii() else host.encode("idna").decode("ascii")
+    headers["host"] = parts.netloc if parts.netloc.isascii() else \
+        (name if parts.port is None else f"{name}:{parts.port}")
+    extensions = {"sni_hostname": name} if parts.scheme == "https" else {}
     answer: list[tuple[int | None, str | None]] = []
+    clients: list[httpx.Client] = []
 
     def call() -> None:
         for n, ip in enumerate(addresses[:MAX_ADDRESSES]):
             pinned = urlunsplit((parts.scheme, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
                                  parts.path or "/", parts.query, ""))
             try:
-                with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False,
-                                  trust_env=False) as client, \
+                client = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False)
+                clients.append(client)
+                with client, \
                         client.stream("POST", pinned, content=body, headers=headers, extensions=extensions) as r:
                     code = r.status_code  # the body is never read: a receiver cannot make us hold megabytes
                 answer.append((code, None if 200 <= code < 300 else f"HTTP {code}"))
@@ -76,6 +83,9 @@ def _post(url: str, payload: dict, secrets: list[str], msg_id: str, settings: Se
     thread = threading.Thread(target=call, name="webhook-post", daemon=True)
     thread.start()
     thread.join(limit)
+    if thread.is_alive():  # cut the connection: else the thread and its socket live on for as long as the
+        for client in list(clients):  # receiver keeps dribbling (hours), one more per attempt
+            client.close()
     return answer[0] if answer else (None, f"no complete answer within {limit:g} s")
 
 

@@ -70,6 +70,7 @@ def keys_create(tenant: str, name: str, scopes: tuple[str, ...], as_json: bool) 
     from app.errors import NotFound
     from app.services import keys as key_service
 
+    key_service.check_name(name, "key")  # before a new tenant is committed: no keyless tenant left behind
     with _db().session() as s:
         try:
             t = key_service.get_tenant(s, tenant)

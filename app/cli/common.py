@@ -37,6 +37,9 @@ def exit_code_for(exc: BaseException) -> int | None:
     core = sys.modules.get("spafit_core.errors")
     if core is not None and isinstance(exc, core.SpafitError):
         return exit_code_for_status(exc.status)
+    app_errors = sys.modules.get("app.errors")
+    if app_errors is not None and isinstance(exc, app_errors.AppError):  # admin commands: the services' own errors
+        return exit_code_for_status(exc.status)
     migrate = sys.modules.get("app.services.migrate")
     if migrate is not None and isinstance(exc, migrate.SchemaNotCurrent):  # admin commands: `spafit db upgrade`
         return EXIT_FAILED

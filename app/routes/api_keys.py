@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$",
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$",
                       description="a label for people: where the key is used")
     scopes: list[Literal["admin", "train", "predict"]] = Field(
         min_length=1, max_length=3, description="`predict`: read tasks, predict; `train`: datasets, jobs, "

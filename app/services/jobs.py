@@ -202,6 +202,12 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
     """Validate and store a queued job. Returns (job, created); with an Idempotency-Key already used for
     the same body, the existing job and False; for another body, 409."""
     digest = request_hash(body)
+    if body.webhook_url is not None:
+        # First: the name lookup (up to webhooks.RESOLVE_TIMEOUT_S) then holds no pooled connection (a session holds
+        # one from its first query on). A retry with the same Idempotency-Key checks the URL again.
+        from . import webhooks
+
+        webhooks.check_url(body.webhook_url, settings)
     if idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id,
                                                     Job.idempotency_key == idempotency_key))
@@ -223,11 +229,7 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
                             field="text_fields" if label_field not in missing else "label_field")
     if label_field is None:
         raise DataError(f"no label column: pass label_field (columns: {train.columns})", field="label_field")
-    if body.webhook_url is not None:
-        from . import webhooks
-
-        webhooks.check_url(body.webhook_url, settings)
-    elif body.webhook_on_eval:
+    if body.webhook_url is None and body.webhook_on_eval:
         raise ConfigError("webhook_on_eval needs a webhook_url", field="webhook_on_eval")
     method = _check_method(body.method.model_dump(), base_model)
     hp = body.hyperparameters.model_dump(exclude_none=True)

@@ -4,6 +4,7 @@ auth dependency call these; mutating functions commit their own transaction."""
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -25,6 +26,21 @@ LOCAL_TENANT_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
 LOCAL_TENANT_NAME = "local"
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # write last_used_at at most this often per key
 _DUMMY_HASH = hash_secret("not-a-key")
+NAME_MAX = 100  # the tenants.name and api_keys.name columns
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 controls: no line breaks or terminal escapes in `keys list`
+
+
+def check_name(name: str, what: str, *, field: str = "name") -> str:
+    """`name` if it can label a tenant or key: 1-100 characters, not blank, no control characters; else a 422
+    naming `field` (the CLI takes names as they come: without this an empty name was stored, and a long one or
+    a NUL failed in the database with its SQL)."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput(f"a {what} name cannot be empty", field=field)
+    if len(name) > NAME_MAX:
+        raise InvalidInput(f"a {what} name has at most {NAME_MAX} characters (this one has {len(name)})", field=field)
+    if _CONTROL.search(name):
+        raise InvalidInput(f"a {what} name cannot contain control characters", field=field)
+    return name
 
 
 def local_principal() -> Principal:
@@ -32,7 +48,7 @@ def local_principal() -> Principal:
 
 
 def create_tenant(session: Session, name: str) -> Tenant:
-    tenant = Tenant(name=name)
+    tenant = Tenant(name=check_name(name, "tenant"))
     session.add(tenant)
     try:
         session.commit()
@@ -43,10 +59,12 @@ def create_tenant(session: Session, name: str) -> Tenant:
 
 
 def get_tenant(session: Session, name_or_id: str | uuid.UUID) -> Tenant:
-    """A tenant by id or by name."""
+    """A tenant by id or by name (a name that reads as a UUID is still found by name)."""
     try:
         tenant = session.get(Tenant, uuid.UUID(str(name_or_id)))
     except ValueError:
+        tenant = None
+    if tenant is None and "\x00" not in str(name_or_id):  # a NUL is in no name, and Postgres refuses it in SQL
         tenant = session.scalar(select(Tenant).where(Tenant.name == str(name_or_id)))
     if tenant is None:
         raise NotFound(f"tenant {name_or_id!s} not found")
@@ -72,6 +90,7 @@ def create_key(session: Session, tenant: Tenant | uuid.UUID, name: str, scopes: 
         scopes = check_scopes(scopes)
     except ValueError as e:
         raise InvalidInput(str(e), field="scopes") from None
+    name = check_name(name, "key")
     tenant_id = tenant.id if isinstance(tenant, Tenant) else tenant
     prefix, secret, plaintext = new_key()
     key = ApiKey(tenant_id=tenant_id, name=name, prefix=prefix, secret_hash=hash_secret(secret), scopes=scopes)

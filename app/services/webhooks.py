@@ -24,6 +24,7 @@ import json
 import logging
 import secrets
 import socket
+import threading
 import uuid
 import weakref
 from collections.abc import Callable
@@ -49,13 +50,20 @@ SECRET_BYTES = 32
 FINAL_EVENTS = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
 REQUEUE_BATCH = 500
 REQUEUE_SPACING_S = 300.0  # a delivery's message is re-sent at most this often
+RESOLVE_TIMEOUT_S = 5.0  # a webhook host's DNS lookup, at job creation and at each send
 
 Sender = Callable[..., None]  # send(delivery_id, countdown=None)
 
 
 # --------------------------------------------------------------------------------------------- URLs
 class UrlRefused(ValueError):
-    """The URL may not be called; the message says why, in words."""
+    """The URL may not be called; the message says why, in words. `public` is what the tenant is told: for a
+    name, it does not say which inside address the name resolved to (the service's own network is no business of
+    a tenant's: `http://postgres/` must not answer with the database's address)."""
+
+    def __init__(self, message: str, *, public: str | None = None):
+        super().__init__(message)
+        self.public = public or message
 
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -76,7 +84,31 @@ def _address_allowed(ip: Address, settings: Settings) -> bool:
         return not (ip.is_unspecified or ip.is_multicast)
     if ip.is_loopback and settings.mode == "embedded":
         return True
-    return ip.is_global and not ip.is_multicast
+    return ip.is_global and not ip.is_multicast and not ip.is_reserved  # IPv6's reserved ::/8 (::7f00:1) is "global"
+
+
+def _lookup(resolver: Callable[..., list], host: str, port: int) -> list:
+    """`resolver(host, port)`, waiting at most RESOLVE_TIMEOUT_S (TimeoutError after). A tenant's name served by a
+    DNS server that never answers held the request (its thread and its pooled database connection: POST /v1/jobs
+    has read the datasets by then) for as long as the system resolver kept trying; the lookup itself cannot be
+    cancelled, so it finishes in a thread of its own."""
+    box: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, resolver(host, port, type=socket.SOCK_STREAM)))
+        except BaseException as e:  # handed to the caller
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name="webhook-resolve", daemon=True)
+    thread.start()
+    thread.join(RESOLVE_TIMEOUT_S)
+    if not box:
+        raise TimeoutError(f"no answer within {RESOLVE_TIMEOUT_S:g} s")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = socket.getaddrinfo) -> tuple[str, int, list[str]]:
@@ -103,7 +135,9 @@ def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = soc
         addresses = [str(literal)]
     else:
         try:
-            infos = resolver(host, port, type=socket.SOCK_STREAM)
+            infos = _lookup(resolver, host, port)
+        except TimeoutError:
+            raise UrlRefused(f"the host {host!r} did not resolve within {RESOLVE_TIMEOUT_S:g} s") from None
         except (OSError, UnicodeError, ValueError) as e:  # ValueError: a NUL in the name
             raise UrlRefused(f"the host {host!r} does not resolve ({e.__class__.__name__})") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
@@ -111,9 +145,11 @@ def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = soc
             raise UrlRefused(f"the host {host!r} does not resolve")
     for address in addresses:
         if not _address_allowed(ipaddress.ip_address(address.split("%")[0]), settings):
+            rule = "webhooks go to public addresses only (SPAFIT_WEBHOOK_ALLOW_PRIVATE_URLS allows them)"
             raise UrlRefused(
-                f"{host!r} is (or resolves to) {address}, a loopback, link-local, private or reserved address; "
-                "webhooks go to public addresses only (SPAFIT_WEBHOOK_ALLOW_PRIVATE_URLS allows them)")
+                f"{host!r} is (or resolves to) {address}, a loopback, link-local, private or reserved address; {rule}",
+                public=None if literal is not None else
+                f"{host!r} resolves to a loopback, link-local, private or reserved address; {rule}")
     return host, port, addresses
 
 
@@ -122,7 +158,7 @@ def check_url(url: str, settings: Settings, *, field: str = "webhook_url") -> st
     try:
         resolve(url, settings)
     except UrlRefused as e:
-        raise WebhookUrlRefused(f"{field}: {e}", field=field) from None
+        raise WebhookUrlRefused(f"{field}: {e.public}", field=field) from None
     return url
 
 

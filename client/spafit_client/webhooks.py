@@ -33,11 +33,15 @@ DEFAULT_TOLERANCE_S = 300  # the Standard Webhooks default: 5 minutes either way
 
 def _key(secret: str | bytes) -> bytes:
     if isinstance(secret, bytes):
-        return secret
-    try:
-        return base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("a webhook secret is `whsec_` followed by base64") from None
+        key = secret
+    else:
+        try:
+            key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("a webhook secret is `whsec_` followed by base64") from None
+    if not key:  # anyone can sign with an empty key: a receiver whose secret variable is unset would trust them all
+        raise ValueError("the webhook secret is empty: pass your tenant's `whsec_...` secret")
+    return key
 
 
 def sign_webhook(secret: str | bytes, msg_id: str, timestamp: int, body: bytes | str) -> str:

@@ -87,3 +87,20 @@ def test_headers_any_case_body_str_or_bytes_and_what_is_missing_is_named():
     with pytest.raises(WebhookVerificationError, match="JSON"):
         verify_webhook(not_json, _headers(body=not_json), SECRET)
     assert isinstance(WebhookVerificationError("x"), ValueError)  # `except ValueError` catches it too
+
+
+@pytest.mark.parametrize("empty", ["", "whsec_", b"", ["", SECRET]])
+def test_an_empty_secret_is_refused_not_trusted(empty):
+    """An empty key signs as well as any: `verify_webhook(body, headers, "")` (a receiver whose secret variable is
+    unset) accepted a message anyone had signed with the empty key. The reference implementation refuses an empty
+    secret; so does the SDK now, signing or verifying."""
+    import hashlib
+    import hmac
+
+    ts = int(time.time())
+    forged = "v1," + base64.b64encode(hmac.new(b"", f"msg_x.{ts}.".encode() + BODY, hashlib.sha256).digest()).decode()
+    headers = {"webhook-id": "msg_x", "webhook-timestamp": str(ts), "webhook-signature": forged}
+    with pytest.raises(ValueError, match="secret is empty"):
+        verify_webhook(BODY, headers, empty)
+    with pytest.raises(ValueError, match="secret is empty"):
+        sign_webhook(empty if not isinstance(empty, list) else "", "msg_x", ts, BODY)
