@@ -104,6 +104,10 @@ class Tenant(Base):
     webhook_secret: Mapped[str | None] = mapped_column(String(100))
     webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))
     webhook_secret_rotated_at: Mapped[datetime | None]
+    # The workers' time this tenant's webhook attempts have used, as a virtual clock (GCRA's theoretical arrival
+    # time): an attempt of d seconds moves it d / SPAFIT_WEBHOOK_TENANT_SHARE on from max(it, now), and an attempt
+    # waits while it runs more than SPAFIT_WEBHOOK_TENANT_BURST_S ahead of now (worker/webhooks.py). None: unused.
+    webhook_busy_until: Mapped[datetime | None]
 
 
 class ApiKey(Base):

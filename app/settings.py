@@ -421,6 +421,18 @@ class Settings(BaseSettings):
         description="Delay before a webhook's second attempt; each later one doubles it (up to webhook_retry_max_s).",
     )
     webhook_retry_max_s: float = Field(default=3600.0, gt=0, description="Longest delay between two webhook attempts.")
+    webhook_tenant_share: float = Field(
+        default=0.25, gt=0, le=1,
+        description="Share of the workers' time one tenant's webhook attempts may take over time (the workers also "
+        "run training): an attempt of d seconds uses d / share of the tenant's turn, and its next attempt waits "
+        "while the tenant is more than webhook_tenant_burst_s ahead. Receivers that hang for the whole timeout "
+        "then delay that tenant's own webhooks, not other tenants' deliveries and jobs. Waiting uses no attempt.",
+    )
+    webhook_tenant_burst_s: float = Field(
+        default=60.0, ge=0, le=3600,
+        description="How far ahead of the clock a tenant's webhook attempts may run before they wait "
+        "(see webhook_tenant_share): with the defaults, about two attempts that hang for the whole timeout at once.",
+    )
     webhook_secret_overlap_s: float = Field(
         default=24 * 3600.0, ge=0,
         description="After a tenant's webhook secret is rotated, deliveries are also signed with the previous one "

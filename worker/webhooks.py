@@ -14,12 +14,13 @@ import logging
 import threading
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from app.db import Database
 from app.models import Job, Tenant, WebhookDelivery, utcnow
@@ -32,6 +33,32 @@ EARLY_TOLERANCE_S = 1.0  # a message may fire this much before its row says the 
 RECORD_TRIES = 4  # writing an attempt's outcome, over about 3.5 s
 TOTAL_TIMEOUT_GRACE_S = 5.0
 MAX_ADDRESSES = 3  # of a host's (vetted) addresses, tried in order while they refuse the connection  # one whole POST: webhook_timeout_s plus this (well inside the lease)
+
+
+# ------------------------------------------------------------------------------ tenants' turns
+# The workers (one process by default) run every tenant's webhook attempts and training jobs. An attempt to a
+# receiver that hangs holds a worker for the whole timeout (10 s + grace by default, up to ten attempts a
+# delivery), and a tenant could make deliveries in a loop (create and cancel jobs): each tenant's attempts get a
+# share of the workers' time instead, kept as a virtual clock on its row (GCRA: `Tenant.webhook_busy_until`). An
+# attempt of d seconds moves the clock d / share on from max(clock, now); while it runs more than the burst ahead
+# of now, the tenant's next attempt waits (re-sent with the delay, using no attempt) and the others go first.
+def turn_wait(tenant: Tenant | None, now: datetime, settings: Settings) -> float:
+    """Seconds before `tenant`'s next webhook attempt may run (0: now)."""
+    busy = tenant.webhook_busy_until if tenant is not None else None
+    if busy is None:
+        return 0.0
+    return max(0.0, (busy - now).total_seconds() - settings.webhook_tenant_burst_s)
+
+
+def charge_turn(s: Session, tenant_id: uuid.UUID, seconds: float, settings: Settings) -> None:
+    """Count an attempt of `seconds` against its tenant's share (in the transaction that records it)."""
+    # FOR NO KEY UPDATE: a job ending meanwhile inserts a delivery (a key-share lock on the tenant) and does not wait
+    tenant = s.get(Tenant, tenant_id, with_for_update={"key_share": True})
+    if tenant is None:
+        return
+    now = utcnow()
+    start = max(tenant.webhook_busy_until or now, now)
+    tenant.webhook_busy_until = start + timedelta(seconds=seconds / settings.webhook_tenant_share)
 
 
 # ------------------------------------------------------------------------------ one attempt
@@ -101,15 +128,31 @@ def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
             return "final"
         if d.next_attempt_at > now + timedelta(seconds=EARLY_TOLERANCE_S):
             return "not-due"  # a duplicate, or another attempt holds the lease; the requeuer covers a loss
-        attempt = d.attempts + 1
-        claimed = s.execute(update(WebhookDelivery).where(
-            WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
-            WebhookDelivery.attempts == d.attempts,
-        ).values(attempts=attempt, next_attempt_at=now + timedelta(seconds=webhooks.lease_s(settings))))
-        if claimed.rowcount != 1:
-            return "busy"
-        secrets = webhooks.signing_secrets(s.get(Tenant, d.tenant_id), settings)
-        url, payload, job_id, event = d.url, d.payload, d.job_id, d.event
+        tenant = s.get(Tenant, d.tenant_id)
+        wait = turn_wait(tenant, now, settings)
+        if wait > 0:  # the tenant's attempts ran ahead of its share of the workers' time: this one waits its turn
+            deferred = s.execute(update(WebhookDelivery).where(
+                WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
+                WebhookDelivery.attempts == d.attempts,
+            ).values(next_attempt_at=now + timedelta(seconds=wait), last_error=(
+                f"waiting {wait:.0f} s for this tenant's turn: its webhook attempts used their share of the workers' "
+                "time (receivers slow to answer); no attempt is used")))
+            if deferred.rowcount != 1:
+                return "busy"
+        else:
+            attempt = d.attempts + 1
+            claimed = s.execute(update(WebhookDelivery).where(
+                WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
+                WebhookDelivery.attempts == d.attempts,
+            ).values(attempts=attempt, next_attempt_at=now + timedelta(seconds=webhooks.lease_s(settings))))
+            if claimed.rowcount != 1:
+                return "busy"
+            secrets = webhooks.signing_secrets(tenant, settings)
+            url, payload, job_id, event, tenant_id = d.url, d.payload, d.job_id, d.event, d.tenant_id
+    if wait > 0:
+        log.info("webhook %s waits %.1f s for its tenant's turn", delivery_id, wait)
+        webhooks.send(send_ or webhooks.broker_sender(settings), db, delivery_id, countdown=wait)
+        return "deferred"
     max_attempts = settings.webhook_max_attempts
 
     started = time.monotonic()
@@ -135,6 +178,7 @@ def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
                 s.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id,
                                                         WebhookDelivery.attempts == attempt)
                           .values(last_status_code=code, last_error=error, **values))
+                charge_turn(s, tenant_id, elapsed, settings)
                 if s.get(Job, job_id) is not None:  # a job deleted meanwhile took its deliveries with it
                     events.append_in(s, job_id, "webhook", record)
             break

@@ -311,3 +311,66 @@ def test_the_webhook_name_is_looked_up_before_the_job_holds_a_database_connectio
         assert created and job.webhook_url == "https://hooks.example/in"
         s.commit()
     assert held == [False]
+
+
+# ------------------------------------------------------------------------------------------ tenants' turns
+def test_a_tenant_whose_receivers_hang_waits_for_its_turn_and_the_others_go_first(db, make_settings, tenant_key):
+    """One worker runs every tenant's webhook attempts (and training). An attempt to a receiver that never answers
+    held it for the whole timeout, up to ten attempts a delivery, and a tenant could make deliveries in a loop
+    (create and cancel jobs): its attempts took the worker from every other tenant. Now each tenant's attempts get
+    a share of the workers' time (SPAFIT_WEBHOOK_TENANT_SHARE): past it, its next attempt waits its turn, using no
+    attempt, and another tenant's delivery runs at once."""
+    from app.models import Tenant, WebhookDelivery
+    from worker.webhooks import deliver
+
+    settings = make_settings(webhook_allow_private_urls=True, webhook_timeout_s=0.3, webhook_max_attempts=3,
+                             webhook_tenant_share=0.1, webhook_tenant_burst_s=1.0,
+                             broker_key_prefix=f"unconsumed-{uuid.uuid4().hex}:")
+    sent: list[tuple[uuid.UUID, float | None]] = []
+
+    def send_(delivery_id: uuid.UUID, countdown: float | None = None) -> None:
+        sent.append((delivery_id, countdown))
+
+    hangs = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    hangs.bind(("127.0.0.1", 0))
+    hangs.listen(16)
+    hang_url = f"http://127.0.0.1:{hangs.getsockname()[1]}/hook"
+    a, b = tenant_key("train"), tenant_key("train")
+    try:
+        _, first = _ended_job_with_delivery(db, a.tenant_id, hang_url)
+        _, second = _ended_job_with_delivery(db, a.tenant_id, hang_url)
+        assert deliver(db, first, settings, send_) == "retrying"  # ~0.3 s: 3 s of A's turn at a 0.1 share
+        with db.session() as s:
+            busy = s.get(Tenant, a.tenant_id).webhook_busy_until
+            assert s.get(Tenant, b.tenant_id).webhook_busy_until is None
+        assert busy is not None
+
+        sent.clear()
+        assert deliver(db, second, settings, send_) == "deferred"
+        with db.session() as s:
+            row = s.get(WebhookDelivery, second)
+            assert row.status == "pending" and row.attempts == 0, (row.status, row.attempts)
+            assert "turn" in row.last_error and "no attempt is used" in row.last_error
+            wait = (row.next_attempt_at - busy).total_seconds()
+        assert abs(wait + settings.webhook_tenant_burst_s) < 0.5, wait  # due when A is back within its burst
+        assert len(sent) == 1 and sent[0][0] == second and 0.5 < sent[0][1] < 3.0, sent
+
+        with Receiver(fail_first=0) as receiver:  # meanwhile B's delivery runs at once
+            _, b_delivery = _ended_job_with_delivery(db, b.tenant_id, receiver.url)
+            assert deliver(db, b_delivery, settings, send_) == "delivered"
+            assert len(receiver.requests) == 1
+
+        time.sleep(sent[0][1] + 0.1)  # A's turn: the waiting delivery is attempted, its first attempt
+        assert deliver(db, second, settings, send_) == "retrying"
+        with db.session() as s:
+            assert s.get(WebhookDelivery, second).attempts == 1
+    finally:
+        hangs.close()
+
+
+def test_the_tenant_share_settings_are_checked(make_settings):
+    from pydantic import ValidationError
+
+    for bad in ({"webhook_tenant_share": 0}, {"webhook_tenant_share": 1.5}, {"webhook_tenant_burst_s": -1}):
+        with pytest.raises(ValidationError):
+            make_settings(**bad)
