@@ -152,21 +152,22 @@ def check_fingerprint(cfg: dict, fingerprint: str) -> None:
 
 
 def model_from_adapter(cfg: dict, tensors: dict[str, torch.Tensor], *, base_model: str | None = None,
-                       with_tokenizer: bool = True) -> SpafitModel:
+                       with_tokenizer: bool = True, dtype: torch.dtype | None = None) -> SpafitModel:
     """A SpafitModel on a fresh backbone with the adapter loaded; `base_model` overrides where the base
-    weights come from (a local folder, say), the fingerprint still has to match."""
+    weights come from (a local folder, say), the fingerprint still has to match; `dtype` casts the base (as the
+    model it was trained on was: a bf16 base gives that model's logits only in bf16)."""
     model = SpafitModel.from_pretrained(base_model or cfg["base_model"]["name"],
                                         MethodConfig.from_dict(cfg["method"]), TaskSpec.from_dict(cfg["task"]),
-                                        with_tokenizer=with_tokenizer)
+                                        with_tokenizer=with_tokenizer, dtype=dtype)
     check_fingerprint(cfg, model.base_fingerprint)
     model.load_adapter_state_dict(tensors)
     model.eval()
     return model
 
 
-def load_adapter(path: str | Path, *, base_model: str | None = None) -> SpafitModel:
+def load_adapter(path: str | Path, *, base_model: str | None = None, dtype: torch.dtype | None = None) -> SpafitModel:
     cfg, tensors = read_adapter(path)
-    model = model_from_adapter(cfg, tensors, base_model=base_model)
+    model = model_from_adapter(cfg, tensors, base_model=base_model, dtype=dtype)
     model.max_seq_length = cfg.get("max_seq_length", 128)
     return model
 

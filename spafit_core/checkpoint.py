@@ -75,10 +75,12 @@ def read_checkpoint_meta(path: Path) -> dict:
 
 
 def run_identity(model: SpafitModel) -> dict:
-    """What a checkpoint must have been made under to be resumed by this model: method, base model, task."""
+    """What a checkpoint must have been made under to be resumed by this model: method, base model (its weights
+    and the dtype they compute in: the fingerprint names the stored weights, a bf16 cast of them keeps it), task."""
+    dtype = next(model.hf.base_model.parameters()).dtype
     return json.loads(json.dumps({"method": model.method_config.to_dict(), "task": model.task.to_dict(),
-                                  "base_model": {"name": model.base_model_name,
-                                                 "fingerprint": model.base_fingerprint}}))
+                                  "base_model": {"name": model.base_model_name, "fingerprint": model.base_fingerprint,
+                                                 "dtype": str(dtype).removeprefix("torch.")}}))
 
 
 def check_resumable(meta: dict, model: SpafitModel, cfg: TrainConfig, path: Path) -> None:
@@ -93,6 +95,8 @@ def check_resumable(meta: dict, model: SpafitModel, cfg: TrainConfig, path: Path
     if "base_model" in then and then["base_model"].get("fingerprint") != now["base_model"]["fingerprint"]:
         diffs.append(f"base model: {then['base_model'].get('name')!r} then, {now['base_model']['name']!r} now "
                      "(other weights)")
+    if then.get("base_model", {}).get("dtype") not in (None, now["base_model"]["dtype"]):  # older ones record none
+        diffs.append(f"base model dtype: {then['base_model']['dtype']} then, {now['base_model']['dtype']} now")
     old_cfg, new_cfg = meta.get("train_config") or {}, json.loads(json.dumps(cfg.to_dict()))
     diffs += [f"training.{k}: {old_cfg[k]!r} then, {new_cfg[k]!r} now" for k in sorted(set(old_cfg) & set(new_cfg))
               if k not in TrainConfig.RESUMABLE_CHANGES and old_cfg[k] != new_cfg[k]]

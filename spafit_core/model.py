@@ -132,9 +132,15 @@ class SpafitModel(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model: str, method: MethodConfig, task: TaskSpec, *,
                         dtype: torch.dtype | None = None, with_tokenizer: bool = True) -> SpafitModel:
-        hf = load_hf_classifier(base_model, task, dtype=dtype)
+        # Loaded as stored and fingerprinted before the cast: an adapter names the stored weights (as the engine's
+        # backbone does), so one trained on a bf16 / fp16 cast of float32 weights still loads and serves.
+        hf = load_hf_classifier(base_model, task)
+        fp = None
+        if dtype is not None:
+            fp = fingerprint(hf.base_model)
+            hf.to(dtype)
         tok = load_tokenizer(base_model) if with_tokenizer else None
-        return cls(hf, method, task, base_model_name=base_model, tokenizer=tok)
+        return cls(hf, method, task, base_model_name=base_model, base_fingerprint=fp, tokenizer=tok)
 
     @classmethod
     def skeleton(cls, base_model: str, method: MethodConfig, task: TaskSpec) -> SpafitModel:

@@ -168,17 +168,28 @@ def finetune(
     with _RUN_LOCK:  # one run at a time per process: see _RUN_LOCK
         set_seed(cfg.seed)  # the head and LoRA A are initialised from it
         model = SpafitModel.from_pretrained(base_model, method, task)
-        tr = _encode(data_mod.to_examples(train_table, text_fields, label_field, task), model, cfg, task)
-        va = _encode(data_mod.to_examples(val_table, text_fields, label_field, task), model, cfg, task) \
+        max_len = _max_length(model, cfg)
+        tr = _encode(data_mod.to_examples(train_table, text_fields, label_field, task), model, max_len, task)
+        va = _encode(data_mod.to_examples(val_table, text_fields, label_field, task), model, max_len, task) \
             if val_table is not None else None
         report["train"]["truncated_rows"] = tr.truncated
         if va is not None:
             report["validation"]["truncated_rows"] = va.truncated
         result = train(model, tr, cfg, validation=va, metrics=metrics, callback=callback,
                        should_stop=should_stop, checkpoint_path=checkpoint_path)
-    return FinetuneResult(model=model, train_result=result, report=report, max_seq_length=cfg.max_seq_length,
+    return FinetuneResult(model=model, train_result=result, report=report, max_seq_length=max_len,
                           metrics=result.metrics)
 
 
-def _encode(examples, model: SpafitModel, cfg: TrainConfig, task: TaskSpec) -> Encoded:
-    return encode(examples, model.tokenizer, cfg.max_seq_length, task.task_type)
+def _max_length(model: SpafitModel, cfg: TrainConfig) -> int:
+    """The tokens per input a run trains on: `max_seq_length`, but never more than the backbone's positions, the
+    length its adapter records and is served with (a model without absolute positions, DeBERTa-v3, would
+    otherwise train on longer inputs than it is ever given)."""
+    from .adapter_schema import position_limit
+
+    most = position_limit(model.hf.config)
+    return min(cfg.max_seq_length, most) if most else cfg.max_seq_length
+
+
+def _encode(examples, model: SpafitModel, max_length: int, task: TaskSpec) -> Encoded:
+    return encode(examples, model.tokenizer, max_length, task.task_type)

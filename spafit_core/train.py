@@ -327,8 +327,11 @@ def train(
             model.train()
             order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
             batches = [order[i: i + cfg.batch_size].tolist() for i in range(0, len(order), cfg.batch_size)]
-            # A resumed run continues the interrupted epoch at the next micro-batch, with the same order.
-            running, count = 0.0, 0
+            # A resumed run continues the interrupted epoch at the next micro-batch, with the same order, and its
+            # loss so far (the epoch's reported loss covers every batch of it, as in an uninterrupted run).
+            running, count = (state.get("epoch_loss_sum", 0.0), state.get("epoch_batches", 0)) \
+                if state["batch_in_epoch"] else (0.0, 0)
+            accum = cfg.gradient_accumulation_steps
             epoch_t0 = time.perf_counter()
             for b_idx in range(state["batch_in_epoch"], len(batches)):
                 if should_stop is not None and should_stop():
@@ -337,10 +340,16 @@ def train(
                 batch = {k: v.to(device) for k, v in collate([train_data.features[i] for i in idx], pad_id).items()}
                 labels = train_data.labels[idx].to(device)
                 prefix = cache.batch(idx, model.hf.dtype).to(device) if cache is not None else None
+                # Each micro-batch's mean loss weighs its share of the rows of its accumulation group (the last one
+                # of an epoch may be short, its batches smaller): the step's gradient is the mean over the group's
+                # rows, as one batch of them would give.
+                group = batches[b_idx - b_idx % accum: b_idx - b_idx % accum + accum]
+                weight = len(idx) / sum(len(g) for g in group)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(batch, prefix_hidden=prefix)
-                    loss = loss_fn(task_type, logits, labels) / cfg.gradient_accumulation_steps
-                loss_value = loss.item() * cfg.gradient_accumulation_steps
+                    mean_loss = loss_fn(task_type, logits, labels)
+                    loss = mean_loss * weight if accum > 1 else mean_loss
+                loss_value = mean_loss.item()
                 if not math.isfinite(loss_value):  # stop here: every later step would only spread the NaN
                     raise NonFiniteError(
                         f"the training loss became {loss_value} at step {state['step'] + 1} of {total_steps} "
@@ -351,7 +360,7 @@ def train(
                 count += 1
                 last_in_epoch = b_idx == len(batches) - 1
                 state["batch_in_epoch"] = b_idx + 1
-                if (b_idx + 1) % cfg.gradient_accumulation_steps and not last_in_epoch:
+                if (b_idx + 1) % accum and not last_in_epoch:
                     continue
                 if cfg.max_grad_norm is not None:
                     if scaler:
@@ -376,6 +385,7 @@ def train(
                 if cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0 \
                         and not last_in_epoch:
                     state["train_seconds"] = elapsed
+                    state["epoch_loss_sum"], state["epoch_batches"] = running, count
                     save(False)
 
             entry = {"epoch": epoch + 1, "loss": running / max(count, 1), "step": state["step"],
@@ -397,6 +407,7 @@ def train(
             state["history"].append(entry)
             state["epoch"] = epoch + 1
             state["batch_in_epoch"] = 0
+            state["epoch_loss_sum"], state["epoch_batches"] = 0.0, 0
             state["train_seconds"] = base_seconds + time.perf_counter() - start_time
             patience = cfg.early_stopping_patience
             if patience is not None and state["bad_epochs"] >= patience and state["epoch"] < cfg.epochs:
