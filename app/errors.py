@@ -160,6 +160,14 @@ class TooManyConversions(AppError):
     status = 429
 
 
+class TooManyUploads(AppError):
+    """The tenant already has a dataset upload being read and checked in this process (`datasets.py`: a large file
+    holds a core and hundreds of megabytes for seconds)."""
+
+    type = "too-many-uploads"
+    status = 429
+
+
 class TooManyStreams(AppError):
     """The tenant already holds `sse_max_streams_per_tenant` live event streams (across every API replica)."""
 

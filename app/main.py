@@ -186,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.event_hub = EventHub(db, settings.sse_poll_interval_s)  # live event streams (routes/jobs.py)
     app.state.stream_slots = StreamSlots.from_settings(settings)
     app.state.conversions = Conversions.from_settings(settings)  # PEFT exports and imports (load a base model)
+    app.state.uploads = dataset_service.upload_slots(settings)  # reading and checking uploaded files
     app.state.send_import = app.state.send_job.send_import  # dataset imports run in the worker too
     app.state.send_webhook = webhook_service.broker_sender(settings)
     webhook_service.install_outbox(db, app.state.send_webhook)  # deliveries go out when their job's end commits

@@ -159,6 +159,20 @@ class Settings(BaseSettings):
         "mode (run `spafit db upgrade` once per deploy instead).",
     )
     max_upload_bytes: int = Field(default=20 * MiB, ge=1, description="Largest dataset file accepted.")
+    max_upload_rows: int = Field(
+        default=1_000_000, ge=1,
+        description="Most rows in an uploaded dataset file (more: 413). Reading and checking a file takes about 4 s "
+        "of CPU and 250 MB per million rows in the API process; import larger datasets from the Hub (read by the "
+        "worker).",
+    )
+    uploads_in_flight: int = Field(
+        default=2, ge=1, le=20,
+        description="Dataset uploads read and checked at once in one API process. One tenant reads one at a time "
+        "(a second gets 429 too-many-uploads); beyond this many, the others wait up to upload_wait_s (then 503).",
+    )
+    upload_wait_s: float = Field(
+        default=30.0, ge=0, description="How long an upload waits for its turn to be read before it gets 503."
+    )
     max_request_bytes: int | None = Field(
         default=None,
         ge=1,
@@ -422,7 +436,7 @@ class Settings(BaseSettings):
     )
     webhook_retry_max_s: float = Field(default=3600.0, gt=0, description="Longest delay between two webhook attempts.")
     webhook_tenant_share: float = Field(
-        default=0.25, gt=0, le=1,
+        default=0.25, ge=0.01, le=1,
         description="Share of the workers' time one tenant's webhook attempts may take over time (the workers also "
         "run training): an attempt of d seconds uses d / share of the tenant's turn, and its next attempt waits "
         "while the tenant is more than webhook_tenant_burst_s ahead. Receivers that hang for the whole timeout "

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from .adapter_schema import MAX_LABEL_CHARS, MAX_LABELS
 from .config import TASK_TYPES
 from .data_read import Table, _json_type, shorten
 from .errors import ConfigError, DataError
@@ -237,8 +238,9 @@ def validate(table: Table, text_fields: Sequence[str], label_field: str | None, 
     """Check that `table` can train or evaluate a `task_type` model; every problem names its line and column.
     `train_labels`: the training label map, when validating evaluation data against it.
 
-    Error codes: no_rows, missing_column, too_many_text_fields, empty_text, invalid_text, missing_label,
-    invalid_label, unknown_label. Warning codes: single_class, constant_label, too_few_rows, truncated.
+    Error codes: no_rows, missing_column, too_many_text_fields, label_in_text_fields, empty_text, invalid_text,
+    missing_label, invalid_label, unknown_label, too_many_labels. Warning codes: single_class, constant_label,
+    too_few_rows, truncated.
     """
     if task_type not in TASK_TYPES:
         raise ConfigError(f"task_type must be one of {', '.join(TASK_TYPES)}; got {task_type!r}", field="task_type")
@@ -253,6 +255,11 @@ def validate(table: Table, text_fields: Sequence[str], label_field: str | None, 
         out.add("missing_column", f"no text column found; name one with text_fields (columns present: {present})")
     elif len(text_fields) > 2:
         out.add("too_many_text_fields", f"at most 2 text fields (a text and a text pair); got {text_fields}")
+    if len(set(text_fields)) < len(text_fields):
+        out.add("too_many_text_fields", f"the text and the text pair must be two columns; got {text_fields}")
+    if label_field is not None and label_field in text_fields:  # the model would read its answer in the input
+        out.add("label_in_text_fields", f"column {label_field!r} cannot be both a text field and the label field",
+                column=label_field)
     text_ok = [f for f in text_fields if f in table.columns]
     for f in text_fields:
         if f not in table.columns:
@@ -328,11 +335,21 @@ def _check_labels(table: Table, label_field: str, task_type: str, train_labels: 
                 continue
             names = [name]
         for name in names:
-            if known is not None and name not in known:
+            if len(name) > MAX_LABEL_CHARS:  # an adapter's label map refuses it: the job would fail once trained
+                out.add("invalid_label", f"label {shorten(repr(name), 60)} in column {label_field!r} is longer "
+                        f"than {MAX_LABEL_CHARS} characters (a text column taken for the label?)", line, label_field)
+            elif known is not None and name not in known:
                 out.add("unknown_label", f"label {name!r} does not occur in the training data (training labels: "
                         f"{known_list})", line, label_field)
             else:
                 counts[name] += 1
+    if len(counts) > MAX_LABELS:  # an adapter holds at most this many: a classifier's job would fail once trained
+        # Numbers are likely scores, which a job may still train as regression (task_type is the job's to choose):
+        # a warning; other labels (a text or id column) an error.
+        scores = all(_number(n) is not None for n in counts)
+        hint = "scores? train with task_type regression" if scores else "a text or id column taken for the label?"
+        out.add("too_many_labels", f"{len(counts)} distinct labels in column {label_field!r}; a classifier has at "
+                f"most {MAX_LABELS} ({hint})", column=label_field, severity="warning" if scores else "error")
     if task_type == "regression":
         if len(values) == 1:
             out.add("constant_label", f"every row has the same score {next(iter(values))}", column=label_field,

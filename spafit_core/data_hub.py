@@ -8,6 +8,7 @@ Hub anonymously, and reading stops as soon as a row or byte bound is passed (`Im
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,7 +230,7 @@ def _table_from_rows(ds: Any, max_rows: int | None, limit_rows: int | None, limi
         if limit_rows is not None and len(records) >= limit_rows:
             raise ImportTooLarge(f"the dataset has more than {limit_rows} rows, the import limit; import fewer "
                                  "rows with max_rows", field="max_rows", detail={"limit_rows": limit_rows})
-        record = {c: decoders[c](v) if decoders.get(c) else v for c, v in row.items()}
+        record = {c: _finite(decoders[c](v) if decoders.get(c) else v) for c, v in row.items()}
         if limit_bytes is not None:
             size += len(json.dumps(record, ensure_ascii=False, default=str).encode()) + 1
             if size > limit_bytes:
@@ -245,6 +246,18 @@ def _table_from_rows(ds: Any, max_rows: int | None, limit_rows: int | None, limi
     # An in-memory dataset knows its length; a stream is never read past what was kept.
     truncated = len(ds) - len(records) if max_rows is not None and hasattr(ds, "__len__") else 0
     return Table("hf", names, records, list(range(1, len(records) + 1)), truncated_rows=truncated)
+
+
+def _finite(value: Any) -> Any:
+    """NaN / infinity (a parquet float column's missing value) as None: JSON has no such numbers, and the JSON Lines
+    the import is stored as must read back (stored as `NaN`, every job on the `ready` dataset failed to read it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
 
 
 def _class_label_decoder(feature: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,13 @@ def sweep(client: Any, train: str, task: str, validation: str | None, n1s: str |
     Example: spafit sweep train.csv --validation val.csv --task sentiment --n1 0,1,2 --n2 3,4 --rank 4,8
     """
     from spafit_client import JobCancelled, JobFailed
+
+    for ref, hint in ((train, "TRAIN"), (validation, "--validation")):  # before anything is uploaded
+        if ref is not None and not Path(ref).is_file():
+            try:
+                uuid.UUID(ref)
+            except ValueError:  # a mistyped file name was sent as a dataset id: "not a valid UUID"
+                raise click.BadParameter(f"{ref!r} is neither a file nor a dataset id", param_hint=hint) from None
 
     def dataset(ref: str) -> str:
         return client.datasets.upload(ref).id if Path(ref).is_file() else ref

@@ -8,10 +8,11 @@ import json
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from ..deps import MetricsDep, SessionDep, SettingsDep, TrainPrincipal
 from ..errors import PayloadTooLarge, UnsupportedMediaType
@@ -48,6 +49,14 @@ def _text_fields(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _nul_path(value: Any, path: tuple = ()) -> tuple | None:
+    """Where in a parsed body a string holds a NUL character, if anywhere."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((p for k, v in items if (p := _nul_path(v, (*path, k))) is not None), None)
+
+
 async def _read_capped(upload: UploadFile, limit: int) -> bytes:
     buf = bytearray()
     while chunk := await upload.read(READ_CHUNK):
@@ -60,17 +69,31 @@ async def _read_capped(upload: UploadFile, limit: int) -> bytes:
 
 async def dataset_source(request: Request, settings: SettingsDep) -> datasets.Upload | HfDatasetCreate:
     """The body of POST /v1/datasets: a multipart upload, or JSON `{hf: {name, split, config_name}}`."""
+    try:
+        return await _read_source(request, settings)
+    except ClientDisconnect:  # the client's doing, not the service's: once logged as an unhandled 500 with a traceback
+        raise HTTPException(400, "the upload was cut short: the client went away before the body ended") from None
+
+
+async def _read_source(request: Request, settings: SettingsDep) -> datasets.Upload | HfDatasetCreate:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         try:
-            return HfDatasetCreate.model_validate_json(await request.body())
+            req = HfDatasetCreate.model_validate_json(await request.body())
         except ValidationError as e:
             raise _invalid(e) from None
+        if nul := _nul_path(req.model_dump()):  # stored in the row (and jsonb): once a 422 naming no field
+            raise RequestValidationError([{"type": "value_error", "loc": ("body", *nul), "input": None,
+                                           "msg": "a NUL character (\\u0000) is never text"}])
+        return req
     if content_type != "multipart/form-data":
         raise UnsupportedMediaType("send the file as multipart/form-data, or JSON {hf: {...}} as application/json")
     async with request.form(max_files=1, max_fields=20) as form:
         upload = form.get("file")
         fields = {k: v for k, v in form.items() if k != "file" and isinstance(v, str)}
+        if nul := next((k for k, v in fields.items() if "\x00" in v), None):  # once a 422 naming no field
+            raise RequestValidationError([{"type": "value_error", "loc": ("body", nul), "input": None,
+                                           "msg": "a NUL character (\\x00) is never text"}])
         try:
             parsed = DatasetUploadFields.model_validate({**fields, "text_fields": _text_fields(fields.get("text_fields"))})
         except ValidationError as e:
@@ -95,7 +118,8 @@ def create_dataset(*, request: Request, response: Response, principal: TrainPrin
         response.status_code = 202
         response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     else:
-        dataset = datasets.create(session, principal.tenant_id, source)
+        with request.app.state.uploads.slot(principal.tenant_id):  # one per tenant, a few per process (429 / 503)
+            dataset = datasets.create(session, principal.tenant_id, source, max_rows=settings.max_upload_rows)
     metrics.datasets_created.labels(dataset.source).inc()
     return dataset
 

@@ -15,74 +15,35 @@ costs nothing. The bound is per process on purpose: what it protects is the proc
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
-from ..errors import ServiceUnavailable, TooManyConversions
+from ..errors import TooManyConversions
 from ..settings import Settings
+from .work_slots import MAX_THREADS, TenantSlots
 
-MAX_THREADS = 20  # of the thread pool that runs every sync route (anyio's default: 40)
+__all__ = ["MAX_THREADS", "Conversions"]
 
 
-class Conversions:
+class Conversions(TenantSlots):
     def __init__(self, in_flight: int, wait_s: float, cache_bytes: int, waiting: int | None = None):
-        self.in_flight, self.wait_s, self.cache_bytes = in_flight, wait_s, cache_bytes
-        self.waiting = max(0, min(4 * in_flight, MAX_THREADS - in_flight)) if waiting is None else waiting
-        self._cond = threading.Condition()
-        self._running = 0
-        self._queued = 0
-        self._tenants: set[uuid.UUID] = set()  # tenants with a conversion running or waiting here
+        super().__init__("PEFT conversion", "SPAFIT_PEFT_CONVERSIONS_IN_FLIGHT", in_flight, wait_s,
+                         lambda message: TooManyConversions(message + " (each loads the base model)",
+                                                            headers={"Retry-After": "1"}), waiting)
+        self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached = 0  # bytes in the cache
+        self._cache_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Conversions:
         return cls(settings.peft_conversions_in_flight, settings.peft_conversion_wait_s,
                    settings.peft_export_cache_bytes)
 
-    @contextmanager
-    def slot(self, tenant_id: uuid.UUID) -> Iterator[None]:
-        """Run one conversion of `tenant_id` (see the module's docstring for what is refused)."""
-        with self._cond:
-            if tenant_id in self._tenants:
-                raise TooManyConversions(
-                    "a PEFT conversion of this tenant is already running (each loads the base model; one at a "
-                    "time per tenant): retry when it has finished", headers={"Retry-After": "1"})
-            if self._running >= self.in_flight and self._queued >= self.waiting:
-                raise ServiceUnavailable(f"{self._running} PEFT conversions are running and {self._queued} "
-                                         "waiting (SPAFIT_PEFT_CONVERSIONS_IN_FLIGHT); retry shortly",
-                                         headers={"Retry-After": "5"})
-            self._tenants.add(tenant_id)
-            deadline = time.monotonic() + self.wait_s
-            self._queued += 1
-            try:
-                while self._running >= self.in_flight:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ServiceUnavailable(f"waited {self.wait_s:g} s for one of the "
-                                                 f"{self.in_flight} PEFT conversion slots; retry shortly",
-                                                 headers={"Retry-After": "5"})
-                    self._cond.wait(left)
-            except BaseException:
-                self._tenants.discard(tenant_id)
-                raise
-            finally:
-                self._queued -= 1
-            self._running += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._running -= 1
-                self._tenants.discard(tenant_id)
-                self._cond.notify()
-
     def export(self, tenant_id: uuid.UUID, sha256: str, archive: bytes, convert: Callable[[bytes], bytes]) -> bytes:
         """`convert(archive)`, in a slot of `tenant_id`, unless the export of the adapter `sha256` is cached."""
-        with self._cond:
+        with self._cache_lock:
             hit = self._cache.get(sha256)
             if hit is not None:
                 self._cache.move_to_end(sha256)
@@ -95,7 +56,7 @@ class Conversions:
     def _keep(self, sha256: str, data: bytes) -> None:
         if len(data) > self.cache_bytes:
             return
-        with self._cond:
+        with self._cache_lock:
             if sha256 in self._cache:
                 return
             self._cache[sha256] = data

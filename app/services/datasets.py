@@ -26,12 +26,21 @@ from spafit_core import data as core_data
 from spafit_core.errors import DataError, SpafitError
 
 from ..db import Database
-from ..errors import Conflict, DatasetNotReady, NotFound, ServiceUnavailable, TooManyImports
+from ..errors import (
+    Conflict,
+    DatasetNotReady,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    TooManyImports,
+    TooManyUploads,
+)
 from ..models import Dataset, Job, Tenant, utcnow
 from ..schemas import DatasetUploadFields, HfDatasetCreate
 from ..settings import Settings
 from . import blobs
 from .pagination import paginate
+from .work_slots import TenantSlots
 
 log = logging.getLogger("spafit.datasets")
 HUB_ID = core_data.HUB_ID
@@ -54,25 +63,43 @@ def local_paths_allowed(settings: Settings) -> bool:
     return settings.mode == "embedded" and not settings.auth_enabled and not settings.insecure_bind
 
 
-def create(session: Session, tenant_id: uuid.UUID, source: Upload) -> Dataset:
-    """Register an upload (what POST /v1/datasets calls for a multipart body)."""
+def upload_slots(settings: Settings) -> TenantSlots:
+    """The turns uploads take to be read and checked in an API process (`work_slots`): reading a file of a million
+    short rows holds a core (and the interpreter) for about 4 s and 250 MB, next to every tenant's predictions."""
+    return TenantSlots("dataset upload", "SPAFIT_UPLOADS_IN_FLIGHT", settings.uploads_in_flight,
+                       settings.upload_wait_s, lambda message: TooManyUploads(message, headers={"Retry-After": "1"}))
+
+
+def create(session: Session, tenant_id: uuid.UUID, source: Upload, *, max_rows: int | None = None) -> Dataset:
+    """Register an upload (what POST /v1/datasets calls for a multipart body, in the tenant's upload slot)."""
     f = source.fields
     return create_from_bytes(session, tenant_id, source.content, filename=source.filename, name=f.name,
                              format=f.format, text_fields=f.text_fields, label_field=f.label_field,
-                             task_type=f.task_type)
+                             task_type=f.task_type, max_rows=max_rows)
 
 
 def create_from_bytes(session: Session, tenant_id: uuid.UUID, content: bytes, *, filename: str | None = None,
                       name: str | None = None, format: str | None = None, text_fields: list[str] | None = None,
-                      label_field: str | None = None,
-                      task_type: str = "single_label_classification") -> Dataset:
-    """Register an uploaded CSV / TSV / JSON Lines file. `DataError` (422) if it is unreadable or has errors."""
-    fmt = format or core_data.detect_format(filename, content[:64 * 1024])
-    table = core_data.read_table(content, fmt)
+                      label_field: str | None = None, task_type: str = "single_label_classification",
+                      max_rows: int | None = None) -> Dataset:
+    """Register an uploaded CSV / TSV / JSON Lines file. `DataError` (422) if it is unreadable or has errors;
+    `PayloadTooLarge` (413) past `max_rows` rows."""
     nul = content.find(b"\x00")
-    if nul >= 0:  # valid UTF-8, but never text data (often UTF-16 without a BOM), and Postgres cannot store it
-        line = content.count(b"\n", 0, nul) + 1
-        raise DataError(f"line {line}: a NUL byte (\\x00); save the file as UTF-8 text")
+    if nul >= 0:  # never text data (often UTF-16 without a BOM), and Postgres cannot store it: before parsing, whose
+        line = content.count(b"\n", 0, nul) + 1  # message about such a file would be garbled by the NULs
+        raise DataError(f"line {line}: a NUL byte (\\x00); save the file as UTF-8 text (not UTF-16)")
+    fmt = format or core_data.detect_format(filename, content[:64 * 1024])
+    table = core_data.read_table(content, fmt, max_rows=max_rows)
+    if table.truncated_rows:
+        raise PayloadTooLarge(f"the file has more than {max_rows} rows, the upload limit (SPAFIT_MAX_UPLOAD_ROWS); "
+                              "upload a part of it, or import the dataset from the Hugging Face Hub", field="file",
+                              limit_rows=max_rows)
+    # a JSON escape \u0000 (the bytes hold no NUL): in a label or a column name it was a 500 from a jsonb column
+    if bad := next((c for c in table.columns if "\x00" in c), None):
+        raise DataError(f"column name {bad!r} holds a NUL character (\\u0000), which is never text data")
+    for record, line in zip(table.records, table.lines, strict=True):
+        if _has_nul(record):
+            raise DataError(f"line {line}: a NUL character (\\u0000), which is never text data")
     report = _checked_report(table, text_fields, label_field, task_type)
     dataset = Dataset(tenant_id=tenant_id, name=(name or _basename(filename) or f"upload.{fmt}")[:200], format=fmt,
                       task_type=task_type, source="upload", source_detail=None, state="ready")

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from spafit_core.errors import ConfigError, DataError
 
 from ..db import Database
-from ..errors import Conflict, NotFound, TooManyJobs
+from ..errors import Conflict, NotFound, TooManyJobs, WebhookUrlRefused
 from ..models import AdapterVersion, Dataset, Job, Tenant, utcnow
 from ..queues import IMPORT_DATASET, LIGHT_QUEUE, TRAIN_ADAPTER, TRAINING_QUEUE, make_celery
 from ..schemas_jobs import JobCreate, JobOut
@@ -145,6 +145,29 @@ def _check_dataset(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID
     return ds
 
 
+def _check_classes(task_type: str, label_field: str, train: Dataset, val: Dataset | None) -> None:
+    """A classifier's classes, from the datasets' label counts where they were counted for this task type and label
+    column: at most an adapter's MAX_LABELS, and none in validation that training lacks. The worker would otherwise
+    fail the job after loading (or, past MAX_LABELS, after training: the registry refuses the adapter)."""
+    from spafit_core.adapter_schema import MAX_LABELS
+
+    def counted(ds: Dataset | None) -> dict | None:
+        if ds is None or task_type == "regression" or ds.task_type != task_type or ds.label_field != label_field:
+            return None
+        return ds.label_counts
+
+    classes = counted(train)
+    if classes is None:
+        return
+    if len(classes) > MAX_LABELS:
+        raise DataError(f"train_dataset has {len(classes)} distinct labels in {label_field!r}; a classifier has at "
+                        f"most {MAX_LABELS} (scores? use task_type 'regression')", field="train_dataset")
+    unseen = sorted(set(counted(val) or ()) - set(classes))
+    if unseen:
+        shown = ", ".join(repr(x) for x in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+        raise DataError(f"validation_dataset has labels the training data lacks: {shown}", field="validation_dataset")
+
+
 def _check_limits(body: JobCreate, hp: dict, train: Dataset, base_model: str, settings: Settings) -> None:
     """What the schema alone cannot bound: the input length against the model, the number of steps, the
     job's own time limit against the deployment's."""
@@ -202,17 +225,24 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
     """Validate and store a queued job. Returns (job, created); with an Idempotency-Key already used for
     the same body, the existing job and False; for another body, 409."""
     digest = request_hash(body)
+    refused: WebhookUrlRefused | None = None
     if body.webhook_url is not None:
         # First: the name lookup (up to webhooks.RESOLVE_TIMEOUT_S) then holds no pooled connection (a session holds
-        # one from its first query on). A retry with the same Idempotency-Key checks the URL again.
+        # one from its first query on). A refusal waits for the replay below: a retry with a used Idempotency-Key
+        # answers with its job even while the host does not resolve (a retry after a timeout, DNS failing).
         from . import webhooks
 
-        webhooks.check_url(body.webhook_url, settings)
+        try:
+            webhooks.check_url(body.webhook_url, settings)
+        except WebhookUrlRefused as e:
+            refused = e
     if idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id,
                                                     Job.idempotency_key == idempotency_key))
         if existing is not None:
             return _replay(existing, digest), False
+    if refused is not None:
+        raise refused
     registry.check_task_name(body.task)
     base_model = check_base_model(body.base_model or settings.default_base_model, settings)
     train = _check_dataset(session, tenant_id, body.train_dataset, "train_dataset")
@@ -229,6 +259,7 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
                             field="text_fields" if label_field not in missing else "label_field")
     if label_field is None:
         raise DataError(f"no label column: pass label_field (columns: {train.columns})", field="label_field")
+    _check_classes(body.task_type or train.task_type or "single_label_classification", label_field, train, val)
     if body.webhook_url is None and body.webhook_on_eval:
         raise ConfigError("webhook_on_eval needs a webhook_url", field="webhook_on_eval")
     method = _check_method(body.method.model_dump(), base_model)

@@ -21,9 +21,10 @@ import uuid
 from sqlalchemy import exists, select
 from sqlalchemy.orm import aliased
 
-from spafit_core.errors import ConfigError
+from spafit_core.errors import ConfigError, SpafitError
 
 from ..db import Database
+from ..errors import AppError
 from ..models import JOB_FINAL_STATUSES, Job, JobEvent, utcnow
 from . import blobs, events, registry
 
@@ -31,12 +32,15 @@ from . import blobs, events, registry
 def grid(method: dict, sweep: dict, depth: int | None) -> list[dict]:
     """The trial methods: every combination of the listed n1 / n2 / rank values (others from `method`),
     invalid combinations (n1 > n2, out of range) left out, duplicates after resolution removed."""
+    from spafit_core.adapter_schema import MAX_LAYERS
     from spafit_core.config import MethodConfig
 
     axes = {name: sweep.get(name) or [method.get(name)] for name in ("n1", "n2", "rank")}
     trials, seen = [], set()
     for n1, n2, rank in itertools.product(axes["n1"], axes["n2"], axes["rank"]):
         body = {**{k: v for k, v in method.items() if k != "sweep"}, "n1": n1, "n2": n2, "rank": rank}
+        if any(isinstance(v, int | float) and abs(v) > MAX_LAYERS for v in (n1, n2)):
+            continue  # method.n1 / n2's own bound: a layer of no model, even where the depth is not known here
         try:
             cfg = MethodConfig.from_dict({k: v for k, v in body.items() if v is not None})
             key = (n1, n2, rank)
@@ -93,7 +97,6 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
     """Under a lock on the sweep's row: record every final trial not recorded yet and, once every trial is
     final, register the best one (or record why there is none). Safe to call any number of times, by anyone:
     `trial_id` is only a hint."""
-    from spafit_core.adapter import unpack
     from spafit_core.metrics import HIGHER_IS_BETTER
 
     with db.transaction() as s:
@@ -102,6 +105,7 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
             return
         trials = list(s.scalars(select(Job).where(Job.parent_job_id == parent.id).order_by(Job.created_at)))
         payloads: dict[uuid.UUID, tuple[dict, bytes]] = {}
+        unusable: dict[uuid.UUID, str] = {}  # trials whose adapter cannot be read: never picked, never a crash
         recorded = set(s.scalars(select(JobEvent.data["trial_job"].as_string()).where(
             JobEvent.job_id == parent.id, JobEvent.type == "trial")))
         for trial in trials:
@@ -111,10 +115,12 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
                        **{k: trial.method.get(k) for k in ("n1", "n2", "rank")},
                        "metrics": trial.metrics or {}, "error": trial.error_message}
             if trial.result_sha256:
-                payloads[trial.id] = unpack(blobs.get(s, trial.result_sha256))
-                cfg = payloads[trial.id][0]
-                summary["trainable_params"] = cfg["param_counts"]["total"]
-                summary["stratification"] = cfg["stratification"]
+                payload = _payload(s, trial, payloads, unusable)
+                if payload is None:
+                    summary["error"] = unusable[trial.id]
+                else:
+                    summary["trainable_params"] = payload[0]["param_counts"]["total"]
+                    summary["stratification"] = payload[0]["stratification"]
             events.append_in(s, parent.id, "trial", summary)
         done = [t for t in trials if t.status in JOB_FINAL_STATUSES]
         parent.progress = {"step": len(done), "total_steps": len(trials)}
@@ -126,7 +132,10 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
         for t in trials:
             if t.status != "succeeded" or not t.result_sha256:
                 continue
-            cfg, weights = payloads.get(t.id) or unpack(blobs.get(s, t.result_sha256))
+            payload = _payload(s, t, payloads, unusable)
+            if payload is None:
+                continue
+            cfg, weights = payload
             main = cfg.get("training", {}).get("main_metric") or next(iter(cfg.get("metrics") or {}), None)
             value = (cfg.get("metrics") or {}).get(main)
             board.append({"trial": t, "cfg": cfg, "weights": weights, "metric": main, "value": value,
@@ -137,22 +146,36 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
                         "metric": b["metric"], "value": b["value"], "trainable_params": b["params"],
                         "eligible": b in eligible} for b in board]
         now = utcnow()
+        version, refused = None, []
+        if eligible and not parent.cancel_requested:
+            higher = HIGHER_IS_BETTER.get(eligible[0]["metric"], True)
+            for best in sorted(eligible, key=lambda b: ((b["value"] if higher else -b["value"]), -b["params"]),
+                               reverse=True):
+                try:  # an adapter the registry refuses raised here and rolled the settling back: run for ever
+                    with s.begin_nested():
+                        version = registry.register_version(s, parent.tenant_id, parent.task_name, best["cfg"],
+                                                            best["weights"], job_id=parent.id)
+                    break
+                except SpafitError as e:
+                    refused.append(f"trial {best['trial'].id}: {e.message}")
+                    for b in leaderboard:
+                        if b["trial_job"] == str(best["trial"].id):
+                            b["eligible"], b["error"] = False, e.message
         if parent.cancel_requested:
             parent.status, parent.finished_at = "cancelled", now
             events.append_in(s, parent.id, "status", {"status": "cancelled", "leaderboard": leaderboard})
-        elif not eligible:
-            reason = ("no trial succeeded" if not board else
+        elif version is None:
+            reason = ("no trial's adapter could be read: " + "; ".join(
+                          f"trial {t}: {m}" for t, m in unusable.items())[:2000] if not board and unusable else
+                      "no trial succeeded" if not board else
                       "no trial has a finite validation metric to compare" if not scored else
-                      f"no trial stayed within the budget of {budget} trainable parameters")
+                      f"no trial stayed within the budget of {budget} trainable parameters" if not eligible else
+                      "no trial's adapter could be registered: " + "; ".join(refused)[:2000])
             parent.status, parent.finished_at = "failed", now
             parent.error_type, parent.error_message = "sweep-failed", reason
             events.append_in(s, parent.id, "status", {"status": "failed", "error": {
                 "type": "sweep-failed", "message": reason}, "leaderboard": leaderboard})
         else:
-            higher = HIGHER_IS_BETTER.get(eligible[0]["metric"], True)
-            best = max(eligible, key=lambda b: ((b["value"] if higher else -b["value"]), -b["params"]))
-            version = registry.register_version(s, parent.tenant_id, parent.task_name, best["cfg"], best["weights"],
-                                                job_id=parent.id)
             parent.status, parent.finished_at = "succeeded", now
             parent.adapter_version_id, parent.metrics = version.id, best["cfg"].get("metrics")
             events.append_in(s, parent.id, "status", {
@@ -165,3 +188,16 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
         s.flush()
         for sha in shas:
             blobs.delete_if_unreferenced(s, sha)
+
+
+def _payload(session, trial: Job, payloads: dict, unusable: dict) -> tuple[dict, bytes] | None:
+    """The trial's (config, weights), or None (the reason kept in `unusable`) when its archive cannot be read:
+    unpacked, it raised out of `settle` on every try, and the sweep ran for ever."""
+    from spafit_core.adapter import unpack
+
+    if trial.id not in payloads and trial.id not in unusable:
+        try:
+            payloads[trial.id] = unpack(blobs.get(session, trial.result_sha256))
+        except (SpafitError, AppError) as e:  # refused by the adapter schema; a blob missing or corrupted
+            unusable[trial.id] = f"its adapter cannot be used: {e.message}"
+    return payloads.get(trial.id)
