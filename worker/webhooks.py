@@ -42,22 +42,40 @@ MAX_ADDRESSES = 3  # of a host's (vetted) addresses, tried in order while they r
 # share of the workers' time instead, kept as a virtual clock on its row (GCRA: `Tenant.webhook_busy_until`). An
 # attempt of d seconds moves the clock d / share on from max(clock, now); while it runs more than the burst ahead
 # of now, the tenant's next attempt waits (re-sent with the delay, using no attempt) and the others go first.
+# An attempt takes its turn when it starts (the most it may take: `attempt_limit_s`), under the row's lock, and
+# returns what it did not use when it ends: several workers starting the same tenant's attempts at once take turns
+# too, instead of all reading a clock none of them has charged yet.
+def attempt_limit_s(settings: Settings) -> float:
+    """The longest one POST may take (httpx bounds each read, this the whole exchange)."""
+    return settings.webhook_timeout_s + TOTAL_TIMEOUT_GRACE_S
+
+
+def _horizon(now: datetime, settings: Settings) -> datetime:
+    """The furthest ahead a tenant's clock can run under the current settings: an attempt started at the burst's
+    edge and charged its whole lease. One further ahead (a worker whose clock ran fast, charges made under a much
+    smaller share since raised) is taken as this far: else it held the tenant's webhooks back for as long."""
+    return now + timedelta(seconds=settings.webhook_tenant_burst_s
+                           + webhooks.lease_s(settings) / settings.webhook_tenant_share)
+
+
 def turn_wait(tenant: Tenant | None, now: datetime, settings: Settings) -> float:
     """Seconds before `tenant`'s next webhook attempt may run (0: now)."""
     busy = tenant.webhook_busy_until if tenant is not None else None
     if busy is None:
         return 0.0
+    busy = min(busy, _horizon(now, settings))
     return max(0.0, (busy - now).total_seconds() - settings.webhook_tenant_burst_s)
 
 
 def charge_turn(s: Session, tenant_id: uuid.UUID, seconds: float, settings: Settings) -> None:
-    """Count an attempt of `seconds` against its tenant's share (in the transaction that records it)."""
+    """Count `seconds` of attempts against a tenant's share (negative: return what an attempt took and did not
+    use), in the transaction that claims or records the attempt."""
     # FOR NO KEY UPDATE: a job ending meanwhile inserts a delivery (a key-share lock on the tenant) and does not wait
-    tenant = s.get(Tenant, tenant_id, with_for_update={"key_share": True})
+    tenant = s.get(Tenant, tenant_id, with_for_update={"key_share": True}, populate_existing=True)
     if tenant is None:
         return
     now = utcnow()
-    start = max(tenant.webhook_busy_until or now, now)
+    start = min(max(tenant.webhook_busy_until or now, now), _horizon(now, settings))
     tenant.webhook_busy_until = start + timedelta(seconds=seconds / settings.webhook_tenant_share)
 
 
@@ -106,7 +124,7 @@ def _post(url: str, payload: dict, secrets: list[str], msg_id: str, settings: Se
 
     # httpx's timeout bounds each read, not the whole exchange: a receiver dribbling its headers a byte at a
     # time could hold the attempt past its lease. The attempt waits this long in all, then counts as failed.
-    limit = settings.webhook_timeout_s + TOTAL_TIMEOUT_GRACE_S
+    limit = attempt_limit_s(settings)
     thread = threading.Thread(target=call, name="webhook-post", daemon=True)
     thread.start()
     thread.join(limit)
@@ -128,9 +146,12 @@ def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
             return "final"
         if d.next_attempt_at > now + timedelta(seconds=EARLY_TOLERANCE_S):
             return "not-due"  # a duplicate, or another attempt holds the lease; the requeuer covers a loss
-        tenant = s.get(Tenant, d.tenant_id)
+        # the tenant's row held to the commit (its clock read fresh): the tenant's attempts starting at once take turns
+        tenant = s.get(Tenant, d.tenant_id, with_for_update={"key_share": True}, populate_existing=True)
         wait = turn_wait(tenant, now, settings)
         if wait > 0:  # the tenant's attempts ran ahead of its share of the workers' time: this one waits its turn
+            if tenant.webhook_busy_until > _horizon(now, settings):  # taken as this far ahead, and kept so
+                tenant.webhook_busy_until = _horizon(now, settings)
             deferred = s.execute(update(WebhookDelivery).where(
                 WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
                 WebhookDelivery.attempts == d.attempts,
@@ -147,6 +168,7 @@ def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
             ).values(attempts=attempt, next_attempt_at=now + timedelta(seconds=webhooks.lease_s(settings))))
             if claimed.rowcount != 1:
                 return "busy"
+            charge_turn(s, d.tenant_id, attempt_limit_s(settings), settings)  # its turn, taken now
             secrets = webhooks.signing_secrets(tenant, settings)
             url, payload, job_id, event, tenant_id = d.url, d.payload, d.job_id, d.event, d.tenant_id
     if wait > 0:
@@ -175,10 +197,11 @@ def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
     for i in range(RECORD_TRIES):  # the database may be briefly away; if it stays away, the lease runs out
         try:                       # and the requeuer sends the delivery again (at least once)
             with db.transaction() as s:
+                # what the attempt did not use of the turn it took (the tenant's row first, as when it was claimed)
+                charge_turn(s, tenant_id, elapsed - attempt_limit_s(settings), settings)
                 s.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id,
                                                         WebhookDelivery.attempts == attempt)
                           .values(last_status_code=code, last_error=error, **values))
-                charge_turn(s, tenant_id, elapsed, settings)
                 if s.get(Job, job_id) is not None:  # a job deleted meanwhile took its deliveries with it
                     events.append_in(s, job_id, "webhook", record)
             break

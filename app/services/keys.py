@@ -28,6 +28,10 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)  # write last_used_at at most this o
 _DUMMY_HASH = hash_secret("not-a-key")
 NAME_MAX = 100  # the tenants.name and api_keys.name columns
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 controls: no line breaks or terminal escapes in `keys list`
+# Unicode's own line and paragraph separators and its bidirectional controls (U+202E turns `keys list`'s line around,
+# so a name reads as another): as unwelcome in a label for people as a C0 line break
+_FORMAT = re.compile("[\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a command line's bytes that are not UTF-8: no name has them, none can
 
 
 def check_name(name: str, what: str, *, field: str = "name") -> str:
@@ -38,8 +42,11 @@ def check_name(name: str, what: str, *, field: str = "name") -> str:
         raise InvalidInput(f"a {what} name cannot be empty", field=field)
     if len(name) > NAME_MAX:
         raise InvalidInput(f"a {what} name has at most {NAME_MAX} characters (this one has {len(name)})", field=field)
-    if _CONTROL.search(name):
-        raise InvalidInput(f"a {what} name cannot contain control characters", field=field)
+    if _CONTROL.search(name) or _FORMAT.search(name):
+        raise InvalidInput(f"a {what} name cannot contain control characters (line breaks, terminal escapes, "
+                           "bidirectional controls)", field=field)
+    if _SURROGATE.search(name):  # else the database's encoder failed on it, a traceback after the tenant was made
+        raise InvalidInput(f"a {what} name must be valid UTF-8", field=field)
     return name
 
 
@@ -64,7 +71,8 @@ def get_tenant(session: Session, name_or_id: str | uuid.UUID) -> Tenant:
         tenant = session.get(Tenant, uuid.UUID(str(name_or_id)))
     except ValueError:
         tenant = None
-    if tenant is None and "\x00" not in str(name_or_id):  # a NUL is in no name, and Postgres refuses it in SQL
+    # a NUL or a lone surrogate (bytes of a command line that are not UTF-8) is in no name, and SQL refuses them
+    if tenant is None and "\x00" not in str(name_or_id) and not _SURROGATE.search(str(name_or_id)):
         tenant = session.scalar(select(Tenant).where(Tenant.name == str(name_or_id)))
     if tenant is None:
         raise NotFound(f"tenant {name_or_id!s} not found")

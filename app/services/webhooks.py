@@ -111,6 +111,22 @@ def _lookup(resolver: Callable[..., list], host: str, port: int) -> list:
     return value
 
 
+def _check_idna(host: str) -> None:
+    """Refuse an internationalised name that IDNA 2003 and IDNA 2008 (UTS 46, non-transitional) write differently.
+    getaddrinfo, and so the lookup, the Host header and SNI, write it by IDNA 2003, which makes some names another
+    domain than the one registries and browsers mean: `faß.de` became `fass.de`, `ς` became `σ`, joiners were
+    dropped (`a\\u200db.example` became `ab.example`), and the signed webhook went to that other domain's owner."""
+    import idna  # httpx's own dependency
+
+    try:
+        same = idna.encode(host, uts46=True, transitional=False) == host.encode("idna")
+    except UnicodeError:  # idna.IDNAError too: not a name IDNA 2008 allows (e.g. a joiner out of context, an emoji)
+        same = False
+    if not same:
+        raise UrlRefused(f"the host {host!r} is not an internationalised domain name that IDNA 2003 and IDNA 2008 "
+                         "write alike; give it in its ASCII (xn--) form")
+
+
 def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = socket.getaddrinfo) -> tuple[str, int, list[str]]:
     """(host, port, addresses) of an allowed URL; `UrlRefused` otherwise. Every address the host resolves to
     must be allowed: a name with one public and one private address is refused."""
@@ -134,6 +150,8 @@ def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = soc
     if literal is not None:
         addresses = [str(literal)]
     else:
+        if not host.isascii():
+            _check_idna(host)
         try:
             infos = _lookup(resolver, host, port)
         except TimeoutError:
