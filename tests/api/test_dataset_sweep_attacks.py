@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import time
 import uuid
 
 import pytest
@@ -349,8 +350,10 @@ def test_concurrent_uploads_and_deletes_of_the_same_bytes_never_500_nor_lose_a_b
     content = unique_csv()
     first = upload(client, content, "x.csv", trainer.headers).json()
 
-    def up(i):
-        return upload(client, content, f"x{i}.csv", trainer.headers)
+    def up(i):  # a tenant's uploads are read one at a time: a 429 is tried again (the race is with the delete)
+        while (r := upload(client, content, f"x{i}.csv", trainer.headers)).status_code == 429:
+            time.sleep(0.01)
+        return r
 
     with ThreadPoolExecutor(6) as pool:
         gone = pool.submit(client.delete, f"/v1/datasets/{first['id']}", headers=trainer.headers)
@@ -495,41 +498,6 @@ def test_a_classifier_of_more_classes_than_an_adapter_holds_is_422_and_as_regres
     r = client.post("/v1/jobs", json={"task": "many", "train_dataset": ds.json()["id"], "task_type": "regression",
                                       "hyperparameters": {"epochs": 1, "batch_size": 64}}, headers=key.headers)
     assert r.status_code == 202, r.text
-
-
-@pytest.mark.slow
-def test_cancelling_a_sweep_mid_trial_ends_it_with_no_version(job_client, tenant_key, worker, db):
-    """A sweep cancelled while a trial trains on the real worker ends cancelled, registers no version and keeps no
-    trial's adapter (an attack that held; kept as a regression).
-
-    Slow: a trial has to be running on the worker when the cancel lands (about a minute on 2 cores)."""
-    from sqlalchemy import select
-
-    from app.models import Job
-    from tests.tiny import toy_csv
-    from tests.worker.test_jobs import final, job_body, wait_for
-
-    key = tenant_key("train")
-    train = upload(job_client, toy_csv(400, 3), "train.csv", key.headers).json()["id"]
-    val = upload(job_client, toy_csv(16, 4), "val.csv", key.headers).json()["id"]
-    body = {**job_body(train, val, task="cut", epochs=20, batch_size=4),
-            "method": {"name": "spafit", "rank": 2, "sweep": {"n1": [1], "n2": [2, 3]}}}
-    job = job_client.post("/v1/jobs", json=body, headers=key.headers).json()
-
-    def a_trial_runs() -> bool:
-        with db.session() as s:
-            return "running" in s.scalars(select(Job.status).where(Job.parent_job_id == uuid.UUID(job["id"]))).all()
-
-    wait_for(job_client, job["id"], key.headers, lambda _: a_trial_runs(), timeout=120)
-    r = job_client.post(f"/v1/jobs/{job['id']}/cancel", headers=key.headers)
-    assert r.status_code == 200, r.text
-    done = wait_for(job_client, job["id"], key.headers, final, timeout=180)
-    assert done["status"] == "cancelled" and done["adapter_version"] is None, (done, worker.tail())
-    with db.session() as s:
-        statuses = s.scalars(select(Job.status).where(Job.parent_job_id == uuid.UUID(job["id"]))).all()
-        shas = s.scalars(select(Job.result_sha256).where(Job.parent_job_id == uuid.UUID(job["id"]))).all()
-    assert set(statuses) <= {"cancelled", "succeeded"} and shas == [None, None]
-    assert_problem(job_client.get("/v1/tasks/cut", headers=key.headers), 404)
 
 
 @pytest.mark.slow

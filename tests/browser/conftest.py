@@ -128,8 +128,8 @@ class Api:
                 self.http.post(f"/v1/jobs/{job_id}/cancel")
         self.http.close()
 
-    def upload(self, content: bytes, name: str) -> str:
-        r = self.http.post("/v1/datasets", files={"file": (name, content)})
+    def upload(self, content: bytes, name: str, **fields: str) -> str:
+        r = self.http.post("/v1/datasets", files={"file": (name, content)}, data=fields)
         assert r.status_code == 201, r.text
         return r.json()["id"]
 

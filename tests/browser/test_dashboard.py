@@ -233,7 +233,10 @@ def test_a_failed_job_shows_its_error_in_words(page, live_server, api, tenant_ke
     key = tenant_key("train")
     client = api(key.key)
     train = client.upload(toy_csv(32, 5), "train.csv")
-    val = client.upload(b"text,label\ngood film,neutral\nbad film,negative\n" + b"fine,neutral\n" * 8, "odd.csv")
+    # A label the training data lacks: checked when the job is created where both sets were checked as this job's
+    # task type; this one was uploaded as multi-label, so only the worker, reading it as the job's, finds it.
+    val = client.upload(b"text,label\ngood film,neutral\nbad film,negative\n" + b"fine,neutral\n" * 8, "odd.csv",
+                        task_type="multi_label_classification")
     job = client.job(spafit_body(train, val, "will-fail", epochs=1))
     open_with_key(page, live_server.url, key.key, f"#/jobs/{job['id']}")
     page.wait_for_selector("#job-error", timeout=90_000)
