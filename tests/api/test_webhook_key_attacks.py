@@ -311,6 +311,8 @@ def test_the_webhook_name_is_looked_up_before_the_job_holds_a_database_connectio
         assert created and job.webhook_url == "https://hooks.example/in"
         s.commit()
     assert held == [False]
+    # the job was only needed stored: cancelled, so that no requeuer sends it to the session's worker
+    assert client.post(f"/v1/jobs/{job.id}/cancel", headers=key.headers).status_code == 200
 
 
 # ------------------------------------------------------------------------------------------ tenants' turns
