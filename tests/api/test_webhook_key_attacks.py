@@ -23,7 +23,13 @@ from sqlalchemy.exc import DBAPIError
 
 from tests.api.helpers import assert_problem
 from tests.tiny import toy_csv
-from tests.worker.test_webhooks import Receiver, _attempts, _ended_job_with_delivery, _one_shot
+from tests.worker.test_webhooks import (
+    Receiver,
+    _attempts,
+    _ended_job_with_delivery,
+    _one_shot,
+    dribbling_receiver,
+)
 
 
 # ------------------------------------------------------------------------------------------ admin CLI: names
@@ -226,26 +232,8 @@ def test_a_dribbling_receiver_is_disconnected_when_its_attempt_gives_up(db, make
     from worker.webhooks import TOTAL_TIMEOUT_GRACE_S, deliver
 
     key = tenant_key("train")
-    listener = socket.create_server(("127.0.0.1", 0))
-    cut = threading.Event()
-    stop = threading.Event()
-
-    def dribble() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-            while not stop.is_set():
-                try:
-                    conn.sendall(b"a")
-                except OSError:
-                    cut.set()
-                    return
-                time.sleep(0.1)
-
-    threading.Thread(target=dribble, daemon=True).start()
-    try:
-        job_id, delivery_id = _ended_job_with_delivery(db, key.tenant_id,
-                                                       f"http://127.0.0.1:{listener.getsockname()[1]}/h")
+    with dribbling_receiver(0.1) as (url, cut):
+        job_id, delivery_id = _ended_job_with_delivery(db, key.tenant_id, url)
         settings = _one_shot(make_settings, webhook_allow_private_urls=True, webhook_timeout_s=0.5)
         assert deliver(db, delivery_id, settings) == "failed"
         assert _attempts(db, job_id)[0]["error"] == f"no complete answer within {0.5 + TOTAL_TIMEOUT_GRACE_S:g} s"
@@ -254,9 +242,6 @@ def test_a_dribbling_receiver_is_disconnected_when_its_attempt_gives_up(db, make
         while any(t.name == "webhook-post" for t in threading.enumerate()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(t.name == "webhook-post" for t in threading.enumerate())
-    finally:
-        stop.set()
-        listener.close()
 
 
 def test_a_webhook_host_that_never_resolves_is_refused_in_bounded_time(client, tenant_key, monkeypatch):

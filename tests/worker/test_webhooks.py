@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -251,6 +254,33 @@ def test_url_rules_by_mode_and_setting(make_settings):
         webhooks.resolve("http://rebind.example/hook", server, resolver=two_answers)
 
 
+@contextmanager
+def dribbling_receiver(interval: float) -> Iterator[tuple[str, threading.Event]]:
+    """(url, cut): a receiver on 127.0.0.1 that answers its first connection with a status line and then one header
+    byte every `interval` seconds, never ending; `cut` is set once the sender has closed the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    cut, stop = threading.Event(), threading.Event()
+
+    def dribble() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.is_set():
+                try:
+                    conn.sendall(b"a")
+                except OSError:
+                    cut.set()
+                    return
+                time.sleep(interval)
+
+    threading.Thread(target=dribble, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/h", cut
+    finally:
+        stop.set()
+        listener.close()
+
+
 def _ended_job_with_delivery(db: Any, tenant_id: uuid.UUID, url: str) -> tuple[uuid.UUID, uuid.UUID]:
     """A failed job with `url` as its webhook, ended the way every path ends a job (its final status event,
     which adds the delivery in the same transaction): (job id, delivery id). This process has no outbox sender,
@@ -297,7 +327,6 @@ def test_the_sender_checks_the_address_again_at_send_time(db, make_settings, ten
 
 
 def test_redirects_are_not_followed_and_a_dribbling_receiver_is_cut_off(db, make_settings, tenant_key):
-    import socket
 
     from worker.webhooks import TOTAL_TIMEOUT_GRACE_S, deliver
 
@@ -327,30 +356,11 @@ def test_redirects_are_not_followed_and_a_dribbling_receiver_is_cut_off(db, make
 
     # A receiver that sends its status line and then one header byte every 0.2 s: each read is quick, the
     # whole never ends. The attempt gives up after webhook_timeout_s + the grace, not never.
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def dribble() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-            while not stop.is_set():
-                try:
-                    conn.sendall(b"a")
-                except OSError:
-                    return
-                time.sleep(0.2)
-
-    threading.Thread(target=dribble, daemon=True).start()
-    try:
-        job_id, delivery_id = _ended_job_with_delivery(db, key.tenant_id,
-                                                       f"http://127.0.0.1:{listener.getsockname()[1]}/h")
+    with dribbling_receiver(0.2) as (url, _):
+        job_id, delivery_id = _ended_job_with_delivery(db, key.tenant_id, url)
         started = time.monotonic()
         assert deliver(db, delivery_id, allowing) == "failed"
         took = time.monotonic() - started
-    finally:
-        stop.set()
-        listener.close()
     limit = 0.5 + TOTAL_TIMEOUT_GRACE_S
     assert limit <= took < limit + 3, took
     assert _attempts(db, job_id)[0]["error"] == f"no complete answer within {limit:g} s"
