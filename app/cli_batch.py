@@ -55,7 +55,8 @@ def register(main: click.Group, *, remote: Callable[..., Any], emit: Callable[..
     @click.option("--wait/--no-wait", default=True, help="Follow the job with a progress bar until it ends.")
     @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
                   help="With --wait: write the result file here.")
-    @click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=None)
+    @click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=None,
+                  help="With --wait: give up after this many seconds (exit 7; the job goes on).")
     @remote
     def batch_create(client: Any, targets: tuple[str, ...], tasks: tuple[str, ...], version: int | None,
                      text_fields: tuple[str, ...], id_field: str | None, top_k: int | None, fmt: str, all_scores: bool,
@@ -104,8 +105,9 @@ def register(main: click.Group, *, remote: Callable[..., Any], emit: Callable[..
 
     @batch.command("wait")
     @click.argument("job_id")
-    @click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=None)
-    @click.option("--progress/--no-progress", default=True)
+    @click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=None,
+                  help="Give up after this many seconds (exit 7; the job goes on).")
+    @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
     @remote
     def batch_wait(client: Any, job_id: str, wait_timeout: float | None, progress: bool, as_json: bool) -> None:
         """Follow a batch prediction until it ends (exit 1 if it failed or was cancelled, 7 on --timeout)."""
@@ -149,7 +151,8 @@ def register(main: click.Group, *, remote: Callable[..., Any], emit: Callable[..
     @click.option("--text-field", "text_fields", multiple=True, help="Input column (twice: text and text pair).")
     @click.option("--compare-with", type=click.IntRange(1), default=None,
                   help="Then compare with this version's evaluation on the same dataset.")
-    @click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=None)
+    @click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=None,
+                  help="Give up waiting after this many seconds (exit 7; the job goes on).")
     @remote
     def evaluate(client: Any, task: str, version: int, dataset: str, label_field: str | None,
                  text_fields: tuple[str, ...], compare_with: int | None, wait_timeout: float | None, as_json: bool) -> None:

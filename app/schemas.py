@@ -158,7 +158,7 @@ class AdapterVersionOut(BaseModel):
     stratification: dict[str, Any] | None = Field(
         default=None, description="num_layers, n1, n2 and layer_groups: the SPAFIT group of each layer "
         "(1 frozen, 2 bias-only, 3 LoRA + bias)")
-    job_id: uuid.UUID | None = Field(default=None, description="the job that trained it; null when imported")
+    job_id: uuid.UUID | None = Field(default=None, description="the job that trained it; null when imported or once that job was deleted")
     evaluations: list[dict[str, Any]] = Field(default_factory=list, description=(
         "every evaluation of this version on a labelled dataset (POST .../evaluate), oldest first"))
     created_at: datetime

@@ -23,7 +23,7 @@ from .common import (
 
 @main.group(cls=SpafitGroup)
 def jobs() -> None:
-    """Fine-tuning jobs on a service: list, show, wait, cancel, events."""
+    """Fine-tuning jobs on a service: list, show, wait, cancel, delete, events."""
 
 
 @jobs.command("list")

@@ -15,7 +15,8 @@ PREDICT_CHUNK = 32  # inputs per request: under the service's default limit of 6
 @main.command()
 @click.argument("args", nargs=-1, metavar="[TASK] [TEXT]...")
 @click.option("--file", "file", type=click.File("r"), default=None,
-              help="Inputs, one per line: plain text, or JSON Lines (a string or {text, text_pair}); - for stdin.")
+              help="Inputs, one per line: plain text, or JSON Lines (a string or {text, text_pair}; all texts or all "
+                   "pairs, the service takes one kind per request); - for stdin.")
 @click.option("--tasks", default=None, metavar="A,B,...",
               help="Ask several tasks at once (fan-out); then every argument is a text.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Class scores per input [default: all].")

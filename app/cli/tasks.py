@@ -66,12 +66,14 @@ def tasks_activate(client: Any, task: str, version: int, as_json: bool) -> None:
 @tasks.command("export")
 @click.argument("task")
 @click.option("--version", type=click.IntRange(min=1), default=None, help="[default: the active version]")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="A .zip path or a folder [default: <task>-v<N>.zip here].")
+# A str, not a Path: Path("new-folder/") drops the slash that says "a folder" (the zip went to a file of that name).
+@click.option("--out", type=click.Path(), default=None,
+              help="A .zip path or a folder (an existing one, or any path ending in /) [default: <task>-v<N>.zip "
+              "here].")
 @click.option("--format", "fmt", type=click.Choice(["spafit", "peft"]), default="spafit", show_default=True,
               help="peft: a zipped PEFT LoRA folder for peft.PeftModel.from_pretrained.")
 @remote
-def tasks_export(client: Any, task: str, version: int | None, out: Path | None, fmt: str, as_json: bool) -> None:
+def tasks_export(client: Any, task: str, version: int | None, out: str | None, fmt: str, as_json: bool) -> None:
     """Download a version as a zip (spafit_adapter.json + adapter.safetensors, or a PEFT folder)."""
     path = client.tasks.download(task, out, version=version, format=None if fmt == "spafit" else fmt)
     emit({"task": task, "path": str(path.resolve()), "size_bytes": path.stat().st_size}, as_json, f"wrote {path}")

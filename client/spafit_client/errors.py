@@ -17,7 +17,8 @@ The service answers errors as problem+json (RFC 9457): `type` (a stable URI, bra
     │   └── ServerError                5xx
     │       └── OverloadedError        503: busy or a dependency is down; `retry_after`
     ├── APIConnectionError             no answer at all (also a builtin ConnectionError)
-    │   └── APITimeoutError            no answer in time (also a builtin TimeoutError)
+    │   ├── APITimeoutError            no answer in time (also a builtin TimeoutError)
+    │   └── APIResponseError           a successful answer that is not the service's (another server, a proxy)
     ├── JobFailed                      jobs.wait(): the job failed; `error_type`, `message`
     ├── JobCancelled                   jobs.wait(): the job was cancelled
     ├── DatasetImportFailed            datasets.import_hf(): the import failed; `error_type`, `message`
@@ -252,4 +253,5 @@ class WebhookVerificationError(SpafitError, builtins.ValueError):
 
 
 class APIResponseError(APIConnectionError):
-    """An answer that is not the service's (not its JSON): the URL points elsewhere, or a proxy answered."""
+    """A successful answer that is not the service's (not its JSON): the URL points elsewhere, or a proxy
+    answered. (An error status from such a server is still its status's class, its text as `detail`.)"""
