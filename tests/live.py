@@ -5,6 +5,7 @@ loaded once for the whole suite by tests/conftest.py, so every folder shares one
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -79,6 +80,28 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app: Any) -> Iterator[str]:
+    """`app` behind a real uvicorn server on a free port, in a thread of this process (so that a test can reach
+    into the app: raise from a route, slow a load down); yields its URL."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 class ChildProcess:

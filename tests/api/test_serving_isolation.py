@@ -14,15 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.live import ROOT, free_port, wait_until
+from tests.live import ROOT, free_port, uvicorn_in_thread, wait_until
 
 from .adapters import BITFIT, LORA, SPAFIT, TEXTS, random_adapter, register, settings_factory, tiny_backbone
 from .helpers import assert_problem
@@ -44,28 +42,6 @@ def zoo(base):
             "head-b": random_adapter(base, dict(name="spafit", n1=4, n2=4, rank=2), labels=("x", "y", "z"), seed=5)}
 
 
-@contextmanager
-def uvicorn_server(app: Any) -> Iterator[str]:
-    """`app` behind a real uvicorn server on a free port (in a thread); yields its URL."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def live(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
     """The app served by uvicorn, with a route that raises what no handler maps; (url, app)."""
@@ -79,7 +55,7 @@ def live(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
         def boom() -> None:
             raise RuntimeError("secret internals")
 
-        with uvicorn_server(app) as url:
+        with uvicorn_in_thread(app) as url:
             deadline = time.monotonic() + 60
             while httpx.get(url + "/readyz").status_code != 200:
                 assert time.monotonic() < deadline, "the backbone did not load"
@@ -96,7 +72,7 @@ def replica2(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, ba
     with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("iso-data-2")) as make:
         app = create_app(make(default_base_model=base, engine_device="cpu", batch_max_wait_ms=20,
                               batch_max_queue_per_tenant=SHARE))
-        with uvicorn_server(app) as url:
+        with uvicorn_in_thread(app) as url:
             yield url, app
 
 
@@ -438,7 +414,7 @@ def test_with_redis_unreachable_predict_holds_the_share_per_process_and_never_fa
         app = create_app(make(default_base_model=base, engine_device="cpu", batch_max_wait_ms=20,
                               batch_max_queue_per_tenant=4, max_predict_inputs=4,
                               redis_url=f"redis://127.0.0.1:{free_port()}/0"))  # nothing listens there
-        with uvicorn_server(app) as url:
+        with uvicorn_in_thread(app) as url:
             def post(inputs: list[str]) -> httpx.Response:
                 return httpx.post(f"{url}/v1/tasks/spam/predict", json={"inputs": inputs}, headers=tenant.headers,
                                   timeout=30)

@@ -11,12 +11,12 @@ import secrets
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.live import uvicorn_in_thread
 
 from .conftest import ApiProcess, RedisServer, free_port, own_database_fixtures, service_env, wait_until
 
@@ -380,25 +380,6 @@ def test_odd_inputs_in_mixed_batches_are_answered_and_never_fail_another_request
 
 
 # ------------------------------------------------------------------------------ a backbone loading meanwhile
-@contextmanager
-def _uvicorn(app: Any) -> Iterator[str]:
-    """`app` behind a real uvicorn server in a thread of this process (so that a load can be slowed down)."""
-    import threading
-
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 60, "uvicorn")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 def test_predicts_on_a_loaded_backbone_go_on_while_many_requests_wait_for_another_to_load(
         pg_url, redis_url, redis_prefix, db, tiny_base, tmp_path, monkeypatch):
     """Eight requests for a task on a base model that takes 4 s to load must not hold up a task on the
@@ -427,7 +408,7 @@ def test_predicts_on_a_loaded_backbone_go_on_while_many_requests_wait_for_anothe
     with settings_factory(pg_url, redis_url, redis_prefix, tmp_path / "data") as make:
         app = create_app(make(default_base_model=tiny_base, allowed_base_models=[other_base], engine_device="cpu",
                               preload_base_model=True))
-        with _uvicorn(app) as url:
+        with uvicorn_in_thread(app) as url:
             wait_until(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 60, "the backbone")
             assert httpx.post(f"{url}/v1/tasks/here/predict", json={"inputs": TEXTS}, headers=headers,
                               timeout=30).status_code == 200  # warm
