@@ -55,17 +55,31 @@ def _run(connection: Connection) -> None:
         # job link) or fails. Off while migrating (a no-op inside a transaction: set first), checked after.
         connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
         connection.commit()  # end the transaction SQLAlchemy began for it: alembic's own below commits the migration
-    _configure(connection=connection, render_as_batch=sqlite)
-    with context.begin_transaction():
-        if connection.dialect.name == "postgresql":
-            connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
-        context.run_migrations()
-    if sqlite:
-        dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
-        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
-        connection.commit()
-        if dangling:
-            raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {dangling[:5]}")
+    # transactional_ddl: SQLite has it, but Alembic assumes not and commits after each revision (which would let go
+    # of the lock below between revisions).
+    _configure(connection=connection, render_as_batch=sqlite, **({"transactional_ddl": True} if sqlite else {}))
+    try:
+        with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+            elif sqlite:
+                # The write lock before the revision is read, and every DDL inside one transaction (Python's sqlite3
+                # opens none for DDL by itself): two processes migrating one file at once took turns reading the
+                # revision and then both ran the same ALTERs ("duplicate column name"), and a failed migration was
+                # left half applied.
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            context.run_migrations()
+            if sqlite:  # checked before the commit: a migration that would leave such rows is rolled back whole
+                dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if dangling:
+                    from app.services.migrate import SchemaNotCurrent
+
+                    raise SchemaNotCurrent(f"the migration would leave rows whose foreign keys point nowhere "
+                                           f"({dangling[:5]}); nothing was changed")
+    finally:
+        if sqlite:
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
 
 
 def run_migrations_online() -> None:

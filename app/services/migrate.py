@@ -10,6 +10,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 import migrations
 
@@ -25,7 +26,32 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    at = current(url)
+    if not known(at):  # Alembic said only "Can't locate revision identified by '0099'"
+        raise SchemaNotCurrent(_ahead(at))
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except DBAPIError as e:  # a statement failed (the data, a hand-made change): one line, not a traceback
+        if e.orig is None or (isinstance(e, OperationalError) and not url.startswith("sqlite")):
+            raise  # the database went away: said as unreachable (SQLite says "already exists" with one too)
+        why = " ".join(f"{type(e.orig).__name__}: {e.orig}".split())
+        raise SchemaNotCurrent(f"migrating from revision {at or 'none'} failed ({why}); the database is at "
+                               f"revision {current(url) or 'none'}") from e
+
+
+def known(revision: str | None) -> bool:
+    """Whether this code has `revision` (None, a database never migrated, counts as known)."""
+    if revision is None:
+        return True
+    try:
+        return ScriptDirectory.from_config(alembic_config("")).get_revision(revision) is not None
+    except Exception:  # alembic.util.CommandError / ResolutionError: not one of ours
+        return False
+
+
+def _ahead(at: str | None) -> str:
+    return (f"database schema is at revision {at}, which this code does not know (its newest is {head()}): "
+            "a newer release migrated it; run that release")
 
 
 def downgrade(url: str, revision: str = "-1") -> None:
@@ -62,6 +88,8 @@ def check_current(engine: Engine) -> None:
     with engine.connect() as conn:
         at = MigrationContext.configure(conn).get_current_revision()
     expected = head()
+    if at != expected and not known(at):
+        raise SchemaNotCurrent(_ahead(at))
     if at != expected:
         raise SchemaNotCurrent(f"database schema is at revision {at or 'none'}, this code needs {expected}; "
                            "run `spafit db upgrade`")

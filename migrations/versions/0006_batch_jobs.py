@@ -69,6 +69,10 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_version_evaluations_dataset_id"), table_name="version_evaluations")
     op.drop_table("version_evaluations")
     op.drop_table("batch_chunks")
+    # Their events and webhook deliveries first: SQLite migrates with foreign keys off (migrations/env.py), so the
+    # ON DELETE CASCADE would not run and the rows left pointing nowhere would fail every later migration.
+    for table in ("job_events", "webhook_deliveries"):
+        op.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM jobs WHERE kind IN ('predict', 'evaluate'))")
     op.execute("DELETE FROM jobs WHERE kind IN ('predict', 'evaluate')")
     with op.batch_alter_table("jobs") as b:
         b.drop_constraint(op.f("ck_jobs_kind"), type_="check")
