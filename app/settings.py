@@ -96,6 +96,24 @@ def _check_broker_url(url: str) -> None:
     if "://" not in url or scheme not in TRANSPORT_ALIASES:
         raise ValueError(f"SPAFIT_BROKER_URL's scheme {scheme!r} is no broker transport Celery knows (e.g. "
                          "redis://host:6379/0)")
+    _check_host_port("SPAFIT_BROKER_URL", url)
+
+
+def _check_host_port(name: str, url: str) -> None:
+    """A port that is not a number or out of range passed the scheme checks and failed only once a client was made
+    (a traceback at startup or on the first request)."""
+    from urllib.parse import urlsplit
+
+    try:
+        _ = urlsplit(url).port
+    except ValueError as e:
+        raise ValueError(f"{name} is malformed: {e}") from None
+
+
+def _check_redis_url(url: str) -> None:
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("SPAFIT_REDIS_URL must start with redis://, rediss:// or unix://")
+    _check_host_port("SPAFIT_REDIS_URL", url)
 
 
 def _check_durations(settings: BaseSettings) -> None:
@@ -370,8 +388,9 @@ class Settings(BaseSettings):
     )
     metrics_token: SecretStr | None = Field(
         default=None,
-        description="Bearer token that opens `/metrics` on the API port (`Authorization: Bearer <token>`). "
-        "Server mode without it (and without `metrics_bind`) answers 404 there: metrics are closed by default.",
+        description="Bearer token that opens `/metrics` on the API port (`Authorization: Bearer <token>`); at "
+        "least 16 characters (`openssl rand -hex 16`), or the service refuses to start. Server mode without it "
+        "(and without `metrics_bind`) answers 404 there: metrics are closed by default.",
     )
     metrics_bind: str | None = Field(
         default=None,
@@ -472,6 +491,8 @@ class Settings(BaseSettings):
         _check_durations(self)
         if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
             self.redis_url = self.broker_url
+        if self.redis_url:  # empty: no shared Redis, as before
+            _check_redis_url(self.redis_url)
         if self.auth_enabled is None:
             self.auth_enabled = not embedded
         if self.auto_migrate is None:
@@ -491,13 +512,14 @@ class Settings(BaseSettings):
         if self.max_import_bytes is None:
             self.max_import_bytes = self.max_upload_bytes
         if self.max_request_bytes < self.max_upload_bytes:
-            raise ValueError("max_request_bytes must be at least max_upload_bytes, or no upload could reach the cap")
+            raise ValueError("SPAFIT_MAX_REQUEST_BYTES must be at least SPAFIT_MAX_UPLOAD_BYTES, or no upload "
+                             "could reach the cap")
         bad = {t: w for t, w in self.batch_tenant_weights.items() if not 0 < w < float("inf")}
         if bad:
-            raise ValueError(f"batch_tenant_weights must be positive and finite; got {bad}")
+            raise ValueError(f"SPAFIT_BATCH_TENANT_WEIGHTS must be positive and finite; got {bad}")
         if self.batch_max_queue_per_tenant < self.max_predict_inputs:  # the share as set, before any clamp below
-            raise ValueError("batch_max_queue_per_tenant must be at least max_predict_inputs, or a full request "
-                             "could never be queued")
+            raise ValueError("SPAFIT_BATCH_MAX_QUEUE_PER_TENANT must be at least SPAFIT_MAX_PREDICT_INPUTS, or a "
+                             "full request could never be queued")
         if self.batch_max_queue_per_tenant > self.batch_max_queue:  # a share over the whole: clamped, said once
             logging.getLogger("spafit.settings").warning(
                 "batch_max_queue_per_tenant (%d) is over batch_max_queue (%d): clamped to it",

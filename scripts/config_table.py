@@ -27,8 +27,8 @@ def table() -> str:
             default = field.default_factory()
         else:
             default = None
-        if default is None:
-            shown = "(derived)"
+        if default is None:  # derived from other settings where the text says how, else not set at all
+            shown = "(derived)" if "Default" in (field.description or "") else "(unset)"
         elif default in ("", []):
             shown = "(empty)"
         else:

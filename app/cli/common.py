@@ -69,7 +69,28 @@ def error_message(exc: BaseException) -> str:
     """What `error:` says: the exception's own words, but one line where the database's would be a statement."""
     if _undefined_table(exc):
         return "the database has no SPAFIT tables yet: run `spafit db upgrade` first"
+    pd = sys.modules.get("pydantic")
+    if pd is not None and isinstance(exc, pd.ValidationError) and exc.title == "Settings":
+        return _settings_message(exc)
+    sa = sys.modules.get("sqlalchemy.exc")
+    if sa is not None and isinstance(exc, sa.DBAPIError) and exc.orig is not None:  # the driver's words, not the
+        return " ".join(f"{type(exc.orig).__name__}: {exc.orig}".split())        # SQL, parameters and a link
     return str(exc)
+
+
+def _settings_message(exc: Any) -> str:
+    """One line naming each SPAFIT_* variable that is wrong (pydantic's own text is several lines per error and
+    repeats every setting's value)."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err["loc"])
+        if loc:
+            got = err.get("input")
+            secret = any(w in loc for w in ("token", "secret", "url", "password"))  # never echo credentials
+            msg = f"SPAFIT_{loc.upper()}: {msg}" + (f" (got {got!r})" if isinstance(got, str) and not secret else "")
+        parts.append(msg)
+    return "invalid settings: " + "; ".join(" ".join(p.split()) for p in parts)
 
 
 def exit_code_for_status(status: int) -> int:
@@ -119,8 +140,9 @@ def main() -> None:
     """Fine-tune SPAFIT adapters and serve every task from one frozen backbone.
 
     Run the service with `serve` (embedded: API + worker, no setup) or `serve` + `worker` on separate
-    machines; try it with `quickstart`; train locally with `train`; use a service with `predict`, `jobs`,
-    `tasks`, `sweep`; administer with `keys`, `db`. Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 auth,
+    machines; try it with `quickstart`; train locally with `train` (convert with `export`, `import`); use a
+    service with `datasets`, `jobs`, `tasks`, `predict`, `batch`, `evaluate`, `sweep`; administer with `keys`,
+    `db`. Exit codes: 0 ok, 1 failed, 2 usage, 3 not found, 4 auth,
     5 unreachable, 6 invalid, 7 timeout, 130 interrupted.
     """
 

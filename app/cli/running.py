@@ -23,6 +23,9 @@ def worker(queues: str, concurrency: int, loglevel: str) -> None:
     from celery.bin.celery import celery
 
     from app.queues import WORKER_APP
+    from app.settings import get_settings
+
+    get_settings()  # SPAFIT_* misconfigured: one line naming it (exit 2), not Celery's traceback of the app's import
 
     # `celery -A worker.celery_app:celery_app worker ...` in this process (what `Celery.worker_main` runs): the
     # worker's app named, not imported, so the app package never imports the worker (app/queues.py).
