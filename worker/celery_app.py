@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutting_down
 
 from app.queues import LIGHT_QUEUE, TRAINING_QUEUE, make_celery
+
+from . import shutdown
 
 __all__ = ["LIGHT_QUEUE", "TRAINING_QUEUE", "celery_app", "make_celery", "preload"]
 
@@ -40,3 +42,14 @@ def preload(**_: object) -> None:
     import worker.batch  # noqa: F401
     import worker.imports  # noqa: F401
     import worker.runner  # noqa: F401
+
+
+@worker_init.connect
+def arm_shutdown(**_: object) -> None:
+    shutdown.arm()  # before the pool forks: its children share the flag
+
+
+@worker_shutting_down.connect
+def begin_shutdown(how: str = "", **_: object) -> None:
+    """A warm shutdown: the children running jobs hand them back at their next step (worker/shutdown.py)."""
+    shutdown.begin()

@@ -44,6 +44,8 @@ from app.models import Job, utcnow
 from app.services import blobs, events
 from app.settings import Settings
 
+from . import shutdown
+
 log = logging.getLogger("spafit.worker")
 
 T = TypeVar("T")
@@ -319,6 +321,7 @@ class _Heartbeat(threading.Thread):
         self.lease, self.interval, self.deadline = lease, interval, deadline
         self.cancelled = threading.Event()
         self.timed_out = threading.Event()
+        self.shutting_down = threading.Event()  # the worker is shutting down: the run hands its job back
         self._stop_evt = threading.Event()
 
     def run(self) -> None:
@@ -347,7 +350,10 @@ class _Heartbeat(threading.Thread):
             log.warning("heartbeat for job %s failed", self.lease.job_id, exc_info=True)
 
     def should_stop(self) -> bool:
-        return self.cancelled.is_set() or self.lease.lost.is_set() or self.timed_out.is_set()
+        if shutdown.requested():
+            self.shutting_down.set()
+        return (self.cancelled.is_set() or self.lease.lost.is_set() or self.timed_out.is_set()
+                or self.shutting_down.is_set())
 
     def stop(self, timeout: float = 5.0) -> None:
         """No more beats; waits (up to `timeout`) for one in flight, so the run's counts are final."""

@@ -156,6 +156,8 @@ def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Setti
     except TrainingCancelled as e:
         if lease.lost.is_set():  # another worker owns it now; leave its state alone
             return "taken-over"
+        if hb.shutting_down.is_set() and not hb.cancelled.is_set() and not hb.timed_out.is_set():
+            return _release(lease, job)
         if hb.timed_out.is_set():
             with db.session() as s:
                 now = s.get(Job, job_id)
@@ -181,6 +183,28 @@ def _internal(db: Database, lease: Lease, job: Job, e: BaseException) -> str:
     message = (f"the job failed on an internal error ({type(e).__name__}); the service's log has the "
                f"details under error id {error_id}")
     return _fail(db, lease, job, "internal-error", message, error_id=error_id)
+
+
+def _release(lease: Lease, job: Job) -> str:
+    """The worker is shutting down (worker/shutdown.py): the job goes back to the queue now, in one fenced write,
+    and resumes from its last checkpoint on the next worker. Its attempt is not counted against its limit (the limit
+    is raised by one: attempts, part of the fencing token, only grows)."""
+
+    def write(s: Session) -> None:
+        lease.hold(s, status="queued", claimed_by=None, enqueued_at=utcnow(), max_attempts=Job.max_attempts + 1)
+        events.append_in(s, job.id, "status", {
+            "status": "queued", "attempt": lease.attempt,
+            "reason": "its worker shut down; it resumes from its last checkpoint on the next worker"})
+
+    try:
+        lease.write(write, "hand the job back at shutdown")
+    except LeaseLost:
+        return "taken-over"
+    except DatabaseOutage as e:  # left running: its heartbeat goes stale and it is re-sent like a lost attempt
+        log.error("job %s: could not hand it back at shutdown (%s)", job.id, e)
+        return "interrupted"
+    log.info("job %s attempt %d handed back to the queue: the worker is shutting down", job.id, lease.attempt)
+    return "released"
 
 
 def _fail(db: Database, lease: Lease, job: Job, type_: str, message: str, *, error_id: str | None = None) -> str:

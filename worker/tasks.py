@@ -45,9 +45,10 @@ def train_adapter(self: DatabaseTask, job_id: str) -> str:
 
     settings = get_settings()
     outcome = run_job(self.db, job_id, settings)
-    if outcome == "interrupted":
+    if outcome in ("interrupted", "released"):  # released: handed back at a warm shutdown, for the next worker
         try:
-            self.apply_async(args=[job_id], countdown=settings.job_heartbeat_stale_s + 1)
+            self.apply_async(args=[job_id], countdown=settings.job_heartbeat_stale_s + 1 if outcome == "interrupted"
+                             else None)
         except Exception:  # the broker is away too: the API's requeuer re-sends the job
             pass
     return outcome

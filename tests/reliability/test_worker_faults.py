@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -120,6 +121,72 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_the_attempt_limit(re
     done = _wait_final(rel_client, ok, key.headers, 120, worker.tail)
     assert done["status"] == "succeeded" and done["attempts"] == 1, (done, worker.tail())
     measure(poison_attempts=again.attempts, poison_error=out["error"]["type"], next_job=done["status"])
+
+
+def test_a_worker_shut_down_mid_job_hands_it_back_and_the_next_worker_resumes_it(
+        make_settings, pg_databases, redis_url, rel_prefix, tiny_base, tmp_path, measure):
+    """SIGTERM (a deploy) to a worker training a job whose attempt limit is 1, given what `docker stop` gives it
+    (10 s): the run stops at its next step and hands the job back to the queue (its attempt not counted), the worker
+    exits at once, and the next worker resumes the job from its checkpoint. Before, the worker trained on until it
+    was killed, and the re-delivered job failed `worker-lost`: every restart of the workers cost each running job
+    an attempt."""
+    from app.db import Database
+    from app.services import keys, migrate
+
+    db_url = pg_databases.create("spafit_shutdown")
+    migrate.upgrade(db_url)
+    db = Database.from_url(db_url)
+    prefix = f"{rel_prefix}shutdown:"
+    env = service_env(db_url, redis_url, prefix, tiny_base, tmp_path / "data", job_max_attempts=1)
+    first = WorkerProcess(env, tmp_path / "first.log").start()
+    second = None
+    try:
+        app = create_app(make_settings(database_url=db_url, broker_url=redis_url, broker_key_prefix=prefix,
+                                       allowed_base_models=[tiny_base], default_base_model=tiny_base,
+                                       **{**WORKER_SETTINGS, "job_max_attempts": 1}))
+        with db.session() as s:
+            tenant = keys.create_tenant(s, "shutdown")
+            _, plaintext = keys.create_key(s, tenant.id, "test", ["train"])
+        headers = {"Authorization": f"Bearer {plaintext}"}
+        with TestClient(app) as client:
+            train, val = _datasets(client, headers, n=800)
+            job_id = _submit(client, headers, job_body(train, val, task="deployed", epochs=3, batch_size=4))
+            wait_until(lambda: (_job(client, job_id, headers)["progress"] or {}).get("step", 0) >= 12, 120,
+                       f"the job to train ({first.tail(1500)})")
+            sent = time.monotonic()
+            first.proc.send_signal(signal.SIGTERM)
+            try:
+                exit_code = first.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                exit_code = None
+                first.kill9()  # what docker stop does then
+            exited_s = round(time.monotonic() - sent, 1)
+            row = job_row(db, job_id)
+            assert exit_code == 0 and row.status == "queued", (exit_code, row.status, first.tail(2000))
+            assert row.claimed_by is None and row.attempts == 1 and row.max_attempts == 2, (row.attempts,
+                                                                                           row.max_attempts)
+            back = _job(client, job_id, headers)
+            assert back["status"] == "queued" and back["attempts"] == 1, back
+
+            second = WorkerProcess(env, tmp_path / "second.log").start()
+            wait_until(lambda: (_job(client, job_id, headers)["progress"] or {}).get("step", 0) > row.progress["step"],
+                       120, f"the next worker to resume the job ({second.tail(1500)})")
+            events = client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()
+            statuses = [e["data"] for e in events if e["type"] == "status"]
+            assert [(d["status"], d.get("attempt")) for d in statuses] == [
+                ("queued", None), ("running", 1), ("queued", 1), ("running", 2)], statuses
+            assert "worker shut down" in statuses[2]["reason"] and statuses[3]["resume"] is True
+            resumed = [e["data"]["step"] for e in events if e["type"] == "resumed"]
+            assert len(resumed) == 1 and resumed[0] >= 5, resumed  # from its checkpoint, not from zero
+            assert client.post(f"/v1/jobs/{job_id}/cancel", headers=headers).status_code == 200
+            assert _wait_final(client, job_id, headers, 60, second.tail)["status"] == "cancelled"
+            measure(worker_exited_s=exited_s, step_at_shutdown=row.progress["step"], resumed_from_step=resumed[0])
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        db.dispose()
+        pg_databases.drop(db_url)
 
 
 def test_redis_restart_loses_no_job(make_settings, pg_databases, private_redis, rel_prefix, tiny_base,
