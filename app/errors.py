@@ -160,6 +160,14 @@ class TooManyConversions(AppError):
     status = 429
 
 
+class TooManyLookups(AppError):
+    """The tenant already has `webhooks.LOOKUPS_PER_TENANT` webhook host lookups in flight in this process (each
+    holds a thread until the system resolver gives up on a name that does not answer)."""
+
+    type = "too-many-lookups"
+    status = 429
+
+
 class TooManyUploads(AppError):
     """The tenant already has a dataset upload being read and checked in this process (`datasets.py`: a large file
     holds a core and hundreds of megabytes for seconds)."""

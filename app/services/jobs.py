@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from spafit_core.errors import ConfigError, DataError
 
 from ..db import Database
-from ..errors import Conflict, NotFound, TooManyJobs, WebhookUrlRefused
+from ..errors import Conflict, NotFound, TooManyJobs, TooManyLookups, WebhookUrlRefused
 from ..models import AdapterVersion, Dataset, Job, Tenant, utcnow
 from ..queues import IMPORT_DATASET, LIGHT_QUEUE, TRAIN_ADAPTER, TRAINING_QUEUE, make_celery
 from ..schemas_jobs import JobCreate, JobOut
@@ -225,7 +225,7 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
     """Validate and store a queued job. Returns (job, created); with an Idempotency-Key already used for
     the same body, the existing job and False; for another body, 409."""
     digest = request_hash(body)
-    refused: WebhookUrlRefused | None = None
+    refused: WebhookUrlRefused | TooManyLookups | None = None
     if body.webhook_url is not None:
         # First: the name lookup (up to webhooks.RESOLVE_TIMEOUT_S) then holds no pooled connection (a session holds
         # one from its first query on). A refusal waits for the replay below: a retry with a used Idempotency-Key
@@ -233,8 +233,8 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
         from . import webhooks
 
         try:
-            webhooks.check_url(body.webhook_url, settings)
-        except WebhookUrlRefused as e:
+            webhooks.check_url(body.webhook_url, settings, tenant_id=tenant_id)
+        except (WebhookUrlRefused, TooManyLookups) as e:
             refused = e
     if idempotency_key is not None:
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id,

@@ -87,18 +87,53 @@ def _address_allowed(ip: Address, settings: Settings) -> bool:
     return ip.is_global and not ip.is_multicast and not ip.is_reserved  # IPv6's reserved ::/8 (::7f00:1) is "global"
 
 
-def _lookup(resolver: Callable[..., list], host: str, port: int) -> list:
+# A tenant's webhook host lookups in flight in one API process. Each holds a route thread for up to RESOLVE_TIMEOUT_S
+# and a thread of its own until the system resolver gives up: names under a DNS server that never answers, a new one
+# per request, let one tenant take the thread pool every tenant's routes run on (40 threads). A lookup that answers
+# takes milliseconds, so concurrent job creations of one tenant rarely hold more than one.
+LOOKUPS_PER_TENANT = 4
+_turns_lock = threading.Lock()
+_turns: dict[Any, int] = {}
+
+
+def _take_turn(tenant_id: Any) -> None:
+    with _turns_lock:
+        n = _turns.get(tenant_id, 0)
+        if n >= LOOKUPS_PER_TENANT:
+            from ..errors import TooManyLookups
+
+            raise TooManyLookups(f"this tenant already has {n} webhook host lookups in flight (their hosts answer "
+                                 "slowly); retry when they have finished", headers={"Retry-After": "5"})
+        _turns[tenant_id] = n + 1
+
+
+def _give_turn(tenant_id: Any) -> None:
+    with _turns_lock:
+        n = _turns.get(tenant_id, 1) - 1
+        if n > 0:
+            _turns[tenant_id] = n
+        else:
+            _turns.pop(tenant_id, None)
+
+
+def _lookup(resolver: Callable[..., list], host: str, port: int, tenant_id: Any = None) -> list:
     """`resolver(host, port)`, waiting at most RESOLVE_TIMEOUT_S (TimeoutError after). A tenant's name served by a
     DNS server that never answers held the request (its thread and its pooled database connection: POST /v1/jobs
     has read the datasets by then) for as long as the system resolver kept trying; the lookup itself cannot be
-    cancelled, so it finishes in a thread of its own."""
+    cancelled, so it finishes in a thread of its own. With `tenant_id`, the lookup is one of the tenant's turns
+    (`TooManyLookups` past LOOKUPS_PER_TENANT), held until its thread ends, not just until the caller stops waiting."""
     box: list[tuple[bool, Any]] = []
+    if tenant_id is not None:
+        _take_turn(tenant_id)
 
     def run() -> None:
         try:
             box.append((True, resolver(host, port, type=socket.SOCK_STREAM)))
         except BaseException as e:  # handed to the caller
             box.append((False, e))
+        finally:
+            if tenant_id is not None:
+                _give_turn(tenant_id)
 
     thread = threading.Thread(target=run, name="webhook-resolve", daemon=True)
     thread.start()
@@ -127,9 +162,11 @@ def _check_idna(host: str) -> None:
                          "write alike; give it in its ASCII (xn--) form")
 
 
-def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = socket.getaddrinfo) -> tuple[str, int, list[str]]:
+def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = socket.getaddrinfo,
+            tenant_id: Any = None) -> tuple[str, int, list[str]]:
     """(host, port, addresses) of an allowed URL; `UrlRefused` otherwise. Every address the host resolves to
-    must be allowed: a name with one public and one private address is refused."""
+    must be allowed: a name with one public and one private address is refused. With `tenant_id`, a name lookup is
+    one of the tenant's turns (`_lookup`)."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -153,7 +190,7 @@ def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = soc
         if not host.isascii():
             _check_idna(host)
         try:
-            infos = _lookup(resolver, host, port)
+            infos = _lookup(resolver, host, port, tenant_id)
         except TimeoutError:
             raise UrlRefused(f"the host {host!r} did not resolve within {RESOLVE_TIMEOUT_S:g} s") from None
         except (OSError, UnicodeError, ValueError) as e:  # ValueError: a NUL in the name
@@ -171,10 +208,11 @@ def resolve(url: str, settings: Settings, *, resolver: Callable[..., list] = soc
     return host, port, addresses
 
 
-def check_url(url: str, settings: Settings, *, field: str = "webhook_url") -> str:
-    """The URL if a webhook may be sent there (see `resolve`); else a 422 naming `field`."""
+def check_url(url: str, settings: Settings, *, field: str = "webhook_url", tenant_id: Any = None) -> str:
+    """The URL if a webhook may be sent there (see `resolve`); else a 422 naming `field`. With `tenant_id` (the API),
+    a name lookup is one of the tenant's turns (429 `too-many-lookups` past LOOKUPS_PER_TENANT)."""
     try:
-        resolve(url, settings)
+        resolve(url, settings, tenant_id=tenant_id)
     except UrlRefused as e:
         raise WebhookUrlRefused(f"{field}: {e.public}", field=field) from None
     return url

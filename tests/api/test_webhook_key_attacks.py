@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from tests.api.helpers import assert_problem
+from tests.live import wait_until
 from tests.tiny import toy_csv
 from tests.worker.test_webhooks import (
     Receiver,
@@ -271,6 +272,54 @@ def test_a_webhook_host_that_never_resolves_is_refused_in_bounded_time(client, t
     body = assert_problem(r, 422, "webhook-url-refused")
     assert body["field"] == "webhook_url" and "never.example" in body["detail"]
     assert took < 10, took  # RESOLVE_TIMEOUT_S (5 s), with room for a loaded machine
+
+
+def test_a_tenant_naming_hosts_that_never_resolve_holds_a_few_lookups_and_another_tenant_is_not_held(
+        client, tenant_key, monkeypatch):
+    """Each job creation whose webhook host's DNS server never answers held a route thread for RESOLVE_TIMEOUT_S and
+    left a lookup thread behind until the system resolver gave up, with no bound per tenant: a tenant sending such
+    requests, a new name each, could take the thread pool every tenant's routes run on (40 threads). Now a tenant has
+    at most LOOKUPS_PER_TENANT lookups in flight, held until their threads end; one more is a 429 at once, while
+    another tenant's lookup still runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.services import webhooks
+
+    answer = threading.Event()
+
+    def silent_dns(host: str, port: int, **kw: Any) -> list:
+        answer.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setitem(webhooks.resolve.__kwdefaults__, "resolver", silent_dns)
+    a, b = tenant_key("train"), tenant_key("train")
+    datasets = {k.tenant_id: client.post("/v1/datasets", headers=k.headers,
+                                         files={"file": ("t.csv", toy_csv(16, 0), "text/csv")}).json()["id"]
+                for k in (a, b)}
+
+    def create(key: Any, host: str) -> Any:
+        return client.post("/v1/jobs", headers=key.headers, json={
+            "task": "wh-slow", "train_dataset": datasets[key.tenant_id], "webhook_url": f"https://{host}/hook"})
+
+    limit = webhooks.LOOKUPS_PER_TENANT
+    with ThreadPoolExecutor(limit + 1) as pool:
+        try:
+            held = [pool.submit(create, a, f"a{i}.slow.example") for i in range(limit)]
+            wait_until(lambda: webhooks._turns.get(a.tenant_id) == limit, 10, "tenant a's lookups to start")
+            started = time.monotonic()
+            one_more = create(a, "a-more.slow.example")
+            assert time.monotonic() - started < 2
+            body = assert_problem(one_more, 429, "too-many-lookups")
+            assert one_more.headers["retry-after"] and "lookups in flight" in body["detail"]
+            other = pool.submit(create, b, "b.slow.example")
+            wait_until(lambda: webhooks._turns.get(b.tenant_id) == 1, 10, "tenant b's lookup to start")
+        finally:
+            answer.set()
+        for r in [*(f.result(30) for f in held), other.result(30)]:
+            assert_problem(r, 422, "webhook-url-refused")
+    wait_until(lambda: a.tenant_id not in webhooks._turns and b.tenant_id not in webhooks._turns, 10,
+             "the lookups' turns to be given back")
+    assert_problem(create(a, "a-again.slow.example"), 422, "webhook-url-refused")
 
 
 def test_the_webhook_name_is_looked_up_before_the_job_holds_a_database_connection(client, tenant_key, db,
