@@ -131,6 +131,14 @@ class TooManyRows(AppError):
     status = 422
 
 
+class ResultTooLarge(AppError):
+    """A batch prediction whose result would be (or grew) larger than its budget: `batch_max_rows_per_job` x
+    `RESULT_BYTES_PER_PREDICTION` (app/services/batch.py)."""
+
+    type = "result-too-large"
+    status = 422
+
+
 class ResultsNotReady(AppError):
     """A batch prediction's results asked for before the job succeeded."""
 

@@ -186,13 +186,15 @@ def _predict(job: Job, lease, hb, engine, names: list[str], rows: Iterator[dict]
         opts.get("id_field")
     fields = list(job.text_fields)
 
-    def done(s: Session) -> tuple[int, int]:
+    def done(s: Session) -> tuple[int, int, int]:
         lease.hold(s)
-        n, last = s.execute(select(func.coalesce(func.sum(BatchChunk.rows), 0), func.max(BatchChunk.chunk))
-                            .where(BatchChunk.job_id == job.id)).one()
-        return int(n), (-1 if last is None else int(last))
+        n, last, size = s.execute(select(func.coalesce(func.sum(BatchChunk.rows), 0), func.max(BatchChunk.chunk),
+                                         func.coalesce(func.sum(func.length(BatchChunk.data)), 0))
+                                  .where(BatchChunk.job_id == job.id)).one()
+        return int(n), (-1 if last is None else int(last)), int(size)
 
-    rows_done, last = lease.write(done, "find the stored chunks")
+    rows_done, last, stored = lease.write(done, "find the stored chunks")
+    budget = batch_service.result_budget(settings)  # checked at creation from the labels; held here on the bytes
     chunk = last + 1
     skip = chunk * chunk_rows
     if skip:
@@ -221,6 +223,13 @@ def _predict(job: Job, lease, hb, engine, names: list[str], rows: Iterator[dict]
             _check_stop(hb)
         payload = batch_service.encode_task_rows(out, tasks, fmt, all_scores) if tasks \
             else batch_service.encode_rows(out, fmt, all_scores)
+        stored += len(payload)
+        if stored > budget:  # the chunks stored so far go with the collector (a failed job's are never read)
+            from app.errors import ResultTooLarge
+
+            raise ResultTooLarge(f"the result grew past the {budget} bytes a batch prediction may store "
+                                 f"(SPAFIT_BATCH_MAX_ROWS_PER_JOB x {batch_service.RESULT_BYTES_PER_PREDICTION}); "
+                                 "ask for fewer scores (top_k) or split the dataset")
         index += len(block)
         predicted += len(block)
         rows_done += len(block)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from spafit_core.errors import ConfigError, DataError
 
 from ..db import Database
-from ..errors import Conflict, NotFound, RangeNotSatisfiable, ResultsNotReady, TooManyRows
+from ..errors import Conflict, NotFound, RangeNotSatisfiable, ResultsNotReady, ResultTooLarge, TooManyRows
 from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task, VersionEvaluation
 from ..schemas import MAX_FANOUT_TASKS
 from ..settings import Settings
@@ -35,6 +35,11 @@ MAX_TOP_K = 1000
 CSV_HEADER = ("id", "label", "score")
 GLUE_HUB_NAMES = ("glue", "nyu-mll/glue")  # a dataset imported from these names a GLUE preset (its config)
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula
+# What one stored prediction may take on average: a job's result is bounded by batch_max_rows_per_job times this.
+# Without it a row's size grew with the adapter's labels (all_scores, or a multi-label version's `labels`): a 1000-row
+# upload over an imported 10,000-label adapter stored gigabytes of result for one tenant, in the shared database.
+RESULT_BYTES_PER_PREDICTION = 2048
+SCORE_ENTRY_BYTES = 48  # {"label":"","score":0.12345678901234567} and its CSV quoting, without the name
 
 
 class TaskRef(BaseModel):
@@ -233,8 +238,45 @@ def create_prediction(session: Session, tenant_id: uuid.UUID, body: BatchPredict
     if several:  # the job row names the first task and version; the worker runs them all
         options["tasks"] = [{"task": r.task, "version": v.version, "version_id": str(v.id)}
                             for r, v in zip(refs, versions, strict=True)]
+    _check_result_size(ds, versions, body, settings)
     return _job(session, tenant_id, "predict", versions[0], refs[0].task, ds, text_fields, None, options, settings,
                 idempotency_key, digest)
+
+
+def result_budget(settings: Settings) -> int:
+    """The most bytes one batch prediction's result may take (its chunks, all of them)."""
+    return max(1, settings.batch_max_rows_per_job) * RESULT_BYTES_PER_PREDICTION
+
+
+def row_bytes(version: AdapterVersion, all_scores: bool, top_k: int | None) -> int:
+    """An upper estimate of the bytes one prediction of `version` takes in a result row: its label and score, and,
+    where asked, a score per label (at most top_k) and, for multi-label, the predicted labels' names."""
+    task = (version.config or {}).get("task") or {}
+    labels = [str(x) for x in task.get("labels") or []]
+    longest = 2 * max((len(x.encode()) for x in labels), default=0)  # quotes and escapes doubled at worst
+    entry = longest + SCORE_ENTRY_BYTES
+    size = entry
+    if all_scores:
+        size += min(top_k or len(labels), len(labels)) * entry
+    if task.get("task_type") == "multi_label_classification":
+        size += len(labels) * (longest + 4)
+    return size
+
+
+def _check_result_size(ds: Dataset, versions: list[AdapterVersion], body: BatchPredictionCreate,
+                       settings: Settings) -> None:
+    """422 `result-too-large` for a job whose result could pass `result_budget` (the worker holds it too)."""
+    per_row = sum(row_bytes(v, body.all_scores, body.top_k) for v in versions)
+    budget, rows = result_budget(settings), ds.rows or 0
+    if rows * per_row > budget:
+        fits = max(0, budget // max(per_row, 1))
+        raise ResultTooLarge(
+            f"the result of {rows} rows could take up to {rows * per_row} bytes ({per_row} per row: "
+            f"{'every label scored' if body.all_scores else 'the predicted labels named'}), past the "
+            f"{budget} bytes a batch prediction may store (SPAFIT_BATCH_MAX_ROWS_PER_JOB x "
+            f"{RESULT_BYTES_PER_PREDICTION}); ask for fewer scores (top_k) or split the dataset (at most {fits} rows "
+            "each)", field="top_k" if body.all_scores else "dataset", rows=rows, bytes_per_row=per_row,
+            limit_bytes=budget)
 
 
 def create_evaluation(session: Session, tenant_id: uuid.UUID, task: str, number: int, body: EvaluateCreate,

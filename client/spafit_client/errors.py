@@ -116,6 +116,7 @@ class ValidationError(SpafitAPIError):
     # `type` .../unsafe-data-source: a dataset import named a path, or a card pointing outside the dataset.
     # `type` .../dataset-not-ready: a job named a dataset still importing, or whose import failed.
     # `type` .../too-many-rows: a batch prediction or evaluation over more rows than a job may take.
+    # `type` .../result-too-large: a batch prediction whose result could pass the bytes a job may store.
     """422: the request is well-formed but not acceptable; `field` and `errors` say where."""
 
 
