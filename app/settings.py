@@ -96,18 +96,28 @@ def _check_broker_url(url: str) -> None:
     if "://" not in url or scheme not in TRANSPORT_ALIASES:
         raise ValueError(f"SPAFIT_BROKER_URL's scheme {scheme!r} is no broker transport Celery knows (e.g. "
                          "redis://host:6379/0)")
-    _check_host_port("SPAFIT_BROKER_URL", url)
+    _check_host_port("SPAFIT_BROKER_URL", url, alternatives=True)
 
 
-def _check_host_port(name: str, url: str) -> None:
+def _check_host_port(name: str, url: str, *, alternatives: bool = False) -> None:
     """A port that is not a number or out of range passed the scheme checks and failed only once a client was made
     (a traceback at startup or on the first request)."""
     from urllib.parse import urlsplit
 
-    try:
-        _ = urlsplit(url).port
-    except ValueError as e:
-        raise ValueError(f"{name} is malformed: {e}") from None
+    # Kombu takes a list of URLs separated by ";" (failover, Sentinel: sentinel://h1:26379;sentinel://h2:26379):
+    # each is checked alone. The error never quotes the URL or Python's words (they quote the "port", which is a
+    # piece of the password when the password holds an unencoded /, ? or #).
+    for part in url.split(";") if alternatives else [url]:
+        parsed = urlsplit(part.strip())
+        try:
+            _ = parsed.port
+        except ValueError:
+            raise ValueError(f"{name} is malformed: its port is not a number from 0 to 65535 (a password holding "
+                             "/, ?, # or @ must be percent-encoded)") from None
+        db = parsed.path.strip("/")
+        if parsed.scheme in ("redis", "rediss") and db and not (db.isascii() and db.isdigit()):
+            # Celery's worker died on it with a traceback (and exit status 0), the API on its first Redis call
+            raise ValueError(f"{name} is malformed: the Redis database after the port must be a number (e.g. /0)")
 
 
 def _check_redis_url(url: str) -> None:
@@ -490,7 +500,7 @@ class Settings(BaseSettings):
         _check_broker_url(self.broker_url)
         _check_durations(self)
         if self.redis_url is None and self.broker_url.startswith(("redis://", "rediss://")):
-            self.redis_url = self.broker_url
+            self.redis_url = self.broker_url.split(";", 1)[0].strip()  # of a failover list, its first (redis-py takes one)
         if self.redis_url:  # empty: no shared Redis, as before
             _check_redis_url(self.redis_url)
         if self.auth_enabled is None:
