@@ -188,16 +188,25 @@ def _internal(db: Database, lease: Lease, job: Job, e: BaseException) -> str:
 def _release(lease: Lease, job: Job) -> str:
     """The worker is shutting down (worker/shutdown.py): the job goes back to the queue now, in one fenced write,
     and resumes from its last checkpoint on the next worker. Its attempt is not counted against its limit (the limit
-    is raised by one: attempts, part of the fencing token, only grows)."""
+    is raised by one: attempts, part of the fencing token, only grows).
 
-    def write(s: Session) -> None:
+    A cancel accepted before this write (its heartbeat had not read it yet) wins: the job ends `cancelled` here.
+    Handed back, it sat `queued` with its cancel pending, which the requeuer never re-sends: queued for ever."""
+
+    def write(s: Session) -> bool:
+        lease.hold(s)  # the row locked first: the API's cancel of a running job locks it too, one comes first
+        if s.scalar(select(Job.cancel_requested).where(Job.id == job.id)):
+            return False
         lease.hold(s, status="queued", claimed_by=None, enqueued_at=utcnow(), max_attempts=Job.max_attempts + 1)
         events.append_in(s, job.id, "status", {
             "status": "queued", "attempt": lease.attempt,
             "reason": "its worker shut down; it resumes from its last checkpoint on the next worker"})
+        return True
 
     try:
-        lease.write(write, "hand the job back at shutdown")
+        if not lease.write(write, "hand the job back at shutdown"):
+            return _end(lease.db, lease, job, "cancelled", event={
+                "status": "cancelled", "reason": "cancelled as its worker shut down"})
     except LeaseLost:
         return "taken-over"
     except DatabaseOutage as e:  # left running: its heartbeat goes stale and it is re-sent like a lost attempt

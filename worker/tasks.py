@@ -9,6 +9,7 @@ from app.db import Database
 from app.queues import DELIVER_WEBHOOK, IMPORT_DATASET, TRAIN_ADAPTER
 from app.settings import get_settings
 
+from . import shutdown
 from . import webhooks as webhook_delivery  # imported here, in the parent: each attempt runs in a fresh child
 from .celery_app import celery_app
 
@@ -44,7 +45,12 @@ def train_adapter(self: DatabaseTask, job_id: str) -> str:
     from .runner import run_job
 
     settings = get_settings()
-    outcome = run_job(self.db, job_id, settings)
+    # A message taken while this worker shuts down is not claimed (a claim counts an attempt) but sent back: with
+    # the embedded broker (sqla+sqlite) the parent goes on taking messages during a warm shutdown, and took each
+    # job its children handed back, claimed it again and handed it back again, an attempt counted each time, until
+    # `spafit serve` killed it mid-claim after its 30 s: the job was left running with every attempt used, and
+    # failed `worker-lost` at the next start.
+    outcome = "released" if shutdown.requested() else run_job(self.db, job_id, settings)
     if outcome in ("interrupted", "released"):  # released: handed back at a warm shutdown, for the next worker
         try:
             self.apply_async(args=[job_id], countdown=settings.job_heartbeat_stale_s + 1 if outcome == "interrupted"

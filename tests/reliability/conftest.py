@@ -8,6 +8,7 @@ stopped or cut, and the API processes started here use a broker key prefix of th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -17,12 +18,13 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.live import WORKER_SETTINGS, ApiProcess, free_port, key_maker, wait_until  # noqa: F401  (re-exported to the tests here)
+from tests.live import WORKER_SETTINGS, ApiProcess, WorkerProcess, free_port, key_maker, wait_until  # noqa: F401  (re-exported to the tests here)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -306,3 +308,45 @@ def job_body(train: str, val: str | None, task: str, **hp: Any) -> dict[str, Any
     return {"task": task, "train_dataset": train, "validation_dataset": val,
             "method": {"name": "spafit", "n1": 1, "n2": 2, "rank": 4},
             "hyperparameters": {"epochs": 1, "batch_size": 8, "learning_rate": 5e-3, "seed": 1, **hp}}
+
+
+# ------------------------------------------------------------------------------------- a deployment of its own
+@dataclass
+class Deployment:
+    client: Any  # the API in this process (TestClient: its requeue loop runs)
+    headers: dict[str, str]  # a key of a tenant of its own, scope train
+    db: Any
+    env: dict[str, str]  # the worker's environment (to start another worker on the same deployment)
+    worker: WorkerProcess
+
+
+@contextlib.contextmanager
+def own_deployment(make_settings: Callable[..., Any], pg_databases: Any, broker_url: str, prefix: str, base: str,
+                   tmp_path: Path, name: str, **settings: Any) -> Iterator[Deployment]:
+    """A deployment that faults may hit without touching the session's: a migrated database of its own, a worker
+    process on `broker_url` under `prefix`, the API in this process and a tenant with a train key; `settings`
+    (SPAFIT_* names in lower case) apply to the worker and the API alike. Everything is stopped and dropped after."""
+    from fastapi.testclient import TestClient
+
+    from app.db import Database
+    from app.main import create_app
+    from app.services import keys, migrate
+
+    db_url = pg_databases.create(f"spafit_{name}")
+    migrate.upgrade(db_url)
+    db = Database.from_url(db_url)
+    env = service_env(db_url, broker_url, prefix, base, tmp_path / "data", **settings)
+    worker = WorkerProcess(env, tmp_path / f"{name}-worker.log").start()
+    try:
+        app = create_app(make_settings(database_url=db_url, broker_url=broker_url, broker_key_prefix=prefix,
+                                       allowed_base_models=[base], default_base_model=base,
+                                       **{**WORKER_SETTINGS, **settings}))
+        with db.session() as s:
+            tenant = keys.create_tenant(s, name)
+            _, plaintext = keys.create_key(s, tenant.id, "test", ["train"])
+        with TestClient(app) as client:
+            yield Deployment(client, {"Authorization": f"Bearer {plaintext}"}, db, env, worker)
+    finally:
+        worker.stop()
+        db.dispose()
+        pg_databases.drop(db_url)

@@ -28,7 +28,7 @@ from tests.api.helpers import upload
 from tests.live import WORKER_SETTINGS, WorkerProcess
 from tests.tiny import toy_csv
 
-from .conftest import job_body, job_row, service_env, wait_until
+from .conftest import job_body, job_row, own_deployment, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -130,25 +130,11 @@ def test_a_worker_shut_down_mid_job_hands_it_back_and_the_next_worker_resumes_it
     exits at once, and the next worker resumes the job from its checkpoint. Before, the worker trained on until it
     was killed, and the re-delivered job failed `worker-lost`: every restart of the workers cost each running job
     an attempt."""
-    from app.db import Database
-    from app.services import keys, migrate
-
-    db_url = pg_databases.create("spafit_shutdown")
-    migrate.upgrade(db_url)
-    db = Database.from_url(db_url)
-    prefix = f"{rel_prefix}shutdown:"
-    env = service_env(db_url, redis_url, prefix, tiny_base, tmp_path / "data", job_max_attempts=1)
-    first = WorkerProcess(env, tmp_path / "first.log").start()
-    second = None
-    try:
-        app = create_app(make_settings(database_url=db_url, broker_url=redis_url, broker_key_prefix=prefix,
-                                       allowed_base_models=[tiny_base], default_base_model=tiny_base,
-                                       **{**WORKER_SETTINGS, "job_max_attempts": 1}))
-        with db.session() as s:
-            tenant = keys.create_tenant(s, "shutdown")
-            _, plaintext = keys.create_key(s, tenant.id, "test", ["train"])
-        headers = {"Authorization": f"Bearer {plaintext}"}
-        with TestClient(app) as client:
+    with own_deployment(make_settings, pg_databases, redis_url, f"{rel_prefix}shutdown:", tiny_base, tmp_path,
+                        "shutdown", job_max_attempts=1) as d:
+        client, headers, db, first = d.client, d.headers, d.db, d.worker
+        second = None
+        try:
             train, val = _datasets(client, headers, n=800)
             job_id = _submit(client, headers, job_body(train, val, task="deployed", epochs=3, batch_size=4))
             wait_until(lambda: (_job(client, job_id, headers)["progress"] or {}).get("step", 0) >= 12, 120,
@@ -168,12 +154,12 @@ def test_a_worker_shut_down_mid_job_hands_it_back_and_the_next_worker_resumes_it
             back = _job(client, job_id, headers)
             assert back["status"] == "queued" and back["attempts"] == 1, back
 
-            second = WorkerProcess(env, tmp_path / "second.log").start()
+            second = WorkerProcess(d.env, tmp_path / "second.log").start()
             wait_until(lambda: (_job(client, job_id, headers)["progress"] or {}).get("step", 0) > row.progress["step"],
                        120, f"the next worker to resume the job ({second.tail(1500)})")
             events = client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()
             statuses = [e["data"] for e in events if e["type"] == "status"]
-            assert [(d["status"], d.get("attempt")) for d in statuses] == [
+            assert [(e.get("status"), e.get("attempt")) for e in statuses] == [
                 ("queued", None), ("running", 1), ("queued", 1), ("running", 2)], statuses
             assert "worker shut down" in statuses[2]["reason"] and statuses[3]["resume"] is True
             resumed = [e["data"]["step"] for e in events if e["type"] == "resumed"]
@@ -181,40 +167,18 @@ def test_a_worker_shut_down_mid_job_hands_it_back_and_the_next_worker_resumes_it
             assert client.post(f"/v1/jobs/{job_id}/cancel", headers=headers).status_code == 200
             assert _wait_final(client, job_id, headers, 60, second.tail)["status"] == "cancelled"
             measure(worker_exited_s=exited_s, step_at_shutdown=row.progress["step"], resumed_from_step=resumed[0])
-    finally:
-        first.stop()
-        if second is not None:
-            second.stop()
-        db.dispose()
-        pg_databases.drop(db_url)
+        finally:
+            if second is not None:
+                second.stop()
 
 
 def test_redis_restart_loses_no_job(make_settings, pg_databases, private_redis, rel_prefix, tiny_base,
                                     tmp_path, measure):
     """A private Redis (never the shared one) and a database of this test's own: one job running, three
     queued; Redis is SIGKILLed and restarted empty on the same port."""
-    from app.db import Database
-    from app.services import keys, migrate
-
-    db_url = pg_databases.create("spafit_redis")
-    migrate.upgrade(db_url)
-    db = Database.from_url(db_url)
-    env = service_env(db_url, private_redis.url, rel_prefix, tiny_base, tmp_path / "data")
-    worker = WorkerProcess(env, tmp_path / "worker.log").start()
-    try:
-        app = create_app(make_settings(database_url=db_url, broker_url=private_redis.url, broker_key_prefix=rel_prefix,
-                                       allowed_base_models=[tiny_base], default_base_model=tiny_base,
-                                       **WORKER_SETTINGS))
-        with db.session() as s:
-            tenant = keys.create_tenant(s, "redis-restart")
-            _, plaintext = keys.create_key(s, tenant.id, "test", ["train"])
-        headers = {"Authorization": f"Bearer {plaintext}"}
-        with TestClient(app) as client:
-            _run_redis_restart(client, headers, db, private_redis, worker, measure)
-    finally:
-        worker.stop()
-        db.dispose()
-        pg_databases.drop(db_url)
+    with own_deployment(make_settings, pg_databases, private_redis.url, rel_prefix, tiny_base, tmp_path,
+                        "redis_restart") as d:
+        _run_redis_restart(d.client, d.headers, d.db, private_redis, d.worker, measure)
 
 
 def _run_redis_restart(client: TestClient, headers: dict, db: Any, redis: Any, worker: WorkerProcess,
