@@ -227,8 +227,10 @@ def live_server_process(worker_env: dict[str, str], tmp_path_factory) -> Iterato
 
 @pytest.fixture(scope="session")
 def live_server(live_server_process: ApiProcess, worker: WorkerProcess) -> ApiProcess:
-    """The live server, ready (`/readyz` answers 200), with the session's worker running (both boot at once)."""
-    return live_server_process.wait_ready()
+    """The live server, ready (`/readyz` answers 200), with the session's worker running (both boot at once). It
+    takes 5-15 s here; a clean-clone CI run with other test runs on the machine once saw the backbone's preload
+    pass 60 s (every test of the worker that started it then failed at setup), so the bound is generous."""
+    return live_server_process.wait_ready(timeout=180)
 
 
 @pytest.fixture(scope="session")
