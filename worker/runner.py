@@ -157,7 +157,7 @@ def _train(db: Database, job: Job, lease: Lease, hb: _Heartbeat, settings: Setti
         if lease.lost.is_set():  # another worker owns it now; leave its state alone
             return "taken-over"
         if hb.shutting_down.is_set() and not hb.cancelled.is_set() and not hb.timed_out.is_set():
-            return _release(lease, job)
+            return _release(lease, job, settings)
         if hb.timed_out.is_set():
             with db.session() as s:
                 now = s.get(Job, job_id)
@@ -185,19 +185,26 @@ def _internal(db: Database, lease: Lease, job: Job, e: BaseException) -> str:
     return _fail(db, lease, job, "internal-error", message, error_id=error_id)
 
 
-def _release(lease: Lease, job: Job) -> str:
+# Hand-backs a job may have that do not count against its attempts: past them each counts as one, so a job whose
+# workers keep being stopped (a pod evicted again and again) ends `worker-lost` instead of looping for ever.
+MAX_HANDBACKS = 20
+
+
+def _release(lease: Lease, job: Job, settings: Settings) -> str:
     """The worker is shutting down (worker/shutdown.py): the job goes back to the queue now, in one fenced write,
     and resumes from its last checkpoint on the next worker. Its attempt is not counted against its limit (the limit
-    is raised by one: attempts, part of the fencing token, only grows).
+    is raised by one: attempts, part of the fencing token, only grows), for up to MAX_HANDBACKS hand-backs.
 
     A cancel accepted before this write (its heartbeat had not read it yet) wins: the job ends `cancelled` here.
     Handed back, it sat `queued` with its cancel pending, which the requeuer never re-sends: queued for ever."""
 
     def write(s: Session) -> bool:
         lease.hold(s)  # the row locked first: the API's cancel of a running job locks it too, one comes first
-        if s.scalar(select(Job.cancel_requested).where(Job.id == job.id)):
+        cancel, limit = s.execute(select(Job.cancel_requested, Job.max_attempts).where(Job.id == job.id)).one()
+        if cancel:
             return False
-        lease.hold(s, status="queued", claimed_by=None, enqueued_at=utcnow(), max_attempts=Job.max_attempts + 1)
+        lease.hold(s, status="queued", claimed_by=None, enqueued_at=utcnow(),
+                   max_attempts=max(limit, min(limit + 1, settings.job_max_attempts + MAX_HANDBACKS)))
         events.append_in(s, job.id, "status", {
             "status": "queued", "attempt": lease.attempt,
             "reason": "its worker shut down; it resumes from its last checkpoint on the next worker"})

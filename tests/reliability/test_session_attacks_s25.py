@@ -118,6 +118,33 @@ def test_a_cancel_accepted_as_the_worker_shuts_down_ends_the_job_cancelled_not_q
         assert statuses[-1] == "cancelled" and "queued" not in statuses[1:], statuses
 
 
+def test_hand_backs_past_their_allowance_count_as_attempts(client, tenant_key, db, make_settings) -> None:
+    """Each hand-back raised the job's attempt limit by one, with no end: a job whose workers kept being stopped (a
+    pod evicted again and again) looped for ever. Past MAX_HANDBACKS over the setting the limit stays, so each
+    further stop counts as an attempt and the job ends `worker-lost`."""
+    from app.schemas_jobs import JobCreate
+    from app.services import jobs
+    from tests.api.helpers import csv_bytes
+    from worker import runner
+    from worker.lease import claim
+
+    settings = make_settings(job_max_attempts=3)
+    key = tenant_key("train")
+    train = upload(client, csv_bytes(), headers=key.headers).json()["id"]
+    with db.session() as s:  # stored, never sent: only the test's claims below take it, not the session's worker
+        job_id = jobs.create(s, key.tenant_id, JobCreate(**job_body(train, None, task="handbacks")), settings)[0].id
+    limits = []
+    for _ in range(runner.MAX_HANDBACKS + 10):
+        c = claim(db, job_id, "test-host:1", settings)
+        if c.outcome != "claimed":
+            break
+        assert runner._release(c.lease, c.job, settings) == "released"
+        limits.append(job_row(db, job_id).max_attempts)
+    top = 3 + runner.MAX_HANDBACKS
+    assert limits == [*range(4, top + 1), top, top, top], limits  # then 3 more stops counted: attempts 21, 22, 23
+    assert c.outcome == "gave_up" and job_row(db, job_id).error_type == "worker-lost", c.outcome
+
+
 _FLAG_SCRIPT = r"""
 import os, signal, sys, threading, time
 from worker import shutdown
