@@ -123,23 +123,6 @@ def test_another_tenants_dataset_is_404_everywhere(client, tenant_key):
 # ------------------------------------------------------------------------------------------ sweeps
 
 
-@pytest.fixture
-def held(make_settings, tiny_base):
-    """An API app on the tiny base model whose job messages are recorded, not sent: no trial ever runs."""
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-    from tests.worker.conftest import WORKER_SETTINGS
-
-    app = create_app(make_settings(allowed_base_models=[tiny_base], default_base_model=tiny_base,
-                                   **{**WORKER_SETTINGS, "job_requeue_interval_s": 3600.0,
-                                      "max_active_jobs_per_tenant": 4}))
-    app.state.sent = []
-    with TestClient(app) as c:
-        app.state.send_job = app.state.sent.append
-        yield c
-
-
 def _sweep(client, key, sweep: dict) -> dict:
     from tests.worker.test_jobs import datasets, job_body
 

@@ -119,23 +119,6 @@ def test_the_worker_stops_a_result_that_passes_its_budget(make_settings):
 
 
 # ------------------------------------------------------------------------ a sweep's results vs another tenant's bytes
-@pytest.fixture
-def held(make_settings, tiny_base):
-    """An API app whose job messages are recorded, not sent: no job ever runs."""
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-    from tests.worker.conftest import WORKER_SETTINGS
-
-    app = create_app(make_settings(allowed_base_models=[tiny_base], default_base_model=tiny_base,
-                                   **{**WORKER_SETTINGS, "job_requeue_interval_s": 3600.0,
-                                      "max_active_jobs_per_tenant": 4}))
-    app.state.sent = []
-    with TestClient(app) as c:
-        app.state.send_job = app.state.sent.append
-        yield c
-
-
 def test_settling_a_sweep_while_another_tenant_stores_a_trial_result_s_bytes_settles_it(held, tenant_key, db,
                                                                                          tiny_base):
     """Training is deterministic: two tenants sweeping the same data with the same seed store the same trial
