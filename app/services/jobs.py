@@ -360,20 +360,29 @@ def cancel(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     """A queued job is cancelled at once; a running one is flagged and stops at its next step, leaving
     no adapter. A finished job cannot be cancelled (409)."""
     job = get(session, tenant_id, job_id)
-    # A queued job may hold a checkpoint of a lost attempt: the pointer goes now, the blob to the garbage collector.
-    res = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
-                          .values(status="cancelled", cancel_requested=True, finished_at=utcnow(),
-                                  checkpoint_sha256=None))
-    if res.rowcount == 1:
-        events.append_in(session, job.id, "status", {"status": "cancelled", "reason": "cancelled while queued"})
-    else:
+    # A job moves between queued and running under the cancel (a worker claims it; a worker shutting down hands it
+    # back, worker/runner.py `_release`): each update below re-reads the row, and a miss of both is tried again.
+    for _ in range(3):
+        # A queued job may hold a checkpoint of a lost attempt: the pointer goes now, the blob to the collector.
+        res = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued")
+                              .values(status="cancelled", cancel_requested=True, finished_at=utcnow(),
+                                      checkpoint_sha256=None))
+        if res.rowcount == 1:
+            events.append_in(session, job.id, "status", {"status": "cancelled", "reason": "cancelled while queued"})
+            break
         res = session.execute(update(Job).where(Job.id == job.id, Job.status == "running")
                               .values(cancel_requested=True))
         if res.rowcount == 1:
             events.append_in(session, job.id, "cancel_requested", {})
-        else:
+            break
+        status = session.scalar(select(Job.status).where(Job.id == job.id))
+        if status not in ("queued", "running"):
             session.rollback()
-            raise Conflict(f"job {job.id} already {job.status}; only queued or running jobs can be cancelled")
+            raise Conflict(f"job {job.id} already {status}; only queued or running jobs can be cancelled")
+    else:
+        session.rollback()
+        raise Conflict(f"job {job.id} kept changing state while it was being cancelled; try again",
+                       headers={"Retry-After": "1"})
     # Sweep trials follow their parent.
     session.execute(update(Job).where(Job.parent_job_id == job.id, Job.status == "queued")
                     .values(status="cancelled", cancel_requested=True, finished_at=utcnow()))

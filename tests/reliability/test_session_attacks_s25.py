@@ -145,6 +145,49 @@ def test_hand_backs_past_their_allowance_count_as_attempts(client, tenant_key, d
     assert c.outcome == "gave_up" and job_row(db, job_id).error_type == "worker-lost", c.outcome
 
 
+def test_a_cancel_that_meets_a_hand_back_cancels_the_job(client, tenant_key, db, make_settings, pg_url) -> None:
+    """A cancel of a running job waits on its row while a worker shutting down hands the job back (running ->
+    queued). The cancel's update of a running job then matched nothing, and the request was a 409 "already running;
+    only queued or running jobs can be cancelled". Now it reads the row again and cancels the queued job."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import create_engine, text
+
+    from app.schemas_jobs import JobCreate
+    from app.services import jobs
+    from tests.api.helpers import csv_bytes
+
+    key = tenant_key("train")
+    train = upload(client, csv_bytes(), headers=key.headers).json()["id"]
+    with db.session() as s:  # stored, never sent: the session's worker never takes it
+        job_id = jobs.create(s, key.tenant_id, JobCreate(**job_body(train, None, task="cancel-meets-handback")),
+                             make_settings())[0].id
+        s.execute(text("UPDATE jobs SET status = 'running', claimed_by = 'test-host:1', attempts = 1 WHERE id = :id"),
+                  {"id": job_id})
+        s.commit()
+    engine = create_engine(pg_url)
+    try:
+        # the pool outermost: on a failure the hand-back's transaction ends (and its lock goes) before the pool waits
+        with ThreadPoolExecutor(1) as pool, engine.connect() as hand_back, engine.connect() as watch:
+            hand_back.execute(text("UPDATE jobs SET status = 'queued', claimed_by = NULL WHERE id = :id"),
+                              {"id": job_id})  # the hand-back's write, not committed yet: the row is locked
+            cancel = pool.submit(client.post, f"/v1/jobs/{job_id}/cancel", headers=key.headers)
+
+            def waiting() -> bool:  # a fresh transaction each time: pg_stat_activity is read once per transaction
+                with watch.begin():
+                    return bool(watch.execute(text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE 'UPDATE jobs%'")).scalar())
+
+            wait_until(lambda: cancel.done() or waiting(), 30, "the cancel to wait on the job's row")
+            hand_back.commit()
+            r = cancel.result(30)
+    finally:
+        engine.dispose()
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "cancelled" and job_row(db, job_id).status == "cancelled"
+
+
 _FLAG_SCRIPT = r"""
 import os, signal, sys, threading, time
 from worker import shutdown
