@@ -189,7 +189,7 @@ def _predict(job: Job, lease, hb, engine, names: list[str], rows: Iterator[dict]
     def done(s: Session) -> tuple[int, int, int]:
         lease.hold(s)
         n, last, size = s.execute(select(func.coalesce(func.sum(BatchChunk.rows), 0), func.max(BatchChunk.chunk),
-                                         func.coalesce(func.sum(func.length(BatchChunk.data)), 0))
+                                         func.coalesce(func.sum(batch_service.byte_length(BatchChunk.data)), 0))
                                   .where(BatchChunk.job_id == job.id)).one()
         return int(n), (-1 if last is None else int(last)), int(size)
 

@@ -387,7 +387,7 @@ def csv_header(tasks: list[str] | None) -> bytes:
     return buf.getvalue().encode()
 
 
-def _byte_length(column: Any) -> Any:
+def byte_length(column: Any) -> Any:
     """A binary column's length in bytes: `length()` counts bytes of a Postgres bytea and of a SQLite BLOB alike
     (`octet_length` only exists from SQLite 3.43, and the embedded service runs on the SQLite Python ships)."""
     return func.length(column)
@@ -395,7 +395,7 @@ def _byte_length(column: Any) -> Any:
 
 def results_size(session: Session, job_id: uuid.UUID, fmt: str, tasks: list[str] | None = None) -> int:
     """The result file's length in bytes (its Content-Length), from the stored chunks' sizes."""
-    body = session.scalar(select(func.coalesce(func.sum(_byte_length(BatchChunk.data)), 0))
+    body = session.scalar(select(func.coalesce(func.sum(byte_length(BatchChunk.data)), 0))
                           .where(BatchChunk.job_id == job_id))
     return int(body) + (len(csv_header(tasks)) if fmt == "csv" else 0)
 
@@ -441,7 +441,7 @@ def stream_results(db: Database, job_id: uuid.UUID, fmt: str, tasks: list[str] |
         yield from _clip(head, at, start, stop)
         at += len(head)
     with db.session() as s:
-        sizes = s.execute(select(BatchChunk.chunk, _byte_length(BatchChunk.data))
+        sizes = s.execute(select(BatchChunk.chunk, byte_length(BatchChunk.data))
                           .where(BatchChunk.job_id == job_id).order_by(BatchChunk.chunk)).all()
     for chunk, size in sizes:
         if stop is not None and at >= stop:

@@ -9,6 +9,7 @@ import hashlib
 from sqlalchemy import Column, delete, exists, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import BlobIntegrityError, NotFound
@@ -78,3 +79,14 @@ def delete_if_unreferenced(session: Session, sha: str) -> bool:
     if is_referenced(session, sha):
         return False
     return session.execute(delete(Blob).where(Blob.sha256 == sha)).rowcount > 0
+
+
+def drop_if_unreferenced(session: Session, sha: str) -> bool:
+    """`delete_if_unreferenced` in a savepoint: where another transaction (another tenant's, maybe: blobs are shared
+    by content) takes a new reference to the same bytes meanwhile, only this delete rolls back, never the caller's
+    transaction, and the blob stays for that reference."""
+    try:
+        with session.begin_nested():
+            return delete_if_unreferenced(session, sha)
+    except IntegrityError:
+        return False

@@ -321,10 +321,6 @@ def delete(session: Session, tenant_id: uuid.UUID, dataset_id: uuid.UUID) -> Non
     except IntegrityError:  # a job referenced it after the check above
         session.rollback()
         raise Conflict(f"dataset {dataset_id} was just referenced by a new job; delete that first") from None
-    try:
-        if sha is not None:  # an import that never became ready stored nothing
-            with session.begin_nested():
-                blobs.delete_if_unreferenced(session, sha)
-    except IntegrityError:  # the same bytes were just registered again: keep the blob
-        pass
+    if sha is not None:  # an import that never became ready stored nothing; bytes just stored again are kept
+        blobs.drop_if_unreferenced(session, sha)
     session.commit()

@@ -150,12 +150,8 @@ def delete_task(session: Session, tenant_id: uuid.UUID, name: str) -> list[uuid.
         session.delete(v)
     session.delete(task)
     session.flush()
-    for sha in shas:
-        try:
-            with session.begin_nested():  # another tenant may be registering the same bytes right now
-                blobs.delete_if_unreferenced(session, sha)
-        except IntegrityError:  # it did: the blob stays for it (the delete of the task goes on)
-            pass
+    for sha in shas:  # another tenant may be registering the same bytes right now: then the blob stays for it
+        blobs.drop_if_unreferenced(session, sha)
     session.commit()
     return ids
 

@@ -19,7 +19,6 @@ import math
 import uuid
 
 from sqlalchemy import exists, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 
 from spafit_core.errors import ConfigError, SpafitError
@@ -187,12 +186,8 @@ def settle(db: Database, parent_id: uuid.UUID, trial_id: uuid.UUID | None = None
         for t in trials:
             t.result_sha256 = None
         s.flush()
-        for sha in shas:  # in a savepoint: another tenant storing the same bytes right now keeps them (foreign key),
-            try:          # which once rolled the whole settling back, leaving the sweep running until the requeuer
-                with s.begin_nested():
-                    blobs.delete_if_unreferenced(s, sha)
-            except IntegrityError:
-                pass  # the blob stays for its new reference (or for the collector)
+        for sha in shas:  # in a savepoint: another tenant storing the same bytes right now once rolled the whole
+            blobs.drop_if_unreferenced(s, sha)  # settling back, leaving the sweep running until the requeuer
 
 
 def _payload(session, trial: Job, payloads: dict, unusable: dict) -> tuple[dict, bytes] | None:
