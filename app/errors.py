@@ -139,6 +139,14 @@ class ResultTooLarge(AppError):
     status = 422
 
 
+class StorageQuotaExceeded(AppError):
+    """What a tenant stores would pass SPAFIT_TENANT_MAX_STORED_BYTES (app/services/quota.py). 403, as a refusal
+    that no retry changes: the tenant deletes something first."""
+
+    type = "storage-quota-exceeded"
+    status = 403
+
+
 class ResultsNotReady(AppError):
     """A batch prediction's results asked for before the job succeeded."""
 

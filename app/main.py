@@ -22,7 +22,7 @@ from .db import Database
 from .errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, HostOriginMiddleware, MetricsMiddleware, RequestIdMiddleware
-from .routes import api_keys, batch, dashboard, datasets, health, jobs, predict, tasks, webhooks
+from .routes import api_keys, batch, dashboard, datasets, health, jobs, predict, tasks, usage, webhooks
 from .services import datasets as dataset_service
 from .services import jobs as job_service
 from .services import keys, migrate
@@ -216,6 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(webhooks.router)
     app.include_router(api_keys.router)
+    app.include_router(usage.router)
     app.include_router(predict.router)
     app.include_router(dashboard.router)
     app.mount(dashboard.ASSETS_PATH, dashboard.assets(), name="dashboard-assets")

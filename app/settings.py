@@ -303,6 +303,15 @@ class Settings(BaseSettings):
         "one (64: room for the largest sweep); one more gets 429 with Retry-After, a sweep with more trials "
         "than this 422. Counted in the database, so it holds across API replicas.",
     )
+    tenant_max_stored_bytes: int = Field(
+        default=10 << 30, ge=0,
+        description="Bytes one tenant may keep in the database every tenant shares: its datasets, adapter versions "
+        "(trained and imported) and batch prediction results, each counted at its own size (0: no limit). An "
+        "upload, an import or a result chunk that would pass it is refused (403 `storage-quota-exceeded`; an import "
+        "or a batch prediction then fails with that error), and so are new training and batch prediction jobs while "
+        "the tenant is at it; deleting datasets, tasks or finished batch predictions makes room. `GET /v1/usage` "
+        "shows where a tenant stands. A training job that ends still registers its adapter (a few MB at most).",
+    )
     batch_max_rows_per_job: int = Field(
         default=1_000_000, ge=1,
         description="Most dataset rows one batch prediction or evaluation job may take (per job, for every tenant); "

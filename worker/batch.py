@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from app.db import Database
 from app.models import AdapterVersion, BatchChunk, Blob, Dataset, Job, VersionEvaluation, utcnow
 from app.services import batch as batch_service
-from app.services import events, registry
+from app.services import events, quota, registry
 from app.settings import Settings
 
 log = logging.getLogger("spafit.worker.batch")
@@ -238,6 +238,8 @@ def _predict(job: Job, lease, hb, engine, names: list[str], rows: Iterator[dict]
 
         def store(s: Session, n=n, c=c, payload=payload, rows_done=rows_done, progress=progress) -> None:
             lease.hold(s, progress=progress)
+            quota.reserve(s, settings.tenant_max_stored_bytes, job.tenant_id, len(payload),
+                          f"result chunk {c} of batch prediction {job.id}")
             s.add(BatchChunk(job_id=job.id, chunk=c, rows=n, data=payload))
             events.append_in(s, job.id, "progress", {**progress, "chunk": c})  # step: rows done (progress bars)
 

@@ -119,7 +119,8 @@ def create_dataset(*, request: Request, response: Response, principal: TrainPrin
         response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     else:
         with request.app.state.uploads.slot(principal.tenant_id):  # one per tenant, a few per process (429 / 503)
-            dataset = datasets.create(session, principal.tenant_id, source, max_rows=settings.max_upload_rows)
+            dataset = datasets.create(session, principal.tenant_id, source, max_rows=settings.max_upload_rows,
+                                      max_stored_bytes=settings.tenant_max_stored_bytes)
     metrics.datasets_created.labels(dataset.source).inc()
     return dataset
 

@@ -142,6 +142,7 @@ def import_adapter(*, task: TaskName, response: Response, archive: Annotated[byt
             archive = registry.from_peft_archive(session, archive, base_model=base_model, labels=labels,
                                                  default_base_model=settings.default_base_model,
                                                  max_bytes=2 * (settings.max_request_bytes or len(archive)))
-    version = serving.import_adapter(session, principal.tenant_id, task, archive)
+    version = serving.import_adapter(session, principal.tenant_id, task, archive,
+                                     max_stored_bytes=settings.tenant_max_stored_bytes)
     response.headers["Location"] = f"/v1/tasks/{task}"
     return registry.version_out(version, active=True)

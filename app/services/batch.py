@@ -29,7 +29,7 @@ from ..errors import Conflict, NotFound, RangeNotSatisfiable, ResultsNotReady, R
 from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task, VersionEvaluation
 from ..schemas import MAX_FANOUT_TASKS
 from ..settings import Settings
-from . import events, jobs, registry
+from . import events, jobs, quota, registry
 
 MAX_TOP_K = 1000
 CSV_HEADER = ("id", "label", "score")
@@ -198,6 +198,8 @@ def _job(session: Session, tenant_id: uuid.UUID, kind: str, version: AdapterVers
         if existing is not None:
             return jobs._replay(existing, digest), False
     jobs._check_active_jobs(session, tenant_id, settings, 1)
+    if kind == "predict":
+        quota.reserve(session, settings.tenant_max_stored_bytes, tenant_id, 0, "a batch prediction (its result)")
     task_type = ((version.config or {}).get("task") or {}).get("task_type") or "single_label_classification"
     job = Job(tenant_id=tenant_id, kind=kind, task_name=task, task_type=task_type, base_model=version.base_model,
               train_dataset_id=ds.id, text_fields=text_fields, label_field=label_field, method=dict(version.method or {}),

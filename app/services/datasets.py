@@ -32,13 +32,14 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
+    StorageQuotaExceeded,
     TooManyImports,
     TooManyUploads,
 )
 from ..models import Dataset, Job, Tenant, utcnow
 from ..schemas import DatasetUploadFields, HfDatasetCreate
 from ..settings import Settings
-from . import blobs
+from . import blobs, quota
 from .pagination import paginate
 from .work_slots import TenantSlots
 
@@ -70,20 +71,21 @@ def upload_slots(settings: Settings) -> TenantSlots:
                        settings.upload_wait_s, lambda message: TooManyUploads(message, headers={"Retry-After": "1"}))
 
 
-def create(session: Session, tenant_id: uuid.UUID, source: Upload, *, max_rows: int | None = None) -> Dataset:
+def create(session: Session, tenant_id: uuid.UUID, source: Upload, *, max_rows: int | None = None,
+           max_stored_bytes: int = 0) -> Dataset:
     """Register an upload (what POST /v1/datasets calls for a multipart body, in the tenant's upload slot)."""
     f = source.fields
     return create_from_bytes(session, tenant_id, source.content, filename=source.filename, name=f.name,
                              format=f.format, text_fields=f.text_fields, label_field=f.label_field,
-                             task_type=f.task_type, max_rows=max_rows)
+                             task_type=f.task_type, max_rows=max_rows, max_stored_bytes=max_stored_bytes)
 
 
 def create_from_bytes(session: Session, tenant_id: uuid.UUID, content: bytes, *, filename: str | None = None,
                       name: str | None = None, format: str | None = None, text_fields: list[str] | None = None,
                       label_field: str | None = None, task_type: str = "single_label_classification",
-                      max_rows: int | None = None) -> Dataset:
+                      max_rows: int | None = None, max_stored_bytes: int = 0) -> Dataset:
     """Register an uploaded CSV / TSV / JSON Lines file. `DataError` (422) if it is unreadable or has errors;
-    `PayloadTooLarge` (413) past `max_rows` rows."""
+    `PayloadTooLarge` (413) past `max_rows` rows; `StorageQuotaExceeded` (403) past the tenant's quota."""
     nul = content.find(b"\x00")
     if nul >= 0:  # never text data (often UTF-16 without a BOM), and Postgres cannot store it: before parsing, whose
         line = content.count(b"\n", 0, nul) + 1  # message about such a file would be garbled by the NULs
@@ -101,6 +103,7 @@ def create_from_bytes(session: Session, tenant_id: uuid.UUID, content: bytes, *,
         if _has_nul(record):
             raise DataError(f"line {line}: a NUL character (\\u0000), which is never text data")
     report = _checked_report(table, text_fields, label_field, task_type)
+    quota.reserve(session, max_stored_bytes, tenant_id, len(content), "this upload", field="file")
     dataset = Dataset(tenant_id=tenant_id, name=(name or _basename(filename) or f"upload.{fmt}")[:200], format=fmt,
                       task_type=task_type, source="upload", source_detail=None, state="ready")
     _fill(dataset, report, blobs.put(session, content), len(content))
@@ -148,6 +151,7 @@ def start_import(session: Session, tenant_id: uuid.UUID, req: HfDatasetCreate, s
         raise TooManyImports(f"{running} dataset import(s) of this tenant are still in progress (the limit is "
                              f"{settings.max_concurrent_imports}); wait for one to finish",
                              headers={"Retry-After": "10"}, limit=settings.max_concurrent_imports)
+    quota.reserve(session, settings.tenant_max_stored_bytes, tenant_id, 0, "an import")
     name = req.name or f"{hf.name}{f'/{hf.config_name}' if hf.config_name else ''}:{hf.split}"
     detail = {**hf.model_dump(), "max_rows": req.max_rows, "text_fields": req.text_fields,
               "label_field": req.label_field}
@@ -228,8 +232,12 @@ def run_import(db: Database, dataset_id: uuid.UUID, settings: Settings) -> str:
             ds = s.get(Dataset, dataset_id, with_for_update=True)
             if ds is None or ds.state != "importing":  # deleted meanwhile, or another delivery finished first
                 return "final"
+            quota.reserve(s, settings.tenant_max_stored_bytes, ds.tenant_id, len(content), "this import")
             _fill(ds, report, blobs.put(s, content), len(content))
             ds.state, ds.error_type, ds.error_message = "ready", None, None
+    except StorageQuotaExceeded as e:
+        _fail(db, dataset_id, e.type, e.message)
+        return "failed"
     except Exception:  # a value the database refuses: the import fails in words, the details stay in the log
         ref = uuid.uuid4().hex[:12]
         log.exception("dataset import %s could not be stored (ref %s)", dataset_id, ref)

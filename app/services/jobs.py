@@ -36,7 +36,7 @@ from ..models import AdapterVersion, Dataset, Job, Tenant, utcnow
 from ..queues import IMPORT_DATASET, LIGHT_QUEUE, TRAIN_ADAPTER, TRAINING_QUEUE, make_celery
 from ..schemas_jobs import JobCreate, JobOut
 from ..settings import Settings
-from . import events, registry
+from . import events, quota, registry
 from .pagination import paginate
 
 log = logging.getLogger("spafit.jobs")
@@ -289,6 +289,7 @@ def create(session: Session, tenant_id: uuid.UUID, body: JobCreate, settings: Se
         if existing is not None:
             return _replay(existing, digest), False
     _check_active_jobs(session, tenant_id, settings, adding)
+    quota.reserve(session, settings.tenant_max_stored_bytes, tenant_id, 0, "a training job (its adapter)")
     job = Job(tenant_id=tenant_id, kind="sweep" if sweep else "train", task_name=body.task, task_type=body.task_type or train.task_type
               or "single_label_classification", base_model=base_model, train_dataset_id=train.id,
               validation_dataset_id=val.id if val else None, text_fields=text_fields, label_field=label_field,

@@ -48,7 +48,7 @@ from ..errors import AppError, NotFound, ServiceUnavailable, TenantQueueFull
 from ..metrics import Metrics
 from ..models import AdapterVersion
 from ..settings import Settings
-from . import registry
+from . import quota, registry
 from .admission import (  # noqa: F401  (RETRY_AFTER_SECONDS, PredictGate: importable from here too)
     RETRY_AFTER_SECONDS,
     Admission,
@@ -406,7 +406,8 @@ class Serving:
                 engine.evict(str(vid))
 
     # -------------------------------------------------------------------------------------- import
-    def import_adapter(self, session: Session, tenant_id: uuid.UUID, task: str, archive: bytes) -> AdapterVersion:
+    def import_adapter(self, session: Session, tenant_id: uuid.UUID, task: str, archive: bytes, *,
+                       max_stored_bytes: int = 0) -> AdapterVersion:
         """Register an adapter trained elsewhere (a zip from `spafit_core.adapter.pack`) as the task's next,
         active version, after the checks any version passes: the archive holds exactly the config and the
         safetensors weights (never a pickle), the weights match their sha256, the base model is one this
@@ -414,6 +415,7 @@ class Serving:
         cfg, weights = self._unpack(archive)
         self._check_base_model(session, cfg["base_model"]["name"])
         self.verify(cfg, weights)
+        quota.reserve(session, max_stored_bytes, tenant_id, len(weights), "this adapter")
         version = registry.register_version(session, tenant_id, task, cfg, weights, activate=True)
         session.commit()
         return version

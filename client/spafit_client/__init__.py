@@ -34,6 +34,7 @@ from .errors import (
     ServerError,
     SpafitAPIError,
     SpafitError,
+    StorageQuotaExceededError,
     ValidationError,
     WaitTimeout,
     WebhookVerificationError,
@@ -53,8 +54,10 @@ from .models import (
     Prediction,
     Progress,
     Readiness,
+    StoredBytes,
     Task,
     TaskPredictions,
+    Usage,
 )
 from .pagination import AsyncPager, SyncPager
 from .webhooks import sign_webhook, verify_webhook
@@ -64,9 +67,11 @@ __all__ = [
     "APIConnectionError", "APIResponseError", "APITimeoutError", "AuthenticationError", "BadRequestError", "ConflictError",
     "DatasetImportFailed", "ImportWaitTimeout", "JobCancelled", "JobFailed", "NotFoundError", "OverloadedError",
     "PayloadTooLargeError",
-    "PermissionDeniedError", "RateLimitError", "ServerError", "SpafitAPIError", "SpafitError", "ValidationError",
+    "PermissionDeniedError", "RateLimitError", "ServerError", "SpafitAPIError", "SpafitError",
+    "StorageQuotaExceededError", "ValidationError",
     "WaitTimeout", "WebhookVerificationError", "sign_webhook", "verify_webhook",
     "AdapterVersion", "Dataset", "FanOutPredictions", "Health", "Hyperparameters", "Job", "JobError", "JobEvent",
-    "LabelScore", "Method", "Page", "Prediction", "Progress", "Readiness", "Task", "TaskPredictions",
+    "LabelScore", "Method", "Page", "Prediction", "Progress", "Readiness", "StoredBytes", "Task", "TaskPredictions",
+    "Usage",
     "AsyncPager", "SyncPager",
 ]

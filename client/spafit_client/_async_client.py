@@ -57,6 +57,7 @@ from .models import (
     Readiness,
     Task,
     TaskPredictions,
+    Usage,
 )
 from .pagination import AsyncPager
 from .progress import JobProgress
@@ -89,6 +90,9 @@ class AsyncClient:
 
     async def ready(self) -> Readiness:
         return await self._call(E.ready())
+
+    async def usage(self) -> Usage:
+        return await self._call(E.usage())
 
     async def predict_many(self, tasks: Sequence[str], inputs: str | Sequence[Any], *,
                            top_k: int | None = None) -> FanOutPredictions:

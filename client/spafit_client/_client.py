@@ -55,6 +55,7 @@ from .models import (
     Readiness,
     Task,
     TaskPredictions,
+    Usage,
 )
 from .pagination import SyncPager
 from .progress import JobProgress
@@ -94,6 +95,10 @@ class Client:
     def ready(self) -> Readiness:
         """Readiness (`/readyz`); OverloadedError while a dependency is not ready."""
         return self._call(E.ready())
+
+    def usage(self) -> Usage:
+        """Bytes the tenant stores, by kind, against its quota (`GET /v1/usage`)."""
+        return self._call(E.usage())
 
     def predict_many(self, tasks: Sequence[str], inputs: str | Sequence[Any], *,
                      top_k: int | None = None) -> FanOutPredictions:

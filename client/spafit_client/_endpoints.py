@@ -28,6 +28,7 @@ from .models import (
     Readiness,
     Task,
     TaskPredictions,
+    Usage,
 )
 
 ADAPTER_FILES = ("spafit_adapter.json", "adapter.safetensors")
@@ -44,6 +45,10 @@ def _seg(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------ health
 def health() -> Call[Health]:
     return Call("GET", "/healthz", model=Health)
+
+
+def usage() -> Call[Usage]:
+    return Call("GET", "/v1/usage", model=Usage)
 
 
 def ready() -> Call[Readiness]:

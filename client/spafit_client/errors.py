@@ -9,6 +9,7 @@ The service answers errors as problem+json (RFC 9457): `type` (a stable URI, bra
     │   ├── BadRequestError            any other 4xx (400, 415, ...)
     │   ├── AuthenticationError        401: missing or invalid API key
     │   ├── PermissionDeniedError      403: the key lacks a scope (or a keyless cross-origin write)
+    │   │   └── StorageQuotaExceededError  403: the tenant's stored bytes are at its quota; delete to make room
     │   ├── NotFoundError              404 (also another tenant's resource)
     │   ├── ConflictError              409
     │   ├── PayloadTooLargeError       413
@@ -97,6 +98,12 @@ class AuthenticationError(SpafitAPIError):
 
 class PermissionDeniedError(SpafitAPIError):
     """403: the API key is valid but lacks the scope (train, predict, admin) the call needs."""
+
+
+class StorageQuotaExceededError(PermissionDeniedError):
+    """403 `storage-quota-exceeded`: what the tenant stores (datasets, adapter versions, batch results) would pass
+    its quota; no retry helps until it deletes something. `used_bytes`, `limit_bytes`, `adding_bytes` are in
+    `body`; `Client.usage()` shows where the bytes are."""
 
 
 class NotFoundError(SpafitAPIError):
@@ -205,6 +212,7 @@ _BY_STATUS: dict[int, type[SpafitAPIError]] = {
     401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError, 409: ConflictError,
     413: PayloadTooLargeError, 422: ValidationError, 429: RateLimitError, 503: OverloadedError,
 }
+_BY_TYPE: dict[tuple[int, str], type[SpafitAPIError]] = {(403, "storage-quota-exceeded"): StorageQuotaExceededError}
 
 
 def error_from_response(response: httpx.Response) -> SpafitAPIError:
@@ -218,6 +226,7 @@ def error_from_response(response: httpx.Response) -> SpafitAPIError:
         body = {}
     if not isinstance(body, dict):
         body = {}
+    cls = _BY_TYPE.get((status, str(body.get("type") or "").removeprefix(PROBLEM_BASE)), cls)
     detail = body.get("detail")
     if not isinstance(detail, str):
         detail = json.dumps(detail) if detail is not None else response.text[:500].strip()

@@ -38,6 +38,21 @@ class Readiness(SpafitModel):
     checks: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+class StoredBytes(SpafitModel):
+    datasets: int = 0
+    adapters: int = 0
+    batch_results: int = 0
+
+
+class Usage(SpafitModel):
+    """What the tenant stores in the service's database (`GET /v1/usage`); `limit_bytes` None: no quota."""
+
+    stored_bytes: int
+    by_kind: StoredBytes
+    limit_bytes: int | None = None
+    available_bytes: int | None = None
+
+
 # --------------------------------------------------------------------------------------------- datasets
 class DatasetError(SpafitModel):
     type: str

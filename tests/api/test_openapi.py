@@ -36,6 +36,7 @@ EXPECTED = {
     ("get", "/v1/webhooks/secret"): {"401", "403"},
     ("post", "/v1/webhooks/secret"): {"401", "403"},
     ("get", "/v1/webhooks/deliveries"): {"401", "403", "404", "422"},
+    ("get", "/v1/usage"): {"401", "403"},
 }
 
 

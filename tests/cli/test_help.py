@@ -12,7 +12,7 @@ from app.cli import main
 from tests.client.conftest import ROOT, subprocess_env
 
 COMMANDS = {"serve", "worker", "db", "keys", "quickstart", "train", "predict", "datasets", "jobs", "tasks", "sweep",
-            "export", "import", "batch", "evaluate"}
+            "export", "import", "batch", "evaluate", "usage"}
 
 
 def walk(group: click.Group, prefix: tuple[str, ...] = ()):
