@@ -308,8 +308,8 @@ class Settings(BaseSettings):
         description="Bytes one tenant may keep in the database every tenant shares: its datasets, adapter versions "
         "(trained and imported) and batch prediction results, each counted at its own size (0: no limit). An "
         "upload, an import or a result chunk that would pass it is refused (403 `storage-quota-exceeded`; an import "
-        "or a batch prediction then fails with that error), and so are new training and batch prediction jobs while "
-        "the tenant is at it; deleting datasets, tasks or finished batch predictions makes room. `GET /v1/usage` "
+        "or a batch prediction then fails with that error), and so are new training, batch prediction and evaluation "
+        "jobs while the tenant is at it; deleting datasets, tasks or finished batch predictions makes room. `GET /v1/usage` "
         "shows where a tenant stands. A training job that ends still registers its adapter (a few MB at most).",
     )
     batch_max_rows_per_job: int = Field(

@@ -61,10 +61,30 @@ def f1(predictions: ArrayLike, labels: ArrayLike, positive: int = 1) -> float:
 def macro_f1(predictions: ArrayLike, labels: ArrayLike, num_labels: int | None = None) -> float:
     """Unweighted mean of per-class F1 over `range(num_labels)`, or over every class seen in either array."""
     p, y = _ids(predictions, labels)
-    classes = np.arange(num_labels) if num_labels is not None else np.unique(np.concatenate([p, y]))
-    scores = [_f1_counts(np.sum((p == c) & (y == c)), np.sum((p == c) & (y != c)), np.sum((p != c) & (y == c)))
-              for c in classes]
+    if num_labels is None:  # the classes seen in either array, as ids 0..k-1
+        classes, inverse = np.unique(np.concatenate([p, y]), return_inverse=True)
+        k, p, y = len(classes), inverse[: len(p)], inverse[len(p):]
+    else:
+        k, p, y = num_labels, _class_ids(p), _class_ids(y)
+    if k == 0:
+        return float("nan")
+    # per class in one pass each (a loop over classes was k passes over the rows: 10,000 labels x 1M rows); ids
+    # outside 0..k-1 count against the classes they are compared with, as before
+    tp = np.bincount(y[(p == y) & (y >= 0)], minlength=k)[:k]
+    fp = np.bincount(p[p >= 0], minlength=k)[:k] - tp
+    fn = np.bincount(y[y >= 0], minlength=k)[:k] - tp
+    scores = [_f1_counts(a, b, c) for a, b, c in zip(tp, fp, fn, strict=True)]
     return float(np.mean(scores))
+
+
+def _class_ids(a: np.ndarray) -> np.ndarray:
+    """Whole numbers as int64 class ids; any other value -1, which matches no class of range(num_labels)."""
+    if a.dtype.kind in "iub":
+        return a.astype(np.int64)
+    if a.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            return np.where(np.mod(a, 1) == 0, a, -1).astype(np.int64)
+    return np.full(a.shape, -1, dtype=np.int64)
 
 
 def matthews_corrcoef(predictions: ArrayLike, labels: ArrayLike) -> float:

@@ -323,6 +323,9 @@ def _evaluate(job: Job, lease, hb, engine, name: str, cfg: dict, rows: Iterator[
     lease.write(finish, "store the evaluation")
 
 
+CONFUSION_MAX_LABELS = 100  # an evaluation stores its confusion matrix up to this many labels (10,000 cells)
+
+
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
@@ -344,19 +347,23 @@ def evaluation_metrics(task_type: str, preds: list, gold: list, labels: list[str
         return _with_glue(out, glue_preset, preds, gold, labels)
     k = len(labels)
     p, y = np.asarray(preds, dtype=np.int64), np.asarray(gold, dtype=np.int64)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y, p), 1)
+    hits = np.bincount(y[p == y], minlength=k)
+    predicted_n, actual_n = np.bincount(p, minlength=k), np.bincount(y, minlength=k)
     per_class = {}
     for i, lab in enumerate(labels):
-        tp = int(confusion[i, i])
-        predicted, actual = int(confusion[:, i].sum()), int(confusion[i, :].sum())
+        tp, predicted, actual = int(hits[i]), int(predicted_n[i]), int(actual_n[i])
         per_class[lab] = {"precision": tp / predicted if predicted else 0.0, "recall": tp / actual if actual else 0.0,
                           "support": actual}
     out: dict[str, Any] = {"accuracy": m.accuracy(p, y), "macro_f1": m.macro_f1(p, y, num_labels=k)}
     if k == 2:
         out["f1"] = m.f1(p, y)
-    out.update(main_metric="f1" if k == 2 else "macro_f1", per_class=per_class, labels=labels,
-               confusion_matrix=confusion.tolist())
+    out.update(main_metric="f1" if k == 2 else "macro_f1", per_class=per_class, labels=labels)
+    if k <= CONFUSION_MAX_LABELS:
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (y, p), 1)
+        out["confusion_matrix"] = confusion.tolist()
+    else:  # k x k cells, stored three times (job, evaluation, event): 10,000 labels made gigabytes
+        out["confusion_matrix_omitted"] = f"{k} labels: a confusion matrix is kept for {CONFUSION_MAX_LABELS} at most"
     return _with_glue(out, glue_preset, p, y, labels)
 
 

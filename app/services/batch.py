@@ -198,8 +198,8 @@ def _job(session: Session, tenant_id: uuid.UUID, kind: str, version: AdapterVers
         if existing is not None:
             return jobs._replay(existing, digest), False
     jobs._check_active_jobs(session, tenant_id, settings, 1)
-    if kind == "predict":
-        quota.reserve(session, settings.tenant_max_stored_bytes, tenant_id, 0, "a batch prediction (its result)")
+    quota.reserve(session, settings.tenant_max_stored_bytes, tenant_id, 0,
+                  "a batch prediction (its result)" if kind == "predict" else "an evaluation (its metrics)")
     task_type = ((version.config or {}).get("task") or {}).get("task_type") or "single_label_classification"
     job = Job(tenant_id=tenant_id, kind=kind, task_name=task, task_type=task_type, base_model=version.base_model,
               train_dataset_id=ds.id, text_fields=text_fields, label_field=label_field, method=dict(version.method or {}),

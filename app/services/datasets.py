@@ -86,6 +86,8 @@ def create_from_bytes(session: Session, tenant_id: uuid.UUID, content: bytes, *,
                       max_rows: int | None = None, max_stored_bytes: int = 0) -> Dataset:
     """Register an uploaded CSV / TSV / JSON Lines file. `DataError` (422) if it is unreadable or has errors;
     `PayloadTooLarge` (413) past `max_rows` rows; `StorageQuotaExceeded` (403) past the tenant's quota."""
+    quota.reserve(session, max_stored_bytes, tenant_id, len(content), "this upload", field="file", lock=False)
+    session.rollback()  # the look held a pooled connection: not while the file is parsed
     nul = content.find(b"\x00")
     if nul >= 0:  # never text data (often UTF-16 without a BOM), and Postgres cannot store it: before parsing, whose
         line = content.count(b"\n", 0, nul) + 1  # message about such a file would be garbled by the NULs

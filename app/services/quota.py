@@ -7,8 +7,10 @@ adapter versions (`size_bytes`) and its batch predictions' result chunks (their 
 results are a running job's scratch, dropped when it ends, and are not counted.
 
 `reserve` is called where bytes are about to be stored, in the transaction that stores them, after taking the
-tenant's row lock: writers of one tenant take turns (Postgres), so two concurrent uploads cannot both pass the
-check on the same room. A trained adapter is registered without a check (refusing it would throw away a finished
+tenant's row lock (Postgres: FOR NO KEY UPDATE, which rows that merely reference the tenant do not wait for; SQLite:
+the database's write lock, taken by a no-op write, as SQLite has no row locks and a transaction would otherwise
+only take it at its first write, after every writer had read the same room): writers of one tenant take turns, so
+two concurrent uploads or imports cannot both pass the check on the same room. A trained adapter is registered without a check (refusing it would throw away a finished
 run), so a tenant can pass its quota by the adapters of the jobs it started while below it; new jobs are refused
 from then on.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ..errors import StorageQuotaExceeded
@@ -41,13 +43,15 @@ def usage(session: Session, tenant_id: uuid.UUID) -> dict[str, int]:
 
 
 def reserve(session: Session, limit: int, tenant_id: uuid.UUID, adding: int, what: str, *,
-            field: str | None = None) -> None:
+            field: str | None = None, lock: bool = True) -> None:
     """Refuse (`StorageQuotaExceeded`, 403) storing `adding` more bytes for the tenant past `limit` (0: no limit).
     `adding` = 0 asks whether the tenant has any room left (a job that will store its result). Takes the tenant's
-    row lock first; call it in the transaction that stores the bytes."""
+    row lock first; call it in the transaction that stores the bytes. `lock=False`: an early look only, before
+    costly work (parsing an upload), which the locked check where the bytes are stored then decides."""
     if not limit:
         return
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    if lock:
+        _lock_tenant(session, tenant_id)
     by_kind = usage(session, tenant_id)
     used = sum(by_kind.values())
     if used + adding <= limit and (adding or used < limit):
@@ -61,11 +65,19 @@ def reserve(session: Session, limit: int, tenant_id: uuid.UUID, adding: int, wha
         adding_bytes=adding, used_by_kind=by_kind)
 
 
+def _lock_tenant(session: Session, tenant_id: uuid.UUID) -> None:
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+    else:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+
+
 def _size(n: int) -> str:
-    """Bytes in words: exact below 10 kB, else three significant figures (decimal units)."""
+    """Bytes in words: exact below 10 kB, else about three significant figures in decimal units, never in
+    exponent form (999,999 bytes is "1000 kB", 2 TB is "2000 GB")."""
     if n < 10_000:
         return f"{n} bytes"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} bytes"
+    unit, scale = next((u, s) for u, s in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)) if n >= s)
+    value = n / scale
+    digits = 2 if value < 10 else 1 if value < 100 else 0
+    return f"{value:.{digits}f} {unit}"

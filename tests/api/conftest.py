@@ -20,3 +20,22 @@ def held(make_settings, tiny_base):
     with TestClient(app) as c:
         app.state.send_job = app.state.sent.append
         yield c
+
+
+QUOTA = 4000  # the storage quota of `quota_client`'s tenants, in bytes
+
+
+@pytest.fixture
+def quota_client(make_settings, tiny_base):
+    """A server-mode app with a QUOTA-byte storage quota per tenant; job and import messages are recorded, not sent."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    app = create_app(make_settings(tenant_max_stored_bytes=QUOTA, allowed_base_models=[tiny_base],
+                                   default_base_model=tiny_base, job_requeue_interval_s=3600.0))
+    app.state.sent = []
+    with TestClient(app) as c:
+        app.state.send_job = app.state.sent.append
+        app.state.send_import = app.state.sent.append
+        yield c

@@ -51,3 +51,21 @@ def assert_problem(response: Any, status: int, slug: str | None = None) -> dict[
     if slug is not None:
         assert body["type"] == PROBLEM_TYPE_BASE + slug, body
     return body
+
+
+def csv_of(size: int, tag: str = "") -> bytes:
+    """A valid two-class CSV of exactly `size` bytes (its last row's text pads it)."""
+    body, i = "text,label\n", 0
+    while len(body) < size - 60:
+        body += f"row {tag}{i} text,{'pos' if i % 2 else 'neg'}\n"
+        i += 1
+    body += "x" * (size - len(body) - len(",neg\n")) + ",neg\n"
+    assert len(body.encode()) == size
+    return body.encode()
+
+
+def stored_usage(client: Any, key: Any) -> dict[str, Any]:
+    """GET /v1/usage as `key`'s tenant (200 asserted)."""
+    r = client.get("/v1/usage", headers=key.headers)
+    assert r.status_code == 200, r.text
+    return r.json()

@@ -15,42 +15,8 @@ import pytest
 from sqlalchemy import func, select
 
 from .adapters import SPAFIT, pack, random_adapter, register
-from .helpers import assert_problem, upload
-
-QUOTA = 4000
-
-
-def csv_of(size: int, tag: str = "") -> bytes:
-    """A valid two-class CSV of exactly `size` bytes (its last row's text pads it)."""
-    body, i = "text,label\n", 0
-    while len(body) < size - 60:
-        body += f"row {tag}{i} text,{'pos' if i % 2 else 'neg'}\n"
-        i += 1
-    body += "x" * (size - len(body) - len(",neg\n")) + ",neg\n"
-    assert len(body.encode()) == size
-    return body.encode()
-
-
-@pytest.fixture
-def quota_client(make_settings, tiny_base):
-    """A server-mode app with a 4,000-byte quota per tenant; job and import messages are recorded, not sent."""
-    from fastapi.testclient import TestClient
-
-    from app.main import create_app
-
-    app = create_app(make_settings(tenant_max_stored_bytes=QUOTA, allowed_base_models=[tiny_base],
-                                   default_base_model=tiny_base, job_requeue_interval_s=3600.0))
-    app.state.sent = []
-    with TestClient(app) as c:
-        app.state.send_job = app.state.sent.append
-        app.state.send_import = app.state.sent.append
-        yield c
-
-
-def usage(client, key) -> dict:
-    r = client.get("/v1/usage", headers=key.headers)
-    assert r.status_code == 200, r.text
-    return r.json()
+from .conftest import QUOTA
+from .helpers import assert_problem, csv_of, stored_usage, upload
 
 
 def test_uploads_past_the_quota_are_refused_another_tenant_is_not_and_a_delete_makes_room(quota_client, tenant_key):
@@ -58,7 +24,7 @@ def test_uploads_past_the_quota_are_refused_another_tenant_is_not_and_a_delete_m
     first = upload(quota_client, csv_of(1500, "a1"), headers=a.headers)
     second = upload(quota_client, csv_of(1500, "a2"), headers=a.headers)
     assert first.status_code == second.status_code == 201, (first.text, second.text)
-    assert usage(quota_client, a) == {"stored_bytes": 3000, "limit_bytes": QUOTA, "available_bytes": 1000,
+    assert stored_usage(quota_client, a) == {"stored_bytes": 3000, "limit_bytes": QUOTA, "available_bytes": 1000,
                                       "by_kind": {"datasets": 3000, "adapters": 0, "batch_results": 0}}
     p = assert_problem(upload(quota_client, csv_of(1500, "a3"), headers=a.headers), 403, "storage-quota-exceeded")
     assert (p["limit_bytes"], p["used_bytes"], p["adding_bytes"], p["field"]) == (QUOTA, 3000, 1500, "file")
@@ -66,11 +32,11 @@ def test_uploads_past_the_quota_are_refused_another_tenant_is_not_and_a_delete_m
     assert upload(quota_client, csv_of(1000, "a4"), headers=a.headers).status_code == 201  # what fits still does
     # another tenant is served as if a were not there
     assert upload(quota_client, csv_of(3500, "b"), headers=b.headers).status_code == 201
-    assert usage(quota_client, b)["stored_bytes"] == 3500
+    assert stored_usage(quota_client, b)["stored_bytes"] == 3500
     # a delete frees what the dataset was charged
     assert quota_client.delete(f"/v1/datasets/{first.json()['id']}", headers=a.headers).status_code == 204
     assert upload(quota_client, csv_of(1500, "a5"), headers=a.headers).status_code == 201
-    assert usage(quota_client, a)["stored_bytes"] == 4000
+    assert stored_usage(quota_client, a)["stored_bytes"] == 4000
 
 
 def test_a_tenant_at_its_quota_starts_no_job_import_or_adapter_that_would_store_more(quota_client, tenant_key,
@@ -81,7 +47,7 @@ def test_a_tenant_at_its_quota_starts_no_job_import_or_adapter_that_would_store_
     cfg, weights = random_adapter(tiny_base, SPAFIT)
     register(db, a.tenant_id, "served", cfg, weights)  # a trained adapter is registered whatever the quota
     assert len(weights) > QUOTA  # a is past its quota now: only by what its jobs registered
-    assert usage(quota_client, a)["available_bytes"] == 0
+    assert stored_usage(quota_client, a)["available_bytes"] == 0
     refused = [
         quota_client.post("/v1/jobs", json={"task": "t", "train_dataset": ds[a.tenant_id]}, headers=a.headers),
         quota_client.post("/v1/batch-predictions", json={"task": "served", "dataset": ds[a.tenant_id]},
@@ -105,7 +71,7 @@ def test_a_tenant_at_its_quota_starts_no_job_import_or_adapter_that_would_store_
             for k in (b,)]
     # deleting a's task frees what its version was charged: a starts a job again
     assert quota_client.delete("/v1/tasks/served", headers=a.headers).status_code == 204
-    assert usage(quota_client, a)["stored_bytes"] == 1500
+    assert stored_usage(quota_client, a)["stored_bytes"] == 1500
     jobs.append(quota_client.post("/v1/jobs", json={"task": "t", "train_dataset": ds[a.tenant_id]}, headers=a.headers))
     for r, k in zip(jobs, (b, a), strict=True):
         assert r.status_code == 202, r.text

@@ -531,3 +531,21 @@ def test_glue_metrics_follow_the_presets_definitions():
     assert out["glue_preset"] == "stsb" and out["glue_metrics"] == ["pearson", "spearman"]
     assert out["spearman"] == pytest.approx(1.0) and out["main_metric"] == "pearson"
     assert "glue_preset" not in evaluation_metrics("single_label_classification", preds, gold, ["a", "b"])
+
+
+def test_an_evaluation_keeps_its_confusion_matrix_up_to_100_labels_and_per_class_figures_always():
+    """k x k cells stored three times: a 10,000-label version's evaluation held gigabytes in the shared database
+    (and an 800 MB array in the worker). Past CONFUSION_MAX_LABELS the matrix is left out, said so; the per-class
+    precision, recall and support stay, counted without it."""
+    from worker.batch import CONFUSION_MAX_LABELS, evaluation_metrics
+
+    preds, gold = [0, 2, 1, 1, 0, 2, 2], [0, 1, 1, 2, 0, 2, 2]
+    small = evaluation_metrics("single_label_classification", preds, gold, ["a", "b", "c"])
+    assert small["confusion_matrix"] == [[2, 0, 0], [0, 1, 1], [0, 1, 2]]
+    assert small["per_class"]["c"] == {"precision": 2 / 3, "recall": 2 / 3, "support": 3}
+    many = [f"l{i}" for i in range(CONFUSION_MAX_LABELS + 1)]
+    big = evaluation_metrics("single_label_classification", preds, gold, many)
+    assert "confusion_matrix" not in big and str(CONFUSION_MAX_LABELS) in big["confusion_matrix_omitted"]
+    assert [big["per_class"][k] for k in ("l0", "l1", "l2")] == list(small["per_class"].values())
+    assert big["per_class"]["l50"] == {"precision": 0.0, "recall": 0.0, "support": 0}
+    assert big["accuracy"] == small["accuracy"] and len(big["per_class"]) == CONFUSION_MAX_LABELS + 1
