@@ -221,3 +221,13 @@ def test_the_sdk_and_cli_show_usage_and_type_the_refusal(make_settings, tenant_k
             client.datasets.upload(io.BytesIO(csv_of(500)))  # exactly at the quota: no room for an import's data
         r = CliRunner().invoke(main, ["datasets", "import", "owner/set"], env=env)
         assert r.exit_code == 4 and "SPAFIT_TENANT_MAX_STORED_BYTES" in r.output, r.output
+
+
+def test_an_upload_that_cannot_fit_is_refused_before_it_is_parsed(quota_client, tenant_key):
+    """Its size is known from the request: no room, no parsing (a file of a million rows holds a core for seconds).
+    A file with errors that does not fit is 403, not the 422 its parsing would give."""
+    a = tenant_key("train")
+    broken = b"text,label\n" + b"only one column\n" * (QUOTA // 16 + 1)
+    assert len(broken) > QUOTA
+    assert_problem(upload(quota_client, broken, headers=a.headers), 403, "storage-quota-exceeded")
+    assert_problem(upload(quota_client, broken[:QUOTA], headers=a.headers), 422)  # it fits: parsed, and wrong
