@@ -30,6 +30,7 @@ from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task, VersionEval
 from ..schemas import MAX_FANOUT_TASKS
 from ..settings import Settings
 from . import events, jobs, quota, registry
+from .blobs import byte_length  # noqa: F401  (batch.byte_length: the worker sums result sizes with it)
 
 MAX_TOP_K = 1000
 CSV_HEADER = ("id", "label", "score")
@@ -387,12 +388,6 @@ def csv_header(tasks: list[str] | None) -> bytes:
     buf = io.StringIO()
     csv.writer(buf).writerow(cols)
     return buf.getvalue().encode()
-
-
-def byte_length(column: Any) -> Any:
-    """A binary column's length in bytes: `length()` counts bytes of a Postgres bytea and of a SQLite BLOB alike
-    (`octet_length` only exists from SQLite 3.43, and the embedded service runs on the SQLite Python ships)."""
-    return func.length(column)
 
 
 def results_size(session: Session, job_id: uuid.UUID, fmt: str, tasks: list[str] | None = None) -> int:

@@ -5,8 +5,9 @@ nothing shared but the database. Writes join the caller's transaction; nothing h
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
-from sqlalchemy import Column, delete, exists, or_, select
+from sqlalchemy import Column, delete, exists, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -90,3 +91,9 @@ def drop_if_unreferenced(session: Session, sha: str) -> bool:
             return delete_if_unreferenced(session, sha)
     except IntegrityError:
         return False
+
+
+def byte_length(column: Any) -> Any:
+    """A binary column's length in bytes: `length()` counts bytes of a Postgres bytea and of a SQLite BLOB alike
+    (`octet_length` only exists from SQLite 3.43, and the embedded service runs on the SQLite Python ships)."""
+    return func.length(column)

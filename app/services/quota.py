@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from ..errors import StorageQuotaExceeded
 from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task, Tenant
+from .blobs import byte_length
 
 KINDS = ("datasets", "adapters", "batch_results")
 _NAMES = {"datasets": "datasets", "adapters": "adapter versions", "batch_results": "batch prediction results"}
@@ -31,8 +32,6 @@ _NAMES = {"datasets": "datasets", "adapters": "adapter versions", "batch_results
 
 def usage(session: Session, tenant_id: uuid.UUID) -> dict[str, int]:
     """Bytes stored by the tenant, by kind (see the module's docstring)."""
-    from .batch import byte_length
-
     datasets = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0))
                               .where(Dataset.tenant_id == tenant_id))
     adapters = session.scalar(select(func.coalesce(func.sum(AdapterVersion.size_bytes), 0))

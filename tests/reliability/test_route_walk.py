@@ -96,6 +96,7 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/webhooks/secret"): Rule("own", ADMIN_ONLY),
     ("POST", "/v1/webhooks/secret"): Rule("own", ADMIN_ONLY),  # rotates the caller's own secret
     ("GET", "/v1/webhooks/deliveries"): Rule("listed", TRAIN),  # deliveries are about jobs
+    ("GET", "/v1/usage"): Rule("own", READ_TASKS),  # the caller's own tenant's stored bytes
     ("GET", "/v1/keys"): Rule("own", ADMIN_ONLY),  # the caller's own tenant's keys
     ("POST", "/v1/keys"): Rule("own", ADMIN_ONLY, 201, "key"),
     ("DELETE", "/v1/keys/{key_id}"): Rule("hidden", ADMIN_ONLY, fresh="key"),  # revoke: 200 with the key
@@ -288,16 +289,16 @@ def test_every_route_has_an_entry():
 
 
 def test_the_table_gives_each_scope_only_its_own_routes():
-    """What each scope may do, read back from the table: predict only reads tasks and predicts; train never
-    predicts; admin does everything."""
+    """What each scope may do, read back from the table: predict only reads tasks (and its tenant's usage) and
+    predicts; train never predicts; admin does everything."""
     allowed = {s: {(m, p) for m, p, scope, status in TABLE if scope == s and status != 403
                    and ROUTES[(m, p)].scopes is not None} for s in SCOPES}
     assert allowed["predict"] == {("GET", "/v1/tasks"), ("GET", "/v1/tasks/{task}"),
                                   ("GET", "/v1/tasks/{task}/versions"), ("POST", "/v1/tasks/{task}/predict"),
-                                  ("POST", "/v1/predict")}
+                                  ("POST", "/v1/predict"), ("GET", "/v1/usage")}
     assert not any(p.endswith("predict") for _, p in allowed["train"])
     assert all(p.startswith(("/v1/datasets", "/v1/jobs", "/v1/tasks", "/v1/webhooks/deliveries",
-                              "/v1/batch-predictions"))
+                              "/v1/batch-predictions", "/v1/usage"))
                for _, p in allowed["train"])
     assert allowed["admin"] == set(KEYED)
 
