@@ -300,6 +300,8 @@ class WebhookDelivery(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # waiting for its tenant's turn (worker/webhooks.py): such deliveries wait in line, one after another
+    waiting_turn: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     enqueued_at: Mapped[datetime | None]
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -29,6 +29,7 @@ from app.settings import Settings
 
 log = logging.getLogger("spafit.worker.webhooks")
 
+TURN_SPACING_S = 0.25  # between two deliveries of one tenant waiting for its turn (see _place_in_line)
 EARLY_TOLERANCE_S = 1.0  # a message may fire this much before its row says the attempt is due
 RECORD_TRIES = 4  # writing an attempt's outcome, over about 3.5 s
 TOTAL_TIMEOUT_GRACE_S = 5.0
@@ -77,6 +78,18 @@ def charge_turn(s: Session, tenant_id: uuid.UUID, seconds: float, settings: Sett
     now = utcnow()
     start = min(max(tenant.webhook_busy_until or now, now), _horizon(now, settings))
     tenant.webhook_busy_until = start + timedelta(seconds=seconds / settings.webhook_tenant_share)
+
+
+def _place_in_line(s: Session, d: WebhookDelivery, now: datetime, wait: float) -> float:
+    """Seconds this delivery waits for its tenant's turn: `wait`, or, where others of the tenant already wait, until
+    TURN_SPACING_S after the last of them. Waiting deliveries wake one at a time (a woken one that still finds no
+    turn goes to the back): a tenant with N waiting costs the workers a check per TURN_SPACING_S, not N per turn."""
+    last = s.scalar(select(func.max(WebhookDelivery.next_attempt_at)).where(
+        WebhookDelivery.tenant_id == d.tenant_id, WebhookDelivery.status == "pending",
+        WebhookDelivery.waiting_turn.is_(True), WebhookDelivery.id != d.id))
+    if last is None:
+        return wait
+    return max(wait, (last - now).total_seconds() + TURN_SPACING_S)
 
 
 # ------------------------------------------------------------------------------ one attempt
@@ -152,10 +165,11 @@ def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
         if wait > 0:  # the tenant's attempts ran ahead of its share of the workers' time: this one waits its turn
             if tenant.webhook_busy_until > _horizon(now, settings):  # taken as this far ahead, and kept so
                 tenant.webhook_busy_until = _horizon(now, settings)
+            wait = _place_in_line(s, d, now, wait)
             deferred = s.execute(update(WebhookDelivery).where(
                 WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
                 WebhookDelivery.attempts == d.attempts,
-            ).values(next_attempt_at=now + timedelta(seconds=wait), last_error=(
+            ).values(next_attempt_at=now + timedelta(seconds=wait), waiting_turn=True, last_error=(
                 f"waiting {wait:.0f} s for this tenant's turn: its webhook attempts used their share of the workers' "
                 "time (receivers slow to answer); no attempt is used")))
             if deferred.rowcount != 1:
@@ -165,7 +179,8 @@ def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
             claimed = s.execute(update(WebhookDelivery).where(
                 WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
                 WebhookDelivery.attempts == d.attempts,
-            ).values(attempts=attempt, next_attempt_at=now + timedelta(seconds=webhooks.lease_s(settings))))
+            ).values(attempts=attempt, next_attempt_at=now + timedelta(seconds=webhooks.lease_s(settings)),
+                     waiting_turn=False))
             if claimed.rowcount != 1:
                 return "busy"
             charge_turn(s, d.tenant_id, attempt_limit_s(settings), settings)  # its turn, taken now
