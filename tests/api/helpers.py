@@ -69,3 +69,18 @@ def stored_usage(client: Any, key: Any) -> dict[str, Any]:
     r = client.get("/v1/usage", headers=key.headers)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def queued_batch_prediction(client: Any, key: Any, db: Any, base: str, tag: str = "") -> tuple[str, int, Any]:
+    """For `key`'s tenant: a 1,500-byte dataset, a version of task `served` on `base` (registered as a job would)
+    and a batch prediction of it, queued (nothing runs it). Returns (dataset id, the adapter's bytes, job id)."""
+    import uuid
+
+    from .adapters import SPAFIT, random_adapter, register
+
+    ds = upload(client, csv_of(1500, tag), headers=key.headers).json()["id"]
+    cfg, weights = random_adapter(base, SPAFIT)
+    register(db, key.tenant_id, "served", cfg, weights)
+    r = client.post("/v1/batch-predictions", json={"task": "served", "dataset": ds}, headers=key.headers)
+    assert r.status_code == 202, r.text
+    return ds, len(weights), uuid.UUID(r.json()["id"])

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text
 
 from .adapters import SPAFIT, pack, random_adapter, register
 from .conftest import QUOTA
-from .helpers import assert_problem, csv_of, stored_usage, upload
+from .helpers import assert_problem, csv_of, queued_batch_prediction, stored_usage, upload
 
 
 def _sqlite_db(tmp_path):
@@ -241,18 +241,13 @@ def test_a_failed_batch_predictions_chunks_count_until_it_is_deleted(held, tenan
     from app.models import BatchChunk, Job
 
     a = tenant_key("train")
-    ds = upload(held, csv_of(1500, "f"), headers=a.headers).json()["id"]
-    cfg, weights = random_adapter(tiny_base, SPAFIT)
-    register(db, a.tenant_id, "served", cfg, weights)
-    r = held.post("/v1/batch-predictions", json={"task": "served", "dataset": ds}, headers=a.headers)
-    assert r.status_code == 202, r.text
-    job_id = uuid.UUID(r.json()["id"])
+    _, adapter_bytes, job_id = queued_batch_prediction(held, a, db, tiny_base, "f")
     with db.transaction() as s:
         s.add_all([BatchChunk(job_id=job_id, chunk=i, rows=1, data=b"x" * 700) for i in range(3)])
         s.get(Job, job_id).status = "failed"
     assert stored_usage(held, a)["by_kind"]["batch_results"] == 2100
     assert held.delete(f"/v1/jobs/{job_id}", headers=a.headers).status_code == 204
-    assert stored_usage(held, a)["by_kind"] == {"datasets": 1500, "adapters": len(weights), "batch_results": 0}
+    assert stored_usage(held, a)["by_kind"] == {"datasets": 1500, "adapters": adapter_bytes, "batch_results": 0}
 
 
 def test_the_usage_sums_do_not_read_the_stored_bytes(held, tenant_key, db, tiny_base):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import threading
 import types
-import uuid
 
 import pytest
 from sqlalchemy import func, select
 
 from .adapters import SPAFIT, pack, random_adapter, register
 from .conftest import QUOTA
-from .helpers import assert_problem, csv_of, stored_usage, upload
+from .helpers import assert_problem, csv_of, queued_batch_prediction, stored_usage, upload
 
 
 def test_uploads_past_the_quota_are_refused_another_tenant_is_not_and_a_delete_makes_room(quota_client, tenant_key):
@@ -137,12 +136,7 @@ def test_the_worker_stops_a_batch_result_at_the_tenants_quota(held, tenant_key, 
     from worker import batch as worker_batch
 
     a = tenant_key("train")
-    ds = upload(held, csv_of(1500), headers=a.headers).json()["id"]
-    cfg, weights = random_adapter(tiny_base, SPAFIT)
-    register(db, a.tenant_id, "served", cfg, weights)
-    r = held.post("/v1/batch-predictions", json={"task": "served", "dataset": ds}, headers=a.headers)
-    assert r.status_code == 202, r.text
-    job_id = uuid.UUID(r.json()["id"])
+    _, _, job_id = queued_batch_prediction(held, a, db, tiny_base)
     with db.session() as s:
         used = sum(quota.usage(s, a.tenant_id).values())
     limit = used + 3000  # room for a few chunks of the result
