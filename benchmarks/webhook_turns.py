@@ -10,6 +10,7 @@ made. No torch, no model.
 
     python -m benchmarks.webhook_turns                  # 40 waiting deliveries, 20 s per variant
     python -m benchmarks.webhook_turns --deliveries 200 --seconds 30 --out webhook_turns_200
+    python -m benchmarks.webhook_turns --quick          # smoke test, 10 s
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deliveries", type=int, default=40)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--out", default="webhook_turns")
+    p.add_argument("--quick", action="store_true", help="smoke test: 20 deliveries, 5 s per variant")
     args = p.parse_args(argv)
+    if args.quick:
+        args.deliveries, args.seconds, args.out = 20, 5.0, "webhook_turns_quick"
     load_start = common.load_average()
     runs = [run_variant(lined, args.deliveries, args.seconds) for lined in (False, True)]
     before, after = runs
