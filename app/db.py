@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Engine, create_engine, event, make_url, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .settings import Settings, normalize_database_url
@@ -70,3 +70,17 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def lock_tenant(session: Session, tenant_id: object) -> None:
+    """Take tenant `tenant_id`'s row lock for the rest of the transaction: writers that read the tenant's state and
+    then write by it (its storage quota, its webhook turn) take turns. Postgres: FOR NO KEY UPDATE (rows that merely
+    reference the tenant, e.g. a job's new webhook delivery, do not wait for it). SQLite has no row locks and begins
+    a transaction only at its first write, so every writer would read first: a no-op write takes the database's
+    write lock instead."""
+    from .models import Tenant  # the models import this module's neighbours, not the other way round
+
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+    else:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))

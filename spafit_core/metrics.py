@@ -79,6 +79,9 @@ def macro_f1(predictions: ArrayLike, labels: ArrayLike, num_labels: int | None =
 
 def _class_ids(a: np.ndarray) -> np.ndarray:
     """Whole numbers as int64 class ids; any other value -1, which matches no class of range(num_labels)."""
+    if a.dtype.kind == "O":  # Python objects (a list holding a None, a pandas object column): each on its own
+        return np.array([int(v) if isinstance(v, int | float | np.number) and float(v).is_integer() else -1
+                         for v in a.tolist()], dtype=np.int64).reshape(a.shape)
     if a.dtype.kind in "iub":
         return a.astype(np.int64)
     if a.dtype.kind == "f":

@@ -22,7 +22,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from app.db import Database
+from app.db import Database, lock_tenant
 from app.models import Job, Tenant, WebhookDelivery, utcnow
 from app.services import events, webhooks
 from app.settings import Settings
@@ -72,7 +72,8 @@ def charge_turn(s: Session, tenant_id: uuid.UUID, seconds: float, settings: Sett
     """Count `seconds` of attempts against a tenant's share (negative: return what an attempt took and did not
     use), in the transaction that claims or records the attempt."""
     # FOR NO KEY UPDATE: a job ending meanwhile inserts a delivery (a key-share lock on the tenant) and does not wait
-    tenant = s.get(Tenant, tenant_id, with_for_update={"key_share": True}, populate_existing=True)
+    lock_tenant(s, tenant_id)
+    tenant = s.get(Tenant, tenant_id, populate_existing=True)
     if tenant is None:
         return
     now = utcnow()
@@ -84,12 +85,14 @@ def _place_in_line(s: Session, d: WebhookDelivery, now: datetime, wait: float) -
     """Seconds this delivery waits for its tenant's turn: `wait`, or, where others of the tenant already wait, until
     TURN_SPACING_S after the last of them. Waiting deliveries wake one at a time (a woken one that still finds no
     turn goes to the back): a tenant with N waiting costs the workers a check per TURN_SPACING_S, not N per turn."""
-    last = s.scalar(select(func.max(WebhookDelivery.next_attempt_at)).where(
+    last, waiting = s.execute(select(func.max(WebhookDelivery.next_attempt_at), func.count()).where(
         WebhookDelivery.tenant_id == d.tenant_id, WebhookDelivery.status == "pending",
-        WebhookDelivery.waiting_turn.is_(True), WebhookDelivery.id != d.id))
+        WebhookDelivery.waiting_turn.is_(True), WebhookDelivery.id != d.id)).one()
     if last is None:
         return wait
-    return max(wait, (last - now).total_seconds() + TURN_SPACING_S)
+    # never further than the line can be: a row due far ahead (written by a worker whose clock ran fast, or under a
+    # much smaller share since raised) does not put every later waiter behind it
+    return max(wait, min((last - now).total_seconds(), wait + waiting * TURN_SPACING_S) + TURN_SPACING_S)
 
 
 # ------------------------------------------------------------------------------ one attempt
@@ -160,7 +163,9 @@ def deliver(db: Database, delivery_id: uuid.UUID | str, settings: Settings,
         if d.next_attempt_at > now + timedelta(seconds=EARLY_TOLERANCE_S):
             return "not-due"  # a duplicate, or another attempt holds the lease; the requeuer covers a loss
         # the tenant's row held to the commit (its clock read fresh): the tenant's attempts starting at once take turns
-        tenant = s.get(Tenant, d.tenant_id, with_for_update={"key_share": True}, populate_existing=True)
+        # (on SQLite too, where FOR UPDATE is no lock: `lock_tenant` takes the write lock before the reads)
+        lock_tenant(s, d.tenant_id)
+        tenant = s.get(Tenant, d.tenant_id, populate_existing=True)
         wait = turn_wait(tenant, now, settings)
         if wait > 0:  # the tenant's attempts ran ahead of its share of the workers' time: this one waits its turn
             if tenant.webhook_busy_until > _horizon(now, settings):  # taken as this far ahead, and kept so

@@ -7,9 +7,7 @@ adapter versions (`size_bytes`) and its batch predictions' result chunks (their 
 results are a running job's scratch, dropped when it ends, and are not counted.
 
 `reserve` is called where bytes are about to be stored, in the transaction that stores them, after taking the
-tenant's row lock (Postgres: FOR NO KEY UPDATE, which rows that merely reference the tenant do not wait for; SQLite:
-the database's write lock, taken by a no-op write, as SQLite has no row locks and a transaction would otherwise
-only take it at its first write, after every writer had read the same room): writers of one tenant take turns, so
+tenant's row lock (`app.db.lock_tenant`: FOR NO KEY UPDATE on Postgres, the database's write lock on SQLite): writers of one tenant take turns, so
 two concurrent uploads or imports cannot both pass the check on the same room. A trained adapter is registered without a check (refusing it would throw away a finished
 run), so a tenant can pass its quota by the adapters of the jobs it started while below it; new jobs are refused
 from then on.
@@ -19,11 +17,12 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ..db import lock_tenant
 from ..errors import StorageQuotaExceeded
-from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task, Tenant
+from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task
 from .blobs import byte_length
 
 KINDS = ("datasets", "adapters", "batch_results")
@@ -50,7 +49,7 @@ def reserve(session: Session, limit: int, tenant_id: uuid.UUID, adding: int, wha
     if not limit:
         return
     if lock:
-        _lock_tenant(session, tenant_id)
+        lock_tenant(session, tenant_id)
     by_kind = usage(session, tenant_id)
     used = sum(by_kind.values())
     if used + adding <= limit and (adding or used < limit):
@@ -62,13 +61,6 @@ def reserve(session: Session, limit: int, tenant_id: uuid.UUID, adding: int, wha
         f"{f': {parts}' if parts else ''}{adds}. Delete datasets, tasks or finished batch predictions to make room "
         "(GET /v1/usage shows where the bytes are)", field=field, limit_bytes=limit, used_bytes=used,
         adding_bytes=adding, used_by_kind=by_kind)
-
-
-def _lock_tenant(session: Session, tenant_id: uuid.UUID) -> None:
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
-    else:
-        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
 
 
 def _size(n: int) -> str:

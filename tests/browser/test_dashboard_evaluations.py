@@ -58,3 +58,27 @@ def test_an_evaluation_on_a_glue_preset_shows_its_metric_first(page, live_server
     assert "matthews_corrcoef" in page.inner_text("#evaluations .glue-note")
     headers = page.locator("#evaluations .evaluations-table thead th").all_inner_texts()
     assert headers[:2] == ["Version", "matthews_corrcoef (GLUE)"]
+
+
+def test_an_evaluation_without_its_confusion_matrix_says_why(page, live_server, api, tenant_key, db, tiny_base):
+    """Past 100 labels an evaluation keeps no confusion matrix (worker/batch.py): the card says so for that
+    version instead of showing nothing."""
+    import uuid
+
+    from app.models import VersionEvaluation
+    from worker.batch import evaluation_metrics
+
+    key = tenant_key("train")
+    labels = tuple(f"l{i}" for i in range(101))
+    cfg, weights = random_adapter(tiny_base, SPAFIT, labels=labels, seed=3)
+    version = register(db, key.tenant_id, "wide", cfg, weights)
+    ds = api(key.key).upload(toy_csv(30, 23), "eval.csv")
+    metrics = evaluation_metrics("single_label_classification", [0, 1, 2, 1], [0, 1, 1, 1], list(labels))
+    with db.transaction() as s:  # as the evaluate job stores it
+        s.add(VersionEvaluation(tenant_id=key.tenant_id, version_id=version.id, dataset_id=uuid.UUID(ds), rows=4,
+                                metrics=metrics))
+    open_with_key(page, live_server.url, key.key, "#/tasks/wide")
+    page.wait_for_selector("#evaluations .confusion-omitted")
+    text = page.inner_text("#evaluations .confusion-omitted")
+    assert text.startswith("v1: no confusion matrix") and "101 labels" in text, text
+    assert page.locator("#evaluations figure.confusion").count() == 0

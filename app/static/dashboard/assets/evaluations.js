@@ -5,6 +5,9 @@ import { fmtNum, fmtTime, h, shortId, table } from "./ui.js";
 
 function confusion(e) {
   const m = e.metrics || {};
+  if (typeof m.confusion_matrix_omitted === "string") {  // kept up to 100 labels (worker/batch.py)
+    return h("p", { class: "muted confusion-omitted" }, `v${e.version}: no confusion matrix (${m.confusion_matrix_omitted})`);
+  }
   if (!Array.isArray(m.confusion_matrix)) return null;
   const labels = m.labels || m.confusion_matrix.map((_, i) => String(i));
   return h("figure", { class: "confusion", dataset: { version: e.version } },
