@@ -84,3 +84,47 @@ def queued_batch_prediction(client: Any, key: Any, db: Any, base: str, tag: str 
     r = client.post("/v1/batch-predictions", json={"task": "served", "dataset": ds}, headers=key.headers)
     assert r.status_code == 202, r.text
     return ds, len(weights), uuid.UUID(r.json()["id"])
+
+
+def race_reservations(db: Any, tenant_id: Any, limit: int, row_for: Any, writers: int = 8,
+                      join_s: float = 60.0) -> tuple[list[int], list[int], list[str]]:
+    """`writers` threads released together, each reserving 1,000 bytes of the tenant's storage quota `limit`
+    (`quota.reserve`) and storing `row_for(i)` (a row charged 1,000 bytes) in the same transaction, as concurrent
+    API replicas or workers do. Returns (stored, refused, errors): thread indexes, and any other exception's repr
+    (a "database is locked" is one)."""
+    import threading
+
+    from app.errors import StorageQuotaExceeded
+    from app.services import quota
+
+    barrier, stored, refused, errors = threading.Barrier(writers), [], [], []
+
+    def store(i: int) -> None:
+        try:
+            with db.session() as s:
+                barrier.wait()
+                try:
+                    quota.reserve(s, limit, tenant_id, 1000, "a test row")
+                except StorageQuotaExceeded:
+                    refused.append(i)
+                    return
+                s.add(row_for(i))
+                s.commit()
+                stored.append(i)
+        except Exception as e:  # noqa: BLE001  (reported to the test, which fails on it)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=store, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join_s)
+    return stored, refused, errors
+
+
+def dataset_row(tenant_id: Any, i: int, size: int = 1000) -> Any:
+    """A Dataset row charged `size` bytes (no content: for quota arithmetic)."""
+    from app.models import Dataset
+
+    return Dataset(tenant_id=tenant_id, name=f"d{i}", format="csv", columns=[], text_fields=[], report={}, rows=1,
+                   size_bytes=size)

@@ -13,7 +13,15 @@ from sqlalchemy import func, select, text
 
 from .adapters import SPAFIT, pack, random_adapter, register
 from .conftest import QUOTA
-from .helpers import assert_problem, csv_of, queued_batch_prediction, stored_usage, upload
+from .helpers import (
+    assert_problem,
+    csv_of,
+    dataset_row,
+    queued_batch_prediction,
+    race_reservations,
+    stored_usage,
+    upload,
+)
 
 
 def _sqlite_db(tmp_path):
@@ -33,35 +41,11 @@ def test_concurrent_writers_on_sqlite_embedded_mode_take_turns_on_the_room_left(
     """The same attack as test_storage_quota's Postgres test, on the embedded service's database: SQLite ignores
     FOR UPDATE and pysqlite begins a transaction only at the first write, so every writer reads the same usage
     before any of them has stored (an upload racing an adapter import or a batch chunk in one process)."""
-    from app.errors import StorageQuotaExceeded
-    from app.models import Dataset
     from app.services import keys, quota
 
     db = _sqlite_db(tmp_path)
     tenant = keys.LOCAL_TENANT_ID
-    barrier, stored, refused, errors = threading.Barrier(8), [], [], []
-
-    def store(i: int) -> None:
-        try:
-            with db.session() as s:
-                barrier.wait()
-                try:
-                    quota.reserve(s, QUOTA, tenant, 1000, "a test row")
-                except StorageQuotaExceeded:
-                    refused.append(i)
-                    return
-                s.add(Dataset(tenant_id=tenant, name=f"d{i}", format="csv", columns=[], text_fields=[], report={},
-                              rows=1, size_bytes=1000))
-                s.commit()
-                stored.append(i)
-        except Exception as e:  # noqa: BLE001  (a "database is locked" would be a failure too, but not this one)
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=store, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    stored, refused, errors = race_reservations(db, tenant, QUOTA, lambda i: dataset_row(tenant, i))
     with db.session() as s:
         used = quota.usage(s, tenant)["datasets"]
     db.dispose()

@@ -7,7 +7,6 @@ tenant is not, and deleting makes room again.
 
 from __future__ import annotations
 
-import threading
 import types
 
 import pytest
@@ -15,7 +14,15 @@ from sqlalchemy import func, select
 
 from .adapters import SPAFIT, pack, random_adapter, register
 from .conftest import QUOTA
-from .helpers import assert_problem, csv_of, queued_batch_prediction, stored_usage, upload
+from .helpers import (
+    assert_problem,
+    csv_of,
+    dataset_row,
+    queued_batch_prediction,
+    race_reservations,
+    stored_usage,
+    upload,
+)
 
 
 def test_uploads_past_the_quota_are_refused_another_tenant_is_not_and_a_delete_makes_room(quota_client, tenant_key):
@@ -80,31 +87,11 @@ def test_a_tenant_at_its_quota_starts_no_job_import_or_adapter_that_would_store_
 def test_concurrent_writers_of_one_tenant_take_turns_on_the_room_left(db, tenant_key):
     """Several API replicas storing for one tenant at once: each checks and stores under the tenant's row lock, so
     together they never pass the quota (without the lock all eight saw the same room and stored)."""
-    from app.errors import StorageQuotaExceeded
-    from app.models import Dataset
     from app.services import quota
 
     a = tenant_key("train")
-    barrier, stored, refused = threading.Barrier(8), [], []
-
-    def store(i: int) -> None:
-        with db.session() as s:
-            barrier.wait()
-            try:
-                quota.reserve(s, QUOTA, a.tenant_id, 1000, "a test row")
-            except StorageQuotaExceeded:
-                refused.append(i)
-                return
-            s.add(Dataset(tenant_id=a.tenant_id, name=f"d{i}", format="csv", columns=[], text_fields=[], report={},
-                          rows=1, size_bytes=1000))
-            s.commit()
-            stored.append(i)
-
-    threads = [threading.Thread(target=store, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    stored, refused, errors = race_reservations(db, a.tenant_id, QUOTA, lambda i: dataset_row(a.tenant_id, i))
+    assert not errors, errors
     assert (len(stored), len(refused)) == (4, 4)
     with db.session() as s:
         assert quota.usage(s, a.tenant_id)["datasets"] == 4000

@@ -326,9 +326,9 @@ def test_sqlite_quota_writers_next_to_an_open_read_transaction_and_batch_chunks_
     import sqlite3
 
     from app.db import Database
-    from app.errors import StorageQuotaExceeded
     from app.models import BatchChunk, Dataset, Job
     from app.services import keys, migrate, quota
+    from tests.api.helpers import dataset_row, race_reservations
 
     path = tmp_path / "embedded.db"
     url = f"sqlite:///{path}"
@@ -350,34 +350,13 @@ def test_sqlite_quota_writers_next_to_an_open_read_transaction_and_batch_chunks_
     reader = sqlite3.connect(path, isolation_level=None)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM datasets").fetchone()  # a read transaction held open throughout
-    limit, stored, refused, errors = 6000, [], [], []
-    barrier = threading.Barrier(8)
+    limit = 6000
 
-    def upload(i: int) -> None:
-        try:
-            with db.session() as s:
-                barrier.wait()
-                try:
-                    quota.reserve(s, limit, tenant, 1000, "a test row")
-                except StorageQuotaExceeded:
-                    refused.append(i)
-                    return
-                if i % 2:
-                    s.add(BatchChunk(job_id=job_id, chunk=i, rows=1, data=b"x" * 1000))
-                else:
-                    s.add(Dataset(tenant_id=tenant, name=f"d{i}", format="csv", columns=[], text_fields=[],
-                                  report={}, rows=1, size_bytes=1000))
-                s.commit()
-                stored.append(i)
-        except Exception as e:  # noqa: BLE001
-            errors.append(repr(e))
+    def row(i: int):  # half of them result chunks, half datasets
+        return BatchChunk(job_id=job_id, chunk=i, rows=1, data=b"x" * 1000) if i % 2 else dataset_row(tenant, i)
 
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(90)
+        stored, refused, errors = race_reservations(db, tenant, limit, row, join_s=90)
         with db.session() as s:
             used = sum(quota.usage(s, tenant).values())
     finally:
