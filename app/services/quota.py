@@ -7,10 +7,10 @@ adapter versions (`size_bytes`) and its batch predictions' result chunks (their 
 results are a running job's scratch, dropped when it ends, and are not counted.
 
 `reserve` is called where bytes are about to be stored, in the transaction that stores them, after taking the
-tenant's row lock (`app.db.lock_tenant`: FOR NO KEY UPDATE on Postgres, the database's write lock on SQLite): writers of one tenant take turns, so
-two concurrent uploads or imports cannot both pass the check on the same room. A trained adapter is registered without a check (refusing it would throw away a finished
-run), so a tenant can pass its quota by the adapters of the jobs it started while below it; new jobs are refused
-from then on.
+tenant's row lock (`app.db.lock_tenant`: FOR NO KEY UPDATE on Postgres, the database's write lock on SQLite):
+writers of one tenant take turns, so two concurrent uploads or imports cannot both pass the check on the same room.
+A trained adapter is registered without a check (refusing it would throw away a finished run), so a tenant can pass
+its quota by the adapters of the jobs it started while below it; new jobs are refused from then on.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from ..errors import StorageQuotaExceeded
 from ..models import AdapterVersion, BatchChunk, Dataset, Job, Task
 from .blobs import byte_length
 
-KINDS = ("datasets", "adapters", "batch_results")
 _NAMES = {"datasets": "datasets", "adapters": "adapter versions", "batch_results": "batch prediction results"}
 
 
