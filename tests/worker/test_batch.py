@@ -5,6 +5,7 @@ the per-tenant limits and the errors."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -321,12 +322,16 @@ def _cancel_while_paused(client, db, job_id: str, claimed_by: str, headers: dict
             except FutureTimeout:  # paused inside a write holding the job's row: let it commit, then pause again
                 os.kill(pid, signal.SIGCONT)
                 r = asked.result(timeout=30)
-                os.kill(pid, signal.SIGSTOP)
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:  # woken, it read the flag set meanwhile and its child ended: cancelled
+                    return r
         overdue = timedelta(seconds=2 * WORKER_SETTINGS["job_heartbeat_interval_s"])
         wait_until(lambda: utcnow() - job_row(db, job_id).heartbeat_at > overdue, 5,
                    "the paused worker's next heartbeat to be due")
     finally:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
     return r
 
 
