@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -35,7 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any
 
-from .engine import Engine, Input
+from .engine import Engine, Input, PassSuspended, Suspended, pass_control
 from .errors import (
     OverloadedError,
     PredictionFailedError,
@@ -91,12 +92,18 @@ class MicroBatcher(Tokenizing, TenantQueues):
         self._in_turn = False  # the tenant at the head of the ring is in the middle of its turn
         self._saturated = False  # the last batch was full or left rows waiting: worth waiting for company
         self._rows = 0
+        # Stepping aside (BatchingConfig.yield_to_light): the tenants of the pass in flight while it may step aside
+        # (None otherwise), the event that asks it to, and the passes that stepped aside (with the rest of their
+        # `_take`), run right after the light tenant's pass.
+        self._flight: frozenset[str] | None = None
+        self._yield = threading.Event()
+        self._parked: list[tuple[list[_Item], Suspended | None]] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
         self.stats = {"batches": 0, "rows": 0, "timeouts": 0, "overloads": 0, "tenant_overloads": 0,
                       "dropped": 0, "retries": 0, "failed_rows": 0, "loop_errors": 0, "restarts": 0,
-                      "turns": 0, "skipped_rounds": 0}
+                      "turns": 0, "skipped_rounds": 0, "yields": 0}
         self._served: Counter[str] = Counter()  # rows run, by tenant (under the lock)
         # The big-request lane (see BATCH_TOKENIZE_CHARS): tenant -> its big requests not tokenised yet, oldest
         # first; the tenants with some, in turn (one chunk a turn); the lane's thread, started when work comes.
@@ -223,6 +230,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
             else:
                 self._pending.append(pending)  # tokenised by the worker, in a batch with the others
                 self._cond.notify()
+                self._ask_to_yield(tenant)
         fut.add_done_callback(lambda f: self._withdraw(req) if f.cancelled() else None)
         return fut
 
@@ -301,8 +309,10 @@ class MicroBatcher(Tokenizing, TenantQueues):
     def _loop(self) -> None:
         while self._running:
             items: list[_Item] = []
+            parked, self._parked = self._parked, []
             try:
-                items = self._take()
+                # After a pass stepped aside, only the light tenants' rows (what it stepped aside for), then it.
+                items = self._take(light_only=bool(parked))
                 now = time.monotonic()
                 live = []
                 for it in items:
@@ -313,36 +323,74 @@ class MicroBatcher(Tokenizing, TenantQueues):
                         _fail(it.request, RequestTimeoutError("prediction timed out in the queue"))
                     else:
                         live.append(it)
-                for batch in self._pack(live):
-                    self._run(batch)
+                batches = self._pack(live)
+                may_yield = self.config.yield_to_light and not parked and not self._light_taken
+                for i, batch in enumerate(batches):
+                    state = self._run(batch, may_yield=may_yield)
+                    if state is not None:  # it stepped aside: it and the rest of this take run after the light
+                        self._parked = [(batch, state)] + [(b, None) for b in batches[i + 1:]]
+                        break
                 if self._light_taken:  # the window counts from the end of the light tenant's pass
                     with self._cond:
                         self._light_at = time.monotonic()
+                for batch, state in parked:  # never asked to step aside twice: they go on now
+                    self._run(batch, resume=state)
             except Exception:  # a bug of ours, not of a request: fail what we hold, keep serving
                 self.stats["loop_errors"] += 1
                 ref = uuid.uuid4().hex
-                log.exception("the batcher failed on %d rows (ref %s); serving goes on", len(items), ref)
-                for it in items:
+                held = items + [it for batch, _ in parked + self._parked for it in batch]
+                self._parked = []
+                log.exception("the batcher failed on %d rows (ref %s); serving goes on", len(held), ref)
+                for it in held:
                     _fail(it.request, PredictionFailedError(f"the prediction failed (ref {ref})",
                                                             detail={"reference": ref}))
                 time.sleep(0.01)  # never spin on a failure that repeats
 
-    def _run(self, batch: list[_Item]) -> None:
-        """One forward pass; if it fails, the same rows again per adapter, then per row (`_isolate`)."""
-        batch = [it for it in batch if not it.request.future.done()]  # e.g. another row of it failed alone
-        if not batch:
+    def _ask_to_yield(self, tenant: str) -> None:
+        """`tenant`'s rows just arrived: if they will run as a light tenant's (a new flow, within what `_take`
+        lets one have) and the pass in flight holds only other tenants' rows and may step aside, ask it to. Its
+        wait then is one layer of that pass, not the rest of it. Under the lock."""
+        flight = self._flight
+        if flight is None or tenant in flight or tenant in self._queues or tenant in self._held:
             return
+        recent = time.monotonic() - self._light_tenants.get(tenant, -math.inf) < self.config.shared_window_s
+        if self._pending_rows[tenant] <= (self.config.max_batch_size if recent else self._shared_limit()):
+            self._flight = None  # once
+            self._yield.set()
+            self.stats["yields"] += 1
+
+    def _run(self, batch: list[_Item], *, may_yield: bool = False, resume: Suspended | None = None
+             ) -> Suspended | None:
+        """One forward pass; if it fails, the same rows again per adapter, then per row (`_isolate`). With
+        `may_yield`, the pass steps aside when a light tenant's rows arrive (`_ask_to_yield`) and its state is
+        returned; with `resume`, a pass that stepped aside goes on with the same rows."""
+        if resume is None:
+            batch = [it for it in batch if not it.request.future.done()]  # e.g. another row of it failed alone
+        if not batch:
+            return None
         if TRACE_PATH is not None:
             tenants = len({it.request.tenant for it in batch})
             for it in batch:
                 it.request.mark("forward", batch_rows=len(batch), batch_tenants=tenants)
+        if may_yield:
+            with self._cond:
+                self._yield.clear()
+                self._flight = frozenset(it.request.tenant for it in batch)
         t0 = time.perf_counter()
         try:
-            logits = self.engine.forward([it.row for it in batch])
+            with pass_control(self._yield if may_yield else None, resume):
+                logits = self.engine.forward([it.row for it in batch])
+        except PassSuspended as e:
+            e.state.seconds += time.perf_counter() - t0
+            return e.state
         except Exception as e:
             self._isolate(batch, e)
-            return
-        seconds = time.perf_counter() - t0
+            return None
+        finally:
+            if may_yield:
+                with self._cond:
+                    self._flight = None
+        seconds = time.perf_counter() - t0 + (resume.seconds if resume is not None else 0.0)
         if TRACE_PATH is not None:
             for it in batch:
                 it.request.mark("forward_end")
@@ -370,6 +418,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
             if done:
                 req.mark("resolved")
                 _resolve(req.future, req.results)
+        return None
 
     def _isolate(self, batch: list[_Item], error: Exception) -> None:
         """A forward pass failed: run each adapter's rows apart, and a failing adapter's rows one by one, so

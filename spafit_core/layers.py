@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -83,6 +84,17 @@ class Route:
     # its frozen weight on the distinct rows and copies the result out (its deltas still per row)
     inject_rows: torch.Tensor | None = None
     inject_index: torch.Tensor | None = None
+    # Set (by another thread) to ask this pass to step aside: the next layer to run raises `LayerYield` with its
+    # input instead, and a later pass resumes there (`skip_below`, `inject`). None: the pass never steps aside.
+    yield_to: threading.Event | None = None
+
+
+class LayerYield(Exception):  # noqa: N818  (a control-flow signal, not an error)
+    """A pass stepped aside before layer `layer` (its `Route.yield_to` was set); `hidden` is that layer's input."""
+
+    def __init__(self, layer: int, hidden: torch.Tensor):
+        super().__init__(f"stepped aside before layer {layer}")
+        self.layer, self.hidden = layer, hidden
 
 
 _ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("spafit_route", default=None)
@@ -273,6 +285,8 @@ class LayerGate(nn.Module):
             return self._passthrough(hidden)
         if r.inject is not None and self.index == r.skip_below:
             hidden = r.inject
+        if r.yield_to is not None and r.yield_to.is_set():
+            raise LayerYield(self.index, hidden)
         return self._run(hidden, *args, **kwargs)
 
     def _run(self, hidden, *args, **kwargs):

@@ -41,6 +41,10 @@ class BatchingConfig:
     # its rows, set it to None).
     shared_batch_size: int | None = 2
     shared_window_s: float = 1.0
+    # A pass of backlogged tenants' rows steps aside at its next layer boundary when a light tenant's rows arrive
+    # (`MicroBatcher._ask_to_yield`): the light rows run first, then the pass goes on where it stopped (nothing
+    # is computed twice; a pass steps aside at most once). The light tenant waits for one layer, not a pass.
+    yield_to_light: bool = True
     timeout_s: float = 30.0  # per request, from submission
 
     def weight(self, tenant: str) -> float:
@@ -143,24 +147,25 @@ class TenantQueues:
         cfg = self.config
         return cfg.max_batch_size if cfg.shared_batch_size is None else min(cfg.shared_batch_size, cfg.max_batch_size)
 
-    def _take(self) -> list[_Item]:
+    def _take(self, light_only: bool = False) -> list[_Item]:
         """The rows of the next pass, after tokenising (in batches) the requests that arrived since the last call:
         first the light tenants' (new ones all of whose rows fit), then the other new tenants' (one quantum each),
         then the backlogged ones' by deficit round robin; at most `max_batch_size` rows in all. A pass that holds
         light tenants' rows holds nothing else (unless `shared_batch_size` is None), and while a light tenant is
-        being served the other passes hold at most `shared_batch_size` rows."""
+        being served the other passes hold at most `shared_batch_size` rows. `light_only` (a pass stepped aside
+        for a light tenant and runs next): the light tenants' rows alone, maybe none, without waiting."""
         cfg = self.config
         with self._cond:
             # Rows still in the big-request lane count in `_rows` but cannot be taken: wait for the lane (it
             # notifies when it queues a request), do not loop.
-            while self._running and not (self._pending or any(self._queues.values())):
+            while not light_only and self._running and not (self._pending or any(self._queues.values())):
                 self._cond.wait(timeout=0.5)
             if not self._running:
                 return []
             # Wait for company only when saturated (the last batch was full or left rows behind: demand is above
             # what one batch takes, so more rows are on their way); otherwise run what is there at once, so that a
             # lone request costs the one-row forward, not `max_wait_ms` more.
-            deadline = time.monotonic() + (cfg.max_wait_ms / 1000 if self._saturated else 0)
+            deadline = time.monotonic() + (cfg.max_wait_ms / 1000 if self._saturated and not light_only else 0)
             while self._rows < self._limit(time.monotonic()) and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(timeout=left)
         self._tokenize_pending()
@@ -195,6 +200,9 @@ class TenantQueues:
             while self._light_tenants and now - next(iter(self._light_tenants.values())) >= cfg.shared_window_s:
                 self._light_tenants.popitem(last=False)  # out of the window: forgotten (so bounded by the window)
             self._light_taken = light
+            if light_only:  # the pass that stepped aside runs next: the others are not shut out
+                self._alone = False
+                return items
             if light and cfg.shared_batch_size is not None and not self._alone:
                 # A light tenant's rows run in a pass of their own: on a CPU a pass costs about its rows, so the
                 # backlogged tenants' rows would only add to what the light tenant waits for (they run next).

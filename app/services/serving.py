@@ -195,7 +195,8 @@ class Serving:
                                     max_tokens=s.batch_max_tokens, max_queue=s.batch_max_queue,
                                     max_queue_per_tenant=s.batch_max_queue_per_tenant,
                                     quantum=s.batch_tenant_quantum, weights=dict(s.batch_tenant_weights),
-                                    shared_batch_size=s.batch_shared_max_size or None, timeout_s=s.predict_timeout_s)
+                                    shared_batch_size=s.batch_shared_max_size or None,
+                                    yield_to_light=s.batch_yield_to_light, timeout_s=s.predict_timeout_s)
             self._batcher = MicroBatcher(engine, config, on_batch=self._on_batch).start()
             self._engine = engine
             log.info("engine started on %s", engine.device)

@@ -15,7 +15,9 @@
     largest rank), and applies them with batched matmuls (a row's rows are zero wherever its adapter does
     not adapt that module, so adapters with different n1/n2/rank mix; modules no row adapts are skipped).
     Deltas accumulate in place into each module's fresh output. Every row's head runs in one call of one
-    head module padded to the most labels resident, with one copy of the logits to the host.
+    head module padded to the most labels resident, with one copy of the logits to the host. Inside
+    `pass_control(yield_to=event)` a pass steps aside at the next layer boundary once the event is set
+    (`PassSuspended`), and `pass_control(resume=state)` goes on from there.
   - `Engine.fan_out_many` (`fan_out` for one input): inputs asked of many tasks in one pass that branches
     where the tasks diverge: one trunk row per input runs the frozen layers, and at each task's first
     trained layer branches into a row for that task. Concurrent fan-outs on one backbone share the pass.
@@ -28,10 +30,10 @@ deltas through the route of one forward pass.
 
 from .bank import AdapterBank
 from .base import Backbone, position_limit
-from .forward import Engine, Input, Row, split_inputs
+from .forward import Engine, Input, PassSuspended, Row, Suspended, pass_control, split_inputs
 from .packed import LoadedAdapter, PackedLayout, Slot, build_adapter
 from .slot_lease import batch_slots as _slots  # noqa: F401 (tests)
 from .slot_lease import to_device as _to_device  # noqa: F401 (tests)
 
-__all__ = ["AdapterBank", "Backbone", "Engine", "Input", "LoadedAdapter", "PackedLayout", "Row", "Slot",
-           "build_adapter", "position_limit", "split_inputs"]
+__all__ = ["AdapterBank", "Backbone", "Engine", "Input", "LoadedAdapter", "PackedLayout", "PassSuspended", "Row",
+           "Slot", "Suspended", "build_adapter", "pass_control", "position_limit", "split_inputs"]

@@ -5,6 +5,7 @@ rows and waiting calls are in `fanout.py`."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ from torch import nn
 from ..adapter import parse_config
 from ..backbone import canonical_model_name
 from ..errors import AdapterError
-from ..layers import MixedBatchUnsupported, Route, route
+from ..layers import LayerYield, MixedBatchUnsupported, Route, route
 from ..outputs import postprocess
 from ..slots import SlotPools, kernel
 from ..textcut import cut_input
@@ -36,6 +37,44 @@ FAN_OUT_ROWS = 256  # (input, task) rows at most in one pass that joins concurre
 class Row:
     adapter: LoadedAdapter
     features: dict[str, list[int]]
+
+
+@dataclass(eq=False)
+class Suspended:
+    """A forward pass that stepped aside before encoder layer `layer` (see `pass_control`): `hidden` is that
+    layer's input, its rows in the pass's own order; `pos[i]` is the row of `hidden` that holds the caller's row
+    i. Passed back to `pass_control(resume=...)` with the same rows, the pass goes on from there: exactly what
+    it would have computed uninterrupted."""
+
+    layer: int
+    hidden: torch.Tensor
+    pos: list[int]
+    seconds: float = 0.0  # spent on the pass before it stepped aside (the caller's bookkeeping)
+
+
+class PassSuspended(Exception):  # noqa: N818  (a control-flow signal, not an error)
+    """`Engine.forward` stepped aside: nothing was computed for the caller yet; `state` resumes it."""
+
+    def __init__(self, state: Suspended):
+        super().__init__(f"the pass stepped aside before layer {state.layer}")
+        self.state = state
+
+
+_PASS: contextvars.ContextVar[tuple[threading.Event | None, Suspended | None]] = contextvars.ContextVar(
+    "spafit_pass", default=(None, None))
+
+
+@contextlib.contextmanager
+def pass_control(yield_to: threading.Event | None = None, resume: Suspended | None = None) -> Iterator[None]:
+    """For the `Engine.forward` calls made inside: with `yield_to`, a pass steps aside at the next layer boundary
+    once the event is set (raising `PassSuspended`, its locks and slot leases released), so that a more urgent
+    pass can run first; with `resume`, the pass of those rows goes on where it stepped aside. What a pass steps
+    aside from is at most one layer of work, and a resumed one recomputes none of what was done."""
+    token = _PASS.set((yield_to, resume))
+    try:
+        yield
+    finally:
+        _PASS.reset(token)
 
 
 class _Loading:
@@ -238,16 +277,28 @@ class Engine:
 
     def _forward(self, bb: Backbone, rows: Sequence[Row]) -> list[torch.Tensor]:
         pools = self._banks[bb.name].pools
+        yield_to, resume = _PASS.get()
         with self._forward_lock, pools.lock, lease_slots(pools, [r.adapter for r in rows]) as slots:
             order = pools.row_order(slots) if len(set(slots)) > 1 else None  # rows of one LoRA rank together
             if order is not None:
                 rows, slots = [rows[i] for i in order], [slots[i] for i in order]
             batch = to_device(collate([r.features for r in rows], bb.pad_id), bb.device)
             deltas = route_rows(pools, slots)
+            r = Route(deltas=deltas, yield_to=yield_to)
+            if resume is not None:  # the slots may have moved since: the saved rows follow this pass's order
+                src = [resume.pos[i] for i in (order if order is not None else range(len(rows)))]
+                r.skip_below = resume.layer
+                r.inject = resume.hidden if src == list(range(len(src))) else resume.hidden[src]
             try:
-                outputs = self._run(bb, batch, Route(deltas=deltas))
+                outputs = self._run(bb, batch, r)
+            except LayerYield as y:
+                pos = [0] * len(rows)
+                for k, i in enumerate(order if order is not None else range(len(rows))):
+                    pos[i] = k
+                raise PassSuspended(Suspended(y.layer, y.hidden, pos)) from None
             except MixedBatchUnsupported:  # e.g. DeBERTa's shared relative-position projections
-                out = self._forward_by_group(bb, rows)
+                with pass_control():  # one pass per adapter, from the start, never stepping aside
+                    out = self._forward_by_group(bb, rows)
             else:
                 out = self._heads(bb, pools, outputs, [r.adapter for r in rows], deltas.cols)
         if order is None:

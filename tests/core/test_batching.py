@@ -198,7 +198,7 @@ def test_the_loop_survives_a_cancellation_racing_set_result(engine, monkeypatch)
 def test_a_dead_batcher_thread_is_seen_and_restarted_on_the_same_queue(engine, monkeypatch):
     batcher = MicroBatcher(engine, BatchingConfig(max_wait_ms=1))
     take = batcher._take
-    monkeypatch.setattr(batcher, "_take", lambda: (_ for _ in ()).throw(SystemExit("killed")))
+    monkeypatch.setattr(batcher, "_take", lambda **_: (_ for _ in ()).throw(SystemExit("killed")))
     batcher.start()
     batcher._thread.join(10)
     assert not batcher.alive
@@ -314,8 +314,12 @@ def test_a_light_tenant_runs_in_the_next_pass_and_passes_stay_small_while_it_is_
     with_b = [i for i, c in enumerate(calls) if "t1" in c]
     assert with_b == [3, 6, 9, 12]  # each b request in the pass right after the one it arrived in
     assert all(calls[i] == ["t1", "t1"] for i in with_b)  # in a pass of its own: a's rows would only add to it
-    for i in range(3, 13):  # from b's first pass to its last: small passes (b's 2 rows + a's 2, or a's 4)
+    # The full pass b's first request arrived in stepped aside for it (yield_to_light) and went on after it; from
+    # then to b's last pass, small passes (b's 2 rows + a's 2, or a's 4), each of which also stepped aside for b.
+    assert calls[4] == calls[2] == ["t0"] * 32
+    for i in range(5, 13):
         assert len(calls[i]) <= 4 and calls[i].count("t0") <= 4, (i, calls[i])
+    assert batcher.stats["yields"] == 4
     assert max(len(c) for c in calls[13:]) == 32  # b quiet for the window: a's passes are full again
     assert batcher.served == {"a": 320, "b": 8}
 
