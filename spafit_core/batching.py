@@ -59,6 +59,10 @@ from .tokenize_lane import (  # noqa: F401  (importable from here too)
 
 log = logging.getLogger("spafit.batching")
 
+# Most times one forward pass steps aside for light tenants (BatchingConfig.yield_to_light): past it, the pass goes on
+# whatever arrives, so a stream of light tenants never holds a backlogged tenant's pass back for long.
+MAX_STEPS_ASIDE = 3
+
 # Debug mode: with SPAFIT_BATCH_TRACE set to a file path, each request answered by `predict` appends one JSON line
 # there with the monotonic times of its stages (see `_Request.marks`), to find where a request's latency goes.
 TRACE_PATH = os.environ.get("SPAFIT_BATCH_TRACE") or None
@@ -97,7 +101,8 @@ class MicroBatcher(Tokenizing, TenantQueues):
         # `_take`), run right after the light tenant's pass.
         self._flight: frozenset[str] | None = None
         self._yield = threading.Event()
-        self._parked: list[tuple[list[_Item], Suspended | None]] = []
+        self._light_waiting = False  # a light tenant's rows arrived since the last tokenising
+        self._parked: list[tuple[list[_Item], Suspended | None, int]] = []  # (rows, state, times stepped aside)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -309,7 +314,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
     def _loop(self) -> None:
         while self._running:
             items: list[_Item] = []
-            parked, self._parked = self._parked, []
+            parked = self._parked  # kept there until run: a batcher restarted after its thread died runs them
             try:
                 # After a pass stepped aside, only the light tenants' rows (what it stepped aside for), then it.
                 items = self._take(light_only=bool(parked))
@@ -328,17 +333,16 @@ class MicroBatcher(Tokenizing, TenantQueues):
                 for i, batch in enumerate(batches):
                     state = self._run(batch, may_yield=may_yield)
                     if state is not None:  # it stepped aside: it and the rest of this take run after the light
-                        self._parked = [(batch, state)] + [(b, None) for b in batches[i + 1:]]
+                        self._parked = [(batch, state, 1)] + [(b, None, 0) for b in batches[i + 1:]]
                         break
                 if self._light_taken:  # the window counts from the end of the light tenant's pass
                     with self._cond:
                         self._light_at = time.monotonic()
-                for batch, state in parked:  # never asked to step aside twice: they go on now
-                    self._run(batch, resume=state)
+                self._go_on(parked)
             except Exception:  # a bug of ours, not of a request: fail what we hold, keep serving
                 self.stats["loop_errors"] += 1
                 ref = uuid.uuid4().hex
-                held = items + [it for batch, _ in parked + self._parked for it in batch]
+                held = items + [it for batch, _, _ in self._parked for it in batch]  # those not run yet
                 self._parked = []
                 log.exception("the batcher failed on %d rows (ref %s); serving goes on", len(held), ref)
                 for it in held:
@@ -346,15 +350,38 @@ class MicroBatcher(Tokenizing, TenantQueues):
                                                             detail={"reference": ref}))
                 time.sleep(0.01)  # never spin on a failure that repeats
 
+    def _go_on(self, parked: list) -> None:
+        """The passes that stepped aside (`parked`: what `_loop` found parked before this round's light pass) go on,
+        in order, each taken out before it runs (never run twice). Until it has stepped aside MAX_STEPS_ASIDE
+        times, one steps aside again for light rows that arrived meanwhile (during the light pass: the next round
+        takes them first) or that arrive while it goes on."""
+        while parked and self._parked:
+            batch, state, steps = self._parked[0]
+            may_yield = self.config.yield_to_light and steps < MAX_STEPS_ASIDE
+            with self._cond:
+                waiting = self._light_waiting
+            if may_yield and waiting:
+                self._parked[0] = (batch, state, steps + 1)
+                self.stats["yields"] += 1
+                return
+            self._parked.pop(0)
+            again = self._run(batch, resume=state, may_yield=may_yield)
+            if again is not None:
+                self._parked.insert(0, (batch, again, steps + 1))
+                return
+
     def _ask_to_yield(self, tenant: str) -> None:
         """`tenant`'s rows just arrived: if they will run as a light tenant's (a new flow, within what `_take`
-        lets one have) and the pass in flight holds only other tenants' rows and may step aside, ask it to. Its
-        wait then is one layer of that pass, not the rest of it. Under the lock."""
-        flight = self._flight
-        if flight is None or tenant in flight or tenant in self._queues or tenant in self._held:
+        lets one have), note it, and if the pass in flight holds only other tenants' rows and may step aside, ask
+        it to. Their wait then is one layer of that pass, not the rest of it. Under the lock."""
+        if tenant in self._queues or tenant in self._held:
             return
         recent = time.monotonic() - self._light_tenants.get(tenant, -math.inf) < self.config.shared_window_s
-        if self._pending_rows[tenant] <= (self.config.max_batch_size if recent else self._shared_limit()):
+        if self._pending_rows[tenant] > (self.config.max_batch_size if recent else self._shared_limit()):
+            return
+        self._light_waiting = True
+        flight = self._flight
+        if flight is not None and tenant not in flight:
             self._flight = None  # once
             self._yield.set()
             self.stats["yields"] += 1
@@ -363,7 +390,8 @@ class MicroBatcher(Tokenizing, TenantQueues):
              ) -> Suspended | None:
         """One forward pass; if it fails, the same rows again per adapter, then per row (`_isolate`). With
         `may_yield`, the pass steps aside when a light tenant's rows arrive (`_ask_to_yield`) and its state is
-        returned; with `resume`, a pass that stepped aside goes on with the same rows."""
+        returned; with `resume`, a pass that stepped aside goes on with the same rows (a row whose request ended
+        meanwhile still runs: the kept layer input holds it)."""
         if resume is None:
             batch = [it for it in batch if not it.request.future.done()]  # e.g. another row of it failed alone
         if not batch:
@@ -381,7 +409,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
             with pass_control(self._yield if may_yield else None, resume):
                 logits = self.engine.forward([it.row for it in batch])
         except PassSuspended as e:
-            e.state.seconds += time.perf_counter() - t0
+            e.state.seconds += time.perf_counter() - t0 + (resume.seconds if resume is not None else 0.0)
             return e.state
         except Exception as e:
             self._isolate(batch, e)

@@ -138,10 +138,9 @@ def test_a_light_tenants_rows_run_while_the_pass_in_flight_steps_aside_then_it_g
     assert b_first == [True]  # b answered before the pass it arrived in
 
 
-def test_a_pass_steps_aside_once_and_not_for_its_own_tenant_or_a_flood(engine):
+def test_a_pass_does_not_step_aside_for_its_own_tenant_or_a_flood(engine):
     """Arrivals that do not make the pass in flight step aside: more rows of a tenant already in it; a new
-    tenant with more rows than a small pass (a flood's first burst); a light tenant during a pass that already
-    stepped aside once (it goes on; the newcomer runs next)."""
+    tenant with more rows than a small pass (a flood's first burst)."""
     batcher = _batcher(engine)
     late: list = []
 
@@ -162,33 +161,36 @@ def test_a_pass_steps_aside_once_and_not_for_its_own_tenant_or_a_flood(engine):
         calls.remove()
     assert len(late) == 2 and batcher.stats["yields"] == 0
 
-    # a's pass steps aside for b (after layer 1); d arrives while it goes on (b answered, layer 3 running again):
-    # the resumed pass is not asked to step aside a second time, d runs after it.
+    assert len(late) == 2 and batcher.stats["yields"] == 0
+
+
+def test_a_pass_steps_aside_at_most_max_steps_aside_times(engine):
+    """A new light tenant arrives at every layer a's 32-row pass runs: the pass steps aside MAX_STEPS_ASIDE times
+    (after layers 0, 1, 2), then goes on to its end whatever arrives; every light tenant is answered exactly."""
+    from spafit_core.batching import MAX_STEPS_ASIDE
+
     batcher = _batcher(engine)
     light: list = []
 
-    def first(n):
-        if n == 1:
-            light.append(batcher.submit("t1", TEXTS[:1], tenant="b"))
-
-    def during_resumed(_n):
-        if len(light) == 1 and light[0].done():
-            light.append(batcher.submit("t3", TEXTS[:1], tenant="d"))
-    calls = LayerCalls(engine, at=1, then=first)
-    second = LayerCalls(engine, at=len(gates(engine)) - 1, then=during_resumed)
+    def arrive(_module, _args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        if hidden.shape[0] == len(A_ROWS):  # a's first pass (the others are small: the light tenants' window)
+            light.append(batcher.submit("t1", TEXTS[:1], tenant=f"light{len(light)}"))
+    handles = [g.layer.register_forward_hook(arrive) for g in gates(engine)]
     try:
         a = backlog(batcher)
         batcher.start()
         for f in a:
             f.result(timeout=30)
-        for f in light:
-            f.result(timeout=30)
+        got = [f.result(timeout=30) for f in light]
     finally:
         batcher.stop()
-        calls.remove()
-        second.remove()
-    assert len(light) == 2  # d arrived during a's resumed pass
-    assert batcher.stats["yields"] == 1
+        for h in handles:
+            h.remove()
+    assert MAX_STEPS_ASIDE == 3 and len(gates(engine)) == 4
+    assert len(light) == 4 and batcher.stats["yields"] == MAX_STEPS_ASIDE
+    for g in got:
+        assert_same_predictions(g, engine.predict("t1", TEXTS[:1]))
 
 
 def test_no_pass_steps_aside_when_yielding_is_off(engine):
@@ -205,3 +207,38 @@ def test_no_pass_steps_aside_when_yielding_is_off(engine):
         batcher.stop()
         calls.remove()
     assert batcher.stats["yields"] == 0
+
+
+def test_light_rows_that_arrive_during_the_light_pass_also_run_before_the_pass_goes_on(engine):
+    """a's 32-row pass steps aside for b; c (another light tenant) arrives during b's pass, when nothing may step
+    aside: c's pass still runs before a's goes on (the kept pass checks for light rows waiting before it
+    resumes)."""
+    batcher = _batcher(engine)
+    light: list = []
+    ends: list[int] = []  # rows of each pass, at its last layer
+
+    def first(_module, _args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        if hidden.shape[0] == len(A_ROWS) and not light:  # a's first pass, after layer 0
+            light.append(batcher.submit("t1", TEXTS[:1], tenant="b"))
+        elif hidden.shape[0] == 1 and len(light) == 1:  # b's pass
+            light.append(batcher.submit("t2", TEXTS[1:3], tenant="c"))
+
+    def last(_module, _args, out):
+        ends.append((out[0] if isinstance(out, tuple) else out).shape[0])
+    g = gates(engine)
+    handles = [g[0].layer.register_forward_hook(first), g[-1].layer.register_forward_hook(last)]
+    try:
+        a = backlog(batcher)
+        batcher.start()
+        for f in a:
+            f.result(timeout=30)
+        got_b, got_c = (f.result(timeout=30) for f in light)
+    finally:
+        batcher.stop()
+        for h in handles:
+            h.remove()
+    assert ends[:3] == [1, 2, len(A_ROWS)], ends  # b, c, then a's pass goes on
+    assert batcher.stats["yields"] == 2  # stepped aside for b, kept aside for c
+    assert_same_predictions(got_b, engine.predict("t1", TEXTS[:1]))
+    assert_same_predictions(got_c, engine.predict("t2", TEXTS[1:3]))
