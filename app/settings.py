@@ -371,8 +371,8 @@ class Settings(BaseSettings):
     batch_yield_to_light: bool = Field(
         default=True, description="A serving forward pass of tenants with a backlog steps aside at its next layer "
         "boundary when a light tenant's rows arrive: they run first, then the pass goes on where it stopped "
-        "(nothing computed twice; a pass steps aside at most once). The light tenant waits for one layer of the pass "
-        "in flight, not all of it (benchmarks/RELIABILITY.md, stop 27)."
+        "(nothing computed twice; a pass steps aside at most three times). The light tenant waits for one layer of "
+        "the pass in flight, not all of it (benchmarks/RELIABILITY.md, stop 27)."
     )
     batch_tenant_quantum: int = Field(
         default=512, ge=1, description="Tokens a tenant of weight 1 is served per turn of the deficit round robin "
