@@ -42,8 +42,9 @@ class BatchingConfig:
     shared_batch_size: int | None = 2
     shared_window_s: float = 1.0
     # A pass of backlogged tenants' rows steps aside at its next layer boundary when a light tenant's rows arrive
-    # (`MicroBatcher._ask_to_yield`): the light rows run first, then the pass goes on where it stopped (nothing
-    # is computed twice; a pass steps aside at most `batching.MAX_STEPS_ASIDE` times). The light tenant waits for one layer, not a pass.
+    # (`MicroBatcher._ask_to_yield`): the light rows run first, then the pass goes on where it stopped (nothing is
+    # computed twice; a pass steps aside at most `batching.MAX_STEPS_ASIDE` times). The light tenant waits for one
+    # layer, not a pass.
     yield_to_light: bool = True
     timeout_s: float = 30.0  # per request, from submission
 
