@@ -184,7 +184,7 @@ def test_a_dead_batcher_fails_readiness_without_a_preloaded_backbone(replica2, t
 def _kill_the_batcher_then_check_readiness(url: str, app: Any, tenant: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     serving = app.state.serving
     batcher = serving.batcher
-    monkeypatch.setattr(batcher, "_take", lambda: (_ for _ in ()).throw(SystemExit("killed")))
+    monkeypatch.setattr(batcher, "_take", lambda **_: (_ for _ in ()).throw(SystemExit("killed")))
     # The loop is inside the real _take, waiting for rows: one request gets it out, and the next call dies.
     r = httpx.post(f"{url}/v1/tasks/spam/predict", json={"inputs": ["x"]}, headers=tenant.headers, timeout=30)
     assert r.status_code == 200, r.text

@@ -100,8 +100,8 @@ def test_the_worker_does_not_spin_while_only_the_big_request_lane_has_work(engin
     empty = []
     take = batcher._take
 
-    def counting():
-        items = take()
+    def counting(**kw):
+        items = take(**kw)
         if not items:
             empty.append(1)
         return items
