@@ -101,7 +101,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
         # `_take`), run right after the light tenant's pass.
         self._flight: frozenset[str] | None = None
         self._yield = threading.Event()
-        self._light_waiting = False  # a light tenant's rows arrived since the last tokenising
+        self._light_arrivals: set[str] = set()  # tenants whose light rows arrived since the last tokenising
         self._parked: list[tuple[list[_Item], Suspended | None, int]] = []  # (rows, state, times stepped aside)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -331,9 +331,9 @@ class MicroBatcher(Tokenizing, TenantQueues):
                 batches = self._pack(live)
                 may_yield = self.config.yield_to_light and not parked and not self._light_taken
                 for i, batch in enumerate(batches):
-                    state = self._run(batch, may_yield=may_yield)
-                    if state is not None:  # it stepped aside: it and the rest of this take run after the light
-                        self._parked = [(batch, state, 1)] + [(b, None, 0) for b in batches[i + 1:]]
+                    aside = self._run(batch, may_yield=may_yield)
+                    if aside is not None:  # it stepped aside: it and the rest of this take run after the light
+                        self._parked = [(*aside, 1)] + [(b, None, 0) for b in batches[i + 1:]]
                         break
                 if self._light_taken:  # the window counts from the end of the light tenant's pass
                     with self._cond:
@@ -359,7 +359,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
             batch, state, steps = self._parked[0]
             may_yield = self.config.yield_to_light and steps < MAX_STEPS_ASIDE
             with self._cond:
-                waiting = self._light_waiting
+                waiting = bool(self._light_arrivals)
             if may_yield and waiting:
                 self._parked[0] = (batch, state, steps + 1)
                 self.stats["yields"] += 1
@@ -367,7 +367,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
             self._parked.pop(0)
             again = self._run(batch, resume=state, may_yield=may_yield)
             if again is not None:
-                self._parked.insert(0, (batch, again, steps + 1))
+                self._parked.insert(0, (*again, steps + 1))
                 return
 
     def _ask_to_yield(self, tenant: str) -> None:
@@ -379,19 +379,19 @@ class MicroBatcher(Tokenizing, TenantQueues):
         recent = time.monotonic() - self._light_tenants.get(tenant, -math.inf) < self.config.shared_window_s
         if self._pending_rows[tenant] > (self.config.max_batch_size if recent else self._shared_limit()):
             return
-        self._light_waiting = True
+        self._light_arrivals.add(tenant)
         flight = self._flight
         if flight is not None and tenant not in flight:
             self._flight = None  # once
             self._yield.set()
-            self.stats["yields"] += 1
 
     def _run(self, batch: list[_Item], *, may_yield: bool = False, resume: Suspended | None = None
-             ) -> Suspended | None:
+             ) -> tuple[list[_Item], Suspended] | None:
         """One forward pass; if it fails, the same rows again per adapter, then per row (`_isolate`). With
-        `may_yield`, the pass steps aside when a light tenant's rows arrive (`_ask_to_yield`) and its state is
-        returned; with `resume`, a pass that stepped aside goes on with the same rows (a row whose request ended
-        meanwhile still runs: the kept layer input holds it)."""
+        `may_yield`, the pass steps aside when a light tenant's rows arrive (`_ask_to_yield`; at once for those
+        that arrived since the last tokenising) and (the rows it ran, its state) are returned; with `resume`, a
+        pass that stepped aside goes on with exactly those rows (a row whose request ended meanwhile still runs:
+        the kept layer input holds it)."""
         if resume is None:
             batch = [it for it in batch if not it.request.future.done()]  # e.g. another row of it failed alone
         if not batch:
@@ -402,15 +402,20 @@ class MicroBatcher(Tokenizing, TenantQueues):
                 it.request.mark("forward", batch_rows=len(batch), batch_tenants=tenants)
         if may_yield:
             with self._cond:
-                self._yield.clear()
                 self._flight = frozenset(it.request.tenant for it in batch)
+                if self._light_arrivals - self._flight:  # came while this pass was made: it steps aside at once
+                    self._yield.set()
+                    self._flight = None
+                else:
+                    self._yield.clear()
         t0 = time.perf_counter()
         try:
             with pass_control(self._yield if may_yield else None, resume):
                 logits = self.engine.forward([it.row for it in batch])
         except PassSuspended as e:
             e.state.seconds += time.perf_counter() - t0 + (resume.seconds if resume is not None else 0.0)
-            return e.state
+            self.stats["yields"] += 1
+            return batch, e.state
         except Exception as e:
             self._isolate(batch, e)
             return None

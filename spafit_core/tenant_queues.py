@@ -104,7 +104,6 @@ class TenantQueues:
     _light_at: float
     _light_tenants: OrderedDict[str, float]  # tenant -> when its rows last ran as a light tenant's (oldest first)
     _light_taken: bool
-    _light_waiting: bool
     _deficit: dict[str, float]
     _in_turn: bool
     _saturated: bool
@@ -170,8 +169,6 @@ class TenantQueues:
             deadline = time.monotonic() + (cfg.max_wait_ms / 1000 if self._saturated and not light_only else 0)
             while self._rows < self._limit(time.monotonic()) and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(timeout=left)
-        with self._cond:
-            self._light_waiting = False  # what arrives from here on is tokenised at the next pass's take
         self._tokenize_pending()
         with self._cond:
             items: list[_Item] = []

@@ -54,6 +54,7 @@ class Tokenizing:
     _running: bool
     _rows: int
     _pending: list[_Pending]
+    _light_arrivals: set[str]  # the batcher's (batching.MicroBatcher._ask_to_yield)
     _pending_rows: Counter[str]
     _held: set[str]
     _deferred: set[str]
@@ -77,6 +78,7 @@ class Tokenizing:
         while the tokenizer runs: requests keep arriving meanwhile."""
         with self._cond:
             pending = self._pending_for_pass()
+            self._light_arrivals.clear()  # what arrives from here on is tokenised at the next pass's take
         if not pending:
             return
         try:

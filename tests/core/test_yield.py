@@ -100,7 +100,8 @@ def test_a_pass_resumes_exactly_after_its_adapters_moved_in_the_pools(tiny_dirs)
 
 
 def _batcher(engine, **config) -> MicroBatcher:
-    return MicroBatcher(engine, BatchingConfig(max_batch_size=32, max_wait_ms=1, shared_batch_size=4, **config))
+    return MicroBatcher(engine, BatchingConfig(**{"max_batch_size": 32, "max_wait_ms": 1, "shared_batch_size": 4,
+                                                  **config}))
 
 
 A_ROWS = TEXTS * 5 + TEXTS[:2]  # 32 rows: a full pass
@@ -109,6 +110,23 @@ A_ROWS = TEXTS * 5 + TEXTS[:2]  # 32 rows: a full pass
 def backlog(batcher) -> list:
     """Tenant a's 64 rows (two full passes, so a is a backlogged tenant, not a light one), queued before start."""
     return [batcher.submit("t0", A_ROWS, tenant="a") for _ in range(2)]
+
+
+def serve(batcher, hooks: list, late: list, queued=None) -> tuple[list, list]:
+    """Tenant a's `backlog` queued (then `queued(a's futures)`, before the start), the batcher started: a's
+    answers, then those of the futures the hooks submitted meanwhile (`late`); whatever happens, the batcher is
+    stopped and the hooks removed."""
+    try:
+        a = backlog(batcher)
+        if queued is not None:
+            queued(a)
+        batcher.start()
+        got_a = [f.result(timeout=30) for f in a]
+        return got_a, [f.result(timeout=30) for f in late]
+    finally:
+        batcher.stop()
+        for h in hooks:
+            h.remove()
 
 
 def test_a_light_tenants_rows_run_while_the_pass_in_flight_steps_aside_then_it_goes_on(engine):
@@ -120,15 +138,9 @@ def test_a_light_tenants_rows_run_while_the_pass_in_flight_steps_aside_then_it_g
     b: list = []
     b_first: list[bool] = []
     calls = LayerCalls(engine, at=1, then=lambda n: n == 1 and b.append(batcher.submit("t1", TEXTS[:2], tenant="b")))
-    try:
-        a = backlog(batcher)
-        a[0].add_done_callback(lambda _: b_first.append(b[0].done()))  # b arrived during a[0]'s pass
-        batcher.start()
-        got_a = [f.result(timeout=30) for f in a]
-        got_b = b[0].result(timeout=30)
-    finally:
-        batcher.stop()
-        calls.remove()
+    def b_first_when_a_is_answered(a):  # b arrives during a[0]'s pass
+        a[0].add_done_callback(lambda _: b_first.append(b[0].done()))
+    got_a, (got_b,) = serve(batcher, [calls], b, b_first_when_a_is_answered)
     for got in got_a:
         assert_same_predictions(got, want_a)
     assert_same_predictions(got_b, want_b)
@@ -149,18 +161,7 @@ def test_a_pass_does_not_step_aside_for_its_own_tenant_or_a_flood(engine):
             late.append(batcher.submit("t0", TEXTS[:1], tenant="a"))  # a is in the pass
             late.append(batcher.submit("t2", TEXTS * 2, tenant="c"))  # 12 rows: more than a small pass
     calls = LayerCalls(engine, at=0, then=arrivals)
-    try:
-        a = backlog(batcher)
-        batcher.start()
-        for f in a:
-            f.result(timeout=30)
-        for f in late:
-            f.result(timeout=30)
-    finally:
-        batcher.stop()
-        calls.remove()
-    assert len(late) == 2 and batcher.stats["yields"] == 0
-
+    serve(batcher, [calls], late)
     assert len(late) == 2 and batcher.stats["yields"] == 0
 
 
@@ -177,16 +178,7 @@ def test_a_pass_steps_aside_at_most_max_steps_aside_times(engine):
         if hidden.shape[0] == len(A_ROWS):  # a's first pass (the others are small: the light tenants' window)
             light.append(batcher.submit("t1", TEXTS[:1], tenant=f"light{len(light)}"))
     handles = [g.layer.register_forward_hook(arrive) for g in gates(engine)]
-    try:
-        a = backlog(batcher)
-        batcher.start()
-        for f in a:
-            f.result(timeout=30)
-        got = [f.result(timeout=30) for f in light]
-    finally:
-        batcher.stop()
-        for h in handles:
-            h.remove()
+    _, got = serve(batcher, handles, light)
     assert MAX_STEPS_ASIDE == 3 and len(gates(engine)) == 4
     assert len(light) == 4 and batcher.stats["yields"] == MAX_STEPS_ASIDE
     for g in got:
@@ -197,16 +189,8 @@ def test_no_pass_steps_aside_when_yielding_is_off(engine):
     batcher = _batcher(engine, yield_to_light=False)
     b: list = []
     calls = LayerCalls(engine, at=1, then=lambda n: n == 1 and b.append(batcher.submit("t1", TEXTS[:2], tenant="b")))
-    try:
-        a = backlog(batcher)
-        batcher.start()
-        for f in a:
-            f.result(timeout=30)
-        b[0].result(timeout=30)
-    finally:
-        batcher.stop()
-        calls.remove()
-    assert batcher.stats["yields"] == 0
+    serve(batcher, [calls], b)
+    assert len(b) == 1 and batcher.stats["yields"] == 0
 
 
 def test_light_rows_that_arrive_during_the_light_pass_also_run_before_the_pass_goes_on(engine):
@@ -228,16 +212,7 @@ def test_light_rows_that_arrive_during_the_light_pass_also_run_before_the_pass_g
         ends.append((out[0] if isinstance(out, tuple) else out).shape[0])
     g = gates(engine)
     handles = [g[0].layer.register_forward_hook(first), g[-1].layer.register_forward_hook(last)]
-    try:
-        a = backlog(batcher)
-        batcher.start()
-        for f in a:
-            f.result(timeout=30)
-        got_b, got_c = (f.result(timeout=30) for f in light)
-    finally:
-        batcher.stop()
-        for h in handles:
-            h.remove()
+    _, (got_b, got_c) = serve(batcher, handles, light)
     assert ends[:3] == [1, 2, len(A_ROWS)], ends  # b, c, then a's pass goes on
     assert batcher.stats["yields"] == 2  # stepped aside for b, kept aside for c
     assert_same_predictions(got_b, engine.predict("t1", TEXTS[:1]))
