@@ -104,6 +104,16 @@ def uvicorn_in_thread(app: Any) -> Iterator[str]:
         thread.join(30)
 
 
+def wait_ready(url: str, timeout: float = 60) -> None:
+    """Until the service at `url` answers /readyz with 200 (its backbone loaded)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while httpx.get(url + "/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the service did not get ready (the backbone did not load)"
+        time.sleep(0.1)
+
+
 class ChildProcess:
     """A `python -m app.cli ...` command as deployments run it, in a child process, its output in a log file."""
 

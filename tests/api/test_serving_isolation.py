@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.live import ROOT, free_port, uvicorn_in_thread, wait_until
+from tests.live import ROOT, free_port, uvicorn_in_thread, wait_ready, wait_until
 
 from .adapters import BITFIT, LORA, SPAFIT, TEXTS, random_adapter, register, settings_factory, tiny_backbone
 from .helpers import assert_problem
@@ -56,10 +56,7 @@ def live(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
             raise RuntimeError("secret internals")
 
         with uvicorn_in_thread(app) as url:
-            deadline = time.monotonic() + 60
-            while httpx.get(url + "/readyz").status_code != 200:
-                assert time.monotonic() < deadline, "the backbone did not load"
-                time.sleep(0.1)
+            wait_ready(url)
             yield url, app
 
 
