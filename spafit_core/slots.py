@@ -164,28 +164,31 @@ class SlotPools:
     # -- attach / detach
     @torch.inference_mode(False)  # pools outlive the forward that may grow them
     def attach(self, layout, buffer: torch.Tensor, num_labels: int) -> int:
-        """Write an adapter's tensors (its packed `buffer` in `layout`) into pool rows; its slot."""
+        """Write an adapter's tensors (its packed `buffer` in `layout`) into pool rows; its slot. All or nothing:
+        where it fails (a pool cannot grow), every row it took goes back and the table matches the modules."""
         with self.lock:
             deltas, heads = layout.delta_views(buffer), layout.head_views(buffer)
-            widened = self._ensure_columns(deltas, heads, num_labels)
-            rec: dict[str, Any] = {"modules": {}, "head": {}}
-            for key, (b, a, bb) in deltas.items():
-                m, r = self.modules[key], {}
-                if b is not None:
-                    (row,) = m.bias.take(1)
-                    m.bias.data[0][row].copy_(b, non_blocking=True)
-                    r["bias"] = row
-                if a is not None:
-                    rows = m.lora.take(a.shape[0])
-                    idx = torch.tensor(rows, device=self.device)
-                    both = torch.cat([a, bb.t()], 1).to(self.device, self.dtype, non_blocking=True)  # (r, in + out)
-                    m.lora.data[0].index_copy_(0, idx, both)
-                    r["lora"] = rows
-                rec["modules"][key] = r
-            for k, t in heads.items():
-                (row,) = self.head[k].take(1)
-                self.head[k].data[0][row].copy_(self._pad_head(k, t).reshape(-1), non_blocking=True)
-                rec["head"][k] = row
+            rec: dict[str, Any] = {"modules": {}, "head": {}, "labels": num_labels}
+            try:
+                widened = self._ensure_columns(deltas, heads, num_labels)
+                for key, (b, a, bb) in deltas.items():
+                    m, r = self.modules[key], {}
+                    rec["modules"][key] = r
+                    if b is not None:
+                        (r["bias"],) = m.bias.take(1)
+                        m.bias.data[0][r["bias"]].copy_(b, non_blocking=True)
+                    if a is not None:
+                        rows = r["lora"] = m.lora.take(a.shape[0])
+                        idx = torch.tensor(rows, device=self.device)
+                        both = torch.cat([a, bb.t()], 1).to(self.device, self.dtype, non_blocking=True)
+                        m.lora.data[0].index_copy_(0, idx, both)
+                for k, t in heads.items():
+                    (rec["head"][k],) = self.head[k].take(1)
+                    self.head[k].data[0][rec["head"][k]].copy_(self._pad_head(k, t).reshape(-1), non_blocking=True)
+            except BaseException:
+                self._release(rec)
+                self._rebuild_table()  # columns back in step with the modules' ranks
+                raise
             slot = self._free_slots.pop() if self._free_slots else len(self._records)
             self._records[slot] = rec
             if widened or slot >= self.table.shape[0]:
@@ -196,6 +199,16 @@ class SlotPools:
             if _freed[0] > TRIM_BYTES:
                 _trim()
             return slot
+
+    def _release(self, rec: dict) -> None:
+        for key, r in rec["modules"].items():
+            m = self.modules[key]
+            if "bias" in r:
+                m.bias.release([r["bias"]])
+            if "lora" in r:
+                m.lora.release(r["lora"])
+        for k, row in rec["head"].items():
+            self.head[k].release([row])
 
     @torch.inference_mode(False)  # pools outlive the forward that may grow them
     def read(self, slot: int, layout, device: torch.device | None = None) -> torch.Tensor:
@@ -227,17 +240,15 @@ class SlotPools:
         """Free `slot` and its rows (reused by later attaches; never while a forward holds the lock)."""
         with self.lock:
             rec = self._records.pop(slot)
-            for key, r in rec["modules"].items():
-                m = self.modules[key]
-                if "bias" in r:
-                    m.bias.release([r["bias"]])
-                if "lora" in r:
-                    m.lora.release(r["lora"])
-            for k, row in rec["head"].items():
-                self.head[k].release([row])
+            self._release(rec)
             self.table[slot] = 0
             self.meta[slot] = 0
             self._free_slots.append(slot)
+            need = max((r["labels"] for r in self._records.values()), default=1)
+            if need < self.labels:  # the widest head left: the others shrink back to the most labels resident
+                self._repad_heads(dict(self.head_shapes), need)
+                if _freed[0] > TRIM_BYTES:
+                    _trim()
 
     def nbytes_of(self, slot: int) -> int:
         """The bytes of the pool rows `slot` holds (head rows at their padded size)."""
@@ -340,24 +351,30 @@ class SlotPools:
                 if a.shape[0] > m.rank:
                     m.rank, widened = a.shape[0], True
         if num_labels > self.labels or set(heads) - set(self.head):
-            self._widen_heads(heads, max(num_labels, self.labels))
+            self._repad_heads({k: tuple(t.shape) for k, t in heads.items()}, max(num_labels, self.labels))
             widened = True
         return widened
 
-    def _widen_heads(self, heads: Mapping[str, torch.Tensor], labels: int) -> None:
-        """Head pools padded to `labels` entries per label dimension; rows already held are re-padded at the
-        same row ids."""
-        for k, t in heads.items():
+    def _repad_heads(self, shapes: Mapping[str, tuple[int, ...]], labels: int) -> None:
+        """Head pools padded to `labels` entries per label dimension (more or fewer than now); rows already held
+        are re-padded at the same row ids. Nothing changes unless every new pool could be made."""
+        new = {}
+        for k, s in shapes.items():
             dims = self.head_label_dims.get(k, ())
-            shape = tuple(labels if i in dims else n for i, n in enumerate(t.shape))
+            shape = tuple(labels if i in dims else n for i, n in enumerate(s))
             old = self.head.get(k)
+            if old is not None and shape == self.head_shapes[k]:  # no label dimension: the pool stays as it is
+                continue
             pool = RowPool((_prod(shape),), self.device, self.dtype)
             if old is not None:
                 pool.take(old.top - 1)
                 pool.free = list(old.free)
                 prev = old.data[0][: old.top].view(-1, *self.head_shapes[k])
-                pool.data[0][: old.top].view(-1, *shape)[(slice(None), *(slice(0, n) for n in prev.shape[1:]))] \
-                    .copy_(prev)
+                keep = (slice(None), *(slice(0, min(a, b)) for a, b in zip(prev.shape[1:], shape, strict=True)))
+                pool.data[0][: old.top].view(-1, *shape)[keep].copy_(prev[keep])
+                _note_freed(old.data[0])
+            new[k] = (pool, shape)
+        for k, (pool, shape) in new.items():
             self.head[k], self.head_shapes[k] = pool, shape
         self.labels = labels
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..adapter import parse_config
 from ..errors import AdapterNotLoadedError
 from ..slots import SlotPools
 from .base import Backbone
@@ -62,13 +63,14 @@ class AdapterBank:
         with self._lock:
             current = self._hot.get(name) or self._warm.get(name)
             sha = (cfg.get("weights") or {}).get("sha256") if isinstance(cfg, dict) else None
-            if current is not None and current.sha256 == sha:
-                return current
+            if current is not None and current.sha256 == sha and current.config == parse_config(cfg):
+                return current  # the same content (weights and config: labels, max_seq_length) again
         adapter = build_adapter(self.backbone, name, cfg, weights)  # slow part outside the lock
         with self._lock:
-            old = [self._warm.pop(name, None), self._hot.pop(name, None)]
-            self._admit(adapter)
-            self._retire([a for a in old if a is not None])
+            old = [self._warm.get(name), self._hot.get(name)]
+            self._admit(adapter)  # replaces the hot entry; where it fails, the old version stays
+            self._warm.pop(name, None)
+            self._retire([a for a in old if a is not None and a is not adapter])
             self.stats["loads"] += 1
             return adapter
 
@@ -120,9 +122,12 @@ class AdapterBank:
         with pools.lock:  # a forward in flight finishes first: it never sees a slot change under it
             buffer = adapter.buffer.to(pools.device, non_blocking=True) if adapter.buffer is not None else \
                 adapter.packed()
+            labels = pools.labels
             slot = pools.attach(adapter.layout, buffer, adapter.task.num_labels)
             adapter.pools, adapter.slot, adapter.buffer = pools, slot, None
             adapter.nbytes, adapter.device = pools.nbytes_of(slot), pools.device
+            if pools.labels != labels:
+                self._refresh_bytes()
         self._hot[adapter.name] = adapter
         self._hot.move_to_end(adapter.name)
         victims = []
@@ -139,13 +144,22 @@ class AdapterBank:
             with self.pools.lock:
                 if a.pools is self.pools and a.slot is not None:
                     a.buffer = self.pools.read(a.slot, a.layout, cpu if keep else None)
+                    labels = self.pools.labels
                     self.pools.detach(a.slot)
                     a.pools, a.slot = None, None
                     a.nbytes, a.device = a.buffer.numel() * a.buffer.element_size(), a.buffer.device
+                    if self.pools.labels != labels:
+                        self._refresh_bytes()
             if keep:
                 self._warm[a.name] = a
                 while self._bytes(self._warm) > self.cpu_bytes and self._warm:
                     self._warm.popitem(last=False)
+
+    def _refresh_bytes(self) -> None:
+        """Heads were re-padded: every resident adapter's bytes changed with them. Call under both locks."""
+        for a in self._hot.values():
+            if a.pools is self.pools and a.slot is not None:
+                a.nbytes = self.pools.nbytes_of(a.slot)
 
     @staticmethod
     def _bytes(tier: OrderedDict) -> int:

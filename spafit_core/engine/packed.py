@@ -105,9 +105,11 @@ class LoadedAdapter:
 
     def packed(self) -> torch.Tensor:
         """Its packed buffer (read back from the pools where it is only there)."""
-        if self.buffer is not None:
+        buffer, pools = self.buffer, self.pools
+        if buffer is not None:
+            return buffer
+        if pools is None:  # it left the pools meanwhile: a retire writes its buffer before it clears `pools`
             return self.buffer
-        pools = self.pools
         with pools.lock:
             if self.buffer is None:
                 return pools.read(self.slot, self.layout)

@@ -34,14 +34,14 @@ def lease_slots(pools: SlotPools, adapters: Sequence[LoadedAdapter]) -> Iterator
     under the pools' lock: no slot changes meanwhile."""
     borrowed: dict[int, int] = {}
     slots = []
-    for a in adapters:
-        s = a.slot if a.pools is pools else None
-        if s is None:
-            s = borrowed.get(id(a))
-            if s is None:
-                s = borrowed[id(a)] = pools.attach(a.layout, a.packed(), a.task.num_labels)
-        slots.append(s)
     try:
+        for a in adapters:
+            s = a.slot if a.pools is pools else None
+            if s is None:
+                s = borrowed.get(id(a))
+                if s is None:
+                    s = borrowed[id(a)] = pools.attach(a.layout, a.packed(), a.task.num_labels)
+            slots.append(s)
         yield slots
     finally:
         for s in borrowed.values():
