@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -285,7 +286,78 @@ def bench_fan_out(engine: Engine, fac: Factory, args) -> dict[str, Any]:
                   t.ratio("fan_out_8_callers_one_by_one:mix", "fan_out_8_callers_concurrent:mix")}
     for tag, label in (("mix", "n1 in {2, 3}"), ("default", "default n1 = 2"), ("unshared", "n1 = 0, unshared")):
         ratios[f"mixed_batch_16 / fan_out ({label})"] = t.ratio(f"mixed_batch_16:{tag}", f"fan_out:{tag}")
-    return {"tokens": ntok, "tasks": 16, "timing": t.to_json(), "ratios": ratios, "check_max_abs_score_diff": diff}
+    stages = {tag: fan_out_stages(engine, names_of[tag], text, args.repeats_c) for tag in ("mix", "default")}
+    for tag, label in (("mix", "n1 in {2, 3}"), ("default", "default n1 = 2")):
+        st = stages[tag]
+        if "fan_out_trunk_at_branch_rate_ms" in st:  # the measured ratio, scaled by the time the trunk would save
+            st["mixed_batch_16_over_fan_out_trunk_at_branch_rate"] = (
+                ratios[f"mixed_batch_16 / fan_out ({label})"]["cpu"]["median"]
+                * st["fan_out_ms"] / st["fan_out_trunk_at_branch_rate_ms"])
+        common.log(f"(c) stages, {label}: {st}")
+    return {"tokens": ntok, "tasks": 16, "timing": t.to_json(), "ratios": ratios, "check_max_abs_score_diff": diff,
+            "stages": stages}
+
+
+def _cpu_timed(obj, name: str, spent: list[float]):
+    """Wrap `obj.name` (an instance attribute shadowing the method; `del obj.name` restores it) so that each call
+    appends its CPU seconds to `spent`."""
+    orig = getattr(obj, name)
+
+    def timed(*a, **kw):
+        t0 = time.process_time()
+        try:
+            return orig(*a, **kw)
+        finally:
+            spent.append(time.process_time() - t0)
+
+    setattr(obj, name, timed)
+
+
+def fan_out_stages(engine: Engine, names: list[str], text: str, repeats: int) -> dict[str, Any]:
+    """Where one fan-out's time goes, by stage (CPU time, median over `repeats` calls, apart from the timed
+    rounds: the timers cost a little): the trunk (one row through the layers below every task's first trained
+    layer), each later stage's rows and layers, the heads. And what the fan-out would cost if its trunk ran at
+    the last stage's cost per row-layer (a batch of many rows), a derived figure: the part of the gap to the mixed
+    batch that is the single trunk row's."""
+    depth = engine.backbone().stack.num_layers
+    starts = [min(engine.adapter(n).first_trained_layer, depth) for n in names]
+    bounds = sorted({0, *starts, depth})
+    rows, layers = [], []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):  # the stages `Engine._fan_out_shared` runs
+        rows.append(sum(1 for s in starts if s <= lo) + any(s > lo for s in starts))  # branches + the trunk
+        layers.append(hi - lo)
+    totals: list[float] = []
+    heads: list[float] = []
+    head_ms: list[float] = []
+    per_call: list[list[float]] = []
+    calls: list[float] = []
+    _cpu_timed(engine, "_stage", calls)
+    _cpu_timed(engine, "_heads", heads)
+    try:
+        engine.fan_out(names, text)
+        for _ in range(repeats):
+            calls.clear()
+            heads.clear()
+            t0 = time.process_time()
+            engine.fan_out(names, text)
+            totals.append(time.process_time() - t0)
+            per_call.append(list(calls))
+            head_ms.append(sum(heads) * 1e3)
+    finally:
+        del engine._stage, engine._heads
+    assert all(len(c) == len(rows) for c in per_call), "the stages measured are not the stages expected"
+    med = [statistics.median(c[k] for c in per_call) * 1e3 for k in range(len(rows))]
+    total = statistics.median(totals) * 1e3
+    out = {"stage_rows": rows, "stage_layers": layers, "stage_ms": med, "fan_out_ms": total,
+           "heads_ms": statistics.median(head_ms)}
+    if min(starts) > 0:  # stage 0 is the trunk alone: one row
+        # a layer call's cost as fixed + rows x per-row, from the one-row trunk and the last stage's rows
+        per_row = (med[-1] / layers[-1] - med[0] / layers[0]) / (rows[-1] - rows[0])
+        out["layer_call_fixed_ms"], out["layer_call_per_row_ms"] = med[0] / layers[0] - per_row, per_row
+        per_row_layer = med[-1] / (rows[-1] * layers[-1])
+        out["trunk_per_row_layer_over_last_stage"] = med[0] / layers[0] / per_row_layer
+        out["fan_out_trunk_at_branch_rate_ms"] = total - med[0] + layers[0] * per_row_layer
+    return out
 
 
 # ------------------------------------------------------------------------------ (g) the bare backbone
@@ -319,11 +391,11 @@ def bench_backbone(engine: Engine, fac: Factory, args) -> dict[str, Any]:
     pools = engine.bank().pools
     fns: dict[str, Any] = {}
     lens = [int(x) for x in args.limit_lens.split(",")]
-    checks = {}
+    checks, mixed_of = {}, {}
     for L in lens:
         feats = spread_rows(bb, 32, L, seed=L)
         batch = collate(feats, bb.pad_id)
-        mixed = [Row(adapters[i], f) for i, f in enumerate(feats)]  # 32 rows, 32 distinct adapters
+        mixed = mixed_of[L] = [Row(adapters[i], f) for i, f in enumerate(feats)]  # 32 rows, 32 distinct adapters
         same = [Row(adapters[0], f) for f in feats]
 
         def run_bare(b=batch):
@@ -351,8 +423,31 @@ def bench_backbone(engine: Engine, fac: Factory, args) -> dict[str, Any]:
         ratios[f"{L} tokens: mixed 32x32 / same task 32 (throughput)"] = t.ratio(f"same_task_32_{L}",
                                                                                  f"mixed_32x32_{L}")
         ratios[f"{L} tokens: bookkeeping / mixed forward"] = t.ratio(f"bookkeeping_{L}", f"mixed_32x32_{L}")
+    attribution = {L: lora_share(engine, mixed_of[L], args.repeats_g) for L in lens}
+    common.log(f"(g) the LoRA runs' share of the mixed forward: {attribution}")
     return {"rows": 32, "adapters": 32, "seq_lens": lens, "timing": t.to_json(), "ratios": ratios,
-            "check_max_abs_diff_mixed_vs_alone": checks}
+            "check_max_abs_diff_mixed_vs_alone": checks, "lora_share": attribution}
+
+
+def lora_share(engine: Engine, rows: list[Row], repeats: int) -> dict[str, float]:
+    """CPU time spent in the slot kernel's LoRA runs (gathers and batched matmuls) per mixed forward, over
+    `repeats` forwards apart from the timed rounds (the timer costs a little)."""
+    kern = engine.bank().pools.kernel
+    spent: list[float] = []
+    totals, lora = [], []
+    _cpu_timed(kern, "lora_", spent)
+    try:
+        engine.forward(rows)
+        for _ in range(repeats):
+            spent.clear()
+            t0 = time.process_time()
+            engine.forward(rows)
+            totals.append(time.process_time() - t0)
+            lora.append(sum(spent))
+    finally:
+        del kern.lora_
+    return {"forward_ms": statistics.median(totals) * 1e3, "lora_runs_ms": statistics.median(lora) * 1e3,
+            "lora_runs / forward": statistics.median(a / b for a, b in zip(lora, totals, strict=True))}
 
 
 # ------------------------------------------------------------------------------ (p) profile of the limit
@@ -640,6 +735,16 @@ def report(res: dict[str, Any]) -> str:
         c = res["c"]
         out.append(f"\n### (c) fan-out of one input ({c['tokens']} tokens) to 16 tasks\n")
         out += _timing_tables(c)
+        for tag, st in c.get("stages", {}).items():
+            stages = ", ".join(f"{r} row{'s' * (r > 1)} x {n} layer{'s' * (n > 1)} {ms:.1f} ms"
+                               for r, n, ms in zip(st["stage_rows"], st["stage_layers"], st["stage_ms"], strict=True))
+            out.append(f"\nstages ({tag}), CPU time: {stages}; heads {st['heads_ms']:.1f} ms; "
+                       f"fan-out {st['fan_out_ms']:.1f} ms")
+            if "fan_out_trunk_at_branch_rate_ms" in st:
+                out.append(f"the trunk's cost per row-layer is {st['trunk_per_row_layer_over_last_stage']:.2f}x "
+                           f"the last stage's; with the trunk at that rate, mixed batch / fan-out would be "
+                           f"{st['mixed_batch_16_over_fan_out_trunk_at_branch_rate']:.3f}; a layer call costs "
+                           f"{st['layer_call_fixed_ms']:.2f} ms + {st['layer_call_per_row_ms']:.2f} ms a row")
     if "g" in res:
         g = res["g"]
         out.append(f"\n### (g) the limit: one mixed batch of {g['rows']} rows over {g['adapters']} distinct adapters "
@@ -647,6 +752,10 @@ def report(res: dict[str, Any]) -> str:
         out += _timing_tables(g)
         out.append("\nchecks: mixed vs alone max |diff| by length " +
                    ", ".join(f"{k}: {v:.2e}" for k, v in g["check_max_abs_diff_mixed_vs_alone"].items()))
+        if "lora_share" in g:
+            out.append("\nthe LoRA runs (gathers and batched matmuls) per mixed forward, CPU time: " + "; ".join(
+                f"{L} tokens {v['lora_runs_ms']:.1f} ms of {v['forward_ms']:.1f} ms ({v['lora_runs / forward']:.1%})"
+                for L, v in g["lora_share"].items()))
     if "p" in res:
         p = res["p"]
         out.append("\n### (p) profile, 32 rows x 16 tokens: self CPU time per forward by op (main thread)\n")
