@@ -157,7 +157,8 @@ def _key_digest(headers: Mapping[str, str]) -> str | None:
     """sha256 of the API key a request presents (`Authorization: Bearer` or `X-API-Key`), as deps reads it."""
     auth = headers.get("authorization") or ""
     scheme, _, value = auth.partition(" ")
-    key = value.strip() if scheme.lower() == "bearer" and value.strip() else headers.get("x-api-key")
+    key = value if scheme.lower() == "bearer" and value.strip() else headers.get("x-api-key") or ""
+    key = key.strip()  # as `parse_key` reads it: one key spelled with other surrounding whitespace is one entry
     return hashlib.sha256(key.encode()).hexdigest() if key else None
 
 

@@ -9,7 +9,12 @@ kept true across replicas by invalidation rather than by asking the database on 
   process) committed anything, polled every `POLL_S`.
 Every move empties the caches. Until the listener runs (and whenever its connection is lost) the caches hold
 nothing, so a request then reads the database as if there were no cache: a missed notification can never
-leave a stale answer behind. An entry is only stored under the generation it was read at (`put(..., gen)`), so
+leave a stale answer behind. "Lost" includes a connection that hangs without closing (a frozen database host, a
+partition without a reset): the listener proves its connection at least every `LIVENESS_S / 4` (a notification
+or `SELECT 1`), and nothing is served or stored while the last proof is older than `LIVENESS_S`; TCP keepalives
+and a user timeout then fail the hung connection and the listener reconnects. On Postgres the notification comes
+from statement triggers on the watched columns (migration 0009) as well as from the session hook, so a change
+written as plain SQL (psql, a repair script, a Core statement) is heard too. An entry is only stored under the generation it was read at (`put(..., gen)`), so
 a read that raced an invalidation is dropped rather than cached. Only positive answers are cached: an unknown
 task or an invalid key always goes to the database (and through the key's hash and constant-time compare).
 """
@@ -34,6 +39,7 @@ log = logging.getLogger("spafit.cache")
 CHANNEL = "spafit_cache"
 POLL_S = 0.2  # SQLite: how often `PRAGMA data_version` is read; the listener's reconnect backoff starts here
 MAX_AGE_S = 60.0  # an entry is read again after this long even without any invalidation (belt and braces)
+LIVENESS_S = 1.0  # entries are served only this long after the listener last proved its connection alive
 APPLICATION_NAME = "spafit-cache-listener"  # the LISTEN connection, as pg_stat_activity shows it
 
 _live: weakref.WeakSet[Invalidation] = weakref.WeakSet()  # every Invalidation of this process
@@ -52,6 +58,7 @@ class Invalidation:
         self._entries: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()  # key -> (stored at, value), oldest first
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._alive_until = 0.0  # monotonic: the listener proved its connection up to LIVENESS_S before this
         _live.add(self)
 
     # -- the cache
@@ -60,7 +67,8 @@ class Invalidation:
         Lock-free (one dict read, atomic under the GIL): this runs on the event loop for every request. The
         size bound evicts the oldest stored first."""
         hit = self._entries.get(key)
-        if hit is None or time.monotonic() - hit[0] > self.max_age_s:
+        now = time.monotonic()
+        if hit is None or now - hit[0] > self.max_age_s or self._deaf(now):
             return None
         return hit[1]
 
@@ -68,7 +76,7 @@ class Invalidation:
         """Store `value`, read from the database when the generation was `generation`: dropped if anything
         was invalidated since (the read may predate the change) or the listener is not running."""
         with self._lock:
-            if generation != self.generation or not self.ready:
+            if generation != self.generation or not self.ready or self._deaf(time.monotonic()):
                 return
             self._entries.pop(key, None)  # a refreshed entry counts as new
             self._entries[key] = (time.monotonic(), value)
@@ -84,6 +92,21 @@ class Invalidation:
         with self._lock:
             self.generation += 1
             self._entries.clear()
+
+    def _deaf(self, now: float) -> bool:
+        """The listener runs but has not proved its connection for LIVENESS_S (a half-open connection, a hung
+        server): a notification may be lost on the way, so nothing is served or stored."""
+        return self._thread is not None and now > self._alive_until
+
+    def _alive(self) -> None:
+        """The listener's connection answered just now. If it had been silent past its deadline, what is cached
+        may have missed a notification: forget it."""
+        now = time.monotonic()
+        with self._lock:
+            if now > self._alive_until:
+                self.generation += 1
+                self._entries.clear()
+            self._alive_until = now + LIVENESS_S
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -123,26 +146,32 @@ class Invalidation:
         params = {k: v for k, v in {"host": u.host, "port": u.port, "user": u.username, "password": u.password,
                                     "dbname": u.database}.items() if v is not None}
         params.update({k: v for k, v in u.query.items() if isinstance(v, str)})  # sslmode and the like
+        params.setdefault("connect_timeout", "5")
+        params["application_name"] = APPLICATION_NAME  # the URL's own would be a second keyword: TypeError
+        # a peer that vanished without a RST (partition, frozen host) fails the connection instead of hanging it
+        params.update(keepalives="1", keepalives_idle="5", keepalives_interval="1", keepalives_count="3",
+                      tcp_user_timeout="3000")
         backoff = POLL_S
         while not self._stop.is_set():
             try:
-                with psycopg.connect(autocommit=True, connect_timeout=5, application_name=APPLICATION_NAME,
-                                     **params) as conn:
+                with psycopg.connect(autocommit=True, **params) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._set_ready(True)
+                    self._alive()
                     backoff = POLL_S
                     while not self._stop.is_set():
                         heard = False
-                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                        for _ in conn.notifies(timeout=LIVENESS_S / 4, stop_after=1):  # leaves time to be late
                             heard = True
                         if heard:  # one bump covers every notification queued behind this one
                             self.bump()
-                        else:  # a quiet second: make sure the connection is still there to hear the next
+                        else:  # a quiet moment: make sure the connection is still there to hear the next
                             conn.execute("SELECT 1")
+                        self._alive()
             except Exception as e:
                 if self._stop.is_set():
                     return
-                if self.ready:
+                if self.ready or backoff == POLL_S:
                     log.warning("cache listener lost its connection (%s); caches off until it is back", e)
                 self._set_ready(False)
                 self._stop.wait(backoff)
@@ -160,11 +189,13 @@ class Invalidation:
                 try:
                     last = conn.execute("PRAGMA data_version").fetchone()[0]
                     self._set_ready(True)
+                    self._alive()
                     while not self._stop.wait(POLL_S):
                         now = conn.execute("PRAGMA data_version").fetchone()[0]
                         if now != last:  # another connection committed: anything may have changed
                             last = now
                             self.bump()
+                        self._alive()
                 finally:
                     conn.close()
             except Exception as e:

@@ -194,4 +194,6 @@ def still_valid(db: Database, cache: Invalidation, principal: Principal) -> Call
 
 
 def _digest(plaintext: str) -> str:
-    return hashlib.sha256(plaintext.encode()).hexdigest()
+    """The cache's name for a key: of the key as `parse_key` reads it (stripped), so that one key spelled with
+    other surrounding whitespace (U+00A0 and U+0085 are legal header bytes) is one entry, not one per spelling."""
+    return hashlib.sha256(plaintext.strip().encode()).hexdigest()
