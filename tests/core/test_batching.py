@@ -324,6 +324,48 @@ def test_a_light_tenant_runs_in_the_next_pass_and_passes_stay_small_while_it_is_
     assert batcher.served == {"a": 320, "b": 8}
 
 
+def test_one_tenants_steady_stream_runs_in_full_passes(engine, monkeypatch):
+    """One tenant, 24 closed-loop clients (each sends one row, waits for it, sends the next) against passes of 8:
+    its queue runs dry now and then, so it is served as a light tenant again and again, and a light tenant bounds
+    the backlogged tenants' passes for a window. Its own backlog must not be bounded: no one else waits. Before,
+    its passes held `shared_batch_size` rows (1 here) most of the time."""
+    import time
+
+    want = engine.predict("t0", TEXTS[:1])
+    forward = engine.forward
+    sizes: list[int] = []
+
+    def slow(rows):  # a pass takes 5 ms, so the clients' next rows queue up behind it
+        sizes.append(len(rows))
+        time.sleep(0.005)
+        return forward(rows)
+
+    monkeypatch.setattr(engine, "forward", slow)
+    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, shared_batch_size=1,
+                                                  shared_window_s=60)).start()
+    errors: list[BaseException] = []
+
+    def client():
+        try:
+            for _ in range(15):
+                assert_same_predictions(batcher.submit("t0", TEXTS[:1], tenant="a").result(timeout=60), want)
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    clients = [threading.Thread(target=client) for _ in range(24)]
+    try:
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(timeout=120)
+    finally:
+        batcher.stop()
+    assert not errors, errors[0]
+    assert sum(sizes) == 24 * 15
+    full = sum(1 for n in sizes if n == 8)
+    assert full >= 0.75 * len(sizes), sizes  # 24 clients against passes of 8: nearly every pass is full
+
+
 def test_a_backlog_is_tokenised_a_pass_at_a_time_not_ahead_of_a_light_tenant(engine, monkeypatch):
     """Tenant a has 320 rows waiting untokenised when tenant b's 2 rows arrive: each tokenizer call before a pass
     holds at most a pass's worth of a's rows (not all 320 in front of b's), b runs in the next pass, and a's rows
