@@ -362,8 +362,9 @@ class Settings(BaseSettings):
     )
     batch_shared_max_size: int = Field(
         default=2, ge=0, description="Most rows a serving forward pass takes from tenants with a backlog while a "
-        "light tenant is being served (its rows ran within the last second and left its queue empty): that tenant's "
-        "next rows wait for at most one pass this small, then run in a pass of their own. On a CPU a pass costs about "
+        "light tenant is being served (its rows ran within the last second and left its queue empty) and another "
+        "tenant's rows wait (a tenant alone is never bounded by its own): the light tenant's next rows wait for at "
+        "most one pass this small, then run in a pass of their own. On a CPU a pass costs about "
         "its rows; on a GPU, where it does not, set it to 0 (no bound, and a light tenant's rows share their pass). "
         "Smaller shortens a light tenant's wait; on a CPU it costs the backlogged tenants little (benchmarks/"
         "RELIABILITY.md: 1, 2 and 4 measured)."
