@@ -525,15 +525,21 @@ def test_stress_forward_load_evict_stats_and_fan_out_at_once(tiny_bert, kinds):
         b = e.bank()
         _ = b.capacity_bytes, b.nbytes, b.names()
 
-    threads = [threading.Thread(target=loop, args=a, daemon=True) for a in
-               (("forward", forward), ("forward2", forward), ("fan", fan), ("load", load_evict), ("stats", stats))]
+    run_all([threading.Thread(target=loop, args=a, daemon=True) for a in
+             (("forward", forward), ("forward2", forward), ("fan", fan), ("load", load_evict), ("stats", stats))],
+            stop, counts, errors, bad)
+    assert min(counts.values()) > 0, counts
+
+
+def run_all(threads: list[threading.Thread], stop: float, counts: dict, errors: list, bad: list) -> None:
+    """Start `threads` (each runs until `stop`), join them with 40 s to spare, and fail on a thread still
+    running (a deadlock), an error or a wrong answer any of them recorded."""
     for th in threads:
         th.start()
     for th in threads:
         th.join(max(1.0, stop + 40 - time.monotonic()))
     assert not [th for th in threads if th.is_alive()], f"deadlock: {counts}"
     assert not errors and not bad, (errors[:3], bad[:3], counts)
-    assert min(counts.values()) > 0, counts
 
 
 def postproc(e: Engine, name: str, logits: torch.Tensor) -> float:
@@ -740,13 +746,8 @@ def test_threads_thrashing_a_one_adapter_budget_through_the_loader_stay_exact(ti
         except Exception as ex:  # noqa: BLE001
             errors.append((name, repr(ex)))
 
-    threads = [threading.Thread(target=loop, args=(f"t{k}", k, k == 2), daemon=True) for k in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(max(1.0, stop + 40 - time.monotonic()))
-    assert not [th for th in threads if th.is_alive()], f"deadlock: {counts}"
-    assert not errors and not bad, (errors[:3], bad[:3], counts)
+    run_all([threading.Thread(target=loop, args=(f"t{k}", k, k == 2), daemon=True) for k in range(3)],
+            stop, counts, errors, bad)
     assert len(e.bank().pools) <= 1
 
 
