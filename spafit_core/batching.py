@@ -86,6 +86,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
         # rule of fq_codel): each with one quantum; one that uses it up without emptying its queue joins the ring.
         self._new: deque[str] = deque()
         self._fresh: set[str] = set()  # those of `_new` whose rows arrived since the last pass was taken
+        self._carried: set[str] = set()  # those of `_new` left with rows after the last pass was taken: a backlog
         self._held: set[str] = set()  # tenants whose queue ran dry while rows of theirs were untokenised
         self._deferred: set[str] = set()  # tenants with requests left untokenised by the last tokenising (no room)
         self._alone = False  # the last pass held light tenants' rows alone

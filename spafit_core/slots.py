@@ -187,6 +187,7 @@ class SlotPools:
                     self.head[k].data[0][rec["head"][k]].copy_(self._pad_head(k, t).reshape(-1), non_blocking=True)
             except BaseException:
                 self._release(rec)
+                self._shrink_heads()  # heads widened for this adapter go back to the most labels resident
                 self._rebuild_table()  # columns back in step with the modules' ranks
                 raise
             slot = self._free_slots.pop() if self._free_slots else len(self._records)
@@ -236,19 +237,26 @@ class SlotPools:
             return buffer
 
     @torch.inference_mode(False)  # pools outlive the forward that may grow them
-    def detach(self, slot: int) -> None:
-        """Free `slot` and its rows (reused by later attaches; never while a forward holds the lock)."""
+    def detach(self, slot: int, *, shrink: bool = True) -> None:
+        """Free `slot` and its rows (reused by later attaches; never while a forward holds the lock). `shrink`: if
+        it held the widest head, the others shrink back to the most labels resident; a slot borrowed for one forward
+        is given back without (an adapter that borrows one for every forward would re-pad every head twice a
+        forward), and the bank's next detach shrinks them."""
         with self.lock:
             rec = self._records.pop(slot)
             self._release(rec)
             self.table[slot] = 0
             self.meta[slot] = 0
             self._free_slots.append(slot)
-            need = max((r["labels"] for r in self._records.values()), default=1)
-            if need < self.labels:  # the widest head left: the others shrink back to the most labels resident
-                self._repad_heads(dict(self.head_shapes), need)
-                if _freed[0] > TRIM_BYTES:
-                    _trim()
+            if shrink:
+                self._shrink_heads()
+
+    def _shrink_heads(self) -> None:
+        need = max((r["labels"] for r in self._records.values()), default=1)
+        if need < self.labels:
+            self._repad_heads(dict(self.head_shapes), need)
+            if _freed[0] > TRIM_BYTES:
+                _trim()
 
     def nbytes_of(self, slot: int) -> int:
         """The bytes of the pool rows `slot` holds (head rows at their padded size)."""

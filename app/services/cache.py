@@ -39,7 +39,10 @@ log = logging.getLogger("spafit.cache")
 CHANNEL = "spafit_cache"
 POLL_S = 0.2  # SQLite: how often `PRAGMA data_version` is read; the listener's reconnect backoff starts here
 MAX_AGE_S = 60.0  # an entry is read again after this long even without any invalidation (belt and braces)
-LIVENESS_S = 1.0  # entries are served only this long after the listener last proved its connection alive
+# Entries are served only this long after the listener last proved its connection alive (it tries every quarter of
+# it). Under many threads contending for the GIL the listener's proofs were measured 0.6-0.9 s apart, and over 1 s
+# once with the machine loaded: 1.5 s keeps the caches from switching off under load.
+LIVENESS_S = 1.5
 APPLICATION_NAME = "spafit-cache-listener"  # the LISTEN connection, as pg_stat_activity shows it
 
 _live: weakref.WeakSet[Invalidation] = weakref.WeakSet()  # every Invalidation of this process

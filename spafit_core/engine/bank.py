@@ -33,6 +33,7 @@ class AdapterBank:
         self._hot: OrderedDict[str, LoadedAdapter] = OrderedDict()  # in the pools, on the backbone's device
         self._warm: OrderedDict[str, LoadedAdapter] = OrderedDict()  # packed on the CPU (GPU hosts only)
         self._loading: dict[str, threading.Event] = {}
+        self._counted_labels = 0  # the head padding the resident adapters' `nbytes` were counted at
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "loads": 0}
 
     # -- queries
@@ -122,12 +123,10 @@ class AdapterBank:
         with pools.lock:  # a forward in flight finishes first: it never sees a slot change under it
             buffer = adapter.buffer.to(pools.device, non_blocking=True) if adapter.buffer is not None else \
                 adapter.packed()
-            labels = pools.labels
             slot = pools.attach(adapter.layout, buffer, adapter.task.num_labels)
             adapter.pools, adapter.slot, adapter.buffer = pools, slot, None
             adapter.nbytes, adapter.device = pools.nbytes_of(slot), pools.device
-            if pools.labels != labels:
-                self._refresh_bytes()
+            self._refresh_bytes()
         self._hot[adapter.name] = adapter
         self._hot.move_to_end(adapter.name)
         victims = []
@@ -144,19 +143,22 @@ class AdapterBank:
             with self.pools.lock:
                 if a.pools is self.pools and a.slot is not None:
                     a.buffer = self.pools.read(a.slot, a.layout, cpu if keep else None)
-                    labels = self.pools.labels
                     self.pools.detach(a.slot)
                     a.pools, a.slot = None, None
                     a.nbytes, a.device = a.buffer.numel() * a.buffer.element_size(), a.buffer.device
-                    if self.pools.labels != labels:
-                        self._refresh_bytes()
+                    self._refresh_bytes()
             if keep:
                 self._warm[a.name] = a
                 while self._bytes(self._warm) > self.cpu_bytes and self._warm:
                     self._warm.popitem(last=False)
 
     def _refresh_bytes(self) -> None:
-        """Heads were re-padded: every resident adapter's bytes changed with them. Call under both locks."""
+        """If the heads were re-padded since the resident adapters' bytes were counted (by this attach or detach, or
+        by a slot a forward borrowed meanwhile), count them again: their bytes changed with the heads. Call under
+        both locks."""
+        if self.pools.labels == self._counted_labels:
+            return
+        self._counted_labels = self.pools.labels
         for a in self._hot.values():
             if a.pools is self.pools and a.slot is not None:
                 a.nbytes = self.pools.nbytes_of(a.slot)

@@ -45,7 +45,7 @@ def lease_slots(pools: SlotPools, adapters: Sequence[LoadedAdapter]) -> Iterator
         yield slots
     finally:
         for s in borrowed.values():
-            pools.detach(s)
+            pools.detach(s, shrink=False)  # not a re-pad of every head per forward: the bank's next detach shrinks
 
 
 @contextlib.contextmanager
