@@ -4,12 +4,9 @@ triggers' columns."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
-from spafit_core.batching import BatchingConfig, MicroBatcher
+from tests.core.test_batching import steady_pass_sizes
 from tests.core.test_engine import TEXTS, engine_with_adapters
 
 
@@ -18,48 +15,14 @@ def engine(tiny_dirs):
     return engine_with_adapters(tiny_dirs("bert"), 4)
 
 
-def _steady(engine, monkeypatch, tenants: dict[str, int], rounds: int = 12, **cfg):
-    """Closed-loop clients per tenant against passes of 8 (a pass takes 5 ms); returns the passes' sizes."""
-    forward = engine.forward
-    sizes: list[int] = []
-
-    def slow(rows):
-        sizes.append(len(rows))
-        time.sleep(0.005)
-        return forward(rows)
-
-    monkeypatch.setattr(engine, "forward", slow)
-    batcher = MicroBatcher(engine, BatchingConfig(max_batch_size=8, max_wait_ms=1, shared_batch_size=1,
-                                                  shared_window_s=60, **cfg)).start()
-    errors: list[BaseException] = []
-
-    def client(tenant):
-        try:
-            for _ in range(rounds):
-                batcher.submit("t0", TEXTS[:1], tenant=tenant).result(timeout=60)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(t,)) for t, n in tenants.items() for _ in range(n)]
-    try:
-        for c in threads:
-            c.start()
-        for c in threads:
-            c.join(timeout=120)
-    finally:
-        batcher.stop()
-    assert not errors, errors[0]
-    return sizes
-
-
 def test_two_tenants_steady_streams_run_in_full_passes(engine, monkeypatch):
     """Two tenants, 12 closed-loop clients each, against passes of 8: neither is light (each keeps a backlog), so
     no pass should be bounded at `shared_batch_size` (1). Each tenant's backlog stays in `_new` (mid-quantum,
     never in the ring), so `_light_waiting` counts both as light ones "with no backlog" and every pass holds one
     row: 288 rows in ~260 passes (the single-tenant collapse d885063 fixed, with two tenants)."""
-    sizes = _steady(engine, monkeypatch, {"a": 12, "b": 12})
-    full = sum(1 for n in sizes if n == 8)
-    assert full >= 0.75 * len(sizes), sizes
+    sizes = steady_pass_sizes(engine, monkeypatch, {"a": 12, "b": 12}, rounds=12)
+    assert sum(sizes) == 24 * 12
+    assert len(sizes) <= 2 * 24 * 12 // 8, sizes  # passes of 8 at most: 36 at least; one-row passes made ~260
 
 
 # ----------------------------------------------------------------------------------------- slot pools
