@@ -92,6 +92,7 @@ class MicroBatcher(Tokenizing, TenantQueues):
         self._alone = False  # the last pass held light tenants' rows alone
         self._light_at = float("-inf")  # when a pass holding all a new tenant had waiting last ended
         self._light_taken = False  # the rows `_take` returned last hold such a tenant's
+        self._light_taken_by: list[str] = []  # ...namely these tenants'
         self._light_tenants: OrderedDict[str, float] = OrderedDict()  # tenant -> when it last ran as light
         self._deficit: dict[str, float] = {}
         self._in_turn = False  # the tenant at the head of the ring is in the middle of its turn
@@ -339,6 +340,9 @@ class MicroBatcher(Tokenizing, TenantQueues):
                 if self._light_taken:  # the window counts from the end of the light tenant's pass
                     with self._cond:
                         self._light_at = time.monotonic()
+                        for t in self._light_taken_by:  # each light tenant's own window too (`_light_waiting`)
+                            self._light_tenants[t] = self._light_at
+                            self._light_tenants.move_to_end(t)
                 self._go_on(parked)
             except Exception:  # a bug of ours, not of a request: fail what we hold, keep serving
                 self.stats["loop_errors"] += 1

@@ -105,6 +105,7 @@ class TenantQueues:
     _light_at: float
     _light_tenants: OrderedDict[str, float]  # tenant -> when its rows last ran as a light tenant's (oldest first)
     _light_taken: bool
+    _light_taken_by: list[str]
     _deficit: dict[str, float]
     _in_turn: bool
     _saturated: bool
@@ -202,6 +203,7 @@ class TenantQueues:
             # pass) would otherwise share the light tenant's pass, or take a long one of its own, and every light
             # tenant would wait for it. A tenant light within the window keeps the whole pass for its rows.
             window = self._limit(now) < cfg.max_batch_size
+            lit: list[str] = []  # the tenants taken as light ones (their window starts again when this pass ends)
             for tenant in [t for t in self._new if t in fresh]:
                 room = cfg.max_batch_size - len(items)
                 if window and now - self._light_tenants.get(tenant, -math.inf) >= cfg.shared_window_s:
@@ -214,11 +216,12 @@ class TenantQueues:
                         light = True
                         self._light_tenants[tenant] = now
                         self._light_tenants.move_to_end(tenant)
+                        lit.append(tenant)
                     if not self._queues[tenant]:
                         self._forget(tenant)
             while self._light_tenants and now - next(iter(self._light_tenants.values())) >= cfg.shared_window_s:
                 self._light_tenants.popitem(last=False)  # out of the window: forgotten (so bounded by the window)
-            self._light_taken = light
+            self._light_taken, self._light_taken_by = light, lit
             if light_only:  # the pass that stepped aside runs next: the others are not shut out
                 self._alone = False
                 self._carried = {t for t in self._new if self._queues.get(t)}
