@@ -40,11 +40,13 @@ benchmarks/profiles/NAME_alone.txt and NAME_flooded.txt, each thread's busy shar
 
 HTTP against the engine (`--vs-engine`, instead of the phases above): two SPAFIT tasks, short inputs (4 to 6
 words), one input per request. Per mode (`--mode embedded|server|both`: embedded defaults on SQLite with auth
-off; server mode on Postgres with an API key), the engine alone first (`Engine.predict_mixed` on the same kind of
-rows, `--engine-batch` rows a call, and its one-row forward; in a child process while the server is idle), then
-the service at `--clients` clients and at one client. Reported: requests/s over the engine's rows/s (target
->= 0.7), p50/p99, and the one client's p50 minus the one-row forward (target <= 3 ms). `--profile NAME` records
-the server with py-spy during the loaded phase into benchmarks/profiles/NAME_<mode>.txt (top frames).
+off; server mode on Postgres with an API key), `--rounds` rounds (default 5), each of the engine alone
+(`Engine.predict_mixed` on the same kind of rows, `--engine-batch` rows a call, and its one-row forward; in a child
+process that keeps its engine, while the server is idle), then the service at `--clients` clients and at one
+client; every duration given is split between the rounds. Reported: requests/s over the engine's rows/s (target
+>= 0.7) and the one client's p50 minus the one-row forward (target <= 3 ms), each per round (figures taken seconds
+apart: this machine's speed drifts by minutes) and their median; p50/p99 over all rounds. `--profile NAME` records
+the server with py-spy during the first round's loaded phase into benchmarks/profiles/NAME_<mode>.txt.
 
     python -m benchmarks.load --vs-engine --profile after   # about 3 minutes on MiniLM
 
@@ -783,16 +785,24 @@ SHORT_TEXTS = ["a great film with a fun plot", "boring and slow, I left early", 
 VS_TASKS = [t for t in TASKS if t[1]["name"] == "spafit"][:2]  # two SPAFIT tasks
 
 
+_CHILD_ENGINES: dict[tuple, Any] = {}  # in the engine's child process: loaded once, measured round after round
+
+
 def engine_figures(base_model: str, adapters: list[tuple[str, dict, bytes]], batch: int, seconds: float,
                    one_row: int) -> dict[str, Any]:
     """In a child process (its own torch threads, the server idle meanwhile): `Engine.predict_mixed` on the
     requests the clients send (one short input each, tasks alternating), `batch` rows a call, for `seconds`;
-    and the one-row forward (`predict_mixed` of one row) `one_row` times."""
+    and the one-row forward (`predict_mixed` of one row) `one_row` times. The engine is loaded on the first call
+    and kept for the next rounds."""
     from spafit_core.engine import Engine
 
-    engine = Engine(device="cpu", default_base_model=base_model)
-    for name, cfg, weights in adapters:
-        engine.load(name, cfg, weights)
+    key = (base_model, tuple(name for name, _, _ in adapters))
+    if key not in _CHILD_ENGINES:
+        engine = Engine(device="cpu", default_base_model=base_model)
+        for name, cfg, weights in adapters:
+            engine.load(name, cfg, weights)
+        _CHILD_ENGINES[key] = engine
+    engine = _CHILD_ENGINES[key]
     names = [name for name, _, _ in adapters]
     rng = random.Random(3)
     make = lambda n: [(names[i % len(names)], rng.choice(SHORT_TEXTS)) for i in range(n)]  # noqa: E731
@@ -808,7 +818,8 @@ def engine_figures(base_model: str, adapters: list[tuple[str, dict, bytes]], bat
         t = time.perf_counter()
         engine.predict_mixed(req)
         one.append((time.perf_counter() - t) * 1000)
-    return {"batch": batch, "rows_per_s": round(rows_s, 1), "one_row_ms": _percentiles(one)}
+    return {"batch": batch, "rows_per_s": round(rows_s, 1), "one_row_ms": _percentiles(one),
+            "one_row_values_ms": one}
 
 
 PY_SPY_RATE = 100  # samples per second
@@ -980,16 +991,20 @@ def _one_input_phase(url: str, headers: dict, tasks: list[str], clients: int, du
 
 def run_vs_engine(args: argparse.Namespace, base: str, tmp: Path, prefix: str, result: dict[str, Any],
                   name: str) -> None:
-    """Per mode (embedded defaults; server mode with keys): the engine's rows/s and one-row forward (child
-    process), then the service at `--clients` clients and at one client, one input per request."""
+    """Per mode (embedded defaults; server mode with keys), `--rounds` rounds, each: the engine's rows/s and
+    one-row forward (a child process that keeps its engine between rounds, while the server is idle), then the
+    service at `--clients` clients and at one client, one input per request. Each round's ratio compares figures
+    taken within seconds of each other (the machine's speed drifts by minutes); the headline is their median."""
     profiles = REPO / "benchmarks" / "profiles"
     clients = args.clients or 64
     duration = args.duration or 20.0
+    rounds = max(1, args.rounds)
     modes = ["embedded", "server"] if args.mode == "both" else [args.mode]
     adapters = [(n, *random_adapter(base, m, lab, seed=i)) for i, (n, m, lab) in enumerate(VS_TASKS)]
     result["vs_engine"] = {}
     for mode in modes:
-        with (fresh_database() if mode == "server" else _embedded_database(tmp / mode)) as db_url:
+        with (fresh_database() if mode == "server" else _embedded_database(tmp / mode)) as db_url, \
+                ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             headers, tasks = register_vs_tasks(db_url, mode, adapters)
             token = secrets.token_hex(16)
             env = server_env(db_url, REDIS_URL, prefix, base, tmp / mode, metrics_token=token,
@@ -998,57 +1013,94 @@ def run_vs_engine(args: argparse.Namespace, base: str, tmp: Path, prefix: str, r
                 env = {k: v for k, v in env.items() if k not in ("SPAFIT_MODE", "SPAFIT_BROKER_URL",
                                                                    "SPAFIT_BROKER_KEY_PREFIX")}
                 env["SPAFIT_MODE"] = "embedded"
-            def measure_engine() -> dict[str, Any]:
-                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    return pool.submit(engine_figures, base, adapters, args.engine_batch, args.engine_seconds,
-                                       args.one_row).result()
 
-            engine = measure_engine()
-            common.log(f"{mode}: engine {engine['rows_per_s']} rows/s at {args.engine_batch} rows a batch, "
-                       f"one row p50 {engine['one_row_ms']['p50']} ms")
+            def measure_engine() -> dict[str, Any]:
+                return pool.submit(engine_figures, base, adapters, args.engine_batch, args.engine_seconds / rounds,
+                                   max(1, args.one_row // rounds)).result()
+
+            measure_engine()  # the child loads its engine (and warms up) before anything is timed
             server = Server(env, tmp / f"server-{mode}.log").start()
+            engines, manys, ones, per_round = [], [], [], []
             try:
                 raw = args.client == "raw"
                 _one_input_phase(server.url, headers, tasks, clients, args.warmup, seed=0, raw=raw)  # warm-up
                 load_before = _loadavg()
-                spy = py_spy(server.proc.pid, duration, tmp / f"{mode}.raw") if args.profile else None
-                before = _batches(server.url, token)
-                many = _one_input_phase(server.url, headers, tasks, clients, duration, seed=1, raw=raw)
-                after = _batches(server.url, token)
-                if spy is not None:
-                    spy.wait(timeout=60)
-                one = _one_input_phase(server.url, headers, tasks, 1, args.one_duration, seed=2, raw=raw)
+                rows = batches = 0.0
+                for i in range(rounds):
+                    engine = measure_engine()
+                    spy = py_spy(server.proc.pid, duration / rounds, tmp / f"{mode}.raw") \
+                        if args.profile and i == 0 else None
+                    before = _batches(server.url, token)
+                    many = _one_input_phase(server.url, headers, tasks, clients, duration / rounds, seed=1 + 2 * i,
+                                            raw=raw)
+                    after = _batches(server.url, token)
+                    rows, batches = rows + after[0] - before[0], batches + after[1] - before[1]
+                    if spy is not None:
+                        spy.wait(timeout=60)
+                    one = _one_input_phase(server.url, headers, tasks, 1, args.one_duration / rounds, seed=2 + 2 * i,
+                                           raw=raw)
+                    m, o = many.summary(), one.summary()
+                    per_round.append({
+                        "engine_rows_per_s": engine["rows_per_s"], "http_rps": m["throughput_rps"],
+                        "ratio": round(m["throughput_rps"] / engine["rows_per_s"], 3),
+                        "engine_one_row_p50_ms": engine["one_row_ms"]["p50"],
+                        "one_client_p50_ms": o["latency_ms"]["p50"] if o["latency_ms"] else None,
+                        "one_client_minus_one_row_ms": round(o["latency_ms"]["p50"] - engine["one_row_ms"]["p50"], 1)
+                        if o["latency_ms"] else None})
+                    common.log(f"{mode} round {i + 1}/{rounds}: {per_round[-1]}")
+                    engines.append(engine), manys.append(many), ones.append(one)
                 load_after = _loadavg()
             finally:
                 server.stop()
-            engine_after = measure_engine()  # the engine again, after: the machine's load drifts
-            common.log(f"{mode}: engine again {engine_after['rows_per_s']} rows/s, one row p50 "
-                       f"{engine_after['one_row_ms']['p50']} ms")
+        many, one = _merged(manys), _merged(ones)
         m, o = many.summary(), one.summary()
-        engine = {"before": engine, "after": engine_after, "batch": args.engine_batch,
-                  "rows_per_s": round((engine["rows_per_s"] + engine_after["rows_per_s"]) / 2, 1),
-                  "one_row_ms": {"p50": round((engine["one_row_ms"]["p50"] + engine_after["one_row_ms"]["p50"]) / 2, 1)}}
-        rows, batches = after[0] - before[0], after[1] - before[1]
-        entry = {"engine": engine, f"http_{clients}_clients": m, "http_1_client": o,
+        engine_rows = [e["rows_per_s"] for e in engines]
+        one_row = _percentiles([v for e in engines for v in e["one_row_values_ms"]])
+        ratios = [r["ratio"] for r in per_round]
+        gaps = [r["one_client_minus_one_row_ms"] for r in per_round if r["one_client_minus_one_row_ms"] is not None]
+        entry = {"rounds": per_round,
+                 "engine": {"batch": args.engine_batch, "rows_per_s": round(statistics.mean(engine_rows), 1),
+                            "rows_per_s_by_round": engine_rows, "one_row_ms": one_row},
+                 f"http_{clients}_clients": m, "http_1_client": o,
                  "server_mean_batch_rows": round(rows / batches, 1) if batches else None,
                  "settings": dict(args.set or []), "client": args.client,
-                 "ratio_rps_to_engine": round(m["throughput_rps"] / engine["rows_per_s"], 3),
-                 "one_client_p50_minus_one_row_ms": round(o["latency_ms"]["p50"] - engine["one_row_ms"]["p50"], 1),
+                 "ratio_rps_to_engine": round(statistics.median(ratios), 3),
+                 "ratio_range": [min(ratios), max(ratios)],
+                 "ratio_pooled": round(m["throughput_rps"] / statistics.mean(engine_rows), 3),
+                 "one_client_p50_minus_one_row_ms": round(statistics.median(gaps), 1) if gaps else None,
+                 "one_client_gap_range_ms": [min(gaps), max(gaps)] if gaps else None,
                  "loadavg": [load_before, load_after]}
         result["vs_engine"][mode] = entry
         if args.profile and (tmp / f"{mode}.raw").exists():
             profiles.mkdir(exist_ok=True)
             title = (f"py-spy record of the API process, {mode} mode, {clients} clients, one input per request, "
-                     f"{duration:g}s ({m['throughput_rps']} req/s; loadavg {load_before}); {common.command_line()}")
+                     f"{duration / rounds:g}s (the first round; {m['throughput_rps']} req/s over all rounds; loadavg "
+                     f"{load_before}); {common.command_line()}")
             path = profiles / f"{args.profile}_{mode}.txt"
-            path.write_text(profile_summary(tmp / f"{mode}.raw", title))
+            path.write_text(profile_summary(tmp / f"{mode}.raw", title, seconds=duration / rounds))
             entry["profile"] = str(path.relative_to(REPO))
-        common.log(f"{mode}: {m['throughput_rps']} req/s at {clients} clients = {entry['ratio_rps_to_engine']}x the "
-                   f"engine; p50 {m['latency_ms']['p50']} ms p99 {m['latency_ms']['p99']} ms; one client p50 "
-                   f"{o['latency_ms']['p50']} ms ({entry['one_client_p50_minus_one_row_ms']:+} ms vs the one-row "
-                   f"forward); mean batch {entry['server_mean_batch_rows']} rows; errors {m['errors']}/{o['errors']}; loadavg {load_before} -> {load_after}")
+        common.log(f"{mode}: {m['throughput_rps']} req/s at {clients} clients; median of {rounds} rounds "
+                   f"{entry['ratio_rps_to_engine']}x the engine (rounds {min(ratios)}-{max(ratios)}; pooled "
+                   f"{entry['ratio_pooled']}x); p50 {m['latency_ms']['p50']} ms p99 {m['latency_ms']['p99']} ms; one "
+                   f"client p50 {o['latency_ms']['p50']} ms ({entry['one_client_p50_minus_one_row_ms']:+} ms vs the "
+                   f"one-row forward, median of rounds); mean batch {entry['server_mean_batch_rows']} rows; errors "
+                   f"{m['errors']}/{o['errors']}; loadavg {load_before} -> {load_after}")
     result["loadavg_after"] = _loadavg()
     common.log(f"wrote {common.write_result(name, result)}")
+
+
+def _merged(phases: list[Phase]) -> Phase:
+    """The rounds of one phase as one: counts and latencies added up, seconds summed."""
+    total = Phase()
+    for p in phases:
+        total.latencies_ms += p.latencies_ms
+        total.rejected_ms += p.rejected_ms
+        total.statuses.update(p.statuses)
+        total.failures.update(p.failures)
+        total.retry_after_missing += p.retry_after_missing
+        total.inputs_ok += p.inputs_ok
+        total.seconds += p.seconds
+    return total
 
 
 def _batches(url: str, token: str) -> tuple[float, float]:
@@ -1108,7 +1160,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noisy", action="store_true", help="the noisy-neighbour run instead (see above)")
     p.add_argument("--flood", type=float, default=4.0, help="--noisy: A's rate, in multiples of the capacity")
     p.add_argument("--rounds", type=int, default=5,
-                   help="--noisy: rounds of B alone then B under the flood, --duration / rounds seconds each")
+                   help="--noisy: rounds of B alone then B under the flood, --duration / rounds seconds each; "
+                   "--vs-engine: rounds of the engine then the service, each a share of the seconds given")
     p.add_argument("--b-share", type=float, default=0.2, help="--noisy: B's rate, as a share of the capacity")
     p.add_argument("--capacity-duration", type=float, default=10.0, help="--noisy: seconds measuring capacity")
     p.add_argument("--trace", action="store_true",
