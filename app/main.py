@@ -20,6 +20,7 @@ from spafit_core import __version__
 
 from .db import Database
 from .errors import PROBLEM_MEDIA_TYPE, install_error_handlers
+from .fast_path import FastPredict
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, HostOriginMiddleware, MetricsMiddleware, RequestIdMiddleware
 from .routes import api_keys, batch, dashboard, datasets, health, jobs, predict, tasks, usage, webhooks
@@ -200,9 +201,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                           "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"])
     # Outside CORS and the body cap: a foreign Host or a forged cross-origin request is refused unread.
-    app.add_middleware(HostOriginMiddleware, allowed_hosts=settings.allowed_hosts,
-                       allowed_origins=settings.cors_origins,
+    host_origin = dict(allowed_hosts=settings.allowed_hosts, allowed_origins=settings.cors_origins,
                        loopback_only=not settings.auth_enabled and not settings.insecure_bind)
+    app.add_middleware(HostOriginMiddleware, **host_origin)
     # A tenant with its whole share of the prediction queue in flight gets 429 from its headers alone.
     app.add_middleware(PredictGate, serving=serving)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -221,4 +222,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.mount(dashboard.ASSETS_PATH, dashboard.assets(), name="dashboard-assets")
     app.openapi = partial(_problem_openapi, app)  # type: ignore[method-assign]
+    if settings.predict_fast_path:
+        # In front of everything above, for the requests it would all let through (app/fast_path.py).
+        build = app.build_middleware_stack
+        app.build_middleware_stack = lambda: FastPredict(  # type: ignore[method-assign]
+            build(), settings=settings, serving=serving, metrics=metrics,
+            host_origin=HostOriginMiddleware(None, **host_origin), exception_handlers=app.exception_handlers)
     return app

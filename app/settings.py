@@ -340,6 +340,11 @@ class Settings(BaseSettings):
         default=True, description="Load the default backbone when the API starts (else on the first predict)."
     )
     batch_max_size: int = Field(default=32, ge=1, description="Most rows in one serving forward pass.")
+    predict_fast_path: bool = Field(
+        default=True, description="Answer `POST /v1/tasks/{task}/predict` requests that every check lets through "
+        "in front of the middleware and routing layers (the same checks, the same answers; benchmarks/README.md "
+        "\"Serving\"). false: every request goes through the whole stack.",
+    )
     batch_max_wait_ms: float = Field(default=5.0, ge=0, description="How long a row waits for others to batch with.")
     batch_max_tokens: int = Field(default=16384, ge=64, description="Most padded tokens in one forward pass.")
     batch_max_queue: int = Field(

@@ -3,6 +3,9 @@ requests of any task) and many tasks over each input (`POST /v1/predict`, one sh
 input). Needs the `predict` scope; another tenant's task is a 404. A request whose client goes away is
 cancelled: its rows leave the engine's queue instead of running.
 
+Most task predicts never reach this route: `app/fast_path.py` answers those every check lets through in front of
+the middleware stack, with the same functions (`checked_inputs`, `unless_disconnected`, `_json`).
+
 The answers are serialised by orjson in one call (`_json`), not validated field by field through the response
 model: the engine's predictions already have its shape (`_PREDICTION_DEFAULTS` fills what pydantic would)."""
 
