@@ -192,6 +192,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.send_webhook = webhook_service.broker_sender(settings)
     webhook_service.install_outbox(db, app.state.send_webhook)  # deliveries go out when their job's end commits
 
+    if settings.predict_fast_path:  # added first: the innermost, past every gate below (app/fast_path.py)
+        app.add_middleware(FastPredict, settings=settings, serving=serving, exception_handlers=app.exception_handlers)
     install_error_handlers(app)
     # add_middleware puts each new one outside the previous: the last added runs first.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
@@ -201,9 +203,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                           "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"])
     # Outside CORS and the body cap: a foreign Host or a forged cross-origin request is refused unread.
-    host_origin = dict(allowed_hosts=settings.allowed_hosts, allowed_origins=settings.cors_origins,
+    app.add_middleware(HostOriginMiddleware, allowed_hosts=settings.allowed_hosts,
+                       allowed_origins=settings.cors_origins,
                        loopback_only=not settings.auth_enabled and not settings.insecure_bind)
-    app.add_middleware(HostOriginMiddleware, **host_origin)
     # A tenant with its whole share of the prediction queue in flight gets 429 from its headers alone.
     app.add_middleware(PredictGate, serving=serving)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -222,10 +224,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.mount(dashboard.ASSETS_PATH, dashboard.assets(), name="dashboard-assets")
     app.openapi = partial(_problem_openapi, app)  # type: ignore[method-assign]
-    if settings.predict_fast_path:
-        # In front of everything above, for the requests it would all let through (app/fast_path.py).
-        build = app.build_middleware_stack
-        app.build_middleware_stack = lambda: FastPredict(  # type: ignore[method-assign]
-            build(), settings=settings, serving=serving, metrics=metrics,
-            host_origin=HostOriginMiddleware(None, **host_origin), exception_handlers=app.exception_handlers)
     return app

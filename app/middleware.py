@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import CrossOriginRefused, LoopbackOnly, PayloadTooLarge, UntrustedHost, problem
@@ -115,7 +114,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = Headers(scope=scope).get("content-length")
-        if length is not None and length.isascii() and length.isdigit() and int(length) > self.max_bytes:
+        # over 18 digits it is over any cap (and int() refuses over 4300 digits: a 500, not a 413)
+        if length is not None and length.isascii() and length.isdigit() and (
+                len(length.lstrip("0")) > 18 or int(length) > self.max_bytes):
             request = Request(scope)
             response = problem(413, PayloadTooLarge.type, f"request body larger than {self.max_bytes} bytes",
                                request=request, headers={"Connection": "close"}, limit_bytes=self.max_bytes)
@@ -151,7 +152,7 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         name, _, port = value.partition(":") if value.count(":") == 1 else (value, "", "")
         if ":" in name:  # an unbracketed IPv6 address is not a valid Host header
             return None
-    if port and not (port.isascii() and port.isdigit()):
+    if port and not (port.isascii() and port.isdigit() and len(port) <= 5):  # int() refuses over 4300 digits
         return None
     name = name.rstrip(".")
     return (name, int(port) if port else None) if name else None
@@ -187,32 +188,28 @@ class HostOriginMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        response = self.refusal(scope)
-        if response is not None:
-            return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-    def refusal(self, scope: Scope) -> Response | None:
-        """The answer refusing this HTTP request, or None when it may go on (also asked by `app.fast_path`)."""
         if self.loopback_only and not _local_listener(scope.get("server")):
             # Auth off, yet reached on a network address (uvicorn started by hand with --host 0.0.0.0, a container
             # in embedded mode): the bind check of `spafit serve` was bypassed, so refuse here.
-            return problem(403, LoopbackOnly.type, "auth is off, so this service answers only on a loopback "
-                           "address; run server mode (API keys), or set SPAFIT_INSECURE_BIND=true",
-                           request=Request(scope))
+            response = problem(403, LoopbackOnly.type, "auth is off, so this service answers only on a loopback "
+                               "address; run server mode (API keys), or set SPAFIT_INSECURE_BIND=true",
+                               request=Request(scope))
+            return await response(scope, receive, send)
         headers = Headers(scope=scope)
         host = split_host(headers.get("host", ""))
         if scope["path"] in PROBES and scope["method"] in ("GET", "HEAD"):
             pass  # orchestrators probe by IP (`Host: 10.1.2.3:8000`); these say nothing a rebound page could use
         elif host is None or not host_allowed(host[0], self.allowed_hosts):
-            return problem(400, UntrustedHost.type, "this service does not answer to that Host name; "
-                           "an operator may add it to SPAFIT_ALLOWED_HOSTS", request=Request(scope))
+            response = problem(400, UntrustedHost.type, "this service does not answer to that Host name; "
+                               "an operator may add it to SPAFIT_ALLOWED_HOSTS", request=Request(scope))
+            return await response(scope, receive, send)
         if (scope["method"] in STATE_CHANGING and not _carries_key(headers)
                 and (host is None or not self._origin_ok(headers, host))):
-            return problem(403, CrossOriginRefused.type, "a state-changing request from another origin needs "
-                           "an API key; an operator may allow the origin with SPAFIT_CORS_ORIGINS",
-                           request=Request(scope))
-        return None
+            response = problem(403, CrossOriginRefused.type, "a state-changing request from another origin needs "
+                               "an API key; an operator may allow the origin with SPAFIT_CORS_ORIGINS",
+                               request=Request(scope))
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
     def _origin_ok(self, headers: Headers, host: tuple[str, int | None]) -> bool:
         origin = headers.get("origin")
