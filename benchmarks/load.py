@@ -778,6 +778,40 @@ def _loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _cpu_ticks(pid: int) -> dict[str, int] | None:
+    """CPU ticks so far (Linux /proc; None elsewhere): the server's event-loop thread (its main thread), its other
+    threads together (the batcher, torch's workers, the rest), this process (the load generator) and the
+    machine's idle time over all cores."""
+    try:
+        loop = others = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # a thread that ended meanwhile
+                continue
+            ticks = int(fields[11]) + int(fields[12])
+            if int(task) == pid:
+                loop = ticks
+            else:
+                others += ticks
+        with open("/proc/stat") as f:
+            idle = int(f.readline().split()[4])
+    except (OSError, ValueError, IndexError):
+        return None
+    own = os.times()
+    return {"event_loop": loop, "other_threads": others, "load_generator": round((own.user + own.system) *
+            os.sysconf("SC_CLK_TCK")), "machine_idle": idle}
+
+
+def _cores(before: dict[str, int] | None, after: dict[str, int] | None, seconds: float) -> dict[str, float] | None:
+    """`_cpu_ticks` differences as cores used over `seconds` (the machine's idle time as idle cores)."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    return {k: round((after[k] - before[k]) / hz / seconds, 3) for k in before}
+
+
 # ------------------------------------------------------------------------------------------ HTTP vs the engine
 SHORT_TEXTS = ["a great film with a fun plot", "boring and slow, I left early", "not bad but not great",
                "the actors were truly awful", "I loved every minute of it", "superb soundtrack and great cast",
@@ -808,17 +842,19 @@ def engine_figures(base_model: str, adapters: list[tuple[str, dict, bytes]], bat
     make = lambda n: [(names[i % len(names)], rng.choice(SHORT_TEXTS)) for i in range(n)]  # noqa: E731
     for _ in range(3):
         engine.predict_mixed(make(batch))
-    rows, start = 0, time.perf_counter()
+    rows, start, cpu = 0, time.perf_counter(), os.times()
     while time.perf_counter() - start < seconds:
         rows += len(engine.predict_mixed(make(batch)))
-    rows_s = rows / (time.perf_counter() - start)
+    wall, used = time.perf_counter() - start, os.times()
+    rows_s = rows / wall
+    cores = (used.user + used.system - cpu.user - cpu.system) / wall  # every thread of the child: the forward's
     one = []
     for _ in range(one_row):
         req = make(1)
         t = time.perf_counter()
         engine.predict_mixed(req)
         one.append((time.perf_counter() - t) * 1000)
-    return {"batch": batch, "rows_per_s": round(rows_s, 1), "one_row_ms": _percentiles(one),
+    return {"batch": batch, "rows_per_s": round(rows_s, 1), "cores": round(cores, 3), "one_row_ms": _percentiles(one),
             "one_row_values_ms": one}
 
 
@@ -1030,9 +1066,10 @@ def run_vs_engine(args: argparse.Namespace, base: str, tmp: Path, prefix: str, r
                     engine = measure_engine()
                     spy = py_spy(server.proc.pid, duration / rounds, tmp / f"{mode}.raw") \
                         if args.profile and i == 0 else None
-                    before = _batches(server.url, token)
+                    before, ticks = _batches(server.url, token), _cpu_ticks(server.proc.pid)
                     many = _one_input_phase(server.url, headers, tasks, clients, duration / rounds, seed=1 + 2 * i,
                                             raw=raw)
+                    cores = _cores(ticks, _cpu_ticks(server.proc.pid), many.seconds)
                     after = _batches(server.url, token)
                     rows, batches = rows + after[0] - before[0], batches + after[1] - before[1]
                     if spy is not None:
@@ -1041,12 +1078,14 @@ def run_vs_engine(args: argparse.Namespace, base: str, tmp: Path, prefix: str, r
                                            raw=raw)
                     m, o = many.summary(), one.summary()
                     per_round.append({
-                        "engine_rows_per_s": engine["rows_per_s"], "http_rps": m["throughput_rps"],
+                        "engine_rows_per_s": engine["rows_per_s"], "engine_cores": engine["cores"],
+                        "http_rps": m["throughput_rps"],
                         "ratio": round(m["throughput_rps"] / engine["rows_per_s"], 3),
                         "engine_one_row_p50_ms": engine["one_row_ms"]["p50"],
                         "one_client_p50_ms": o["latency_ms"]["p50"] if o["latency_ms"] else None,
                         "one_client_minus_one_row_ms": round(o["latency_ms"]["p50"] - engine["one_row_ms"]["p50"], 1)
-                        if o["latency_ms"] else None})
+                        if o["latency_ms"] else None,
+                        "cores_at_64_clients": cores})
                     common.log(f"{mode} round {i + 1}/{rounds}: {per_round[-1]}")
                     engines.append(engine), manys.append(many), ones.append(one)
                 load_after = _loadavg()
@@ -1058,8 +1097,12 @@ def run_vs_engine(args: argparse.Namespace, base: str, tmp: Path, prefix: str, r
         one_row = _percentiles([v for e in engines for v in e["one_row_values_ms"]])
         ratios = [r["ratio"] for r in per_round]
         gaps = [r["one_client_minus_one_row_ms"] for r in per_round if r["one_client_minus_one_row_ms"] is not None]
+        cores = [r["cores_at_64_clients"] for r in per_round if r["cores_at_64_clients"]]
         entry = {"rounds": per_round,
+                 "cores_at_64_clients": {k: round(statistics.mean(c[k] for c in cores), 3) for k in cores[0]}
+                 if cores else None,
                  "engine": {"batch": args.engine_batch, "rows_per_s": round(statistics.mean(engine_rows), 1),
+                            "cores": round(statistics.mean(e["cores"] for e in engines), 3),
                             "rows_per_s_by_round": engine_rows, "one_row_ms": one_row},
                  f"http_{clients}_clients": m, "http_1_client": o,
                  "server_mean_batch_rows": round(rows / batches, 1) if batches else None,
@@ -1083,7 +1126,8 @@ def run_vs_engine(args: argparse.Namespace, base: str, tmp: Path, prefix: str, r
                    f"{entry['ratio_rps_to_engine']}x the engine (rounds {min(ratios)}-{max(ratios)}; pooled "
                    f"{entry['ratio_pooled']}x); p50 {m['latency_ms']['p50']} ms p99 {m['latency_ms']['p99']} ms; one "
                    f"client p50 {o['latency_ms']['p50']} ms ({entry['one_client_p50_minus_one_row_ms']:+} ms vs the "
-                   f"one-row forward, median of rounds); mean batch {entry['server_mean_batch_rows']} rows; errors "
+                   f"one-row forward, median of rounds); cores at 64 clients {entry['cores_at_64_clients']}; mean "
+                   f"batch {entry['server_mean_batch_rows']} rows; errors "
                    f"{m['errors']}/{o['errors']}; loadavg {load_before} -> {load_after}")
     result["loadavg_after"] = _loadavg()
     common.log(f"wrote {common.write_result(name, result)}")
