@@ -28,6 +28,7 @@ from starlette._exception_handler import _lookup_exception_handler
 from starlette._utils import get_route_path, is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -73,15 +74,17 @@ class FastPredict:
         headers = Headers(scope=scope)
         if headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
             return await self.app(scope, receive, send)
+        scope["route"], scope["path_params"] = _ROUTE, {"task": match.group(1)}  # as the router sets them
         try:
             body, messages = await self._body(receive)
-        except Exception as exc:  # the body cap's 413, raised from `receive`: answered as the route's parser does
+        except Exception as exc:  # answered as the route's body parsing does (FastAPI's get_request_handler)
+            if not isinstance(exc, HTTPException):  # the body cap's 413 is one; anything else is FastAPI's 400
+                exc = HTTPException(400, "There was an error parsing the body")
             return await (await self._handled(Request(scope), exc))(scope, receive, send)
         taken = None if body is None else self._taken(headers, body)
         if taken is None:
             return await self.app(scope, _replay(messages, receive), send)
         principal, inputs, top_k = taken
-        scope["route"], scope["path_params"] = _ROUTE, {"task": match.group(1)}
         request = Request(scope, receive)
         try:
             self.serving.remember_key(headers, str(principal.tenant_id))

@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from starlette._utils import get_route_path
+
 from ..errors import AppError, ServiceUnavailable, TenantQueueFull, problem
 from ..metrics import Metrics
 from ..settings import Settings
@@ -169,13 +171,13 @@ class PredictGate:
     sends past its share never reach the thread pool, the database or the engine. A key revoked since it was
     seen may get this 429 instead of a 401 while its tenant is busy; it never gets an answer with data."""
 
-    PATHS = re.compile(r"/v1/(tasks/[^/]+/)?predict")
+    PATHS = re.compile(r"/v1/(tasks/[^/]+/)?predict")  # the route's path: behind a proxy prefix, without it
 
     def __init__(self, app: Any, serving: Serving):
         self.app, self.serving = app, serving
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and self.PATHS.fullmatch(scope["path"]):
+        if scope["type"] == "http" and scope["method"] == "POST" and self.PATHS.fullmatch(get_route_path(scope)):
             from starlette.datastructures import Headers
             from starlette.requests import Request
 

@@ -136,6 +136,19 @@ def served_on(base: str, pg_url: str, redis_url: str, redis_prefix: str, tmp_pat
         yield client
 
 
+@contextmanager
+def fast_and_stack(pg_url: str, redis_url: str, redis_prefix: str, tmp_path_factory: Any, base: str) -> Iterator[Any]:
+    """(fast, stack): two apps on one database and backbone with small limits, the predict fast path
+    (app/fast_path.py) on in the first only: whatever either answers, the other must answer the same."""
+    common = dict(default_base_model=base, engine_device="cpu", preload_base_model=True, max_predict_inputs=4,
+                  max_input_chars=200, max_request_bytes=4096, max_upload_bytes=4096, allowed_hosts=["testserver"])
+    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("fast")) as make_fast, \
+            settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("stack")) as make_stack, \
+            serve(make_fast(predict_fast_path=True, **common)) as fast, \
+            serve(make_stack(predict_fast_path=False, **common)) as stack:
+        yield fast, stack
+
+
 def direct(client: Any, version_id: Any, inputs: list, top_k: int | None = None) -> list[dict]:
     """What the app's own engine answers for a version, called directly (no HTTP, no batcher)."""
     return client.serving.engine.predict(str(version_id), inputs, top_k)

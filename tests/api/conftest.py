@@ -39,3 +39,28 @@ def quota_client(make_settings, tiny_base):
         app.state.send_job = app.state.sent.append
         app.state.send_import = app.state.sent.append
         yield c
+
+
+# The predict fast path's parity tests (test_fast_path*.py): two apps on one database and one tiny backbone, the
+# fast path on in the first only, and one adapter to register.
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from .adapters import tiny_backbone
+
+    return tiny_backbone(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def apps(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
+    """(fast, stack): `adapters.fast_and_stack`, once per module."""
+    from .adapters import fast_and_stack
+
+    with fast_and_stack(pg_url, redis_url, redis_prefix, tmp_path_factory, base) as both:
+        yield both
+
+
+@pytest.fixture(scope="module")
+def adapter(base):
+    from .adapters import SPAFIT, random_adapter
+
+    return random_adapter(base, SPAFIT, seed=11)

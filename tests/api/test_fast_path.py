@@ -11,32 +11,12 @@ import pytest
 
 from app import fast_path
 
-from .adapters import SPAFIT, TEXTS, random_adapter, register, serve, settings_factory, tiny_backbone
+from .adapters import (
+    TEXTS,
+    register,
+)
 
 PAIRS = [{"text": "a good film", "text_pair": "I liked it"}, {"text": "dull", "text_pair": "fell asleep"}]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_backbone(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def apps(pg_url, redis_client, redis_url, redis_prefix, tmp_path_factory, base):
-    """(fast, stack): two apps on the same database and backbone, the fast path on in the first only."""
-    common = dict(default_base_model=base, engine_device="cpu", preload_base_model=True, max_predict_inputs=4,
-                  max_input_chars=200, max_request_bytes=4096, max_upload_bytes=4096,
-                  allowed_hosts=["testserver"])
-    with settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("fast")) as make_fast, \
-            settings_factory(pg_url, redis_url, redis_prefix, tmp_path_factory.mktemp("stack")) as make_stack, \
-            serve(make_fast(predict_fast_path=True, **common)) as fast, \
-            serve(make_stack(predict_fast_path=False, **common)) as stack:
-        yield fast, stack
-
-
-@pytest.fixture(scope="module")
-def adapter(base):
-    return random_adapter(base, SPAFIT, seed=11)
 
 
 @pytest.fixture
