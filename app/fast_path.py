@@ -3,8 +3,8 @@ the route would serve.
 
 Why: the serving forward runs in a thread of this process and needs the GIL between any two tensor ops, so every
 moment the event loop spends in Python holds the forward up. On the packaged MiniLM at 64 clients, FastAPI's routing
-and dependency solving for this route cost the service about a fifth of its requests/s, far more than their own
-share of the CPU (benchmarks/README.md, "Serving").
+and dependency solving for this route cost the service a tenth to a fifth of its requests/s, far more than their
+own share of the CPU (benchmarks/README.md, "Serving").
 
 How: `FastPredict` is the innermost middleware, so every request has passed the same gates as before when it gets
 here (request id, metrics, `PredictGate`, the Host and Origin checks, CORS, the body cap, the error boundary). A
