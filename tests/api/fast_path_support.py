@@ -77,3 +77,20 @@ async def asgi_request(app: Any, path: str, headers: list[tuple[str, str]], chun
 def raw(client: Any, path: str, headers: list[tuple[str, str]], chunks: list[bytes], **kw: Any) -> tuple:
     """`asgi_request` on a TestClient's app, on its event loop."""
     return client.portal.call(lambda: asgi_request(client.app, path, headers, chunks, **kw))
+
+
+def never_answering(client: Any, monkeypatch: Any) -> list[bool]:
+    """Make `client`'s `Serving.predict` wait for ever; the list it returns gets True once the wait is cancelled."""
+    import asyncio
+
+    cancelled: list[bool] = []
+
+    async def slow(*args: Any, **kwargs: Any) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    monkeypatch.setattr(client.serving, "predict", slow)
+    return cancelled

@@ -20,7 +20,7 @@ from .adapters import (
     settings_factory,
 )
 from .fast_path_support import answer as _answer
-from .fast_path_support import asgi_request, raw
+from .fast_path_support import asgi_request, never_answering, raw
 
 
 @pytest.fixture
@@ -214,22 +214,12 @@ def test_a_client_leaving_while_the_body_is_read(apps, tenant):
 
 def test_a_client_leaving_during_the_prediction_drops_its_rows(apps, tenant, monkeypatch):
     """(Passes: kept.) http.disconnect while the prediction waits: 499 and the work is cancelled, in both."""
-    import asyncio
 
     headers = [("host", "testserver"), ("content-type", "application/json"), ("authorization",
                                                                              f"Bearer {tenant.key}")]
     results = []
     for app in apps:
-        cancelled = []
-
-        async def slow(*a, cancelled=cancelled, **kw):
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                cancelled.append(True)
-                raise
-
-        monkeypatch.setattr(app.serving, "predict", slow)
+        cancelled = never_answering(app, monkeypatch)
         before = _duration_count(app, "POST", fast_path.ROUTE, 499)
         status, hdrs, body = raw(app, "/v1/tasks/sentiment/predict", headers, [OK], disconnect_at=1)
         time.sleep(0.2)

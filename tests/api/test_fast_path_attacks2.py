@@ -4,7 +4,6 @@ cancelled rows) of the same app without it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -18,7 +17,7 @@ from spafit_core.errors import BaseModelUnavailable, RequestTimeoutError
 
 from .adapters import TEXTS, register
 from .fast_path_support import answer as _answer
-from .fast_path_support import raw
+from .fast_path_support import never_answering, raw
 
 ROUTE = fast_path.ROUTE
 PATH = "/v1/tasks/sentiment/predict"
@@ -155,16 +154,7 @@ def test_a_handed_on_request_whose_client_leaves_during_the_prediction(apps, ten
     register(db, key.tenant_id, "sentiment", *adapter)
     got = []
     for app in apps:
-        cancelled = []
-
-        async def slow(*a, cancelled=cancelled, **kw):
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                cancelled.append(True)
-                raise
-
-        monkeypatch.setattr(app.serving, "predict", slow)
+        cancelled = never_answering(app, monkeypatch)
         before = _durations(app)
         status, _, _ = raw(app, PATH, _headers(key.key), [OK[:7], OK[7:]], disconnect_after_body=True)
         time.sleep(0.1)
